@@ -1,0 +1,69 @@
+"""What every data module provides: named splits, the task type, and prediction inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from engine.errors import UserError
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory; the engine batches it by indexing, with no per-sample Python."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+Split = TensorSplit | Dataset
+
+
+class DataModule:
+    """Base class: subclasses fill `self._splits` in `setup()` with 'train', 'val', 'test'."""
+
+    task = "regression"  # or "classification"
+    num_classes: int | None = None
+
+    def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool | str = False,
+                 seed: int = 0) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self._splits: dict[str, Split] | None = None
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def split(self, name: str) -> Split:
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        if name not in self._splits:
+            raise UserError(f"split {name!r} not available; have {sorted(self._splits)}")
+        return self._splits[name]
+
+    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
+        """Read a user's input file/folder for predict.py: (row or file names, model inputs)."""
+        raise UserError(f"{type(self).__name__} does not support predict.py inputs")
+
+
+def seeded_split(n: int, fractions: list[float], seed: int) -> list[torch.Tensor]:
+    """Random disjoint index sets of the given fractions (the rest goes to the first one)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sizes = [round(n * f) for f in fractions[1:]]
+    first = n - sum(sizes)
+    out, start = [perm[:first]], first
+    for size in sizes:
+        out.append(perm[start:start + size])
+        start += size
+    return out

@@ -1,0 +1,37 @@
+"""Synthetic straight line y = weight * x + bias, as in the PyTorch workflow tutorial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.base import DataModule, TensorSplit
+from data.tabular import read_feature_csv
+
+
+class LinearData(DataModule):
+    task = "regression"
+
+    def __init__(self, weight: float = 0.7, bias: float = 0.3, start: float = 0.0,
+                 end: float = 1.0, step: float = 0.02, train_fraction: float = 0.8,
+                 noise_std: float = 0.0, seed: int = 0, batch_size: int = 8,
+                 num_features: int = 1, **loader: object) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, **loader)
+        self.weight, self.bias, self.noise_std = weight, bias, noise_std
+        self.start, self.end, self.step = start, end, step
+        self.train_fraction = train_fraction
+        self.num_features = num_features
+
+    def setup(self) -> None:
+        x = torch.arange(self.start, self.end, self.step).unsqueeze(1)
+        y = self.weight * x + self.bias
+        if self.noise_std:
+            gen = torch.Generator().manual_seed(self.seed)
+            y = y + self.noise_std * torch.randn(y.shape, generator=gen)
+        cut = int(self.train_fraction * len(x))  # the tutorial's ordered 80/20 split
+        test = TensorSplit(x[cut:], y[cut:])
+        self._splits = {"train": TensorSplit(x[:cut], y[:cut]), "val": test, "test": test}
+
+    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
+        return read_feature_csv(path, ["x"])

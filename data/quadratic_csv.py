@@ -1,0 +1,39 @@
+"""A CSV of (x, y) points read with pandas; the model sees features [x^2, x]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.base import DataModule, TensorSplit, seeded_split
+from data.tabular import read_numeric_columns
+
+
+def quadratic_features(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x * x, x], dim=1)
+
+
+class QuadraticCSVData(DataModule):
+    task = "regression"
+
+    def __init__(self, path: str = "data/quadratic.csv", x_column: str = "x",
+                 y_column: str = "y", train_fraction: float = 0.8, seed: int = 0,
+                 batch_size: int = 16, num_features: int = 2, **loader: object) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, **loader)
+        self.path, self.x_column, self.y_column = Path(path), x_column, y_column
+        self.train_fraction = train_fraction
+
+    def setup(self) -> None:
+        cols = read_numeric_columns(self.path, [self.x_column, self.y_column])
+        x, y = quadratic_features(cols[self.x_column]), cols[self.y_column].unsqueeze(1)
+        train_idx, test_idx = seeded_split(len(x), [self.train_fraction,
+                                                    1 - self.train_fraction], self.seed)
+        test = TensorSplit(x[test_idx], y[test_idx])
+        self._splits = {"train": TensorSplit(x[train_idx], y[train_idx]), "val": test,
+                        "test": test}
+
+    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
+        cols = read_numeric_columns(path, [self.x_column])
+        x = cols[self.x_column]
+        return [str(i) for i in range(len(x))], quadratic_features(x)

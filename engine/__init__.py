@@ -1,0 +1,1 @@
+"""Shared engine code for train.py, evaluate.py and predict.py: batching, checkpoints, metrics."""

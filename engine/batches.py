@@ -1,0 +1,87 @@
+"""Batches whose order is a pure function of (seed, epoch).
+
+A resumed run can therefore skip the batches an interrupted epoch already consumed without
+loading them, and every rank of a distributed run can take its own slice of the same order.
+DataLoader's RandomSampler draws from the global RNG instead, which is why it is not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.base import Split, TensorSplit
+
+ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision-free in practice
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * ORDER_SEED_STRIDE + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+class Batches:
+    """Iterable of (inputs, targets) batches on `device` for one split."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, *,
+                 shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        self.split, self.batch_size, self.device = split, batch_size, device
+        self.shuffle, self.seed = shuffle, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.rank, self.world_size = rank, world_size
+        self.n = len(split)
+        self.per_rank = -(-self.n // world_size)  # ceil: short ranks repeat a few samples
+        if isinstance(split, TensorSplit):
+            # Small in-memory data lives on the device once; batches are index_select views.
+            self.x = split.x.to(device)
+            self.y = split.y.to(device)
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def batch_sizes(self) -> torch.Tensor:
+        """Samples in each batch of an epoch (only the last one can be short)."""
+        sizes = torch.full((len(self),), self.batch_size)
+        sizes[-1] = self.per_rank - self.batch_size * (len(self) - 1)
+        return sizes
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+        if self.world_size > 1:  # as DistributedSampler: pad by wrapping, then stride
+            pad = self.per_rank * self.world_size - self.n
+            if pad:
+                order = torch.cat([order, order[:pad]])
+            order = order[self.rank::self.world_size]
+        return order
+
+    def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor,
+                                                                         torch.Tensor]]:
+        """Batches of `epoch`, beginning at batch number `start`."""
+        order = self.indices(epoch)[start * self.batch_size:]
+        if isinstance(self.split, TensorSplit):
+            return self._tensor_batches(order.to(self.x.device))
+        return self._loader_batches(order)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self()
+
+    def _tensor_batches(self, order: torch.Tensor):
+        x, y = self.x, self.y
+        for idx in order.split(self.batch_size):
+            yield x[idx], y[idx]
+
+    def _loader_batches(self, order: torch.Tensor):
+        assert isinstance(self.split, Dataset)
+        batch_sampler = order.split(self.batch_size)
+        # An own generator: the loader must not draw worker seeds from the global RNG, or a
+        # mid-epoch resume would shift the dropout stream.
+        loader = DataLoader(self.split, batch_sampler=[b.tolist() for b in batch_sampler],
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.seed))
+        non_blocking = self.device.type == "cuda"
+        for x, y in loader:
+            yield (x.to(self.device, non_blocking=non_blocking),
+                   y.to(self.device, non_blocking=non_blocking))

@@ -1,0 +1,163 @@
+"""Train a model from Hydra configs.
+
+    python train.py                                   # default experiment (linear regression)
+    python train.py experiment=digits_cnn trainer.epochs=5
+    python train.py experiment=digits_cnn resume=auto # continue the run after a stop
+    python train.py -m optimizer.lr=0.1,0.01          # one run directory per job
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from engine.batches import Batches
+from engine.checkpoint import fault
+from engine.config import validate_train
+from engine.errors import Interrupted, UserError, cli_errors
+from engine.metrics import append_csv, evaluate, plot_losses, write_csv
+from engine.preempt import StopSignal
+from engine.run import (
+    build_checkpoint,
+    check_finite,
+    open_run,
+    pin_memory_for,
+    restore_checkpoint,
+)
+from engine.runtime import autocast, resolve_device, seed_everything, set_deterministic
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@cli_errors
+def main(cfg: DictConfig) -> dict:
+    validate_train(cfg)
+    device = resolve_device(cfg.trainer.device)
+    run_dir, saver, resumed = open_run(cfg, device)
+    set_deterministic(cfg.trainer.deterministic)
+    seed_everything(cfg.seed)
+
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model).to(device)
+    loss_fn = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
+    classification = data.task == "classification"
+    loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
+    train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
+                            seed=cfg.seed, **loader_args)
+    val_batches = Batches(data.split("val"), data.batch_size, device, **loader_args)
+
+    progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
+    if resumed:
+        write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model  # what gets saved: never the compiled wrapper
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    ctx = lambda: autocast(cfg.trainer.precision, device)  # noqa: E731
+    stop = StopSignal(cfg.trainer.max_time)
+    every_n_steps = cfg.checkpoint.every_n_steps or 0
+    log_every = cfg.trainer.log_every_n_steps
+    kill_at_step = fault("kill_at_step")  # test-only crash point, 0 when unset
+    show_bar = sys.stdout.isatty()
+
+    def save(name: str, best: bool = False) -> Path:
+        check_finite(progress)
+        state = build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress)
+        return saver.save(state, name, best=best)
+
+    if resumed and progress.epoch >= cfg.trainer.epochs:
+        print(f"run {run_dir} is already complete ({progress.epoch} epochs); nothing to do. "
+              f"Raise trainer.epochs to train on, or pick a new run_name=")
+        return progress.history[-1] if progress.history else {}
+    print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
+                                         f"{progress.global_step})" if resumed else ""))
+    for epoch in range(progress.epoch + 1, cfg.trainer.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        batches = train_batches(epoch, start=progress.step_in_epoch)
+        if show_bar:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=len(train_batches), initial=progress.step_in_epoch,
+                           desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for x, y in batches:
+            if cfg.trainer.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with ctx():
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            progress.losses.append(loss.detach())
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+
+            if progress.global_step % log_every == 0:  # the only per-step host sync
+                check_finite(progress)
+                if show_bar:
+                    batches.set_postfix(loss=f"{progress.losses[-1].item():.4f}")
+            if every_n_steps and progress.global_step % every_n_steps == 0:
+                save(f"step_{progress.global_step:08d}.pt")
+            if stop.reason or stop.out_of_time(reserve=2 * saver.last_seconds):
+                path = save(f"step_{progress.global_step:08d}.pt")
+                raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
+                                  f"{progress.global_step}; continue with resume=auto")
+            if progress.global_step == kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
+        check_finite(progress)
+        train_loss = progress.epoch_train_loss(train_batches.batch_sizes())
+        val = evaluate(model, val_batches, loss_fn, classification, ctx)
+        if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
+            raise UserError(f"non-finite validation loss at epoch {epoch}; lower optimizer.lr")
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        row = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss,
+               "val_loss": val["loss"]}
+        if classification:
+            row["val_acc"] = val["acc"]
+        row["lr"] = lr
+        improved = progress.end_epoch(row, cfg.checkpoint.monitor, cfg.checkpoint.mode)
+        periodic = epoch % cfg.checkpoint.every_n_epochs == 0 or epoch == cfg.trainer.epochs
+        if periodic or stop.reason:  # a stop during validation saves here
+            save(f"epoch_{epoch:04d}.pt", best=improved)
+        elif improved:
+            saver.save_best_only(build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler,
+                                                  progress))
+        append_csv(run_dir / "metrics.csv", row)
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in row.items())
+        print(f"{shown}  ({time.perf_counter() - started:.2f}s)", flush=True)
+        if stop.reason:
+            raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
+                              f"epoch {epoch}; continue with resume=auto")
+
+    stop.restore()
+    plot_losses(progress.history, run_dir / "loss_curve.png")
+    final = progress.history[-1]
+    print(f"done: {run_dir}/last.pt, best.pt (best {cfg.checkpoint.monitor} "
+          f"{progress.best_value:.4g} at epoch {progress.best_epoch}), metrics.csv, "
+          f"loss_curve.png")
+    return final
+
+
+if __name__ == "__main__":
+    main()
