@@ -1,0 +1,113 @@
+"""Evaluate a trained model on a split; prints metrics and writes them as JSON with a plot.
+
+    python evaluate.py ckpt=checkpoints/digits_cnn/best.pt
+    python evaluate.py ckpt=checkpoints/linear_regression/best.pt split=val
+    python evaluate.py weights=model_weights.pth model=small_cnn data=digits
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from engine.batches import Batches
+from engine.errors import UserError, cli_errors
+from engine.inference import load_for_inference, loss_for
+from engine.metrics import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@cli_errors
+def main(cfg: DictConfig) -> dict:
+    if cfg.split not in ("train", "val", "test"):
+        raise UserError(f"split={cfg.split!r}: expected train, val or test")
+    loaded = load_for_inference(cfg)
+    data, model, device = loaded.data, loaded.model, loaded.device
+    classification = data.task == "classification"
+    batches = Batches(data.split(cfg.split), data.batch_size, device)
+    metrics = {f"{cfg.split}_{k}": v for k, v in
+               evaluate(model, batches, loss_for(loaded), classification).items()}
+    metrics.update(samples=len(data.split(cfg.split)), source=str(loaded.source))
+
+    stem = loaded.source / "eval" if loaded.source.is_dir() else \
+        loaded.source.with_name(loaded.source.stem + "_eval")
+    out = Path(cfg.output) if cfg.output else stem.with_suffix(".json")
+    with torch.inference_mode():
+        outputs, targets = _predict_all(model, batches)
+    if classification:
+        plot = _confusion_matrix(outputs.argmax(1), targets, data.num_classes, stem)
+    else:
+        train = Batches(data.split("train"), data.batch_size, device)
+        plot = _regression_plot(train, batches, outputs, stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    print(f"wrote {out} and {plot}")
+    return metrics
+
+
+def _predict_all(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs, targets = [], []
+    for x, y in batches:
+        outputs.append(model(x).float().cpu())
+        targets.append(y.cpu())
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def _confusion_matrix(pred: torch.Tensor, target: torch.Tensor, classes: int,
+                      stem: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.bincount(target * classes + pred, minlength=classes * classes)
+    matrix = counts.reshape(classes, classes)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(classes):
+        for j in range(classes):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {float(matrix.diag().sum() / matrix.sum()):.3f}")
+    path = stem.with_name(stem.name + "_confusion.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _regression_plot(train, test, predictions: torch.Tensor, stem: Path) -> Path:
+    """The workflow tutorial's plot: train and test points, and the model's predictions,
+    against the last feature column (x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_x, train_y = (t.cpu() for t in _cat(train))
+    test_x, test_y = (t.cpu() for t in _cat(test))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(train_x[:, -1], train_y[:, 0], s=6, c="b", label="training data")
+    ax.scatter(test_x[:, -1], test_y[:, 0], s=6, c="g", label="test data")
+    ax.scatter(test_x[:, -1], predictions[:, 0], s=6, c="r", label="predictions")
+    ax.legend()
+    path = stem.with_name(stem.name + "_predictions.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cat(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*batches, strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+if __name__ == "__main__":
+    main()
