@@ -17,12 +17,10 @@ from omegaconf import DictConfig
 from engine.batches import Batches
 from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference, loss_for
-from engine.metrics import evaluate
+from engine.metrics import evaluate as evaluate_split
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
-@cli_errors
-def main(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict:
     if cfg.split not in ("train", "val", "test"):
         raise UserError(f"split={cfg.split!r}: expected train, val or test")
     loaded = load_for_inference(cfg)
@@ -30,7 +28,7 @@ def main(cfg: DictConfig) -> dict:
     classification = data.task == "classification"
     batches = Batches(data.split(cfg.split), data.batch_size, device)
     metrics = {f"{cfg.split}_{k}": v for k, v in
-               evaluate(model, batches, loss_for(loaded), classification).items()}
+               evaluate_split(model, batches, loss_for(loaded), classification).items()}
     metrics.update(samples=len(data.split(cfg.split)), source=str(loaded.source))
 
     stem = loaded.source / "eval" if loaded.source.is_dir() else \
@@ -107,6 +105,13 @@ def _regression_plot(train, test, predictions: torch.Tensor, stem: Path) -> Path
 def _cat(batches) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*batches, strict=True)
     return torch.cat(xs), torch.cat(ys)
+
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@cli_errors
+def main(cfg: DictConfig):
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

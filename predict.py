@@ -21,9 +21,7 @@ from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
-@cli_errors
-def main(cfg: DictConfig) -> Path:
+def predict(cfg: DictConfig) -> Path:
     output = Path(str(cfg.output))
     if output.suffix.lower() != ".csv":
         raise UserError(f"output={output}: expected a .csv file name")
@@ -71,6 +69,13 @@ def _check_features(model: torch.nn.Module, inputs: torch.Tensor, source: Path) 
     if expected is not None and inputs.dim() == 2 and inputs.shape[1] != expected:
         raise UserError(f"input={source}: rows have {inputs.shape[1]} feature(s), the model "
                         f"expects {expected}")
+
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+@cli_errors
+def main(cfg: DictConfig):
+    return predict(cfg)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,7 @@ from engine.run import (
 from engine.runtime import autocast, resolve_device, seed_everything, set_deterministic
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-@cli_errors
-def main(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
     device = resolve_device(cfg.trainer.device)
     run_dir, saver, resumed = open_run(cfg, device)
@@ -157,6 +155,13 @@ def main(cfg: DictConfig) -> dict:
           f"{progress.best_value:.4g} at epoch {progress.best_epoch}), metrics.csv, "
           f"loss_curve.png")
     return final
+
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@cli_errors
+def main(cfg: DictConfig):
+    return train(cfg)
 
 
 if __name__ == "__main__":
