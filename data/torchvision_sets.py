@@ -49,7 +49,8 @@ class TorchvisionData(DataModule):
         cls = getattr(datasets, self.dataset)
         if not self.check_integrity and hasattr(cls, "_check_integrity"):
             # CIFAR's md5 check of the official files; off only for hand-made files in tests.
-            cls = type(cls.__name__, (cls,), {"_check_integrity": _files_exist})
+            cls = type(cls.__name__, (cls,), {"_check_integrity": _files_exist,
+                                              "_load_meta": _load_meta_unchecked})
         try:
             return cls(str(self.root), train=train, download=self.download,
                        transform=self.transform)
@@ -77,3 +78,14 @@ class TorchvisionData(DataModule):
 def _files_exist(dataset) -> bool:
     base = Path(dataset.root) / dataset.base_folder
     return all((base / name).is_file() for name, _ in dataset.train_list + dataset.test_list)
+
+
+def _load_meta_unchecked(dataset) -> None:
+    import pickle  # the official CIFAR format is a pickle; only with check_integrity=false
+
+    path = Path(dataset.root) / dataset.base_folder / dataset.meta["filename"]
+    if not path.is_file():
+        raise RuntimeError(f"Dataset metadata file {path} not found")
+    with open(path, "rb") as infile:
+        dataset.classes = pickle.load(infile, encoding="latin1")[dataset.meta["key"]]
+    dataset.class_to_idx = {name: i for i, name in enumerate(dataset.classes)}
