@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(PY) train.py $(ARGS)
+	$(PY) train.py resume=auto $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
