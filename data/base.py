@@ -50,7 +50,11 @@ class DataModule:
         assert self._splits is not None
         if name not in self._splits:
             raise UserError(f"split {name!r} not available; have {sorted(self._splits)}")
-        return self._splits[name]
+        split = self._splits[name]
+        if len(split) == 0:
+            raise UserError(f"data: the {name!r} split is empty; use more data or change the "
+                            f"data.*_fraction settings")
+        return split
 
     def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
         """Read a user's input file/folder for predict.py: (row or file names, model inputs)."""
