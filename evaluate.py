@@ -66,7 +66,7 @@ def _confusion_matrix(pred: torch.Tensor, target: torch.Tensor, classes: int,
     counts = torch.bincount(target * classes + pred, minlength=classes * classes)
     matrix = counts.reshape(classes, classes)
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.imshow(matrix, cmap="Blues")
+    ax.imshow(matrix.numpy(), cmap="Blues")
     for i in range(classes):
         for j in range(classes):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
