@@ -245,15 +245,24 @@ def find_latest(run_dir: Path, map_location: str | torch.device = "cpu"
             head = torch.load(paths[0], map_location="cpu", weights_only=True, mmap=True)
             key = progress_key(head)
         except Exception as err:  # any unreadable file is skipped, not fatal
-            _set_aside(paths, f"unreadable ({type(err).__name__})")
+            _set_aside(paths, _why_unreadable(paths[0], err))
             continue
         candidates.append((key, paths))
     for _, paths in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
             return paths[0], load_checkpoint(paths[0], map_location)
         except UserError as err:
-            _set_aside(paths, str(err))
+            _set_aside(paths, str(err).removeprefix(f"{paths[0]}: "))
     return None
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    try:  # the zip check names the problem better (truncated, checksum) than torch.load
+        verify(path)
+    except UserError as bad:
+        return str(bad).removeprefix(f"{path}: ")
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    return f"unreadable ({type(err).__name__}: {first})"
 
 
 def _set_aside(paths: list[Path], why: str) -> None:

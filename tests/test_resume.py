@@ -256,7 +256,7 @@ def _flip_bit(path: Path) -> None:
         f.write(bytes([byte ^ 0x10]))
 
 
-@pytest.mark.parametrize("damage,why", [(_truncate, "unreadable"),
+@pytest.mark.parametrize("damage,why", [(_truncate, "not a complete checkpoint file"),
                                         (_flip_bit, "checksum mismatch")])
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, baseline, damage,
                                                              why):
