@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from engine.batches import Batches
-from engine.checkpoint import fault
+from engine.checkpoint import step_faults
 from engine.config import validate_train
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.metrics import append_csv, evaluate, plot_losses, write_csv
@@ -55,8 +53,7 @@ def train(cfg: DictConfig) -> dict:
     val_batches = Batches(data.split("val"), data.batch_size, device, **loader_args)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
-    if resumed:
-        write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
+    write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled wrapper
@@ -66,7 +63,6 @@ def train(cfg: DictConfig) -> dict:
     stop = StopSignal(cfg.trainer.max_time)
     every_n_steps = cfg.checkpoint.every_n_steps or 0
     log_every = cfg.trainer.log_every_n_steps
-    kill_at_step = fault("kill_at_step")  # test-only crash point, 0 when unset
     show_bar = sys.stdout.isatty()
 
     def save(name: str, best: bool = False) -> Path:
@@ -110,21 +106,23 @@ def train(cfg: DictConfig) -> dict:
                 check_finite(progress)
                 if show_bar:
                     batches.set_postfix(loss=f"{progress.losses[-1].item():.4f}")
+            saved = None
             if every_n_steps and progress.global_step % every_n_steps == 0:
-                save(f"step_{progress.global_step:08d}.pt")
+                saved = save(f"step_{progress.global_step:08d}.pt")
+            step_faults(progress.global_step)  # test-only kill/signal points; no-op otherwise
             if stop.reason or stop.out_of_time(reserve=2 * saver.last_seconds):
-                path = save(f"step_{progress.global_step:08d}.pt")
+                path = saved or save(f"step_{progress.global_step:08d}.pt")
                 raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
                                   f"{progress.global_step}; continue with resume=auto")
-            if progress.global_step == kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
 
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = progress.epoch_train_loss(train_batches.batch_sizes())
         val = evaluate(model, val_batches, loss_fn, classification, ctx)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
-            raise UserError(f"non-finite validation loss at epoch {epoch}; lower optimizer.lr")
+            raise UserError(f"non-finite validation loss at epoch {epoch}, step "
+                            f"{progress.global_step}; lower optimizer.lr; the last good "
+                            f"checkpoint is kept")
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()

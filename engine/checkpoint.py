@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 TUTORIAL_KEYS = ("epoch", "model_state_dict", "optimizer_state_dict", "loss")
 PERIODIC = re.compile(r"^(epoch_\d+|step_\d+)\.pt$")
 TMP_SUFFIX = ".tmp"
+LINKS = ("last.pt", "best.pt")
 
 
 class CheckpointWriteError(UserError):
@@ -62,11 +63,25 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
             os.fsync(raw.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        # torch.save's zip writer reports a failed write (ENOSPC, EIO) as a RuntimeError from
+        # its cleanup, with the OSError as its context: find it, or re-raise a real bug.
+        cause = _os_error(err)
         tmp.unlink(missing_ok=True)
+        if cause is None:
+            raise
         raise CheckpointWriteError(
-            f"{path}: checkpoint write failed ({err.strerror or err}); the previous "
+            f"{path}: checkpoint write failed ({cause.strerror or cause}); the previous "
             f"checkpoints in {path.parent} are intact") from None
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def atomic_link(source: Path, link: Path) -> None:
@@ -212,34 +227,57 @@ def progress_key(state: dict) -> tuple[int, int]:
 def find_latest(run_dir: Path, map_location: str | torch.device = "cpu"
                 ) -> tuple[Path, dict] | None:
     """Newest checkpoint of `run_dir` that loads and verifies; warns about (and sets aside,
-    never deletes) any newer file that does not."""
+    never deletes) any newer file that does not.
+
+    Only the names train.py writes are candidates (epoch_N.pt, step_N.pt, last.pt, best.pt):
+    other files in the folder are never touched. Temporaries (.NAME.PID.tmp) never match."""
     if not run_dir.is_dir():
         return None
-    candidates, seen = [], set()
-    for path in sorted(run_dir.glob("*.pt")):
-        inode = path.stat().st_ino
-        if inode in seen:  # last.pt / best.pt are hard links to periodic files
-            continue
-        seen.add(inode)
-        try:
-            head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # last.pt / best.pt are hard links to periodic files: try each file once, under its
+    # periodic name, which is what the warning and the "resuming from" line then show.
+    groups: dict[int, list[Path]] = {}
+    for path in sorted(run_dir.glob("*.pt"), key=lambda p: (not PERIODIC.match(p.name), p.name)):
+        if PERIODIC.match(path.name) or path.name in LINKS:
+            groups.setdefault(path.stat().st_ino, []).append(path)
+    candidates = []
+    for paths in groups.values():
+        try:  # cheap (mmap) read of the progress counters; full verification below
+            head = torch.load(paths[0], map_location="cpu", weights_only=True, mmap=True)
             key = progress_key(head)
         except Exception as err:  # any unreadable file is skipped, not fatal
-            _set_aside(path, f"unreadable ({type(err).__name__})")
+            _set_aside(paths, _why_unreadable(paths[0], err))
             continue
-        candidates.append((key, path))
-    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        candidates.append((key, paths))
+    for _, paths in sorted(candidates, key=lambda c: c[0], reverse=True):
         try:
-            return path, load_checkpoint(path, map_location)
+            return paths[0], load_checkpoint(paths[0], map_location)
         except UserError as err:
-            _set_aside(path, str(err))
+            _set_aside(paths, str(err).removeprefix(f"{paths[0]}: "))
     return None
 
 
-def _set_aside(path: Path, why: str) -> None:
-    aside = path.with_name(path.name + ".corrupt")
-    os.replace(path, aside)
-    warnings.warn(f"skipped {path}: {why}; kept it as {aside.name}", stacklevel=3)
+def _why_unreadable(path: Path, err: Exception) -> str:
+    try:  # the zip check names the problem better (truncated, checksum) than torch.load
+        verify(path)
+    except UserError as bad:
+        return str(bad).removeprefix(f"{path}: ")
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    return f"unreadable ({type(err).__name__}: {first})"
+
+
+def _set_aside(paths: list[Path], why: str) -> None:
+    """Rename a bad file (and its hard links) to NAME.corrupt, NAME.corrupt.1, ...: kept for
+    inspection, never overwritten, and no longer a resume candidate."""
+    moved = []
+    for path in paths:
+        aside, n = path.with_name(path.name + ".corrupt"), 0
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.corrupt.{n}")
+        os.replace(path, aside)
+        moved.append(aside.name)
+    links = f" (and its links {', '.join(moved[1:])})" if len(moved) > 1 else ""
+    warnings.warn(f"skipped {paths[0]}: {why}; kept it as {moved[0]}{links}", stacklevel=3)
 
 
 def remove_stale_tmp(run_dir: Path) -> None:
@@ -249,8 +287,13 @@ def remove_stale_tmp(run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------ fault injection (tests only)
-# ENGINE_FAULT="kill_in_write=N" SIGKILLs the process halfway through the Nth checkpoint
-# write; "enospc_in_write=N" makes it fail with ENOSPC. Read once, at import.
+# ENGINE_FAULT="name=N,..." (read once, at import) arms crash points for the resume tests:
+#   kill_in_write=N    SIGKILL halfway through this process's Nth checkpoint write
+#   enospc_in_write=N  the Nth write fails with ENOSPC (a full disk)
+#   int_in_write=N     SIGINT twice during the Nth write (Ctrl-C pressed twice while saving)
+#   kill_at_step=N     SIGKILL after optimizer step N (after that step's periodic save)
+#   term_at_step=N     SIGTERM after step N (a scheduler's preemption notice)
+#   int_at_step=N      SIGINT after step N (Ctrl-C)
 
 def _parse_faults(spec: str) -> dict[str, int]:
     faults = {}
@@ -262,6 +305,8 @@ def _parse_faults(spec: str) -> dict[str, int]:
 
 _FAULTS = _parse_faults(os.environ.get("ENGINE_FAULT", ""))
 _writes = 0
+_STEP_SIGNALS = (("kill_at_step", signal.SIGKILL), ("term_at_step", signal.SIGTERM),
+                 ("int_at_step", signal.SIGINT))
 
 
 def fault(name: str) -> int:
@@ -269,14 +314,25 @@ def fault(name: str) -> int:
     return _FAULTS.get(name, 0)
 
 
+def step_faults(global_step: int) -> None:
+    """Test-only: send the signal armed for this step to this process (no-op when unset)."""
+    if _FAULTS:
+        for name, sig in _STEP_SIGNALS:
+            if _FAULTS.get(name) == global_step:
+                os.kill(os.getpid(), sig)
+
+
 class _FaultyFile:
-    def __init__(self, raw, kill: bool, enospc: bool) -> None:
-        self.raw, self.kill, self.enospc, self.written = raw, kill, enospc, 0
+    def __init__(self, raw, kill: bool, enospc: bool, interrupt: bool) -> None:
+        self.raw, self.kill, self.enospc, self.interrupt = raw, kill, enospc, interrupt
+        self.written = 0
 
     def write(self, data) -> int:
+        if self.written > 0 and self.interrupt:  # one SIGINT per record written
+            os.kill(os.getpid(), signal.SIGINT)
         if self.written > 0 and (self.kill or self.enospc):
             if self.kill:
-                self.raw.flush()
+                self.raw.flush()  # the partial file really is on disk
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(28, "No space left on device")
         self.written += len(data)
@@ -290,4 +346,5 @@ def _fault_wrapper(raw):
     global _writes
     _writes += 1
     return _FaultyFile(raw, kill=_FAULTS.get("kill_in_write") == _writes,
-                       enospc=_FAULTS.get("enospc_in_write") == _writes)
+                       enospc=_FAULTS.get("enospc_in_write") == _writes,
+                       interrupt=_FAULTS.get("int_in_write") == _writes)

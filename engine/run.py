@@ -77,6 +77,23 @@ def check_finite(progress: Progress) -> None:
     progress.checked = len(progress.losses)
 
 
+def check_finite_weights(weights: dict[str, torch.Tensor], progress: Progress) -> None:
+    """Never write a NaN/inf model: a finite loss can still be followed by an update that
+    overflows the weights. One host sync per save."""
+    floats = [t for t in weights.values() if t.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        bad = [k for k, t in weights.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        epoch = progress.epoch + 1 if progress.step_in_epoch else progress.epoch
+        raise UserError(f"non-finite weights {_short_list(bad)} at epoch {epoch}, step "
+                        f"{progress.global_step}: not saved; lower optimizer.lr; the last good "
+                        f"checkpoint is kept")
+
+
+def _short_list(items: list[str], limit: int = 3) -> str:
+    return "[" + ", ".join(items[:limit]) + (" ..." if len(items) > limit else "") + "]"
+
+
 def default_run_name(cfg: DictConfig) -> str:
     """`name`, plus the job's overrides in a multirun so each job gets its own folder."""
     try:
@@ -135,9 +152,11 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
                      progress: Progress) -> dict[str, Any]:
     """The tutorial's general-checkpoint keys plus everything exact resume needs, all plain."""
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
+    weights = model.state_dict()
+    check_finite_weights(weights, progress)
     return {
         "epoch": progress.epoch,
-        "model_state_dict": model.state_dict(),
+        "model_state_dict": weights,
         "optimizer_state_dict": optimizer.state_dict(),
         "loss": float(progress.losses[-1]) if progress.losses else (
             progress.history[-1]["train_loss"] if progress.history else None),
