@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -144,17 +145,41 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
         raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
 
 
+# Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
+CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,), "global_step": (int,), "step_in_epoch": (int,),
+    "optimizer_state_dict": (dict,), "scheduler_state_dict": (dict, type(None)),
+    "scaler_state_dict": (dict, type(None)), "rng_state": (dict,), "history": (list,),
+    "config": (dict,), "best": (dict, type(None)), "epoch_step_losses": (torch.Tensor,),
+    "loss": (int, float, type(None)), "saved_files": (list,),
+}
+
+
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """A full training checkpoint written by train.py, verified and type-checked."""
     state = load_file(path, map_location)
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: not a training checkpoint (expected a dict with keys "
                         f"{list(TUTORIAL_KEYS)}); for a bare state_dict use weights=PATH")
-    for key, kind in (("model_state_dict", dict), ("epoch", int), ("config", dict)):
-        if key in state and not isinstance(state[key], kind):
-            raise UserError(f"{path}: key {key!r} should be {kind.__name__}, "
-                            f"got {type(state[key]).__name__}")
+    check_state_dict(state["model_state_dict"], path, "model_state_dict")
+    for key, kinds in CHECKPOINT_TYPES.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise UserError(f"{path}: key {key!r} should be {names}, "
+                            f"got {type(value).__name__}")
     return state
+
+
+def check_state_dict(state: Any, path: Path | str, what: str = "state_dict") -> None:
+    """A state_dict is a mapping of str names to tensors; anything else fails in one line."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: {what} should be a dict of tensors, got "
+                        f"{type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: {what} entry {name!r} should map a name to a tensor, "
+                            f"got {type(value).__name__}")
 
 
 def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> None:
@@ -163,16 +188,18 @@ def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> N
     state = load_file(path)
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
         state = state["model_state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"{path}: expected a state_dict (names -> tensors)")
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
+                        f"{type(state).__name__}")
+    check_state_dict(state, path)
     load_model_state(model, state, path, strict=strict)
 
 
 def load_model_state(model: nn.Module, state: dict, source: Path | str,
                      strict: bool = True) -> list[str]:
     """load_state_dict with a one-line error listing missing/unexpected keys and shape
-    mismatches. strict=False loads what matches and returns what did not."""
+    mismatches. strict=False loads what matches, and reports and returns what did not."""
+    check_state_dict(state, source)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -191,10 +218,14 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
         raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)}); "
                         f"check model=/data= or pass strict=false to load what matches")
     matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(matching, strict=False)
+    try:
+        model.load_state_dict(matching, strict=False)
+    except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{source}: weights do not fit the model ({first[:300]})") from None
     if problems:
-        warnings.warn(f"{source}: loaded with strict=false; skipped: {'; '.join(problems)}",
-                      stacklevel=2)
+        print(f"warning: {source}: strict=false loaded {len(matching)} of {len(own)} tensors; "
+              f"not loaded (left as initialised): {'; '.join(problems)}", file=sys.stderr)
     return problems
 
 
@@ -217,6 +248,8 @@ def find_latest(run_dir: Path, map_location: str | torch.device = "cpu"
         return None
     candidates, seen = [], set()
     for path in sorted(run_dir.glob("*.pt")):
+        if not path.is_file():  # a folder named *.pt is not a checkpoint: leave it alone
+            continue
         inode = path.stat().st_ino
         if inode in seen:  # last.pt / best.pt are hard links to periodic files
             continue
