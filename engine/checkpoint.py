@@ -109,40 +109,52 @@ def verify(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: not a complete checkpoint file ({err})") from None
+    except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
+        raise UserError(f"{path}: not a complete checkpoint file ({_first_line(err)})") from None
     if bad is not None:
         raise UserError(f"{path}: corrupted checkpoint (checksum mismatch in record {bad})")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
               check: bool = True, mmap: bool = True) -> Any:
-    """`torch.load(weights_only=True)` with one-line errors. Never runs code from the file."""
+    """`torch.load(weights_only=True)` with one-line errors. Never runs code from the file.
+
+    The bytes come from anywhere (a download, a shared drive), so any exception while
+    parsing them is bad input, reported in one line; only the weights-only refusal gets
+    its own message."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
-    if check and zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    if check and is_zip:
         verify(path)
     try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
-                return torch.load(path, map_location=map_location, weights_only=True)
-            raise
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \d+",
+                              str(err))
+            detail = (f"it names {found.group(1)}" if found and found.group(1)
+                      else found.group(0) if found else "")
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
-                            f"plain containers, which could run code when loaded") from None
-        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError, zipfile.BadZipFile, UnicodeDecodeError, OverflowError,
-            MemoryError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+                            f"plain containers, which could run code when loaded"
+                            f"{f' ({detail})' if detail else ''}") from None
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
 
 
 # Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
@@ -182,7 +194,7 @@ def check_state_dict(state: Any, path: Path | str, what: str = "state_dict") -> 
                             f"got {type(value).__name__}")
 
 
-def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> None:
+def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> list[str]:
     """Load a bare state_dict (tutorial `torch.save(model.state_dict(), ...)`) or the
     `model_state_dict` of a checkpoint into `model`."""
     state = load_file(path)
@@ -192,7 +204,7 @@ def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> N
         raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
                         f"{type(state).__name__}")
     check_state_dict(state, path)
-    load_model_state(model, state, path, strict=strict)
+    return load_model_state(model, state, path, strict=strict)
 
 
 def load_model_state(model: nn.Module, state: dict, source: Path | str,
@@ -207,7 +219,11 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
               if k in state and isinstance(state[k], torch.Tensor)
               and state[k].shape != own[k].shape]
+    dtypes = [f"{k} {state[k].dtype} vs model {own[k].dtype}" for k in own
+              if k in state and state[k].is_complex() and not own[k].is_complex()]
     problems = []
+    if dtypes:
+        problems.append(f"dtype mismatch {_short(dtypes)}")
     if missing:
         problems.append(f"missing keys {_short(missing)}")
     if unexpected:
@@ -217,7 +233,8 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
     if problems and strict:
         raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)}); "
                         f"check model=/data= or pass strict=false to load what matches")
-    matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape
+                and not (v.is_complex() and not own[k].is_complex())}
     try:
         model.load_state_dict(matching, strict=False)
     except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
@@ -255,10 +272,10 @@ def find_latest(run_dir: Path, map_location: str | torch.device = "cpu"
             continue
         seen.add(inode)
         try:
-            head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            head = load_file(path, "cpu", check=False)  # cheap: mmap, no CRC pass yet
             key = progress_key(head)
         except Exception as err:  # any unreadable file is skipped, not fatal
-            _set_aside(path, f"unreadable ({type(err).__name__})")
+            _set_aside(path, f"unreadable ({_first_line(err)})")
             continue
         candidates.append((key, path))
     for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):

@@ -136,6 +136,26 @@ def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
     return run_dir
 
 
+def locate(path: str) -> Any:
+    """The object a dotted `_target_` names, as hydra.utils.get_object finds it (without its
+    error logging, which would print a second, multi-line message)."""
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
 # ------------------------------------------------------------------------ 1. resolution
 
 def resolve_all(cfg: DictConfig) -> None:
@@ -237,10 +257,8 @@ def check_target_section(section: Any, key: str) -> None:
     if target is None:
         return
     try:
-        from hydra.utils import get_object
-
-        obj = get_object(str(target))
-    except Exception as err:  # ImportError, AttributeError, hydra's wrapper of those
+        obj = locate(str(target))
+    except Exception as err:  # ImportError, AttributeError, errors raised by the import
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{key}._target_={target!r}: cannot be imported ({first})") from None
     params, hints, open_ended = _parameters(obj)
@@ -404,11 +422,9 @@ def _safe_target(target: Any) -> bool:
     if not isinstance(target, str) or not target.startswith(SAFE_TARGET_MODULES):
         return False
     try:
-        from hydra.utils import get_object
-
-        obj = get_object(target)
-    except Exception:
-        return True  # instantiate will fail on it with a clear message; nothing runs
+        obj = locate(target)
+    except Exception:  # what cannot be shown safe is refused
+        return False
     import torch
 
     from data.base import DataModule
