@@ -49,7 +49,7 @@ class ImageFolderData(DataModule):
                 _check_header(file)
         try:
             full = ImageFolder(str(self.root), transform=self.transform, loader=_load_image,
-                               extensions=tuple(IMAGE_SUFFIXES))
+                               is_valid_file=_is_image_file)
         except (FileNotFoundError, OSError) as err:
             raise UserError(f"data.root={self.root}: {str(err).splitlines()[0]}") from None
         if self.num_classes is not None and self.num_classes != len(full.classes):
@@ -82,6 +82,10 @@ def _check_header(file: Path) -> None:
     except Exception as err:  # UnidentifiedImageError, OSError, ...: a user's file
         raise UserError(f"{file}: not a readable image ({type(err).__name__}); remove it or "
                         f"replace it") from None
+
+
+def _is_image_file(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _load_image(path: str):

@@ -144,14 +144,16 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
             return torch.load(path, map_location=map_location, weights_only=True,
                               mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
-            found = re.search(r"Unsupported global: GLOBAL (\S+)|Unsupported operand \d+",
-                              str(err))
-            detail = (f"it names {found.group(1)}" if found and found.group(1)
-                      else found.group(0) if found else "")
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:  # a class or function reference: loading it would run code
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
-                            f"plain containers, which could run code when loaded"
-                            f"{f' ({detail})' if detail else ''}") from None
+                            f"plain containers, which could run code when loaded (it names "
+                            f"{found.group(1)})") from None
+        if "weights only load failed" in str(err).lower():  # torch's advice is not for us
+            detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
+            raise UserError(f"{path}: not a readable checkpoint (the weights-only loader "
+                            f"cannot read it{': ' + detail.group(0) if detail else ''})"
+                            ) from None
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
