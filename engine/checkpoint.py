@@ -144,7 +144,7 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
             return torch.load(path, map_location=map_location, weights_only=True,
                               mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # torch words it several ways
         if found:  # a class or function reference: loading it would run code
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
                             f"plain containers, which could run code when loaded (it names "

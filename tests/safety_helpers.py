@@ -59,18 +59,22 @@ def raises_user_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> str
 
 
 class Evil:
-    """Unpickling this calls open(marker, 'w'): the marker file proves code ran."""
+    """Unpickling this calls open(marker, 'w') (or os.system('touch marker')): the marker
+    file proves code ran."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
+    def __init__(self, marker: Path, shell: bool = False) -> None:
+        self.marker, self.shell = str(marker), shell
 
     def __reduce__(self):
+        if self.shell:
+            return (os.system, (f"touch '{self.marker}'",))
         return (open, (self.marker, "w"))
 
 
-def write_malicious(path: Path, marker: Path, legacy: bool = False) -> Path:
+def write_malicious(path: Path, marker: Path, legacy: bool = False,
+                    shell: bool = False) -> Path:
     """A checkpoint-shaped file whose model_state_dict would run code under pickle."""
-    state = {"epoch": 1, "model_state_dict": {"weights": Evil(marker)}, "config": {}}
+    state = {"epoch": 1, "model_state_dict": {"weights": Evil(marker, shell)}, "config": {}}
     if legacy:
         import pickle
 

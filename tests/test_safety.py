@@ -42,8 +42,9 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(run, tmp_path, po
     marker = tmp_path / "MARKER"
     evil = write_malicious(tmp_path / "evil.pt", marker)
     legacy = write_malicious(tmp_path / "evil_legacy.pt", marker, legacy=True)
+    shell = write_malicious(tmp_path / "evil_shell.pt", marker, shell=True)
     before = snapshot(run)
-    for path in (evil, legacy):
+    for path in (evil, legacy, shell):
         needles = (path.name, "refused")
         cfg = compose("train", [f"checkpoint.root={tmp_path}", "run_name=resumed",
                                 f"resume={path}", "trainer.epochs=3"])
