@@ -123,6 +123,18 @@ def test_checkpoint_root_that_is_a_file(root, tmp_path):
     _case("train config", "checkpoint.root=FILE")
 
 
+def test_resume_from_a_checkpoint_of_another_architecture(root):
+    before = snapshot(root / "lin")
+    cfg = compose("train", [f"checkpoint.root={root}", "run_name=other_arch",
+                            "experiment=quadratic_csv", f"resume={root / 'lin' / 'best.pt'}"])
+    raises_user_error(train_script.train, cfg, needles=(
+        "weights do not fit", "missing keys [linear.weight, linear.bias]",
+        "unexpected keys [weights, bias]"))
+    assert snapshot(root / "lin") == before
+    assert not list((root / "other_arch").glob("*.pt"))
+    _case("train config", "resume=other architecture")
+
+
 # ------------------------------------------------------- overrides that do not compose
 
 COMPOSE_CASES = [
