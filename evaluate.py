@@ -15,14 +15,15 @@ import torch
 from omegaconf import DictConfig
 
 from engine.batches import Batches
-from engine.errors import UserError, cli_errors
+from engine.cli import check_command_line
+from engine.config import validate_inference
+from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
 from engine.metrics import evaluate as evaluate_split
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    if cfg.split not in ("train", "val", "test"):
-        raise UserError(f"split={cfg.split!r}: expected train, val or test")
+    validate_inference(cfg, "evaluate")
     loaded = load_for_inference(cfg)
     data, model, device = loaded.data, loaded.model, loaded.device
     classification = data.task == "classification"
@@ -115,4 +116,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_command_line("evaluate")  # one-line error, exit 2, for a bad override
     main()

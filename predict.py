@@ -17,11 +17,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from engine.cli import check_command_line
+from engine.config import validate_inference
 from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference
 
 
 def predict(cfg: DictConfig) -> Path:
+    validate_inference(cfg, "predict")
     output = Path(str(cfg.output))
     if output.suffix.lower() != ".csv":
         raise UserError(f"output={output}: expected a .csv file name")
@@ -34,7 +37,12 @@ def predict(cfg: DictConfig) -> Path:
     outputs = []
     with torch.inference_mode():
         for chunk in inputs.split(int(cfg.batch_size)):
-            outputs.append(loaded.model(chunk.to(loaded.device)).float().cpu())
+            try:
+                outputs.append(loaded.model(chunk.to(loaded.device)).float().cpu())
+            except RuntimeError as err:  # a shape the model cannot take
+                first = str(err).strip().splitlines()[0][:200]
+                raise UserError(f"input={source}: inputs of shape {tuple(chunk.shape[1:])} do "
+                                f"not fit the model ({first})") from None
     predictions = torch.cat(outputs)
 
     if loaded.data.task == "classification":
@@ -47,13 +55,17 @@ def predict(cfg: DictConfig) -> Path:
         header = ["input", *[f"feature_{i}" for i in range(inputs.shape[1])], "prediction"]
         rows = [[n, *[f"{float(v):.6g}" for v in x], f"{float(p[0]):.6g}"]
                 for n, x, p in zip(names, inputs, predictions, strict=True)]
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(output)
+    try:  # all rows to a temporary file, then one rename: never a partial CSV
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(header)
+            writer.writerows(rows)
+        tmp.replace(output)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"output={output}: cannot write ({err.strerror or err})") from None
     print(f"wrote {len(rows)} predictions to {output}")
     return output
 
@@ -79,4 +91,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_command_line("predict")  # one-line error, exit 2, for a bad override
     main()

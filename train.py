@@ -14,13 +14,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from engine.batches import Batches
 from engine.checkpoint import step_faults
-from engine.config import validate_train
+from engine.cli import check_command_line
+from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
+from engine.export import export_checkpoint
 from engine.metrics import append_csv, evaluate, plot_losses, write_csv
 from engine.preempt import StopSignal
 from engine.run import (
@@ -40,11 +41,12 @@ def train(cfg: DictConfig) -> dict:
     set_deterministic(cfg.trainer.deterministic)
     seed_everything(cfg.seed)
 
-    data = instantiate(cfg.data)
-    model = instantiate(cfg.model).to(device)
-    loss_fn = instantiate(cfg.loss)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    data = build(cfg.data, "data")
+    check_monitor(cfg, data.task)
+    model = build(cfg.model, "model").to(device)
+    loss_fn = build(cfg.loss, "loss")
+    optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
+    scheduler = build(cfg.scheduler, "scheduler")(optimizer) if cfg.get("scheduler") else None
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
@@ -148,6 +150,9 @@ def train(cfg: DictConfig) -> dict:
 
     stop.restore()
     plot_losses(progress.history, run_dir / "loss_curve.png")
+    if cfg.checkpoint.export:  # deployment copy of best.pt: safetensors + config.yaml
+        exported = export_checkpoint(run_dir / "best.pt", run_dir / "export")
+        print(f"exported best weights to {exported}")
     final = progress.history[-1]
     print(f"done: {run_dir}/last.pt, best.pt (best {cfg.checkpoint.monitor} "
           f"{progress.best_value:.4g} at epoch {progress.best_epoch}), metrics.csv, "
@@ -163,4 +168,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_command_line("train")  # one-line error, exit 2, for a bad override
     main()

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Subset
 
 from data.base import DataModule, seeded_split
-from data.images import IMAGE_SUFFIXES, image_transform, load_images
+from data.images import IMAGE_SUFFIXES, image_transform, load_images, read_image
 from engine.errors import UserError
 
 
@@ -33,14 +33,25 @@ class ImageFolderData(DataModule):
         if not self.root.is_dir():
             raise UserError(f"data.root={self.root}: folder not found (expected "
                             f"{self.root}/<class_name>/<image files>)")
-        empty = [d.name for d in sorted(self.root.iterdir()) if d.is_dir() and not any(
-            f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())]
+        classes = [d for d in sorted(self.root.iterdir()) if d.is_dir()]  # as ImageFolder
+        if not classes:
+            raise UserError(f"data.root={self.root}: no class folders (expected "
+                            f"{self.root}/<class_name>/<image files>)")
+        files = {d.name: _image_files(d) for d in classes}
+        empty = [name for name, found in files.items() if not found]
         if empty:
-            raise UserError(f"data.root={self.root}: class folder(s) {empty} have no images")
+            raise UserError(f"data.root={self.root}: class folder(s) {empty} have no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        # Every file's header, before training starts (a fraction of a millisecond each):
+        # a text file named .png or an empty file fails here, not in the middle of epoch 3.
+        for found in files.values():
+            for file in found:
+                _check_header(file)
         try:
-            full = ImageFolder(str(self.root), transform=self.transform)
+            full = ImageFolder(str(self.root), transform=self.transform, loader=_load_image,
+                               is_valid_file=_is_image_file)
         except (FileNotFoundError, OSError) as err:
-            raise UserError(f"data.root={self.root}: {err}") from None
+            raise UserError(f"data.root={self.root}: {str(err).splitlines()[0]}") from None
         if self.num_classes is not None and self.num_classes != len(full.classes):
             raise UserError(f"data.num_classes={self.num_classes} but {self.root} has "
                             f"{len(full.classes)} class folders {full.classes}")
@@ -54,3 +65,31 @@ class ImageFolderData(DataModule):
 
     def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
         return load_images(path, self.transform)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere under a class folder (ImageFolder also walks subfolders)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                  and p.is_file())
+
+
+def _check_header(file: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(file):
+            pass
+    except Exception as err:  # UnidentifiedImageError, OSError, ...: a user's file
+        raise UserError(f"{file}: not a readable image ({type(err).__name__}); remove it or "
+                        f"replace it") from None
+
+
+def _is_image_file(path: str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _load_image(path: str):
+    """ImageFolder's loader, failing with the file's name (a truncated body is only seen
+    here, when the pixels are decoded)."""
+    return read_image(Path(path))
+

@@ -1,4 +1,10 @@
-"""Image transforms built from config, shared by training data and predict.py inputs."""
+"""Image transforms built from config, shared by training data and predict.py inputs.
+
+Every image is converted to the model's channel count (grayscale is repeated into RGB, alpha
+is dropped, RGB becomes grayscale by luminance) and resized to `image_size`; so an image of
+another size or channel count is used, not refused. A file that is not a readable image is
+refused with its name: never silently skipped.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,20 @@ def image_transform(image_size: int, in_channels: int, mean: list[float] | None 
     """PIL image -> normalised (C, H, W) float tensor of the model's size and channel count."""
     from torchvision import transforms
 
+    if in_channels not in (1, 3):
+        raise UserError(f"data.in_channels={in_channels!r}: image files give 1 (grayscale) or "
+                        f"3 (RGB) channels")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise UserError(f"data.image_size={image_size!r}: expected an integer >= 1")
     mean = list(mean) if mean is not None else [0.5] * in_channels
     std = list(std) if std is not None else [0.5] * in_channels
-    to_channels = transforms.Grayscale(1) if in_channels == 1 else transforms.Lambda(_rgb)
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != in_channels:
+            raise UserError(f"{key}={values}: expected {in_channels} value(s), one per channel "
+                            f"(data.in_channels={in_channels})")
+    if any(not s > 0 for s in std):
+        raise UserError(f"data.std={std}: expected values > 0")
+    to_channels = transforms.Lambda(_gray) if in_channels == 1 else transforms.Lambda(_rgb)
     return transforms.Compose([
         to_channels,
         transforms.Resize((image_size, image_size), antialias=True),
@@ -29,32 +46,69 @@ def image_transform(image_size: int, in_channels: int, mean: list[float] | None 
 
 
 def _rgb(image):
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _gray(image):
+    if image.mode == "L":
+        return image
+    try:
+        return image.convert("L")
+    except ValueError:  # e.g. LAB: PIL converts it to RGB only
+        return image.convert("RGB").convert("L")
 
 
 def list_images(path: Path) -> list[Path]:
-    """One image file, or every image file directly inside a folder (sorted)."""
+    """One image file, or every image file directly inside a folder (sorted). Other files in
+    the folder (a README, a CSV) are not inputs: they are listed on stderr, not read."""
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(path.iterdir())
+        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
         if not files:
             raise UserError(f"{path}: folder has no image files ({sorted(IMAGE_SUFFIXES)})")
+        others = [p.name for p in entries if p not in files and not p.name.startswith(".")]
+        if others:
+            import sys
+
+            print(f"note: {path}: ignored {len(others)} entr{'y' if len(others) == 1 else 'ies'}"
+                  f" without an image suffix: {', '.join(others[:5])}"
+                  f"{' ...' if len(others) > 5 else ''}", file=sys.stderr)
         return files
     raise UserError(f"{path}: no such file or folder")
 
 
-def load_images(path: Path, transform) -> tuple[list[str], torch.Tensor]:
-    """All images or a clear error naming the first unreadable file: never a partial batch."""
+def read_image(file: Path):
+    """A fully decoded PIL image, or a one-line UserError naming the file.
+
+    The file comes from a user: any decoder failure (PIL raises OSError, SyntaxError,
+    ValueError, struct.error, ... on corrupt data) is bad input, not a bug."""
     from PIL import Image, UnidentifiedImageError
 
+    if not file.is_file():  # a FIFO would block Image.open forever; a dangling link fails
+        raise UserError(f"{file}: not a readable image file (missing or not a regular file)")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image.copy()
+    except UnidentifiedImageError:
+        raise UserError(f"{file}: not an image (unknown format)") from None
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{file}: corrupt or unreadable image ({type(err).__name__}"
+                        f"{': ' + first[:150] if first else ''})") from None
+
+
+def load_images(path: Path, transform) -> tuple[list[str], torch.Tensor]:
+    """All images or a clear error naming the first unreadable file: never a partial batch."""
     names, tensors = [], []
     for file in list_images(path):
+        image = read_image(file)
         try:
-            with Image.open(file) as image:
-                image.load()
-                tensors.append(transform(image))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise UserError(f"{file}: not a readable image ({type(err).__name__})") from None
+            tensors.append(transform(image))
+        except Exception as err:  # a mode the conversion cannot handle
+            raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
+                            f"{str(err).strip()[:150]})") from None
         names.append(str(file))
     return names, torch.stack(tensors)

@@ -8,6 +8,7 @@ import torch
 
 from data.base import DataModule, TensorSplit
 from data.tabular import read_feature_csv
+from engine.errors import UserError
 
 
 class LinearData(DataModule):
@@ -18,6 +19,9 @@ class LinearData(DataModule):
                  noise_std: float = 0.0, seed: int = 0, batch_size: int = 8,
                  num_features: int = 1, **loader: object) -> None:
         super().__init__(batch_size=batch_size, seed=seed, **loader)
+        if num_features != 1:
+            raise UserError(f"data.num_features={num_features!r}: data=linear has one feature "
+                            f"(x); keep data.num_features=1")
         self.weight, self.bias, self.noise_std = weight, bias, noise_std
         self.start, self.end, self.step = start, end, step
         self.train_fraction = train_fraction

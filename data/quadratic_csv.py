@@ -8,6 +8,7 @@ import torch
 
 from data.base import DataModule, TensorSplit, seeded_split
 from data.tabular import read_numeric_columns
+from engine.errors import UserError
 
 
 def quadratic_features(x: torch.Tensor) -> torch.Tensor:
@@ -21,6 +22,9 @@ class QuadraticCSVData(DataModule):
                  y_column: str = "y", train_fraction: float = 0.8, seed: int = 0,
                  batch_size: int = 16, num_features: int = 2, **loader: object) -> None:
         super().__init__(batch_size=batch_size, seed=seed, **loader)
+        if num_features != 2:
+            raise UserError(f"data.num_features={num_features!r}: data=quadratic_csv has two "
+                            f"features (x^2, x); keep data.num_features=2")
         self.path, self.x_column, self.y_column = Path(path), x_column, y_column
         self.train_fraction = train_fraction
 

@@ -10,18 +10,30 @@ from engine.errors import UserError
 
 
 def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torch.Tensor]:
+    """The named columns as float32 tensors. Every failure is one line naming the file (and
+    the row and column of a bad value): missing, empty, header only, ragged rows, missing
+    columns, text, NaN or infinite values. Data rows count from 1; the line number is the
+    line in the file (blank lines, which pandas skips, counted)."""
     import pandas as pd  # lazy: the default run does not read CSVs
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: CSV file not found (expected a file with columns {columns})")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file (expected a CSV file with columns {columns})")
     try:
-        frame = pd.read_csv(path, skipinitialspace=True)
+        # dtype=str: read the text as it is, so a bad cell can be quoted in the error.
+        frame = pd.read_csv(path, skipinitialspace=True, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: CSV file is empty (expected columns {columns})") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path}: not a readable CSV ({first})") from None
+    except pd.errors.ParserError as err:  # ragged rows: "Expected 2 fields in line 4, saw 3"
+        first = str(err).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
+        raise UserError(f"{path}: not a well-formed CSV ({first})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text CSV file (undecodable bytes)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
@@ -29,14 +41,29 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
         raise UserError(f"{path}: CSV has a header but no data rows")
     out = {}
     for col in columns:
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values.isna()
+        text = frame[col].astype(str).str.strip()
+        values = pd.to_numeric(text, errors="coerce")
+        bad = values.isna() | ~values.abs().lt(float("inf"))
         if bad.any():
-            row = int(bad.idxmax())
-            raise UserError(f"{path}: row {row + 2}, column {col!r}: expected a number, "
-                            f"got {frame[col].iloc[row]!r}")
-        out[col] = torch.tensor(values.to_numpy(), dtype=torch.float32)
+            row = int(bad.to_numpy().nonzero()[0][0])
+            cell = text.iloc[row]
+            what = "an empty cell (or a short row)" if cell == "" else repr(cell)
+            raise UserError(f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
+                            f"{col!r}: expected a finite number, got {what}")
+        out[col] = torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
     return out
+
+
+def _line_of(path: Path, row: int) -> int:
+    """File line (from 1) of data row `row` (from 0): the header and blank lines skipped."""
+    seen = -1  # the header is the first non-blank line
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                if seen == row:
+                    return number
+                seen += 1
+    return row + 2
 
 
 def read_feature_csv(path: Path | str, columns: list[str]) -> tuple[list[str], torch.Tensor]:

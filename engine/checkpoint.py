@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -123,40 +124,64 @@ def verify(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: not a complete checkpoint file ({err})") from None
+    except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
+        raise UserError(f"{path}: not a complete checkpoint file ({_first_line(err)})") from None
     if bad is not None:
         raise UserError(f"{path}: corrupted checkpoint (checksum mismatch in record {bad})")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
               check: bool = True, mmap: bool = True) -> Any:
-    """`torch.load(weights_only=True)` with one-line errors. Never runs code from the file."""
+    """`torch.load(weights_only=True)` with one-line errors. Never runs code from the file.
+
+    The bytes come from anywhere (a download, a shared drive), so any exception while
+    parsing them is bad input, reported in one line; only the weights-only refusal gets
+    its own message."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
-    if check and zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    if check and is_zip:
         verify(path)
     try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError as err:
-            if mmap and "mmap" in str(err):  # legacy (non-zip) torch.save format
-                return torch.load(path, map_location=map_location, weights_only=True)
-            raise
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+        found = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # torch words it several ways
+        if found:  # a class or function reference: loading it would run code
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
-                            f"plain containers, which could run code when loaded") from None
-        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError, zipfile.BadZipFile, UnicodeDecodeError, OverflowError,
-            MemoryError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+                            f"plain containers, which could run code when loaded (it names "
+                            f"{found.group(1)})") from None
+        if "weights only load failed" in str(err).lower():  # torch's advice is not for us
+            detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
+            raise UserError(f"{path}: not a readable checkpoint (the weights-only loader "
+                            f"cannot read it{': ' + detail.group(0) if detail else ''})"
+                            ) from None
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+
+
+# Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
+CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
+    "epoch": (int,), "global_step": (int,), "step_in_epoch": (int,),
+    "optimizer_state_dict": (dict,), "scheduler_state_dict": (dict, type(None)),
+    "scaler_state_dict": (dict, type(None)), "rng_state": (dict,), "history": (list,),
+    "config": (dict,), "best": (dict, type(None)), "epoch_step_losses": (torch.Tensor,),
+    "loss": (int, float, type(None)), "saved_files": (list,),
+}
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
@@ -165,29 +190,45 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: not a training checkpoint (expected a dict with keys "
                         f"{list(TUTORIAL_KEYS)}); for a bare state_dict use weights=PATH")
-    for key, kind in (("model_state_dict", dict), ("epoch", int), ("config", dict)):
-        if key in state and not isinstance(state[key], kind):
-            raise UserError(f"{path}: key {key!r} should be {kind.__name__}, "
-                            f"got {type(state[key]).__name__}")
+    check_state_dict(state["model_state_dict"], path, "model_state_dict")
+    for key, kinds in CHECKPOINT_TYPES.items():
+        value = state.get(key)
+        if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise UserError(f"{path}: key {key!r} should be {names}, "
+                            f"got {type(value).__name__}")
     return state
 
 
-def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> None:
+def check_state_dict(state: Any, path: Path | str, what: str = "state_dict") -> None:
+    """A state_dict is a mapping of str names to tensors; anything else fails in one line."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: {what} should be a dict of tensors, got "
+                        f"{type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: {what} entry {name!r} should map a name to a tensor, "
+                            f"got {type(value).__name__}")
+
+
+def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> list[str]:
     """Load a bare state_dict (tutorial `torch.save(model.state_dict(), ...)`) or the
     `model_state_dict` of a checkpoint into `model`."""
     state = load_file(path)
     if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
         state = state["model_state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"{path}: expected a state_dict (names -> tensors)")
-    load_model_state(model, state, path, strict=strict)
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
+                        f"{type(state).__name__}")
+    check_state_dict(state, path)
+    return load_model_state(model, state, path, strict=strict)
 
 
 def load_model_state(model: nn.Module, state: dict, source: Path | str,
                      strict: bool = True) -> list[str]:
     """load_state_dict with a one-line error listing missing/unexpected keys and shape
-    mismatches. strict=False loads what matches and returns what did not."""
+    mismatches. strict=False loads what matches, and reports and returns what did not."""
+    check_state_dict(state, source)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -195,7 +236,11 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
               if k in state and isinstance(state[k], torch.Tensor)
               and state[k].shape != own[k].shape]
+    dtypes = [f"{k} {state[k].dtype} vs model {own[k].dtype}" for k in own
+              if k in state and state[k].is_complex() and not own[k].is_complex()]
     problems = []
+    if dtypes:
+        problems.append(f"dtype mismatch {_short(dtypes)}")
     if missing:
         problems.append(f"missing keys {_short(missing)}")
     if unexpected:
@@ -205,11 +250,16 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
     if problems and strict:
         raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)}); "
                         f"check model=/data= or pass strict=false to load what matches")
-    matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(matching, strict=False)
+    matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape
+                and not (v.is_complex() and not own[k].is_complex())}
+    try:
+        model.load_state_dict(matching, strict=False)
+    except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{source}: weights do not fit the model ({first[:300]})") from None
     if problems:
-        warnings.warn(f"{source}: loaded with strict=false; skipped: {'; '.join(problems)}",
-                      stacklevel=2)
+        print(f"warning: {source}: strict=false loaded {len(matching)} of {len(own)} tensors; "
+              f"not loaded (left as initialised): {'; '.join(problems)}", file=sys.stderr)
     return problems
 
 
@@ -237,6 +287,8 @@ def find_latest(run_dir: Path, map_location: str | torch.device = "cpu"
     # periodic name, which is what the warning and the "resuming from" line then show.
     groups: dict[int, list[Path]] = {}
     for path in sorted(run_dir.glob("*.pt"), key=lambda p: (not PERIODIC.match(p.name), p.name)):
+        if not path.is_file():  # a folder named *.pt is not a checkpoint: leave it alone
+            continue
         if PERIODIC.match(path.name) or path.name in LINKS:
             groups.setdefault(path.stat().st_ino, []).append(path)
     candidates = []

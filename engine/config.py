@@ -1,13 +1,39 @@
-"""Checks on the composed config, run before any work starts: one clear line per mistake."""
+"""Checks on the composed config, run before any work starts: one clear line per mistake.
+
+Three layers, all before a file is written:
+  1. every interpolation resolves and no `???` is left (`resolve_all`);
+  2. types and key names: the fixed sections (top level, trainer, checkpoint, and the keys of
+     evaluate.yaml / predict.yaml) against the shipped YAML defaults, and each `_target_`
+     section (data, model, loss, optimizer, scheduler) against the type hints of the
+     constructor it names, so a new module needs no schema of its own;
+  3. value ranges (epochs >= 1, lr > 0, known device, ...).
+Unknown keys on the command line (`trainer.epoch=5`) are caught earlier still, by Hydra's
+struct mode; engine/cli.py turns its message into one line.
+"""
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from engine.errors import UserError
 from engine.runtime import PRECISIONS, resolve_device
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
+# Metrics train.py logs per epoch: the choices for checkpoint.monitor.
+METRICS = {"regression": ("val_loss", "train_loss"),
+           "classification": ("val_loss", "val_acc", "train_loss")}
 
 
 def _positive_int(value, key: str, allow_none: bool = False) -> None:
@@ -18,6 +44,12 @@ def _positive_int(value, key: str, allow_none: bool = False) -> None:
 
 
 def validate_train(cfg: DictConfig) -> None:
+    """Everything train.py needs to know is right before it opens the run directory."""
+    resolve_all(cfg)
+    check_fixed_sections(cfg, "train")
+    for key in TARGET_SECTIONS:
+        if cfg.get(key) is not None:
+            check_target_section(cfg[key], key)
     trainer, ckpt = cfg.trainer, cfg.checkpoint
     _positive_int(trainer.epochs, "trainer.epochs")
     _positive_int(ckpt.every_n_epochs, "checkpoint.every_n_epochs")
@@ -27,27 +59,379 @@ def validate_train(cfg: DictConfig) -> None:
     _positive_int(cfg.data.get("batch_size"), "data.batch_size")
     if str(ckpt.mode) not in ("min", "max"):
         raise UserError(f"checkpoint.mode={ckpt.mode!r}: expected min or max")
+    known = sorted(set().union(*METRICS.values()))
+    if str(ckpt.monitor) not in known:
+        raise UserError(f"checkpoint.monitor={ckpt.monitor!r}: expected one of {known}")
     if str(trainer.precision) not in PRECISIONS:
         raise UserError(f"trainer.precision={trainer.precision!r}: expected one of "
                         f"{list(PRECISIONS)}")
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise UserError(f"optimizer.lr={lr!r}: expected a number > 0")
+    for key in ("momentum", "weight_decay"):
+        value = cfg.optimizer.get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            raise UserError(f"optimizer.{key}={value!r}: expected a number >= 0")
+    if cfg.optimizer.get("nesterov") is True and not cfg.optimizer.get("momentum", 0) > 0:
+        raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    _check_fractions(cfg.data, "data")
     if trainer.max_time is not None and not (isinstance(trainer.max_time, (int, float))
                                              and trainer.max_time > 0):
         raise UserError(f"trainer.max_time={trainer.max_time!r}: expected seconds > 0 or null")
     resolve_device(trainer.device)
+    root = Path(str(ckpt.root))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"checkpoint.root={root}: exists and is not a folder")
+    if cfg.run_name is None:
+        run_dir_for(root, cfg.name, key="name")
+    else:
+        run_dir_for(root, cfg.run_name)
 
 
-def run_dir_for(root: str | Path, run_name: str) -> Path:
+def check_monitor(cfg: DictConfig, task: str) -> None:
+    """checkpoint.monitor must be a metric this task logs (val_acc only for classifiers)."""
+    valid = METRICS.get(task)
+    if valid is not None and str(cfg.checkpoint.monitor) not in valid:
+        raise UserError(f"checkpoint.monitor={cfg.checkpoint.monitor!r}: a {task} run logs "
+                        f"{list(valid)}")
+
+
+def validate_inference(cfg: DictConfig, script: str) -> None:
+    """evaluate.py / predict.py: the same kind of checks on their own keys."""
+    ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
+    if bool(ckpt) == bool(weights):
+        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
+                        "or weights=PATH (a bare state_dict, with model=... data=...)")
+    if weights and (cfg.get("model") is None or cfg.get("data") is None):
+        raise UserError(f"weights={weights}: name the architecture and data too, e.g. "
+                        f"model=small_cnn data=digits")
+    resolve_all(cfg)
+    check_fixed_sections(cfg, script)
+    for key in TARGET_SECTIONS:
+        if cfg.get(key) is not None:
+            check_target_section(cfg[key], key)
+    _positive_int(cfg.get("batch_size"), "batch_size", allow_none=script == "evaluate")
+    if "split" in cfg and cfg.split not in ("train", "val", "test"):
+        raise UserError(f"split={cfg.split!r}: expected train, val or test")
+    try:
+        resolve_device(cfg.get("device", "auto"))
+    except UserError as err:  # resolve_device names train.py's key
+        raise UserError(str(err).replace("trainer.device", "device")) from None
+    output = cfg.get("output")
+    if output is not None and Path(str(output)).is_dir():
+        raise UserError(f"output={output}: is a folder; expected a file name")
+
+
+def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
     """<root>/<run_name>, refusing names that would leave the checkpoint root."""
     name = str(run_name)
     parts = Path(name).parts
     if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
-        raise UserError(f"run_name={name!r}: expected a relative name inside checkpoint.root "
+        raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root "
                         f"(no '..', no absolute path)")
     root = Path(root)
     run_dir = root / name
     if not run_dir.resolve().is_relative_to(root.resolve()):
-        raise UserError(f"run_name={name!r}: resolves outside checkpoint.root={root}")
+        raise UserError(f"{key}={name!r}: resolves outside checkpoint.root={root}")
     return run_dir
+
+
+def locate(path: str) -> Any:
+    """The object a dotted `_target_` names, as hydra.utils.get_object finds it (without its
+    error logging, which would print a second, multi-line message)."""
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
+# ------------------------------------------------------------------------ 1. resolution
+
+def resolve_all(cfg: DictConfig) -> None:
+    """Every `${...}` resolves and no `???` is left, or one line naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = _full_key(err)
+        raise UserError(f"{key}: a value is required (the config has ???); pass "
+                        f"{key}=VALUE") from None
+    except InterpolationResolutionError as err:
+        key = _full_key(err)
+        first = str(err).strip().splitlines()[0]
+        hint = ""
+        if key.startswith("model."):
+            hint = "; the model does not fit this data: pick a matching data=/model= or " \
+                   "experiment="
+        raise UserError(f"{key}: {first}{hint}") from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"{_full_key(err)}: {str(err).strip().splitlines()[0]}") from None
+
+
+def _full_key(err: Exception) -> str:
+    return str(getattr(err, "full_key", None) or "config")
+
+
+# ------------------------------------------------------------------------ 2. types, keys
+
+def _schema(script: str) -> DictConfig:
+    """The script's own YAML (not composed): its defaults define the keys and their types."""
+    schema = OmegaConf.load(CONFIG_DIR / f"{script}.yaml")
+    for key in ("defaults", "hydra"):
+        schema.pop(key, None)
+    return schema
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+
+
+def check_fixed_sections(cfg: DictConfig, script: str) -> None:
+    """Top-level keys and the sections written out in configs/<script>.yaml: no unknown key
+    (a `+trainer.epoch=5` typo), and each value of the same type as its non-null default."""
+    _check_against(cfg, _schema(script), "", allowed_extra=set(config_groups()))
+
+
+def _check_against(node: DictConfig, schema: DictConfig, prefix: str,
+                   allowed_extra: set[str]) -> None:
+    defaults = OmegaConf.to_container(schema, resolve=False)
+    for key in node:
+        key = str(key)
+        full = f"{prefix}{key}"
+        if key not in defaults:  # (`in schema` is False for a ??? value)
+            if key in allowed_extra:
+                continue
+            valid = ", ".join(str(k) for k in defaults)
+            raise UserError(f"{full}: unknown key in {prefix.rstrip('.') or 'the config'}; "
+                            f"valid keys: {valid}")
+        default = defaults[key]
+        if isinstance(default, dict):
+            value = node[key]
+            if not isinstance(value, DictConfig):
+                raise UserError(f"{full}={_plain(node, key)!r}: expected a section with keys "
+                                f"{', '.join(str(k) for k in default)}")
+            _check_against(value, schema[key], f"{full}.", set())
+        elif default is not None and not (isinstance(default, str) and default == "???"):
+            value = _plain(node, key)
+            if not _matches(value, _type_of(default)):
+                raise UserError(f"{full}={value!r}: expected {_describe(_type_of(default))}")
+
+
+def _plain(node: DictConfig, key: str) -> Any:
+    value = node[key]
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _type_of(default: Any) -> Any:
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, str):
+        return str
+    if isinstance(default, list):
+        return list
+    return object
+
+
+def check_target_section(section: Any, key: str) -> None:
+    """A `_target_` section against the signature of the class/function it names: unknown
+    keys and wrong types, read from the constructor's type hints."""
+    if not isinstance(section, DictConfig):
+        raise UserError(f"{key}={section!r}: expected a section (pick one with {key}=NAME)")
+    target = section.get("_target_")
+    if target is None:
+        return
+    try:
+        obj = locate(str(target))
+    except Exception as err:  # ImportError, AttributeError, errors raised by the import
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}._target_={target!r}: cannot be imported ({first})") from None
+    params, hints, open_ended = _parameters(obj)
+    values = OmegaConf.to_container(section, resolve=True)
+    for name, value in values.items():
+        if str(name).startswith("_"):
+            continue
+        if name not in params:
+            if open_ended:
+                continue
+            valid = ", ".join(p for p in params if p not in ("self",))
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}")
+        hint = hints.get(name)
+        if hint is not None and _matches(value, hint) is False:
+            raise UserError(f"{key}.{name}={value!r}: expected {_describe(hint)}")
+
+
+def _parameters(obj: Any) -> tuple[list[str], dict[str, Any], bool]:
+    """Keyword parameters of a function or class constructor, following `**kwargs` into the
+    base classes' __init__ (DataModule subclasses pass batch_size etc. on)."""
+    functions = []
+    if inspect.isclass(obj):
+        for cls in obj.__mro__:
+            if cls is object:
+                break
+            if "__init__" in vars(cls):
+                functions.append(cls.__init__)
+    elif callable(obj):
+        functions.append(obj)
+    params: list[str] = []
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):
+            return params, hints, True
+        try:
+            function_hints = typing.get_type_hints(function)
+        except Exception:  # unresolvable annotations: check names only
+            function_hints = {}
+        var_keyword = False
+        for name, param in signature.parameters.items():
+            if param.kind is param.VAR_KEYWORD:
+                var_keyword = True
+            elif param.kind is not param.VAR_POSITIONAL and name not in params:
+                params.append(name)
+                if name in function_hints:
+                    hints[name] = function_hints[name]
+        if not var_keyword:
+            return [p for p in params if p != "self"], hints, False
+    return [p for p in params if p != "self"], hints, True
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Does a plain config value fit a type hint? None when the hint is not understood."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any or hint is object:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        results = [_matches(value, arg) for arg in typing.get_args(hint)]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint is Path:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if inspect.isclass(hint):  # a tensor, an optimizer, ...: never a plain config value
+        return False if value is not None else None
+    return None
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(d for d in map(_describe, typing.get_args(hint)) if d)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+             Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
+             type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return ""  # a tensor, an optimizer: not something a config can hold
+
+
+def _check_fractions(section: DictConfig, key: str) -> None:
+    """`*_fraction` data keys are shares of the data set: 0 < train < 1, 0 <= others < 1."""
+    fractions = {k: v for k, v in section.items() if str(k).endswith("_fraction")}
+    for name, value in fractions.items():
+        low_ok = value > 0 if name == "train_fraction" else value >= 0
+        if not (isinstance(value, (int, float)) and low_ok and value < 1):
+            raise UserError(f"{key}.{name}={value!r}: expected a fraction "
+                            f"{'>' if name == 'train_fraction' else '>='} 0 and < 1")
+    held_out = sum(v for k, v in fractions.items() if k != "train_fraction")
+    if "train_fraction" not in fractions and held_out >= 1:
+        raise UserError(f"{key}: {' + '.join(f'{k}' for k in fractions)} = {held_out:g} "
+                        f"leaves no training data; expected a sum < 1")
+
+
+# -------------------------------------------------------------------------- 3. building
+
+def build(section: Any, key: str, source: Path | str | None = None) -> Any:
+    """hydra.utils.instantiate, turning a constructor's bad-input error (which Hydra wraps in
+    InstantiationException) back into its one-line UserError."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(section)
+    except UserError:
+        raise
+    except Exception as err:
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+            if isinstance(cause, UserError):
+                raise cause from None
+        if not isinstance(err.__cause__, (ValueError, TypeError)):
+            raise
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        where = f"{source}: " if source else ""
+        raise UserError(f"{where}could not build {key} from its config ({first})") from None
+
+
+# Modules a config read from a file (checkpoint, export) may name in `_target_`: hydra's
+# instantiate calls whatever the string names, so a downloaded file could otherwise run
+# os.system. Project data modules and models, and torch.nn modules (losses) only.
+SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.")
+
+
+def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
+    """Refuse any `_target_` in a config read from a file that is not a project data module,
+    a project model (class or builder function) or a torch.nn module."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        config = OmegaConf.to_container(config, resolve=False)
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None and not _safe_target(target):
+            raise UserError(f"{source}: refused {where}._target_={target!r}: a file's config "
+                            f"may only name data.*, models.* or torch.nn modules")
+        for key, value in config.items():
+            check_loaded_targets(value, source, f"{where}.{key}")
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            check_loaded_targets(value, source, f"{where}[{index}]")
+
+
+def _safe_target(target: Any) -> bool:
+    if not isinstance(target, str) or not target.startswith(SAFE_TARGET_MODULES):
+        return False
+    try:
+        obj = locate(target)
+    except Exception:  # what cannot be shown safe is refused
+        return False
+    import torch
+
+    from data.base import DataModule
+
+    module = getattr(obj, "__module__", "") or ""
+    if inspect.isclass(obj):
+        if issubclass(obj, DataModule):
+            return module.startswith("data.")
+        return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
+    return inspect.isfunction(obj) and module.startswith("models.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -24,21 +25,59 @@ class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not a
 
 
 def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn UserError into a one-line message and exit code; `debug=true` or
-    HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    """Turn bad input into one line on stderr and exit code 2; `debug=true` or
+    HYDRA_FULL_ERROR=1 prints the traceback too (still exit 2). Any other exception is a bug:
+    it propagates, and Hydra prints its traceback and exits 1."""
 
     @functools.wraps(main)
     def wrapper(cfg: Any) -> Any:
-        debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or bool(cfg.get("debug", False))
+        debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or _debug(cfg)
         try:
             return main(cfg)
-        except UserError as err:
-            if debug:
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
         except Interrupted as err:
             print(f"interrupted: {err}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop's handler
+            print("\ninterrupted by Ctrl-C", file=sys.stderr)
+            sys.exit(EXIT_ABORTED)
+        except Exception as err:
+            user = user_error_in(err)
+            if user is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            print(f"error: {one_line(user)}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
 
     return wrapper
+
+
+def _debug(cfg: Any) -> bool:
+    try:
+        return cfg.get("debug", False) is True
+    except Exception:  # a broken config is reported by the checks, not here
+        return False
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind `err`: itself, or the cause that a wrapper (hydra's instantiate)
+    raised it from."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, UserError):
+            return err
+        err, seen = err.__cause__, seen + 1
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message as one line. A DataLoader worker re-raises a UserError with its whole
+    traceback as the message: keep the original message (its last line)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if len(lines) > 1 and "Traceback" in str(err):
+        last = lines[-1]
+        prefix = f"{type(err).__module__}.{type(err).__name__}: "
+        return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
+    return " ".join(lines)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import load_checkpoint, load_model_state, load_state_dict_file
+from engine.config import build, check_loaded_targets, check_target_section
 from engine.errors import UserError
 from engine.runtime import resolve_device
 
@@ -32,16 +32,7 @@ class Loaded:
 
 
 def _build(section: Any, what: str, source: Path):
-    try:
-        return instantiate(section)
-    except UserError:
-        raise
-    except Exception as err:  # instantiate wraps constructor errors; keep the message
-        cause = err.__cause__ or err
-        if isinstance(cause, UserError):
-            raise cause from None
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
-        raise UserError(f"{source}: could not build {what} from its config ({first})") from None
+    return build(section, what, source)
 
 
 def load_for_inference(cfg: DictConfig) -> Loaded:
@@ -56,13 +47,27 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
 
         if is_export(source):
             saved, state = load_export(source)
+        elif source.is_dir():
+            raise UserError(f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
+                            f"expected a checkpoint file (.pt) or an export folder")
         else:
             checkpoint = load_checkpoint(source, "cpu")
             saved, state = checkpoint.get("config"), checkpoint["model_state_dict"]
             if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
                 raise UserError(f"{source}: checkpoint has no usable 'config' (model/data); "
                                 f"evaluate it with weights={source} model=... data=...")
-        config = OmegaConf.create({k: saved.get(k) for k in ("data", "model", "loss", "seed")})
+        # The file's config names the classes to build: only project/torch.nn ones.
+        kept = {k: saved.get(k) for k in ("data", "model", "loss", "seed")}
+        check_loaded_targets(kept, source)
+        try:
+            config = OmegaConf.create(kept)
+            for key in ("data", "model", "loss"):
+                if config.get(key) is not None:
+                    check_target_section(config[key], key)
+        except UserError as err:
+            raise UserError(f"{source}: saved config: {err}") from None
+        except Exception as err:  # omegaconf's errors on odd keys/values: one line
+            raise UserError(f"{source}: unusable config ({str(err).splitlines()[0]})") from None
         # A command-line data choice wins (evaluate on another dataset or a moved root).
         if cfg.get("data") is not None:
             config.data = cfg.data
@@ -80,8 +85,8 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         config.data.batch_size = int(cfg.batch_size)
     if "weights" in config.model:  # never re-import pretrained weights over trained ones
         config.model.weights = None
-    data = _build(config.data, "the data module", source)
-    model = _build(config.model, "the model", source)
+    data = _build(config.data, "data", source)
+    model = _build(config.model, "model", source)
     strict = bool(cfg.get("strict", True))
     if state is not None:
         load_model_state(model, state, source, strict=strict)
@@ -93,7 +98,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
 
 def loss_for(loaded: Loaded) -> torch.nn.Module:
     if loaded.config.get("loss") is not None:
-        return _build(loaded.config.loss, "the loss", loaded.source)
+        return _build(loaded.config.loss, "loss", loaded.source)
     if loaded.data.task == "classification":
         return torch.nn.CrossEntropyLoss()
     return torch.nn.MSELoss()
