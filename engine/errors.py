@@ -35,10 +35,12 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            if not getattr(err, "quiet", False):  # another torchrun rank already printed it
+                print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         except Interrupted as err:
-            print(f"interrupted: {err}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # all torchrun ranks stop alike: one line
+                print(f"interrupted: {err}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
