@@ -26,7 +26,12 @@ import torch
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (torch.distributed.is_available()
+                            and torch.distributed.is_gloo_available())
+                       or sys.platform == "win32", reason="needs torch.distributed with gloo"),
+]
 
 RTOL, ATOL = 1e-5, 1e-6
 # 51 points: 40 train (5 steps of 2 x 4 per epoch), 11 val (uneven 6/5 shards).
@@ -292,3 +297,29 @@ def test_helpers_in_two_gloo_processes(tmp_path):
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     mp.start_processes(_helper_checks, args=(str(tmp_path / "store"), str(tmp_path)),
                        nprocs=2, start_method="fork")
+
+
+@pytest.mark.parametrize(("total", "world", "expected"), [(8, 2, 4), (8, 1, 8), (None, 2, 16)])
+def test_global_batch_size_sets_the_per_process_batch(total, world, expected):
+    from omegaconf import OmegaConf
+
+    from engine.distributed import _resolve_batch_size
+
+    cfg = OmegaConf.create({"trainer": {"global_batch_size": total},
+                            "data": {"batch_size": 16}})
+    _resolve_batch_size(cfg, world)
+    assert cfg.data.batch_size == expected
+
+
+@pytest.mark.parametrize(("total", "message"), [(8, "not divisible by the 3 processes"),
+                                                (0, "expected an integer >= 1")])
+def test_bad_global_batch_size_is_one_line_error(total, message):
+    from omegaconf import OmegaConf
+
+    from engine.distributed import _resolve_batch_size
+    from engine.errors import UserError
+
+    cfg = OmegaConf.create({"trainer": {"global_batch_size": total},
+                            "data": {"batch_size": 16}})
+    with pytest.raises(UserError, match=message):
+        _resolve_batch_size(cfg, 3)
