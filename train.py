@@ -16,13 +16,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import step_faults
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.export import export_checkpoint
-from engine.metrics import append_csv, evaluate, plot_losses, write_csv
+from engine.metrics import append_csv, plot_losses, write_csv
 from engine.preempt import StopSignal
 from engine.run import (
     build_checkpoint,
@@ -31,17 +32,18 @@ from engine.run import (
     pin_memory_for,
     restore_checkpoint,
 )
-from engine.runtime import autocast, resolve_device, seed_everything, set_deterministic
+from engine.runtime import autocast, seed_everything, set_deterministic
 
 
 def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
-    device = resolve_device(cfg.trainer.device)
+    device = ddp.setup_distributed(cfg)  # torchrun: join the process group, cuda:LOCAL_RANK
     run_dir, saver, resumed = open_run(cfg, device)
     set_deterministic(cfg.trainer.deterministic)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + ddp.rank())  # own dropout stream per rank; DDP syncs the weights
 
     data = build(cfg.data, "data")
+    ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
     check_monitor(cfg, data.task)
     model = build(cfg.model, "model").to(device)
     loss_fn = build(cfg.loss, "loss")
@@ -51,14 +53,15 @@ def train(cfg: DictConfig) -> dict:
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
     train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
-                            seed=cfg.seed, **loader_args)
-    val_batches = Batches(data.split("val"), data.batch_size, device, **loader_args)
+                            seed=cfg.seed, **loader_args, **ddp.rank_args())
+    val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    raw_model = model  # what gets saved: never the compiled wrapper
+    raw_model = model  # what gets saved: never the compiled or DDP wrapper
+    model = ddp.wrap_model(model, device)
     if cfg.trainer.compile:
         model = torch.compile(model)
     ctx = lambda: autocast(cfg.trainer.precision, device)  # noqa: E731
@@ -112,15 +115,15 @@ def train(cfg: DictConfig) -> dict:
             if every_n_steps and progress.global_step % every_n_steps == 0:
                 saved = save(f"step_{progress.global_step:08d}.pt")
             step_faults(progress.global_step)  # test-only kill/signal points; no-op otherwise
-            if stop.reason or stop.out_of_time(reserve=2 * saver.last_seconds):
+            if ddp.should_stop(stop, 2 * saver.last_seconds, progress.global_step, log_every):
                 path = saved or save(f"step_{progress.global_step:08d}.pt")
                 raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
                                   f"{progress.global_step}; continue with resume=auto")
 
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
-        train_loss = progress.epoch_train_loss(train_batches.batch_sizes())
-        val = evaluate(model, val_batches, loss_fn, classification, ctx)
+        train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
+        val = ddp.evaluate_all(model, val_batches, loss_fn, classification, ctx)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "
@@ -134,6 +137,7 @@ def train(cfg: DictConfig) -> dict:
             row["val_acc"] = val["acc"]
         row["lr"] = lr
         improved = progress.end_epoch(row, cfg.checkpoint.monitor, cfg.checkpoint.mode)
+        ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
         periodic = epoch % cfg.checkpoint.every_n_epochs == 0 or epoch == cfg.trainer.epochs
         if periodic or stop.reason:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved)
@@ -158,7 +162,6 @@ def train(cfg: DictConfig) -> dict:
           f"{progress.best_value:.4g} at epoch {progress.best_epoch}), metrics.csv, "
           f"loss_curve.png")
     return final
-
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -35,7 +35,8 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(cfg)
         except Interrupted as err:
-            print(f"interrupted: {err}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # all torchrun ranks stop alike: one line
+                print(f"interrupted: {err}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt:  # Ctrl-C outside the training loop's handler
             print("\ninterrupted by Ctrl-C", file=sys.stderr)
@@ -46,7 +47,8 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             if debug:
                 traceback.print_exc()
-            print(f"error: {one_line(user)}", file=sys.stderr)
+            if not getattr(user, "quiet", False):  # another torchrun rank already printed it
+                print(f"error: {one_line(user)}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
+from engine.distributed import rank_zero_only
 
+
+@rank_zero_only
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file from the checkpoint's history (atomic): after a resume the CSV
     holds exactly the epochs the model state has seen, none duplicated, none missing."""
@@ -22,6 +25,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+@rank_zero_only
 def append_csv(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
     buffer = io.StringIO()
@@ -33,6 +37,7 @@ def append_csv(path: Path, row: dict) -> None:
         out.write(buffer.getvalue())
 
 
+@rank_zero_only
 def plot_losses(rows: list[dict], path: Path) -> None:
     """Train and validation loss per epoch, as PNG."""
     import matplotlib

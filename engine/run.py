@@ -23,6 +23,18 @@ from engine.checkpoint import (
     remove_stale_tmp,
 )
 from engine.config import run_dir_for
+from engine.distributed import (
+    FollowerError,
+    MainOnly,
+    any_rank,
+    is_distributed,
+    is_main,
+    load_on_rank,
+    on_main,
+    rank_states,
+    resume_state_for_rank,
+    world_size,
+)
 from engine.errors import UserError
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
@@ -68,7 +80,11 @@ def check_finite(progress: Progress) -> None:
     if not fresh:
         return
     finite = torch.isfinite(torch.stack(fresh))
-    if not bool(finite.all()):
+    bad = not bool(finite.all())
+    if any_rank(bad):  # under torchrun all ranks stop together, or the others would hang
+        if not bad:
+            raise FollowerError(f"non-finite loss on another rank by step "
+                                f"{progress.global_step}")
         first = progress.checked + int((~finite).nonzero()[0, 0])
         step = progress.global_step - len(progress.losses) + first + 1
         raise UserError(f"non-finite loss at epoch {progress.epoch + 1}, step {step} "
@@ -111,10 +127,34 @@ def default_run_name(cfg: DictConfig) -> str:
 
 
 def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict | None]:
-    """Find (or refuse) the run directory and the checkpoint to resume from."""
+    """Find (or refuse) the run directory and the checkpoint to resume from.
+
+    Under torchrun rank 0 alone checks and writes the directory; every rank gets its
+    result or its error, then reads the checkpoint rank 0 chose. The returned Saver writes
+    on rank 0 only, and every rank waits for each save to finish."""
+    if not is_distributed():
+        run_dir, saver, resumed, _ = _open_run_dir(cfg, device)
+        return run_dir, saver, resumed
+    opened: dict[str, Any] = {}
+
+    def on_rank0() -> tuple[Path, str | None]:
+        run_dir, opened["saver"], opened["resumed"], source = _open_run_dir(cfg, device)
+        return run_dir, source
+
+    run_dir, source = on_main(on_rank0)
+    if is_main():
+        return run_dir, MainOnly(opened["saver"]), opened["resumed"]
+    resumed = load_on_rank(source, device) if source else None
+    saver = Saver(run_dir, cfg.checkpoint.keep_last,
+                  resumed.get("saved_files") if resumed else None)
+    return run_dir, MainOnly(saver), resumed
+
+
+def _open_run_dir(cfg: DictConfig, device: torch.device
+                  ) -> tuple[Path, Saver, dict | None, str | None]:
     run_dir = run_dir_for(cfg.checkpoint.root, cfg.run_name or default_run_name(cfg))
     existing = sorted(p.name for p in run_dir.glob("*.pt")) if run_dir.is_dir() else []
-    resumed = None
+    resumed = source = None
     if cfg.resume is None:
         if existing:
             raise UserError(f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
@@ -128,10 +168,10 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
             print(f"resume=auto: no checkpoint in {run_dir}, starting a new run")
         else:
             print(f"resuming from {found[0]}")
-            resumed = found[1]
+            source, resumed = str(found[0]), found[1]
     else:
         path = Path(str(cfg.resume))
-        resumed = load_checkpoint(path, device)
+        source, resumed = str(path), load_checkpoint(path, device)
         inside = path.resolve().parent == run_dir.resolve()
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
@@ -140,7 +180,7 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None)
-    return run_dir, saver, resumed
+    return run_dir, saver, resumed, source
 
 
 def pin_memory_for(data: Any, device: torch.device) -> bool:
@@ -154,7 +194,7 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     weights = model.state_dict()
     check_finite_weights(weights, progress)
-    return {
+    state = {
         "epoch": progress.epoch,
         "model_state_dict": weights,
         "optimizer_state_dict": optimizer.state_dict(),
@@ -166,14 +206,19 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
         "step_in_epoch": progress.step_in_epoch,
         "epoch_step_losses": (torch.stack(progress.losses).cpu() if progress.losses
                               else torch.zeros(0)),
-        "rng_state": rng_state(),
+        "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
         "best": {"monitor": str(cfg.checkpoint.monitor), "value": progress.best_value,
                  "epoch": progress.best_epoch},
         "history": [dict(row) for row in progress.history],
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": dict(_versions()),
         "format_version": FORMAT_VERSION,
+        "world_size": world_size(),
     }
+    if is_distributed():  # a collective: every rank builds the checkpoint, rank 0 saves it
+        state["rank_states"] = rank_states({"rng_state": state["rng_state"],
+                                            "epoch_step_losses": state["epoch_step_losses"]})
+    return state
 
 
 def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, scheduler,
@@ -192,11 +237,12 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
                         f"({err}); check optimizer=/scheduler= overrides") from None
     _warn_config_changes(state.get("config") or {}, cfg)
-    set_rng_state(state["rng_state"])
+    rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
+    if rng is not None:
+        set_rng_state(rng)
     best = state.get("best") or {}
-    losses = state.get("epoch_step_losses")
     return Progress(
-        epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
+        epoch=int(state["epoch"]), step_in_epoch=step_in_epoch,
         global_step=int(state.get("global_step", 0)),
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
         history=list(state.get("history") or []), best_value=best.get("value"),

@@ -48,7 +48,7 @@ def set_deterministic(enabled: bool) -> None:
     """Deterministic kernels for exact resume on CUDA; cudnn.benchmark otherwise."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(enabled)  # also off again after an in-process run
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
 
