@@ -110,8 +110,10 @@ def _short_list(items: list[str], limit: int = 3) -> str:
     return "[" + ", ".join(items[:limit]) + (" ..." if len(items) > limit else "") + "]"
 
 
-def default_run_name(cfg: DictConfig) -> str:
-    """`name`, plus the job's overrides in a multirun so each job gets its own folder."""
+def run_name_for(cfg: DictConfig) -> str:
+    """`run_name` (default: `name`), plus the job's overrides in a multirun so each job of a
+    sweep gets its own folder."""
+    base = str(cfg.run_name or cfg.name)
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -120,10 +122,10 @@ def default_run_name(cfg: DictConfig) -> str:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname) or str(
                 hydra_cfg.job.num)
-            return f"{cfg.name}/{job}"
+            return f"{base}/{job}"
     except ValueError:  # not running under @hydra.main (tests compose configs directly)
         pass
-    return str(cfg.name)
+    return base
 
 
 def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict | None]:
@@ -152,7 +154,7 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
 
 def _open_run_dir(cfg: DictConfig, device: torch.device
                   ) -> tuple[Path, Saver, dict | None, str | None]:
-    run_dir = run_dir_for(cfg.checkpoint.root, cfg.run_name or default_run_name(cfg))
+    run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
     existing = sorted(p.name for p in run_dir.glob("*.pt")) if run_dir.is_dir() else []
     resumed = source = None
     if cfg.resume is None:
