@@ -94,7 +94,7 @@ def _regression_plot(train, test, predictions: torch.Tensor, stem: Path) -> Path
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(train_x[:, -1], train_y[:, 0], s=6, c="b", label="training data")
     ax.scatter(test_x[:, -1], test_y[:, 0], s=6, c="g", label="test data")
-    ax.scatter(test_x[:, -1], predictions[:, 0], s=6, c="r", label="predictions")
+    ax.scatter(test_x[:, -1], predictions[:, 0], s=14, c="r", marker="x", label="predictions")
     ax.legend()
     path = stem.with_name(stem.name + "_predictions.png")
     fig.tight_layout()
