@@ -208,11 +208,17 @@ class Lockstep:
             resume = perf()
 
     def step_time(self, name: str) -> float:
-        """Mean seconds per step: epochs after the first (warm-up) one when there are several,
-        otherwise the one epoch without its first step."""
+        """Mean seconds per steady step: every epoch's first step is left out (the epoch's
+        order is built there, and in train.py it follows validation, with cold caches; its
+        cost is in `first_step_time` and in the epoch times of item 2), as is the first
+        (warm-up) epoch when there are several."""
         epochs = self.epochs[name]
-        steps = [t for e in epochs[1:] for t in e] if len(epochs) > 1 else epochs[0][1:]
+        steps = [t for e in (epochs[1:] if len(epochs) > 1 else epochs) for t in e[1:]]
         return sum(steps) / len(steps)
+
+    def first_step_time(self, name: str) -> float:
+        epochs = self.epochs[name]
+        return median(e[0] for e in (epochs[1:] if len(epochs) > 1 else epochs))
 
     def epoch_time(self, name: str) -> float:
         return median(sum(e) for e in self.epochs[name][1:])
@@ -325,6 +331,7 @@ def bench_training(works: list[Workload], scratch: Path) -> list[Row]:
         started = perf()
         root = scratch / "train"
         step_ratios, speedups, a_steps, b_steps, a_epochs, c_epochs = [], [], [], [], [], []
+        first_extra: list[float] = []
         identical = True
         for rep in range(work.reps):
             cfg = workload_cfg(work, root, f"{work.name}-{rep}")
@@ -342,6 +349,8 @@ def bench_training(works: list[Workload], scratch: Path) -> list[Row]:
                 train_script.train(cfg)
             identical = identical and same_weights(root / f"{work.name}-{rep}", models["hand"])
             shutil.rmtree(root, ignore_errors=True)
+            first_extra.append(clock.first_step_time("template")
+                               - clock.first_step_time("hand"))
             a_steps.append(clock.step_time("template"))
             b_steps.append(clock.step_time("hand"))
             step_ratios.append(a_steps[-1] / b_steps[-1])
@@ -355,8 +364,9 @@ def bench_training(works: list[Workload], scratch: Path) -> list[Row]:
             median(a_steps), median(b_steps), "s", ratio, "A/B", "<= 1.03",
             ratio <= 1.03, work.reps,
             note=f"same final weights as train.py: {'yes' if identical else 'NO'}; "
-                 f"{work.epochs} epoch(s) per repetition, steps interleaved; "
-                 f"{perf() - started:.0f} s",
+                 f"{work.epochs} epoch(s) per repetition, steps interleaved; each epoch's "
+                 f"first step (not counted) took {fmt_seconds(median(first_extra))} longer "
+                 f"in train.py; {perf() - started:.0f} s",
             a_all=a_steps, b_all=b_steps, ratio_all=step_ratios))
         if work.dataloader:
             speedup = median(speedups)
@@ -366,8 +376,49 @@ def bench_training(works: list[Workload], scratch: Path) -> list[Row]:
                 median(a_epochs), median(c_epochs), "s", speedup, "B/A speed-up", target,
                 speedup >= 3 if target == ">= 3" else None, work.reps,
                 a_all=a_epochs, b_all=c_epochs, ratio_all=speedups))
+        if work.dataloader:
+            rows.append(batches_only(work, root))
         print(f"  {work.name}: {perf() - started:.0f} s", flush=True)
     return rows
+
+
+def batches_only(work: Workload, root: Path) -> Row:
+    """The data side alone: an epoch of the template's Batches vs of the DataLoader, no model
+    (per-sample Python in the DataLoader is what index batching removes)."""
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from engine.batches import Batches
+
+    cfg = workload_cfg(work, root, "unused")
+    data = instantiate(cfg.data)
+    split = data.split("train")
+    batches = Batches(split, data.batch_size, torch.device("cpu"), shuffle=True, seed=cfg.seed)
+    loader = DataLoader(TensorDataset(split.x, split.y), batch_size=data.batch_size,
+                        shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    epochs = 50 if len(split) < 1000 else 5
+
+    def timed_epochs(make: Callable[[int], Iterable]) -> Callable[[int], float]:
+        def run(rep: int) -> float:
+            times = []
+            for epoch in range(epochs):
+                start = perf()
+                for _ in make(epoch):
+                    pass
+                times.append(perf() - start)
+            return median(times)
+        return run
+
+    reps = max(3, work.reps)
+    runs = alternate({"template": timed_epochs(batches), "loader": timed_epochs(
+        lambda epoch: loader)}, reps)
+    speedups = [c / a for a, c in zip(runs["template"], runs["loader"], strict=True)]
+    return Row("2", f"batches only (no model), {work.name}", "Batches (index)",
+               "DataLoader(TensorDataset)", median(runs["template"]), median(runs["loader"]),
+               "s", median(speedups), "B/A speed-up", "(none)", None, reps,
+               note="an epoch of batches with no training step: the part of the epoch the "
+                    "template's batching controls",
+               a_all=runs["template"], b_all=runs["loader"], ratio_all=speedups)
 
 
 # ---------------------------------------------------------------------- 3-5: checkpoints
@@ -684,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                 works.append(Workload(
                     "VGG16 32x32", ["experiment=vgg16_cifar10"], epochs=1,
                     reps=args.reps or 2, dataloader=False,
-                    data={"_target_": "benchmarks.synthetic.RandomImages", "train_size": 128,
+                    data={"_target_": "benchmarks.synthetic.RandomImages", "train_size": 224,
                           "val_size": 32, "image_size": 32, "in_channels": 3,
                           "num_classes": 10, "batch_size": 32}))
             keys = {"linear regression": "linear", "digits CNN": "digits",
