@@ -6,8 +6,8 @@ Everything in it is a tensor, number, string or plain container, so
 `torch.load(path, weights_only=True)` reads it without this project.
 
 Integrity: torch.save writes a zip whose every record carries a CRC-32. torch.load does not
-check those CRCs, so `verify()` does, with the standard library's zipfile; a truncated file
-fails earlier, when its zip directory is missing.
+check those CRCs, so `verify()` does (zipfile reads the directory, zlib checks each record
+through a memory map); a truncated file fails earlier, when its zip directory is missing.
 """
 
 from __future__ import annotations
@@ -156,9 +156,10 @@ def verify(path: Path) -> None:
 
 
 def _first_bad_record(handle, archive: zipfile.ZipFile) -> str | None:
-    """archive.testzip(), 2-3x faster: torch.save stores records uncompressed, so each one's
-    CRC-32 is computed by zlib straight from a memory map of the file, with no copies. The
-    offsets come from zipfile's parsing of the central directory (zip64 included)."""
+    """archive.testzip() without its copies (0.32 s instead of 0.43 s for 1 GiB here):
+    torch.save stores records uncompressed, so each one's CRC-32 is computed by zlib straight
+    from a memory map of the file. The offsets come from zipfile's parsing of the central
+    directory (zip64 included)."""
     size = os.fstat(handle.fileno()).st_size
     with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         view = memoryview(mapped)
