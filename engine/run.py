@@ -181,7 +181,8 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
-                  resumed.get("saved_files") if resumed else None)
+                  resumed.get("saved_files") if resumed else None,
+                  background=bool(cfg.checkpoint.get("async", False)))
     return run_dir, saver, resumed, source
 
 
