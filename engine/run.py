@@ -253,7 +253,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
 
 
 _IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",
-                    "trainer.max_time"}
+                    "trainer.max_time", "checkpoint.root"}
 
 
 def _warn_config_changes(saved: dict, cfg: DictConfig) -> None:
