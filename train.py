@@ -38,7 +38,6 @@ from engine.runtime import autocast, seed_everything, set_deterministic
 def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
     device = ddp.setup_distributed(cfg)  # torchrun: join the process group, cuda:LOCAL_RANK
-    run_dir, saver, resumed = open_run(cfg, device)
     set_deterministic(cfg.trainer.deterministic)
     seed_everything(cfg.seed + ddp.rank())  # own dropout stream per rank; DDP syncs the weights
 
@@ -55,6 +54,9 @@ def train(cfg: DictConfig) -> dict:
     train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
                             seed=cfg.seed, **loader_args, **ddp.rank_args())
     val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
+
+    # Only now, with data and model known to build, touch the run directory.
+    run_dir, saver, resumed = open_run(cfg, device)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
