@@ -19,7 +19,6 @@ from engine.cli import check_command_line
 from engine.config import validate_inference
 from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
-from engine.metrics import evaluate as evaluate_split
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -28,15 +27,16 @@ def evaluate(cfg: DictConfig) -> dict:
     data, model, device = loaded.data, loaded.model, loaded.device
     classification = data.task == "classification"
     batches = Batches(data.split(cfg.split), data.batch_size, device)
-    metrics = {f"{cfg.split}_{k}": v for k, v in
-               evaluate_split(model, batches, loss_for(loaded), classification).items()}
-    metrics.update(samples=len(data.split(cfg.split)), source=str(loaded.source))
+    with torch.inference_mode():  # one pass: the metrics and the plot use the same outputs
+        outputs, targets = _predict_all(model, batches)
+        metrics = {f"{cfg.split}_loss": float(loss_for(loaded)(outputs, targets))}
+    if classification:
+        metrics[f"{cfg.split}_acc"] = float((outputs.argmax(1) == targets).float().mean())
+    metrics.update(samples=len(targets), source=str(loaded.source))
 
     stem = loaded.source / "eval" if loaded.source.is_dir() else \
         loaded.source.with_name(loaded.source.stem + "_eval")
     out = Path(cfg.output) if cfg.output else stem.with_suffix(".json")
-    with torch.inference_mode():
-        outputs, targets = _predict_all(model, batches)
     if classification:
         plot = _confusion_matrix(outputs.argmax(1), targets, data.num_classes, stem)
     else:
@@ -50,6 +50,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def _predict_all(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
     outputs, targets = [], []
     for x, y in batches:
         outputs.append(model(x).float().cpu())
