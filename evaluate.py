@@ -19,6 +19,7 @@ from engine.cli import check_command_line
 from engine.config import validate_inference
 from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
+from engine.outputs import check_output, is_eval_json, is_png, write_atomic
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -26,6 +27,7 @@ def evaluate(cfg: DictConfig) -> dict:
     loaded = load_for_inference(cfg)
     data, model, device = loaded.data, loaded.model, loaded.device
     classification = data.task == "classification"
+    out, stem = _output_paths(cfg, loaded.source)
     batches = Batches(data.split(cfg.split), data.batch_size, device)
     with torch.inference_mode():  # one pass: the metrics and the plot use the same outputs
         outputs, targets = _predict_all(model, batches)
@@ -34,19 +36,41 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics[f"{cfg.split}_acc"] = float((outputs.argmax(1) == targets).float().mean())
     metrics.update(samples=len(targets), source=str(loaded.source))
 
-    stem = loaded.source / "eval" if loaded.source.is_dir() else \
-        loaded.source.with_name(loaded.source.stem + "_eval")
-    out = Path(cfg.output) if cfg.output else stem.with_suffix(".json")
     if classification:
         plot = _confusion_matrix(outputs.argmax(1), targets, data.num_classes, stem)
     else:
         train = Batches(data.split("train"), data.batch_size, device)
         plot = _regression_plot(train, batches, outputs, stem)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out, lambda handle: handle.write(json.dumps(metrics, indent=2) + "\n"))
     print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"wrote {out} and {plot}")
     return metrics
+
+
+def _output_paths(cfg: DictConfig, source: Path) -> tuple[Path, Path]:
+    """The metrics JSON (output=, default next to the checkpoint) and the stem of its plot,
+    beside it. Checked before any work: never a checkpoint, export, metrics.csv or config.yaml,
+    nor the file being read."""
+    if cfg.output:
+        out = Path(str(cfg.output))
+        stem = out.with_suffix("")
+    else:
+        stem = source / "eval" if source.is_dir() else source.with_name(source.stem + "_eval")
+        out = stem.with_suffix(".json")
+    check_output(out, is_eval_json, "an evaluate.py metrics JSON", reads=(source,))
+    return out, stem
+
+
+def _save_plot(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        check_output(path, is_png, "a PNG plot", name=f"plot {path} (beside output=)")
+        fig.tight_layout()
+        write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100),
+                     binary=True)
+    finally:
+        plt.close(fig)
 
 
 def _predict_all(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +100,7 @@ def _confusion_matrix(pred: torch.Tensor, target: torch.Tensor, classes: int,
     ax.set_ylabel("true")
     ax.set_title(f"accuracy {float(matrix.diag().sum() / matrix.sum()):.3f}")
     path = stem.with_name(stem.name + "_confusion.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_plot(fig, path)
     return path
 
 
@@ -98,9 +120,7 @@ def _regression_plot(train, test, predictions: torch.Tensor, stem: Path) -> Path
     ax.scatter(test_x[:, -1], predictions[:, 0], s=14, c="r", marker="x", label="predictions")
     ax.legend()
     path = stem.with_name(stem.name + "_predictions.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_plot(fig, path)
     return path
 
 

@@ -21,6 +21,7 @@ from engine.cli import check_command_line
 from engine.config import validate_inference
 from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference
+from engine.outputs import check_output, is_predictions_csv
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -31,6 +32,9 @@ def predict(cfg: DictConfig) -> Path:
     source = Path(str(cfg.input))
     if not source.exists():
         raise UserError(f"input={source}: no such file or folder")
+    ckpt = cfg.get("ckpt") or cfg.get("weights")
+    check_output(output, is_predictions_csv, "a predict.py CSV",
+                 reads=(source, Path(str(ckpt)) if ckpt else None))
     loaded = load_for_inference(cfg)
     names, inputs = loaded.data.predict_inputs(source)
     _check_features(loaded.model, inputs, source)

@@ -31,6 +31,7 @@ from engine.run import (
     open_run,
     pin_memory_for,
     restore_checkpoint,
+    write_run_config,
 )
 from engine.runtime import autocast, seed_everything, set_deterministic
 
@@ -59,6 +60,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir, saver, resumed = open_run(cfg, device)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
+    write_run_config(run_dir, cfg)  # only now, with the checkpoint accepted
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -400,7 +400,11 @@ def _set_aside(paths: list[Path], why: str) -> None:
         while aside.exists():
             n += 1
             aside = path.with_name(f"{path.name}.corrupt.{n}")
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as err:  # a read-only folder: say what was wrong with the file too
+            raise UserError(f"{path}: {why}; cannot set it aside as {aside.name} "
+                            f"({err.strerror or err})") from None
         moved.append(aside.name)
     links = f" (and its links {', '.join(moved[1:])})" if len(moved) > 1 else ""
     warnings.warn(f"skipped {paths[0]}: {why}; kept it as {moved[0]}{links}", stacklevel=3)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from data.base import Split, TensorSplit
-from engine.errors import UserError
+from engine.errors import UserError, user_error_in
 from engine.runtime import resolve_device
 
 T = TypeVar("T")
@@ -225,7 +225,7 @@ def on_main(fn: Callable[[], T]) -> T:
         try:
             box[0] = ("ok", fn())
         except BaseException as err:
-            box[0] = ("user" if isinstance(err, UserError) else "crash",
+            box[0] = ("user" if user_error_in(err) is not None else "crash",
                       f"{type(err).__name__}: {err}")
             dist.broadcast_object_list(box, src=0)
             raise

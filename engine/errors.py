@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -63,12 +64,32 @@ def _debug(cfg: Any) -> bool:
 
 def user_error_in(err: BaseException) -> UserError | None:
     """The UserError behind `err`: itself, or the cause that a wrapper (hydra's instantiate)
-    raised it from."""
-    seen = 0
+    raised it from; or a disk's refusal (read-only, full, no permission), as one line."""
+    first, seen = err, 0
     while err is not None and seen < 20:
         if isinstance(err, UserError):
             return err
         err, seen = err.__cause__, seen + 1
+    disk = _disk_error_in(first)
+    return UserError(disk) if disk else None
+
+
+# What the file system answers, not a bug: read-only, full, no permission, I/O error, ...
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO,
+               errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EMLINK,
+               errno.ETXTBSY, errno.EBUSY}
+
+
+def _disk_error_in(err: BaseException | None) -> str | None:
+    """'PATH: strerror' for an OSError of DISK_ERRNOS in `err` or what it wraps (torch
+    reports a failed write as a RuntimeError whose context is the OSError)."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+            where = " -> ".join(names) or "a write"
+            return f"{where}: {err.strerror or os.strerror(err.errno)}"
+        err, seen = err.__cause__ or err.__context__, seen + 1
     return None
 
 

@@ -8,8 +8,10 @@ the model with `hydra.utils.instantiate`, with no class definition in the user's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 import yaml
 
-from engine.errors import UserError
+from engine.errors import UserError, one_line, user_error_in
+from engine.outputs import check_export_dir, write_atomic
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 KEPT = ("data", "model", "loss", "seed")
@@ -31,18 +34,27 @@ def is_export(path: Path) -> bool:
 
 
 def export(state_dict: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path) -> Path:
-    """Write both files, each atomically (temporary file + rename)."""
+    """Write both files, each atomically (temporary file + rename), never into a run folder's
+    own files; a read-only or full disk is one line naming the file."""
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_export_dir(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     keep = {k: config[k] for k in KEPT if k in config}
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "config": json.dumps(keep)})
-    os.replace(tmp, out_dir / WEIGHTS)
-    tmp = out_dir / f".{CONFIG}.tmp"
-    tmp.write_text(yaml.safe_dump(keep, sort_keys=False))
-    os.replace(tmp, out_dir / CONFIG)
+    tmp = out_dir / f".{WEIGHTS}.{os.getpid()}.tmp"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": "pt", "config": json.dumps(keep)})
+        os.replace(tmp, out_dir / WEIGHTS)
+    except Exception as err:  # an OSError, or safetensors' own error wrapping one
+        io = re.search(r"I/O error: (.*?)(?: \(os error \d+\)|$)", str(err))
+        if not isinstance(err, OSError) and io is None:
+            raise
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) else io.group(1)
+        raise UserError(f"{out_dir / WEIGHTS}: cannot write ({reason})") from None
+    write_atomic(out_dir / CONFIG, lambda out: out.write(yaml.safe_dump(keep, sort_keys=False)))
     return out_dir
 
 
@@ -88,6 +100,9 @@ if __name__ == "__main__":
     try:
         out = Path(sys.argv[2]) if len(sys.argv) == 3 else None
         print(f"exported to {export_checkpoint(Path(sys.argv[1]), out)}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # bad input or a disk's refusal: one line, exit 2
+        user = user_error_in(err)
+        if user is None:
+            raise
+        print(f"error: {one_line(user)}", file=sys.stderr)
         sys.exit(2)

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import torch
 
 from engine.distributed import rank_zero_only
+from engine.errors import UserError
+from engine.outputs import write_atomic
 
 
 @rank_zero_only
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file from the checkpoint's history (atomic): after a resume the CSV
     holds exactly the epochs the model state has seen, none duplicated, none missing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as out:
+    def write(out) -> None:
         if rows:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
+
+    write_atomic(path, write)  # a full disk: one line, no temporary left
 
 
 @rank_zero_only
@@ -33,8 +34,11 @@ def append_csv(path: Path, row: dict) -> None:
     if new:
         writer.writeheader()
     writer.writerow(row)
-    with open(path, "a", newline="") as out:
-        out.write(buffer.getvalue())
+    try:
+        with open(path, "a", newline="") as out:
+            out.write(buffer.getvalue())
+    except OSError as err:  # resume=auto rewrites the file from the checkpoint's history
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 @rank_zero_only
@@ -55,8 +59,10 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
 
 
 @torch.inference_mode()

@@ -36,6 +36,7 @@ from engine.distributed import (
     world_size,
 )
 from engine.errors import UserError
+from engine.outputs import write_atomic
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
 
@@ -178,12 +179,18 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: write_run_config, once accepted
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None,
                   background=bool(cfg.checkpoint.get("async", False)))
     return run_dir, saver, resumed, source
+
+
+def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
+    """config.yaml, written (atomically, on rank 0) only once the checkpoint has been restored:
+    a resume refused for weights or state that do not fit leaves the run folder as it was."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    on_main(lambda: write_atomic(run_dir / "config.yaml", lambda out: out.write(text)))
 
 
 def pin_memory_for(data: Any, device: torch.device) -> bool:
