@@ -32,12 +32,11 @@ def predict(cfg: DictConfig) -> Path:
     source = Path(str(cfg.input))
     if not source.exists():
         raise UserError(f"input={source}: no such file or folder")
-    ckpt = cfg.get("ckpt") or cfg.get("weights")
-    check_output(output, is_predictions_csv, "a predict.py CSV",
-                 reads=(source, Path(str(ckpt)) if ckpt else None))
     loaded = load_for_inference(cfg)
     names, inputs = loaded.data.predict_inputs(source)
     _check_features(loaded.model, inputs, source)
+    check_output(output, is_predictions_csv, "a predict.py CSV",
+                 reads=(source, loaded.source))  # refused before the model runs
     outputs = []
     with torch.inference_mode():
         for chunk in inputs.split(int(cfg.batch_size)):
