@@ -178,6 +178,8 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
+        if not inside:  # that run's best.pt stays in its folder: this folder picks its own
+            resumed["best"] = None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
