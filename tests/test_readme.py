@@ -81,8 +81,10 @@ def runnable(command: str) -> str | None:
         args = re.search(r"ARGS=(\"[^\"]*\"|'[^']*'|\S+)", rest)
         extra = shlex.split(args.group(1))[0] if args else ""
         return f"{python} train.py resume=auto {extra}"  # the Makefile's train recipe
-    # `python` / `python3` where a command starts (also after && ; | and in $( ... )).
-    return re.sub(r"(^|[;&|(]\s*)python3?(?=\s)", lambda m: m.group(1) + python, command)
+    # `python`, `python3`, `.venv/bin/python` where a command starts (also after && ; | and
+    # in $( ... )).
+    return re.sub(r"(^|[;&|(]\s*)(?:\.venv/bin/)?python3?(?=\s)",
+                  lambda m: m.group(1) + python, command)
 
 
 def scratch_copy(dest: Path) -> Path:
@@ -100,15 +102,26 @@ def scratch_copy(dest: Path) -> Path:
     return dest
 
 
-def _failure(where: str, command: str, result: subprocess.CompletedProcess) -> str:
-    return (f"{where} failed with exit code {result.returncode}:\n    {command}\n"
-            f"--- stdout (end)\n{result.stdout[-3000:]}\n--- stderr (end)\n{result.stderr[-3000:]}")
+def _run(args: list[str], cwd: Path, env: dict, where: str, shown: str) -> None:
+    """Run one README command; on failure say which line, the command and its output."""
+    try:
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) \
+            else err.stdout or ""
+        pytest.fail(f"{where} did not finish in {COMMAND_TIMEOUT} s:\n    {shown}\n"
+                    f"--- stdout (end)\n{out[-3000:]}", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(f"{where} failed with exit code {result.returncode}:\n    {shown}\n"
+                    f"--- stdout (end)\n{result.stdout[-3000:]}\n--- stderr (end)\n"
+                    f"{result.stderr[-3000:]}", pytrace=False)
 
 
 def test_readme_blocks_are_parsed():
     """The parser itself: fences, continuations, comments, make and python rewriting."""
-    text = "x\n```bash\n# note\nmake train\nmake test\npython a.py \\\n  b=1 && python3 c.py\n```\n" \
-           "```text\npython nope.py\n```\n```python\nprint(1)\n```\n"
+    text = ("x\n```bash\n# note\nmake train\nmake test\npython a.py \\\n  b=1 && python3 c.py\n"
+            "```\n```text\npython nope.py\n```\n```python\nprint(1)\n```\n")
     blocks = readme_blocks(text)
     assert [(b.lang, b.line) for b in blocks] == [("bash", 2), ("text", 9), ("python", 12)]
     commands = bash_commands(blocks[0])
@@ -133,11 +146,9 @@ def test_readme_runs_in_order(tmp_path):
         if block.lang == "python":
             script = tmp_path / f"readme_line_{block.line}.py"
             script.write_text("\n".join(text for _, text in block.lines) + "\n")
+            where = f"README.md ```python block at line {block.line}"
             started = time.perf_counter()
-            result = subprocess.run([sys.executable, str(script)], cwd=work, env=env,
-                                    capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-            assert result.returncode == 0, _failure(
-                f"README.md ```python block at line {block.line}", script.read_text(), result)
+            _run([sys.executable, str(script)], work, env, where, script.read_text())
             timings.append((time.perf_counter() - started, f"python block at line {block.line}"))
             ran += 1
             continue
@@ -145,15 +156,21 @@ def test_readme_runs_in_order(tmp_path):
             line = runnable(command)
             if line is None:
                 continue
+            where = f"README.md line {number} (```bash block at line {block.line})"
             started = time.perf_counter()
-            result = subprocess.run(["bash", "-c", f"set -o pipefail\n{line}"], cwd=work,
-                                    env=env, capture_output=True, text=True,
-                                    timeout=COMMAND_TIMEOUT)
-            assert result.returncode == 0, _failure(
-                f"README.md line {number} (```bash block at line {block.line})", command, result)
+            _run(["bash", "-c", f"set -o pipefail\n{line}"], work, env, where, command)
             timings.append((time.perf_counter() - started, f"line {number}: {command[:70]}"))
             ran += 1
     print("README commands, slowest first (pytest -s shows this):")
     for seconds, what in sorted(timings, reverse=True):
         print(f"  {seconds:6.1f} s  {what}")
     assert ran >= 10, f"only {ran} README commands ran: are the blocks still labelled ```bash?"
+
+
+def test_a_failing_command_is_reported_with_its_line_and_output(tmp_path):
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _run(["bash", "-c", "echo progress; echo boom >&2; exit 3"], tmp_path, dict(os.environ),
+             "README.md line 7 (```bash block at line 5)", "python train.py x=1")
+    message = str(failed.value)
+    assert message.startswith("README.md line 7 (```bash block at line 5) failed with exit code 3")
+    assert "python train.py x=1" in message and "progress" in message and "boom" in message
