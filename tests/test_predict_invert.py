@@ -49,6 +49,8 @@ def test_black_on_white_digits_need_invert(tmp_path):
     assert "invert=true" not in inverted.stderr, inverted.stderr
     plain_acc = _accuracy(tmp_path / "plain.csv", labels)
     inverted_acc = _accuracy(tmp_path / "inverted.csv", labels)
+    print(f"accuracy on 40 black-on-white drawings: {plain_acc:.3f} as they are, "
+          f"{inverted_acc:.3f} with invert=true")
     assert inverted_acc >= 0.8, (plain_acc, inverted_acc)
     assert plain_acc <= 0.4, (plain_acc, inverted_acc)
 
