@@ -5,6 +5,7 @@
 
 Regression: the input CSV has the data's feature column(s) (x); the output adds `prediction`.
 Classifiers: an image file or a folder of images; the output has file, class, probability.
+invert=true turns black-on-white drawings into the white-on-black digits the model knows.
 Either every input is predicted or the command fails naming the bad input: never a partial CSV.
 """
 
@@ -33,7 +34,13 @@ def predict(cfg: DictConfig) -> Path:
     if not source.exists():
         raise UserError(f"input={source}: no such file or folder")
     loaded = load_for_inference(cfg)
-    names, inputs = loaded.data.predict_inputs(source)
+    if cfg.get("invert"):
+        if loaded.data.task != "classification":
+            raise UserError(f"invert=true: inverts image inputs; {source} is read as CSV "
+                            f"features for a regression model")
+        names, inputs = loaded.data.predict_inputs(source, invert=True)
+    else:
+        names, inputs = loaded.data.predict_inputs(source)
     _check_features(loaded.model, inputs, source)
     check_output(output, is_predictions_csv, "a predict.py CSV",
                  reads=(source, loaded.source))  # refused before the model runs

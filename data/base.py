@@ -56,8 +56,9 @@ class DataModule:
                             f"data.*_fraction settings")
         return split
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
-        """Read a user's input file/folder for predict.py: (row or file names, model inputs)."""
+    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Read a user's input file/folder for predict.py: (row or file names, model inputs).
+        Image modules take `invert` (predict.py's invert=true); others are never given it."""
         raise UserError(f"{type(self).__name__} does not support predict.py inputs")
 
 

@@ -42,6 +42,7 @@ class DigitsData(DataModule):
         self._splits = {name: TensorSplit(x[idx], y[idx]) for name, idx in
                         (("train", train_idx), ("val", val_idx), ("test", test_idx))}
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
-        # Files are white-on-black like the sklearn digits; resized to 8x8 grayscale.
-        return load_images(path, image_transform(8, 1))
+    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
+        # The sklearn digits are light strokes on a dark background: black-on-white drawings
+        # need invert=true (a note says so when most inputs look light); resized to 8x8 gray.
+        return load_images(path, image_transform(8, 1), invert=invert, dark_background=True)

@@ -63,8 +63,8 @@ class ImageFolderData(DataModule):
         self._splits = {name: Subset(full, idx.tolist()) for name, idx in
                         (("train", train_idx), ("val", val_idx), ("test", test_idx))}
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
-        return load_images(path, self.transform)
+    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
+        return load_images(path, self.transform, invert=invert)
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -100,15 +100,42 @@ def read_image(file: Path):
                         f"{': ' + first[:150] if first else ''})") from None
 
 
-def load_images(path: Path, transform) -> tuple[list[str], torch.Tensor]:
-    """All images or a clear error naming the first unreadable file: never a partial batch."""
-    names, tensors = [], []
+def load_images(path: Path, transform, invert: bool = False,
+                dark_background: bool = False) -> tuple[list[str], torch.Tensor]:
+    """All images or a clear error naming the first unreadable file: never a partial batch.
+
+    invert: 255 - value before the transform (dark-on-light drawings for a model trained on
+    light-on-dark images). dark_background: the model was trained on dark backgrounds, so a
+    folder of mostly light-background images without invert gets a note on stderr. A note,
+    not an automatic inversion: the border guess fails on photos or digits touching the edge,
+    and silently changed inputs are worse than a hint."""
+    names, tensors, light = [], [], 0
     for file in list_images(path):
         image = read_image(file)
         try:
+            light += dark_background and _light_border(_gray(image))
+            if invert:
+                from PIL import ImageOps
+
+                image = ImageOps.invert(_rgb(image) if image.mode != "L" else image)
             tensors.append(transform(image))
         except Exception as err:  # a mode the conversion cannot handle
             raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
                             f"{str(err).strip()[:150]})") from None
         names.append(str(file))
+    if dark_background and not invert and light > len(names) / 2:
+        import sys
+
+        print(f"note: {light} of {len(names)} images have a light background, but the model was "
+              f"trained on light strokes on a dark background (white digits on black): pass "
+              f"invert=true if yours are dark on light", file=sys.stderr)
     return names, torch.stack(tensors)
+
+
+def _light_border(gray) -> bool:
+    """The mean of the outermost pixels is above mid-grey: a light background."""
+    import numpy as np
+
+    pixels = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return bool(border.mean() > 127.5)

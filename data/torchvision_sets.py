@@ -71,8 +71,9 @@ class TorchvisionData(DataModule):
         self._splits = {"train": Subset(full_train, train_idx.tolist()),
                         "val": Subset(full_train, val_idx.tolist()), "test": test}
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
-        return load_images(path, self.transform)
+    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
+        return load_images(path, self.transform, invert=invert,
+                           dark_background=self.dataset in ("MNIST", "FashionMNIST"))
 
 
 def _files_exist(dataset) -> bool:

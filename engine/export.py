@@ -94,12 +94,31 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, state
 
 
+def _parse_args(argv: list[str] | None = None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.export",
+        description="Export a train.py checkpoint's model for deployment: a folder with\n"
+                    "model.safetensors (tensors only: loading it runs no code) and config.yaml\n"
+                    "(the data/model/loss sections that rebuild the model). evaluate.py and\n"
+                    "predict.py take the folder as ckpt=.",
+        epilog="examples:\n"
+               "  python -m engine.export checkpoints/digits_cnn/best.pt\n"
+               "  python -m engine.export checkpoints/digits_cnn/epoch_0010.pt exports/digits\n"
+               "  python predict.py ckpt=exports/digits input=my_digits/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a train.py checkpoint file (.pt)")
+    parser.add_argument("out_dir", type=Path, nargs="?", default=None,
+                        help="export folder (default: the checkpoint's path without .pt, "
+                             "e.g. best.pt -> best/)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m engine.export CHECKPOINT [OUT_DIR]")
+    args = _parse_args()  # --help prints usage and exits 0; a wrong argument count exits 2
     try:
-        out = Path(sys.argv[2]) if len(sys.argv) == 3 else None
-        print(f"exported to {export_checkpoint(Path(sys.argv[1]), out)}")
+        print(f"exported to {export_checkpoint(args.checkpoint, args.out_dir)}")
     except Exception as err:  # bad input or a disk's refusal: one line, exit 2
         user = user_error_in(err)
         if user is None:

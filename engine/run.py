@@ -137,7 +137,7 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     on rank 0 only, and every rank waits for each save to finish."""
     if not is_distributed():
         run_dir, saver, resumed, _ = _open_run_dir(cfg, device)
-        return run_dir, saver, resumed
+        return run_dir, saver, _own_best(cfg, run_dir, resumed)
     opened: dict[str, Any] = {}
 
     def on_rank0() -> tuple[Path, str | None]:
@@ -146,11 +146,21 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
 
     run_dir, source = on_main(on_rank0)
     if is_main():
-        return run_dir, MainOnly(opened["saver"]), opened["resumed"]
-    resumed = load_on_rank(source, device) if source else None
+        return run_dir, MainOnly(opened["saver"]), _own_best(cfg, run_dir, opened["resumed"])
+    resumed = _own_best(cfg, run_dir, load_on_rank(source, device) if source else None)
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None)
     return run_dir, MainOnly(saver), resumed
+
+
+def _own_best(cfg: DictConfig, run_dir: Path, resumed: dict | None) -> dict | None:
+    """resume=PATH from another run's folder: that run's best.pt stays there, so this folder
+    picks its own (else a run whose epochs never beat it would end with no best.pt). On
+    every rank alike, so they agree on each best save."""
+    if resumed and str(cfg.resume) != "auto" and \
+            Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
+        resumed["best"] = None
+    return resumed
 
 
 def _open_run_dir(cfg: DictConfig, device: torch.device

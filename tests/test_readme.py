@@ -1,0 +1,176 @@
+"""The README is a tested artifact (issue 9.11): its ```bash and ```python blocks run in order,
+as a user would follow them, in a scratch copy of the repository.
+
+Conventions for README.md:
+- ```bash: commands a user runs, in order, from the repository root. Each line (with `\\`
+  continuations) runs on its own with bash; `python` is this interpreter, `make train` is the
+  command the Makefile runs, other make targets are skipped (`make test` is this suite).
+- ```python: snippets a user copies; each runs as a script at its place in the order.
+- ```text and unlabelled blocks are not run: output samples, and commands that cannot run here
+  (a GPU, a cluster, the internet, a user's own paths).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+RUN = ("bash", "python")
+SKIPPED_MAKE = {"test", "bench", "lint", "setup", "clean"}
+COMMAND_TIMEOUT = 600
+
+
+@dataclass
+class Block:
+    lang: str
+    line: int  # line number of the opening fence
+    lines: list[tuple[int, str]]  # (line number, text)
+
+
+def readme_blocks(text: str) -> list[Block]:
+    blocks, current = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        fence = re.match(r"^\s*```\s*([\w+-]*)", line)
+        if current is None and fence:
+            current = Block(fence.group(1).lower(), number, [])
+        elif current is not None and line.strip().startswith("```"):
+            blocks.append(current)
+            current = None
+        elif current is not None:
+            current.lines.append((number, line))
+    assert current is None, f"README.md: the block opened at line {current.line} is not closed"
+    return blocks
+
+
+def bash_commands(block: Block) -> list[tuple[int, str]]:
+    """One (first line number, command) per command: `\\` continuations joined, blank lines and
+    whole-line comments dropped."""
+    commands, pending, start = [], "", 0
+    for number, line in block.lines:
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        start = start if pending else number
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        commands.append((start, pending + line))
+        pending = ""
+    assert not pending, f"README.md line {start}: a `\\` continuation runs off the block"
+    return commands
+
+
+def runnable(command: str) -> str | None:
+    """The command for this checkout's interpreter, or None for a make target to skip."""
+    python = shlex.quote(sys.executable)
+    make = re.match(r"^\s*make\s+(\w+)(.*)$", command)
+    if make:
+        target, rest = make.groups()
+        if target in SKIPPED_MAKE:
+            return None
+        assert target == "train", f"unknown make target in README: {command}"
+        args = re.search(r"ARGS=(\"[^\"]*\"|'[^']*'|\S+)", rest)
+        extra = shlex.split(args.group(1))[0] if args else ""
+        return f"{python} train.py resume=auto {extra}"  # the Makefile's train recipe
+    # `python`, `python3`, `.venv/bin/python` where a command starts (also after && ; | and
+    # in $( ... )).
+    return re.sub(r"(^|[;&|(]\s*)(?:\.venv/bin/)?python3?(?=\s)",
+                  lambda m: m.group(1) + python, command)
+
+
+def scratch_copy(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked and new, not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"git ls-files failed: {listed.stderr.strip()}")
+    for name in filter(None, listed.stdout.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+def _run(args: list[str], cwd: Path, env: dict, where: str, shown: str) -> None:
+    """Run one README command; on failure say which line, the command and its output."""
+    try:
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) \
+            else err.stdout or ""
+        pytest.fail(f"{where} did not finish in {COMMAND_TIMEOUT} s:\n    {shown}\n"
+                    f"--- stdout (end)\n{out[-3000:]}", pytrace=False)
+    if result.returncode != 0:
+        pytest.fail(f"{where} failed with exit code {result.returncode}:\n    {shown}\n"
+                    f"--- stdout (end)\n{result.stdout[-3000:]}\n--- stderr (end)\n"
+                    f"{result.stderr[-3000:]}", pytrace=False)
+
+
+def test_readme_blocks_are_parsed():
+    """The parser itself: fences, continuations, comments, make and python rewriting."""
+    text = ("x\n```bash\n# note\nmake train\nmake test\npython a.py \\\n  b=1 && python3 c.py\n"
+            "```\n```text\npython nope.py\n```\n```python\nprint(1)\n```\n")
+    blocks = readme_blocks(text)
+    assert [(b.lang, b.line) for b in blocks] == [("bash", 2), ("text", 9), ("python", 12)]
+    commands = bash_commands(blocks[0])
+    assert [n for n, _ in commands] == [4, 5, 6]
+    assert runnable(commands[1][1]) is None
+    python = shlex.quote(sys.executable)
+    assert runnable(commands[0][1]) == f"{python} train.py resume=auto "
+    assert runnable(commands[2][1]) == f"{python} a.py    b=1 && {python} c.py"
+
+
+@pytest.mark.slow
+def test_readme_runs_in_order(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    work = scratch_copy(tmp_path / "repo")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("HYDRA_FULL_ERROR", "PYTHONPATH", "ENGINE_FAULT"):
+        env.pop(key, None)
+    ran, timings = 0, []
+    for block in readme_blocks(readme):
+        if block.lang not in RUN:
+            continue
+        if block.lang == "python":
+            script = tmp_path / f"readme_line_{block.line}.py"
+            script.write_text("\n".join(text for _, text in block.lines) + "\n")
+            where = f"README.md ```python block at line {block.line}"
+            started = time.perf_counter()
+            _run([sys.executable, str(script)], work, env, where, script.read_text())
+            timings.append((time.perf_counter() - started, f"python block at line {block.line}"))
+            ran += 1
+            continue
+        for number, command in bash_commands(block):
+            line = runnable(command)
+            if line is None:
+                continue
+            where = f"README.md line {number} (```bash block at line {block.line})"
+            started = time.perf_counter()
+            _run(["bash", "-c", f"set -o pipefail\n{line}"], work, env, where, command)
+            timings.append((time.perf_counter() - started, f"line {number}: {command[:70]}"))
+            ran += 1
+    print("README commands, slowest first (pytest -s shows this):")
+    for seconds, what in sorted(timings, reverse=True):
+        print(f"  {seconds:6.1f} s  {what}")
+    assert ran >= 10, f"only {ran} README commands ran: are the blocks still labelled ```bash?"
+
+
+def test_a_failing_command_is_reported_with_its_line_and_output(tmp_path):
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _run(["bash", "-c", "echo progress; echo boom >&2; exit 3"], tmp_path, dict(os.environ),
+             "README.md line 7 (```bash block at line 5)", "python train.py x=1")
+    message = str(failed.value)
+    assert message.startswith("README.md line 7 (```bash block at line 5) failed with exit code 3")
+    assert "python train.py x=1" in message and "progress" in message and "boom" in message
