@@ -257,7 +257,6 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
     if lacking:  # e.g. an Adam state loaded into SGD: its first step would fail
         raise UserError(f"{source}: optimizer state is not {type(optimizer).__name__}'s (no "
                         f"{lacking[:4]} in its param_groups); check optimizer=")
-    applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
     if tutorial:
         fresh = [k for k in ("optimizer_state_dict", "global_step", "rng_state", "history",
                              "best", "config") if k not in state]
@@ -269,7 +268,8 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
                   f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
                   f"{epoch + 1}")
             print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
-    else:
+    applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
+    if not tutorial:
         _warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
     if rng is not None:
