@@ -18,8 +18,10 @@ small grammar) and afterwards that the graph calls only torch operators.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import operator
 import os
 import re
@@ -87,8 +89,9 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, config: dict[str, 
     try:
         model = model.cpu().eval()
         batch = torch.export.Dim("batch")
-        program = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
-        torch.export.save(program, tmp, extra_files={"config.json": json.dumps(keep)})
+        with _quiet_torch():
+            program = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
+            torch.export.save(program, tmp, extra_files={"config.json": json.dumps(keep)})
         os.replace(tmp, path)
         return path
     except Exception as err:  # any tracing failure: the export is optional
@@ -97,6 +100,18 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, config: dict[str, 
         print(f"warning: {path}: torch.export failed, no .pt2 written ({type(err).__name__}: "
               f"{first}); the safetensors export is kept", file=sys.stderr)
         return None
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs and prints pages of tracing detail on failure: the one-line
+    message says enough."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 # Records torch.export.save writes for a plain model; anything else (AOTInductor libraries,
@@ -186,7 +201,8 @@ def load_pt2(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     try:
         check_pt2(path)
         extra = {"config.json": ""}
-        program = torch.export.load(path, extra_files=extra)
+        with _quiet_torch():
+            program = torch.export.load(path, extra_files=extra)
         config = json.loads(extra["config.json"] or "{}")
     except UserError:
         raise
