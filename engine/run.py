@@ -295,7 +295,7 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
     changes: list[str] = []
     group0 = optimizer.param_groups[0]
     saved_opt = (saved or {}).get("optimizer") or {}
-    for key, value in cfg.optimizer.items():
+    for key, value in (cfg.get("optimizer") or {}).items():
         key = str(key)
         if key.startswith("_") or key not in group0:
             continue
