@@ -286,6 +286,7 @@ def test_warm_start_from_initial_weights(tmp_path, compose, kind):
     assert torch.allclose(best["model_state_dict"]["weights"], torch.tensor([0.7]))
 
 
+@pytest.mark.slow
 def test_warm_start_strict_false_skips_a_new_head(tmp_path):
     """The tutorial's warm start: a 5-class model's weights into the 10-class digits CNN."""
     model_a = digits_model(classes=5)
