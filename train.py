@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from engine import distributed as ddp
 from engine.batches import Batches
-from engine.checkpoint import step_faults
+from engine.checkpoint import load_state_dict_file, step_faults
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
@@ -46,6 +46,10 @@ def train(cfg: DictConfig) -> dict:
     ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
     check_monitor(cfg, data.task)
     model = build(cfg.model, "model").to(device)
+    if cfg.weights:  # warm start: a new run from the weights in a file (strict=false: what fits)
+        load_state_dict_file(model, Path(str(cfg.weights)), cfg.strict is not False,
+                             cfg.weights_key)
+        print(f"initial weights from {cfg.weights}")
     loss_fn = build(cfg.loss, "loss")
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scheduler = build(cfg.scheduler, "scheduler")(optimizer) if cfg.get("scheduler") else None
@@ -165,7 +169,10 @@ def train(cfg: DictConfig) -> dict:
     stop.restore()
     plot_losses(progress.history, run_dir / "loss_curve.png")
     if cfg.checkpoint.export:  # deployment copy of best.pt: safetensors + config.yaml
-        exported = export_checkpoint(run_dir / "best.pt", run_dir / "export")
+        pt2 = cfg.checkpoint.export_pt2  # + model.pt2 (torch.export), opt-in: seconds to trace
+        example = next(iter(val_batches))[0][:2] if pt2 else None
+        exported = export_checkpoint(run_dir / "best.pt", run_dir / "export",
+                                     raw_model if pt2 else None, example)
         print(f"exported best weights to {exported}")
     final = progress.history[-1]
     print(f"done: {run_dir}/last.pt, best.pt (best {cfg.checkpoint.monitor} "

@@ -237,7 +237,8 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
         if found:  # a class or function reference: loading it would run code
             raise UserError(f"{path}: refused: the file holds objects other than tensors and "
                             f"plain containers, which could run code when loaded (it names "
-                            f"{found.group(1)})") from None
+                            f"{found.group(1)}){_whole_model_advice(found.group(1))}"
+                            ) from None
         if "weights only load failed" in str(err).lower():  # torch's advice is not for us
             detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
             raise UserError(f"{path}: not a readable checkpoint (the weights-only loader "
@@ -248,13 +249,25 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
         raise UserError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
 
 
+def _whole_model_advice(name: str) -> str:
+    """`torch.save(model, PATH)` pickles the model's class (`__main__.Net`, a torch.nn
+    class): say how to get a weights-only file instead. Functions (`posix.system`) get none."""
+    if not name.rsplit(".", 1)[-1][:1].isupper():
+        return ""
+    return ("; if it is a whole model saved with torch.save(model, PATH), save "
+            "model.state_dict() instead, or convert it where its class is defined and you "
+            "trust the file: torch.save(torch.load(PATH, weights_only=False).state_dict(), "
+            "'weights.pt'), then use weights=weights.pt")
+
+
 # Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
+# `loss` may be a tensor: the tutorials save the last batch's loss tensor (read as a float).
 CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
     "epoch": (int,), "global_step": (int,), "step_in_epoch": (int,),
     "optimizer_state_dict": (dict,), "scheduler_state_dict": (dict, type(None)),
     "scaler_state_dict": (dict, type(None)), "rng_state": (dict,), "history": (list,),
     "config": (dict,), "best": (dict, type(None)), "epoch_step_losses": (torch.Tensor,),
-    "loss": (int, float, type(None)), "saved_files": (list,),
+    "loss": (int, float, type(None), torch.Tensor), "saved_files": (list,),
 }
 
 
@@ -271,6 +284,11 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
             raise UserError(f"{path}: key {key!r} should be {names}, "
                             f"got {type(value).__name__}")
+    if isinstance(state.get("loss"), torch.Tensor):  # a tutorial's `loss` tensor
+        if state["loss"].numel() != 1 or not state["loss"].is_floating_point():
+            raise UserError(f"{path}: key 'loss' should be a number or a one-element float "
+                            f"tensor, got a tensor of shape {tuple(state['loss'].shape)}")
+        state["loss"] = float(state["loss"])
     return state
 
 
@@ -285,17 +303,58 @@ def check_state_dict(state: Any, path: Path | str, what: str = "state_dict") -> 
                             f"got {type(value).__name__}")
 
 
-def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True) -> list[str]:
-    """Load a bare state_dict (tutorial `torch.save(model.state_dict(), ...)`) or the
-    `model_state_dict` of a checkpoint into `model`."""
-    state = load_file(path)
-    if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
-        state = state["model_state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
-                        f"{type(state).__name__}")
-    check_state_dict(state, path)
+def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
+                         key: str | None = None) -> list[str]:
+    """Load weights into `model` from a bare state_dict (tutorial
+    `torch.save(model.state_dict(), ...)`), a checkpoint's `model_state_dict`, an export
+    folder, or the entry `key` of a file with several models (tutorial
+    `torch.save({'modelA_state_dict': ..., 'modelB_state_dict': ...}, PATH)`)."""
+    path = Path(path)
+    from engine.export import is_export, load_export
+
+    if is_export(path):
+        state = load_export(path)[1]
+        if key is not None:
+            raise UserError(f"weights_key={key}: {path} is an export folder with one model; "
+                            f"drop weights_key")
+    else:
+        state = pick_state_dict(load_file(path), path, key)
     return load_model_state(model, state, path, strict=strict)
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> dict:
+    """The model weights in a loaded file: the file itself (a bare state_dict), its
+    `model_state_dict` (a general checkpoint), or `obj[key]`. A file holding several models
+    and no `key` is refused with their names: guessing would load the wrong one."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
+                        f"{type(obj).__name__}")
+    # Optimizer states ({'state', 'param_groups'}) are not dicts of tensors: never candidates.
+    candidates = [k for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v)]
+    if key is not None:
+        if key not in obj:
+            raise UserError(f"weights_key={key}: not in {path}; model state_dicts there: "
+                            f"{candidates or 'none'}")
+        state = obj[key]
+    elif _is_state_dict(obj) or not obj:
+        state = obj
+    elif "model_state_dict" in obj:
+        state = obj["model_state_dict"]
+    elif len(candidates) == 1:
+        state = obj[candidates[0]]
+    elif candidates:
+        raise UserError(f"{path}: holds several models {candidates}; pick one with "
+                        f"weights_key=NAME")
+    else:
+        raise UserError(f"{path}: no model state_dict in it (keys {_short(list(obj))}); "
+                        f"expected names -> tensors, or a checkpoint with 'model_state_dict'")
+    check_state_dict(state, path, f"{key}" if key else "state_dict")
+    return state
 
 
 def load_model_state(model: nn.Module, state: dict, source: Path | str,
@@ -331,6 +390,10 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
     except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{source}: weights do not fit the model ({first[:300]})") from None
+    if problems and 2 * len(matching) < len(own):  # mostly random: an error, not a model
+        raise UserError(f"{source}: strict=false would load only {len(matching)} of {len(own)} "
+                        f"tensors (fewer than half); expected keys {_short(list(own))}, found "
+                        f"{_short(list(state))}; check model=/data= or the file")
     if problems:
         print(f"warning: {source}: strict=false loaded {len(matching)} of {len(own)} tensors; "
               f"not loaded (left as initialised): {'; '.join(problems)}", file=sys.stderr)

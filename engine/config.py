@@ -79,6 +79,10 @@ def validate_train(cfg: DictConfig) -> None:
                                              and trainer.max_time > 0):
         raise UserError(f"trainer.max_time={trainer.max_time!r}: expected seconds > 0 or null")
     resolve_device(trainer.device)
+    _check_weights_keys(cfg)
+    if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
+        raise UserError(f"weights={cfg.weights} starts a new run and resume={cfg.resume} "
+                        f"continues one: give only one of them")
     root = Path(str(ckpt.root))
     if root.exists() and not root.is_dir():
         raise UserError(f"checkpoint.root={root}: exists and is not a folder")
@@ -110,6 +114,7 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
     for key in TARGET_SECTIONS:
         if cfg.get(key) is not None:
             check_target_section(cfg[key], key)
+    _check_weights_keys(cfg)
     _positive_int(cfg.get("batch_size"), "batch_size", allow_none=script == "evaluate")
     if "split" in cfg and cfg.split not in ("train", "val", "test"):
         raise UserError(f"split={cfg.split!r}: expected train, val or test")
@@ -120,6 +125,19 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
     output = cfg.get("output")
     if output is not None and Path(str(output)).is_dir():
         raise UserError(f"output={output}: is a folder; expected a file name")
+
+
+def _check_weights_keys(cfg: DictConfig) -> None:
+    """strict= and weights_key= only mean something with weights=."""
+    strict = cfg.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise UserError(f"strict={strict!r}: expected true or false")
+    key = cfg.get("weights_key")
+    if key is not None and not cfg.get("weights"):
+        raise UserError(f"weights_key={key}: only used with weights=PATH (a file with several "
+                        f"models)")
+    if key is not None and not isinstance(key, str):
+        raise UserError(f"weights_key={key!r}: expected the name of an entry of the file")
 
 
 def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:

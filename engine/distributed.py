@@ -305,14 +305,14 @@ def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any,
         if shares and len(shares) == saved_world:
             mine = shares[rank()]
             return mine["rng_state"], mine["epoch_step_losses"], step
-        return checkpoint["rng_state"], checkpoint.get("epoch_step_losses"), step
+        return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
     if is_main():
         warnings.warn(f"the checkpoint was written by {saved_world} process(es), this run has "
                       f"{world_size()}: each process now sees other samples, so the result "
                       f"will not match an uninterrupted run"
                       + (f"; epoch {int(checkpoint['epoch']) + 1} restarts from its first "
                          f"batch" if step else ""), stacklevel=3)
-    rng = checkpoint["rng_state"] if is_main() else None
+    rng = checkpoint.get("rng_state") if is_main() else None
     if step:
         return rng, None, 0
     return rng, checkpoint.get("epoch_step_losses"), step

@@ -38,14 +38,18 @@ def _build(section: Any, what: str, source: Path):
 def load_for_inference(cfg: DictConfig) -> Loaded:
     device = resolve_device(cfg.get("device", "auto"))
     ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
+    program = None
     if bool(ckpt) == bool(weights):
         raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
                         "or weights=PATH (a bare state_dict, with model=... data=...)")
     if ckpt:
         source = Path(str(ckpt))
-        from engine.export import is_export, load_export
+        from engine.export import is_export, load_export, load_pt2
 
-        if is_export(source):
+        if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
+            program, saved = load_pt2(source)
+            state = None
+        elif is_export(source):
             saved, state = load_export(source)
         elif source.is_dir():
             raise UserError(f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
@@ -83,15 +87,18 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         state = None
     if cfg.get("batch_size"):
         config.data.batch_size = int(cfg.batch_size)
+    data = _build(config.data, "data", source)
+    if program is not None:
+        model = program.to(device)  # exported in eval mode; .eval() is not supported on it
+        return Loaded(model=model, data=data, config=config, source=source, device=device)
     if "weights" in config.model:  # never re-import pretrained weights over trained ones
         config.model.weights = None
-    data = _build(config.data, "data", source)
     model = _build(config.model, "model", source)
     strict = bool(cfg.get("strict", True))
     if state is not None:
         load_model_state(model, state, source, strict=strict)
     else:
-        load_state_dict_file(model, source, strict=strict)
+        load_state_dict_file(model, source, strict=strict, key=cfg.get("weights_key"))
     model.to(device).eval()
     return Loaded(model=model, data=data, config=config, source=source, device=device)
 

@@ -198,7 +198,8 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
     """config.yaml, written (atomically, on rank 0) only once the checkpoint has been restored:
-    a resume refused for weights or state that do not fit leaves the run folder as it was."""
+    a resume refused for weights or state that do not fit leaves the run folder as it was, and
+    it records the values that run (optimizer overrides applied on resume included)."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
     on_main(lambda: write_atomic(run_dir / "config.yaml", lambda out: out.write(text)))
 
@@ -247,8 +248,16 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         return Progress()
     source = f"checkpoint (epoch {state.get('epoch')})"
     load_model_state(model, state["model_state_dict"], source)
+    # A tutorial's general checkpoint (no format_version): its `epoch` is the 0-based index of
+    # the last finished loop (`for epoch in range(N)`; the tutorials resume at epoch + 1).
+    tutorial = "format_version" not in state
+    epoch = state.get("epoch", -1 if tutorial else 0)
+    if not isinstance(epoch, int) or epoch < (-1 if tutorial else 0):
+        raise UserError(f"{source}: key 'epoch' should be an integer >= 0, got {epoch!r}")
+    epoch = epoch + 1 if tutorial else epoch
     try:
-        optimizer.load_state_dict(state["optimizer_state_dict"])
+        if "optimizer_state_dict" in state or not tutorial:
+            optimizer.load_state_dict(state["optimizer_state_dict"])
         if scheduler is not None and state.get("scheduler_state_dict") is not None:
             scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler.is_enabled() and state.get("scaler_state_dict") is not None:
@@ -256,29 +265,95 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
                         f"({err}); check optimizer=/scheduler= overrides") from None
-    _warn_config_changes(state.get("config") or {}, cfg)
+    lacking = [k for k in optimizer.defaults if k not in optimizer.param_groups[0]]
+    if lacking:  # e.g. an Adam state loaded into SGD: its first step would fail
+        raise UserError(f"{source}: optimizer state is not {type(optimizer).__name__}'s (no "
+                        f"{lacking[:4]} in its param_groups); check optimizer=")
+    if tutorial:
+        fresh = [k for k in ("optimizer_state_dict", "global_step", "rng_state", "history",
+                             "best", "config") if k not in state]
+        if scheduler is not None and state.get("scheduler_state_dict") is None:
+            fresh.append("scheduler_state_dict")
+        if is_main():
+            print(f"resume: a general checkpoint (no format_version): its epoch "
+                  f"{state.get('epoch', 'key (absent)')} is read as the tutorials' 0-based "
+                  f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
+                  f"{epoch + 1}")
+            print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
+    applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
+    if not tutorial:
+        _warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
     if rng is not None:
         set_rng_state(rng)
     best = state.get("best") or {}
     return Progress(
-        epoch=int(state["epoch"]), step_in_epoch=step_in_epoch,
+        epoch=epoch, step_in_epoch=step_in_epoch,
         global_step=int(state.get("global_step", 0)),
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
         history=list(state.get("history") or []), best_value=best.get("value"),
         best_epoch=best.get("epoch"))
 
 
+def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig) -> set[str]:
+    """After a restore, make the optimizer/scheduler run with the config's values where they
+    differ from the checkpoint's (`resume=auto optimizer.lr=0.04`): loading a state would
+    otherwise silently bring the old ones back. Returns the keys changed, printed in one line.
+
+    The checkpoint's values come from its saved config; a tutorial file has none, so its
+    optimizer's param_groups are compared instead. A changed lr rescales the scheduled lr
+    (and the scheduler's base_lrs), so the schedule goes on from where it was."""
+    saved = state.get("config") if isinstance(state.get("config"), dict) else None
+    changes: list[str] = []
+    group0 = optimizer.param_groups[0]
+    saved_opt = (saved or {}).get("optimizer") or {}
+    for key, value in (cfg.get("optimizer") or {}).items():
+        key = str(key)
+        if key.startswith("_") or key not in group0:
+            continue
+        before = saved_opt.get(key) if saved is not None else group0.get(
+            "initial_lr", group0[key]) if key == "lr" else group0[key]
+        if before is None or before == value:
+            continue
+        for group in optimizer.param_groups:
+            if key == "lr":
+                base = group.get("initial_lr", group["lr"])
+                group["lr"] = group["lr"] * value / base if base else value
+                if "initial_lr" in group:
+                    group["initial_lr"] = value
+            else:
+                group[key] = value
+        if key == "lr" and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [value for _ in optimizer.param_groups]
+        changes.append(f"optimizer.{key} {before} -> {value}")
+    saved_sched = (saved or {}).get("scheduler") or {}
+    if scheduler is not None and state.get("scheduler_state_dict") is not None:
+        for key, value in (cfg.get("scheduler") or {}).items():
+            key = str(key)
+            # T_max follows trainer.epochs, which the resume checks handle on their own.
+            if key.startswith("_") or key == "T_max" or not hasattr(scheduler, key):
+                continue
+            before = saved_sched.get(key)
+            if before is not None and before != value:
+                setattr(scheduler, key, value)
+                changes.append(f"scheduler.{key} {before} -> {value}")
+    if changes and is_main():
+        lr = f" (lr now {group0['lr']:.4g})" if scheduler is not None and any(
+            c.startswith("optimizer.lr") for c in changes) else ""
+        print(f"resume: applied config changes to the restored state: {', '.join(changes)}{lr}")
+    return {c.split(" ", 1)[0] for c in changes}
+
+
 _IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",
-                    "trainer.max_time", "checkpoint.root"}
+                    "trainer.max_time", "checkpoint.root", "weights", "strict", "weights_key"}
 
 
-def _warn_config_changes(saved: dict, cfg: DictConfig) -> None:
+def _warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     before = _flatten(saved)
     changed = sorted(k for k in now.keys() | before.keys()
                      if now.get(k) != before.get(k) and k not in _IGNORED_CHANGES
-                     and not k.endswith("T_max"))
+                     and k not in ignore and not k.endswith("T_max"))
     if changed:
         warnings.warn(f"resuming with a config that differs from the checkpoint's in "
                       f"{changed[:8]}: the result will not match an uninterrupted run",

@@ -9,7 +9,8 @@ from torch import nn
 class QuadraticModel(nn.Module):
     def __init__(self, in_features: int = 2) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, 1)
+        # The tutorial's name (`layer`), so its checkpoint-N.pt and model_state_dict.pt load.
+        self.layer = nn.Linear(in_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        return self.layer(x)

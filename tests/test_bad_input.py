@@ -128,7 +128,7 @@ def test_resume_from_a_checkpoint_of_another_architecture(root):
     cfg = compose("train", [f"checkpoint.root={root}", "run_name=other_arch",
                             "experiment=quadratic_csv", f"resume={root / 'lin' / 'best.pt'}"])
     raises_user_error(train_script.train, cfg, needles=(
-        "weights do not fit", "missing keys [linear.weight, linear.bias]",
+        "weights do not fit", "missing keys [layer.weight, layer.bias]",
         "unexpected keys [weights, bias]"))
     assert snapshot(root / "lin") == before
     assert not list((root / "other_arch").glob("*.pt"))

@@ -35,7 +35,7 @@ def test_linear_regression_many_features():
 
 def test_quadratic_is_linear_on_two_features():
     model = QuadraticModel()
-    assert list(model.state_dict()) == ["linear.weight", "linear.bias"]
+    assert list(model.state_dict()) == ["layer.weight", "layer.bias"]
     assert model(torch.rand(4, 2)).shape == (4, 1)
 
 

@@ -179,13 +179,13 @@ def test_folder_that_is_not_an_export(tmp_path):
 # ---------------------------------------------------------------- architecture mismatch
 
 def test_weights_of_another_architecture(run, tmp_path):
-    """linear_regression's keys (weights, bias) into quadratic (linear.weight, linear.bias):
+    """linear_regression's keys (weights, bias) into quadratic (layer.weight, layer.bias):
     every key is named; small_cnn with other num_classes: the shapes are named."""
     weights = tmp_path / "model_weights.pth"
     torch.save(torch.load(run / "best.pt", weights_only=True)["model_state_dict"], weights)
     cfg = compose("evaluate", [f"weights={weights}", "model=quadratic", "data=quadratic_csv"])
     message = raises_user_error(evaluate_script.evaluate, cfg, needles=(
-        weights.name, "missing keys", "linear.weight", "linear.bias", "unexpected keys",
+        weights.name, "missing keys", "layer.weight", "layer.bias", "unexpected keys",
         "[weights, bias]", "strict=false"))
     assert "shape" not in message
 
