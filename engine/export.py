@@ -70,6 +70,12 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{config_path}: not valid YAML ({first})") from None
+    from engine.checkpoint import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, _TooBig, expanded_size
+
+    try:  # YAML aliases load as shared references: an alias bomb is small until walked
+        expanded_size(config, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH)
+    except _TooBig as err:
+        raise UserError(f"{config_path}: refused: {err}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config.get("data"), dict):
         raise UserError(f"{config_path}: expected 'model' and 'data' sections")
@@ -84,7 +90,8 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m engine.export CHECKPOINT [OUT_DIR]")
+        print("error: usage: python -m engine.export CHECKPOINT [OUT_DIR]", file=sys.stderr)
+        sys.exit(2)
     try:
         out = Path(sys.argv[2]) if len(sys.argv) == 3 else None
         print(f"exported to {export_checkpoint(Path(sys.argv[1]), out)}")

@@ -236,13 +236,19 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
             scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler.is_enabled() and state.get("scaler_state_dict") is not None:
             scaler.load_state_dict(state["scaler_state_dict"])
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
         raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
                         f"({err}); check optimizer=/scheduler= overrides") from None
+    _check_optimizer_state(optimizer, source)
     _warn_config_changes(state.get("config") or {}, cfg)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
+    _check_step_in_epoch(step_in_epoch, data, source)
     if rng is not None:
-        set_rng_state(rng)
+        try:  # load_checkpoint checked shapes and ranges; a generator may still refuse it
+            set_rng_state(rng)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+            raise UserError(f"{source}: rng_state cannot be restored "
+                            f"({str(err).strip().splitlines()[0][:160]})") from None
     best = state.get("best") or {}
     return Progress(
         epoch=int(state["epoch"]), step_in_epoch=step_in_epoch,
@@ -250,6 +256,34 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
         history=list(state.get("history") or []), best_value=best.get("value"),
         best_epoch=best.get("epoch"))
+
+
+def _check_optimizer_state(optimizer, source: str) -> None:
+    """Per-parameter optimizer buffers (momentum, ...) must have their parameter's shape:
+    load_state_dict does not check, and the first step would fail with a traceback."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if (isinstance(value, torch.Tensor) and value.dim() > 0
+                        and value.shape != param.shape):
+                    raise UserError(f"{source}: optimizer state {name!r} has shape "
+                                    f"{list(value.shape)}, its parameter {list(param.shape)}; "
+                                    f"the checkpoint does not fit this model")
+
+
+def _check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
+    """Now the data is known: a saved mid-epoch position must lie inside an epoch."""
+    if not step_in_epoch:
+        return
+    try:
+        samples, batch = len(data.split("train")), int(data.batch_size)
+    except (AttributeError, TypeError):  # not a DataModule (a test double): nothing to check
+        return
+    per_rank = math.ceil(samples / world_size())  # as engine.batches.Batches
+    steps = math.ceil(per_rank / batch)
+    if step_in_epoch >= steps:
+        raise UserError(f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data "
+                        f"has {steps} batches; the checkpoint does not fit data.*")
 
 
 _IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",
