@@ -433,9 +433,12 @@ def check_rng_state(value: Any, state: dict | None = None) -> str | None:
         return "python state holds values outside a Mersenne Twister state"
     if bool((nps["keys"] < 0).any() or (nps["keys"] >= 2**32).any()):
         return "numpy keys hold values outside 32 bits"
-    if (py.get("version") != 3 or not (py.get("gauss") is None or _number(py.get("gauss")))
-            or nps.get("kind") != "MT19937" or not isinstance(nps.get("pos"), int)
-            or not 0 <= nps["pos"] <= 624 or nps.get("has_gauss") not in (0, 1)
+    version, gauss, kind = py.get("version"), py.get("gauss"), nps.get("kind")
+    pos, has_gauss = nps.get("pos"), nps.get("has_gauss")
+    if (not isinstance(version, int) or version != 3 or not (gauss is None or _number(gauss))
+            or not isinstance(kind, str) or kind != "MT19937"
+            or not isinstance(pos, int) or not 0 <= pos <= 624
+            or not isinstance(has_gauss, int) or has_gauss not in (0, 1)
             or not _number(nps.get("cached_gaussian"))):
         return "python/numpy generator settings are not those of a saved state"
     cuda = value.get("cuda")
@@ -517,8 +520,28 @@ def _check_rank_states(value: Any, state: dict) -> str | None:
     return None
 
 
+def _check_plain(value: Any, state: dict | None = None, where: str = "") -> str | None:
+    """A config is what OmegaConf.to_container writes: text keys, plain values, no tensors
+    (depth and size were bounded by check_structure, so this walk is short)."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'top level'}: key {key!r} is not text"
+            problem = _check_plain(child, None, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            problem = _check_plain(child, None, f"{where}[{index}]")
+            if problem:
+                return problem
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        return f"{where}: a {type(value).__name__} is not a config value"
+    return None
+
+
 def _short_repr(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -536,6 +559,8 @@ CHECKPOINT_FIELDS: dict[str, Callable[[Any, dict], str | None]] = {
     "best": _check_best,
     "history": _check_history,
     "saved_files": _check_saved_files,
+    "config": _check_plain,
+    "versions": _check_plain,
 }
 
 

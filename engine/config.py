@@ -505,7 +505,10 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
             cause = cause.__cause__
             if isinstance(cause, UserError):
                 raise cause from None
-        if not isinstance(err.__cause__, (ValueError, TypeError)):
+        # A constructor refusing its arguments is bad input; from a file's config (source)
+        # anything a constructor raises is, since the file chose the arguments.
+        if source is None and not isinstance(err.__cause__, (ValueError, TypeError,
+                                                             RuntimeError, OverflowError)):
             raise
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
         where = f"{source}: " if source else ""

@@ -262,6 +262,18 @@ def _check_optimizer_state(optimizer, source: str) -> None:
     """Per-parameter optimizer buffers (momentum, ...) must have their parameter's shape:
     load_state_dict does not check, and the first step would fail with a traceback."""
     for group in optimizer.param_groups:
+        for key, default in optimizer.defaults.items():  # lr, momentum, ...: same kind
+            value = group.get(key)
+            plain = isinstance(default, bool) or default is None
+            if not plain and isinstance(default, (int, float)) and not (
+                    isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+                    and (not isinstance(value, torch.Tensor) or value.numel() == 1)
+                    and math.isfinite(float(value))):
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value)}: "
+                                f"expected a finite number")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value)}: "
+                                f"expected true or false")
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
                 if (isinstance(value, torch.Tensor) and value.dim() > 0
@@ -269,6 +281,13 @@ def _check_optimizer_state(optimizer, source: str) -> None:
                     raise UserError(f"{source}: optimizer state {name!r} has shape "
                                     f"{list(value.shape)}, its parameter {list(param.shape)}; "
                                     f"the checkpoint does not fit this model")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {list(value.shape)}>"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
