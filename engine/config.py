@@ -102,8 +102,8 @@ MAX_LR = 1e6
 
 def check_required_sections(cfg: DictConfig) -> None:
     """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
-    for key in REQUIRED_SECTIONS:
-        if not isinstance(cfg.get(key), DictConfig):
+    for key in REQUIRED_SECTIONS:  # (a value that is not a section: reported by the walk)
+        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             group = key in config_groups()
             how = f"pick one with {key}=NAME ({', '.join(_group_options(key))})" if group \
                 else "do not delete it"

@@ -234,6 +234,18 @@ def test_malformed_fields_are_one_line(original, tmp_path, case):
     assert_one_line(info.value, path.name, key)
 
 
+def test_mid_epoch_position_beyond_the_epoch_is_refused_once_data_is_known(original,
+                                                                            tmp_path):
+    """1000 losses for 1000 batches pass the file check; this data has 5 batches an epoch."""
+    path = tmp_path / "far.pt"
+    torch.save({**original, "step_in_epoch": 1000, "epoch_step_losses": torch.zeros(1000)},
+               path)
+    load_checkpoint(path)
+    with pytest.raises(UserError) as info:
+        resume_path(path, tmp_path)
+    assert_one_line(info.value, "step_in_epoch=1000", "5 batches")
+
+
 def test_tutorial_checkpoint_with_tensor_loss_still_loads(original, tmp_path):
     """Every key but the tutorial's four is optional; `loss` may be a 0-dim tensor."""
     path = tmp_path / "tutorial.pt"
