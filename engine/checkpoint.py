@@ -476,7 +476,7 @@ def _check_best(value: Any, state: dict) -> str | None:
 
 def _check_history(value: Any, state: dict) -> str | None:
     """The metrics.csv rows: each a mapping of column name to number, the same columns in
-    every row (epoch, train_loss and val_loss at least: the loss plot reads them)."""
+    every row (engine.run checks them against the columns this run writes)."""
     columns = None
     for index, row in enumerate(value):
         if not isinstance(row, dict) or not all(isinstance(k, str) and _number(v)
@@ -484,8 +484,6 @@ def _check_history(value: Any, state: dict) -> str | None:
             return f"entry {index} should map column names to numbers, got {_short_repr(row)}"
         if columns is None:
             columns = list(row)
-            if not {"epoch", "train_loss", "val_loss"} <= set(columns):
-                return f"entry 0 lacks epoch/train_loss/val_loss: {_short_repr(row)}"
         elif list(row) != columns:
             return f"entry {index} has columns {list(row)}, entry 0 has {columns}"
     return None

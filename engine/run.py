@@ -243,6 +243,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
     _warn_config_changes(state.get("config") or {}, cfg)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
     _check_step_in_epoch(step_in_epoch, data, source)
+    _check_history_columns(state.get("history") or [], data, source)
     if rng is not None:
         try:  # load_checkpoint checked shapes and ranges; a generator may still refuse it
             set_rng_state(rng)
@@ -281,6 +282,19 @@ def _check_optimizer_state(optimizer, source: str) -> None:
                     raise UserError(f"{source}: optimizer state {name!r} has shape "
                                     f"{list(value.shape)}, its parameter {list(param.shape)}; "
                                     f"the checkpoint does not fit this model")
+
+
+def _check_history_columns(history: list, data: Any, source: str) -> None:
+    """The saved rows go back into metrics.csv next to the rows this run appends, and into
+    the loss plot: they must have the same columns (train.py's epoch-end row)."""
+    task = getattr(data, "task", None)
+    if not history or task is None:
+        return
+    columns = ["epoch", "step", "train_loss", "val_loss",
+               *(["val_acc"] if task == "classification" else []), "lr"]
+    if list(history[0]) != columns:
+        raise UserError(f"{source}: history rows have columns {list(history[0])}; a "
+                        f"{task} run writes {columns}")
 
 
 def _brief(value: Any) -> str:
