@@ -25,6 +25,14 @@ class TensorSplit:
 Split = TensorSplit | Dataset
 
 
+def max_workers() -> int:
+    """Most DataLoader worker processes a config may ask for: each one is a full copy of
+    the process, so far more than the cores only costs memory (1e6 of them ran out)."""
+    import os
+
+    return 4 * (os.cpu_count() or 1)
+
+
 class DataModule:
     """Base class: subclasses fill `self._splits` in `setup()` with 'train', 'val', 'test'."""
 
@@ -35,6 +43,14 @@ class DataModule:
                  seed: int = 0) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"data.num_workers={num_workers!r}: expected an integer >= 0")
+        if num_workers > max_workers():  # train.py refused this already (engine.config);
+            import sys  # a config saved on a bigger machine is capped here, with a note
+
+            print(f"note: data.num_workers={num_workers} capped to {max_workers()} "
+                  f"(4 per CPU core of this machine)", file=sys.stderr)
+            num_workers = max_workers()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

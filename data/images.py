@@ -41,17 +41,58 @@ def image_transform(image_size: int, in_channels: int, mean: list[float] | None 
         to_channels,
         transforms.Resize((image_size, image_size), antialias=True),
         transforms.ToTensor(),
+        transforms.Lambda(_three_channels if in_channels == 3 else _same),
         transforms.Normalize(mean, std),
     ])
 
 
+# Modes with more than 8 bits per sample: PIL's convert("L"/"RGB") clips them to 0..255
+# (a 16-bit PNG keeps 3 values of 398, a float TIFF in [0, 1] becomes all zeros), so they
+# are scaled by their real range into a float image in [0, 1] instead.
+HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _three_channels(tensor: torch.Tensor) -> torch.Tensor:
+    """A high-bit grayscale image (one float channel) repeated into RGB."""
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+def _unit_float(image):
+    """A 16-bit, 32-bit integer or float grayscale image as a PIL "F" image in [0, 1]:
+    integers by 16-bit range, floats as [0, 1], [0, 255] or [0, 65535] data, whichever
+    holds every pixel. Anything else (negative, beyond 16 bits, NaN) is refused."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(pixels).all():
+        raise UserError(f"image mode {image.mode}: has NaN or infinite pixel values")
+    low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+    if image.mode == "F":
+        scale = next((s for s in (1.0, 255.0, 65535.0) if high <= s), None)
+    else:
+        scale = 65535.0 if high <= 65535 else None
+    if low < 0 or scale is None:
+        raise UserError(f"image mode {image.mode}: pixel values from {low:g} to {high:g} are "
+                        f"not supported (expected 0..65535, or 0..1 for float images)")
+    return Image.fromarray((pixels / scale).astype(np.float32))  # mode F
+
+
 def _rgb(image):
+    if image.mode in HIGH_BIT_MODES:
+        return _unit_float(image)  # one channel; _three_channels repeats it after ToTensor
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _gray(image):
     if image.mode == "L":
         return image
+    if image.mode in HIGH_BIT_MODES:
+        return _unit_float(image)
     try:
         return image.convert("L")
     except ValueError:  # e.g. LAB: PIL converts it to RGB only
@@ -119,6 +160,8 @@ def load_images(path: Path, transform, invert: bool = False,
 
                 image = ImageOps.invert(_rgb(image) if image.mode != "L" else image)
             tensors.append(transform(image))
+        except UserError as err:
+            raise UserError(f"{file}: {err}") from None
         except Exception as err:  # a mode the conversion cannot handle
             raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
                             f"{str(err).strip()[:150]})") from None

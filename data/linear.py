@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ class LinearData(DataModule):
         if num_features != 1:
             raise UserError(f"data.num_features={num_features!r}: data=linear has one feature "
                             f"(x); keep data.num_features=1")
+        _check_range(start, end, step, weight, bias, noise_std)
         self.weight, self.bias, self.noise_std = weight, bias, noise_std
         self.start, self.end, self.step = start, end, step
         self.train_fraction = train_fraction
@@ -39,3 +41,28 @@ class LinearData(DataModule):
 
     def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
         return read_feature_csv(path, ["x"])
+
+
+MAX_SAMPLES = 10_000_000  # x and y as float32: 80 MB; data.step=1e-9 would ask for 1e9
+
+
+def _check_range(start: float, end: float, step: float, weight: float, bias: float,
+                 noise_std: float) -> None:
+    """arange(start, end, step) must be a finite, increasing range of at most MAX_SAMPLES
+    points: checked before any tensor is made."""
+    values = {"start": start, "end": end, "step": step, "weight": weight, "bias": bias,
+              "noise_std": noise_std}
+    for key, value in values.items():
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or abs(value) > 1e30):
+            raise UserError(f"data.{key}={value!r}: expected a finite number")
+    if not step > 0:
+        raise UserError(f"data.step={step!r}: expected a number > 0")
+    if not end > start:
+        raise UserError(f"data.start={start!r}, data.end={end!r}: expected start < end")
+    if noise_std < 0:
+        raise UserError(f"data.noise_std={noise_std!r}: expected a number >= 0")
+    samples = math.ceil((end - start) / step)
+    if samples > MAX_SAMPLES:
+        raise UserError(f"data.start={start}, data.end={end}, data.step={step}: {samples:.3g} "
+                        f"samples; a synthetic data set may have at most {MAX_SAMPLES:,}")

@@ -31,6 +31,7 @@ class QuadraticCSVData(DataModule):
     def setup(self) -> None:
         cols = read_numeric_columns(self.path, [self.x_column, self.y_column])
         x, y = quadratic_features(cols[self.x_column]), cols[self.y_column].unsqueeze(1)
+        _check_squares(x, self.path, self.x_column)
         train_idx, test_idx = seeded_split(len(x), [self.train_fraction,
                                                     1 - self.train_fraction], self.seed)
         test = TensorSplit(x[test_idx], y[test_idx])
@@ -39,5 +40,16 @@ class QuadraticCSVData(DataModule):
 
     def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
         cols = read_numeric_columns(path, [self.x_column])
-        x = cols[self.x_column]
-        return [str(i) for i in range(len(x))], quadratic_features(x)
+        x = quadratic_features(cols[self.x_column])
+        _check_squares(x, path, self.x_column)
+        return [str(i) for i in range(len(x))], x
+
+
+def _check_squares(features: torch.Tensor, path: Path, column: str) -> None:
+    """x fits float32 but x**2 may not (|x| > 1.8e19): refuse, naming the row."""
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise UserError(f"{path}: data row {row + 1}, column {column!r}: "
+                        f"{float(features[row, 1]):g} squared overflows float32; expected "
+                        f"|x| <= 1.8e19")

@@ -8,6 +8,8 @@ import torch
 
 from engine.errors import UserError
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torch.Tensor]:
     """The named columns as float32 tensors. Every failure is one line naming the file (and
@@ -43,13 +45,16 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
     for col in columns:
         text = frame[col].astype(str).str.strip()
         values = pd.to_numeric(text, errors="coerce")
-        bad = values.isna() | ~values.abs().lt(float("inf"))
+        # Beyond float32's range a finite text value (1e39) would become inf in the tensor.
+        bad = values.isna() | ~values.abs().le(FLOAT32_MAX)
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             cell = text.iloc[row]
             what = "an empty cell (or a short row)" if cell == "" else repr(cell)
+            limit = " within float32 range (|x| <= 3.4e38)" if values.iloc[row] == values.iloc[
+                row] and abs(values.iloc[row]) < float("inf") else ""
             raise UserError(f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
-                            f"{col!r}: expected a finite number, got {what}")
+                            f"{col!r}: expected a finite number{limit}, got {what}")
         out[col] = torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
     return out
 

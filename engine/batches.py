@@ -80,8 +80,31 @@ class Batches:
         # mid-epoch resume would shift the dropout stream.
         loader = DataLoader(self.split, batch_sampler=[b.tolist() for b in batch_sampler],
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed),
+                            worker_init_fn=die_with_parent if self.num_workers else None)
         non_blocking = self.device.type == "cuda"
         for x, y in loader:
             yield (x.to(self.device, non_blocking=non_blocking),
                    y.to(self.device, non_blocking=non_blocking))
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """In a DataLoader worker: ask Linux to kill this worker when its parent dies (even by
+    SIGKILL or the OOM killer, when PyTorch's own cleanup never runs), so no worker
+    outlives the run. A no-op where prctl does not exist."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    import os
+
+    if os.getppid() == 1:  # the parent died before the call: follow it now
+        os._exit(1)

@@ -60,6 +60,24 @@ def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
         return _compose(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_explain(err, config_name, list(overrides))) from None
+    except (ValueError, TypeError) as err:  # `=5`, `data=[1,2]`, `loss=null`: Hydra's own bugs
+        raise UserError(_culprit(config_name, list(overrides), err)) from None
+
+
+def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
+    """Name the override that Hydra failed on with a plain exception (it does not say)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for override in overrides:
+        try:
+            _compose(config_name, [override])
+        except Exception:  # noqa: BLE001 - this one fails alone: it is the culprit
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in _groups():
+                options = ", ".join(_group_options(key.lstrip("+~")))
+                return (f"{override}: {value!r} is not one of the {key.lstrip('+~')} "
+                        f"choices; valid options: {options}")
+            return f"{override}: cannot apply this override ({first})"
+    return f"{' '.join(overrides)}: cannot apply these overrides ({first})"
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -129,6 +147,10 @@ def _explain(err: Exception, config_name: str, overrides: list[str]) -> str:
         return f"{first} Remove the + prefix to change it"
     if first.startswith("Could not delete from config"):
         return first
+    deleted = [o for o in overrides if o.startswith("~")]
+    if deleted and "not in struct" in str(cause or err):
+        return (f"{deleted[0]}: cannot delete {deleted[0][1:].split('=')[0]!r}: train, "
+                f"evaluate and predict need it")
     detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() \
         else ""
     return f"{first} ({detail})" if detail else first

@@ -45,11 +45,13 @@ def _positive_int(value, key: str, allow_none: bool = False) -> None:
 
 def validate_train(cfg: DictConfig) -> None:
     """Everything train.py needs to know is right before it opens the run directory."""
+    check_required_sections(cfg)
     resolve_all(cfg)
     check_fixed_sections(cfg, "train")
     for key in TARGET_SECTIONS:
         if cfg.get(key) is not None:
             check_target_section(cfg[key], key)
+    check_limits(cfg)
     trainer, ckpt = cfg.trainer, cfg.checkpoint
     _positive_int(trainer.epochs, "trainer.epochs")
     _positive_int(ckpt.every_n_epochs, "checkpoint.every_n_epochs")
@@ -92,6 +94,120 @@ def validate_train(cfg: DictConfig) -> None:
         run_dir_for(root, cfg.run_name)
 
 
+# ------------------------------------------------------------------- limits (all scripts)
+# Upper and lower bounds on what a config may ask for, checked before any work: values that
+# pass the type checks but would overflow, divide by zero, or exhaust the machine.
+# (Kept apart from the schema walk above, which structured configs will replace.)
+REQUIRED_SECTIONS = ("trainer", "checkpoint", "data", "model", "loss", "optimizer")
+MAX_SEED = 2**32 - 1  # NumPy's seed range; the batch order multiplies the seed further
+MAX_BATCH = 1 << 24
+MAX_LR = 1e6
+
+
+def check_required_sections(cfg: DictConfig) -> None:
+    """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
+    for key in REQUIRED_SECTIONS:  # (a value that is not a section: reported by the walk)
+        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
+            group = key in config_groups()
+            how = f"pick one with {key}=NAME ({', '.join(_group_options(key))})" if group \
+                else "do not delete it"
+            raise UserError(f"{key}: a required section is missing or null; {how}")
+    for key in TARGET_SECTIONS:
+        section = cfg.get(key)
+        if isinstance(section, DictConfig) and len(section) and "_target_" not in section:
+            raise UserError(f"{key}: the section has no _target_ (was its group deleted with "
+                            f"~{key}?); pick one with {key}=NAME "
+                            f"({', '.join(_group_options(key))})")
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _finite(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def check_limits(cfg: DictConfig) -> None:
+    """Ranges of the keys every script shares: seed, batch size, workers, classes,
+    learning rate, scheduler periods; and that `data`/`model` name the right kind of
+    object. Only keys present are checked."""
+    from data.base import max_workers
+
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_SEED):
+        raise UserError(f"seed={seed!r}: expected an integer from 0 to {MAX_SEED}")
+    data = cfg.get("data")
+    if isinstance(data, DictConfig):
+        batch = data.get("batch_size")
+        if isinstance(batch, int) and not isinstance(batch, bool) and batch > MAX_BATCH:
+            raise UserError(f"data.batch_size={batch}: expected at most {MAX_BATCH}")
+        workers = data.get("num_workers")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                    or not 0 <= workers <= max_workers()):
+            raise UserError(f"data.num_workers={workers!r}: expected an integer from 0 to "
+                            f"{max_workers()} (4 per CPU core of this machine)")
+        classes = data.get("num_classes")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                    or not 1 <= classes <= 1_000_000):
+            raise UserError(f"data.num_classes={classes!r}: expected an integer from 1 to "
+                            f"1000000")
+    optimizer = cfg.get("optimizer")
+    if isinstance(optimizer, DictConfig):
+        lr = optimizer.get("lr")
+        if lr is not None and not (_finite(lr) and 0 < lr <= MAX_LR):
+            raise UserError(f"optimizer.lr={lr!r}: expected a number > 0 and <= {MAX_LR:g}")
+        for key in ("momentum", "weight_decay"):
+            value = optimizer.get(key)
+            if value is not None and not (_finite(value) and 0 <= value <= MAX_LR):
+                raise UserError(f"optimizer.{key}={value!r}: expected a finite number >= 0")
+    scheduler = cfg.get("scheduler")
+    if isinstance(scheduler, DictConfig):
+        for key in ("step_size", "T_max"):
+            value = scheduler.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise UserError(f"scheduler.{key}={value!r}: expected an integer >= 1")
+        for key in ("gamma", "eta_min"):
+            value = scheduler.get(key)
+            if value is not None and not (_finite(value) and value >= 0):
+                raise UserError(f"scheduler.{key}={value!r}: expected a finite number >= 0")
+    for key in ("data", "model"):
+        if isinstance(cfg.get(key), DictConfig):
+            check_target_kind(cfg[key], key)
+
+
+def check_target_kind(section: DictConfig, key: str, source: str = "") -> None:
+    """`data` must name a concrete DataModule, `model` an nn.Module class or a builder
+    function (the abstract data.base.DataModule is neither)."""
+    import torch
+
+    from data.base import DataModule
+
+    target = section.get("_target_")
+    if target is None:
+        return
+    try:
+        obj = locate(str(target))
+    except Exception:  # check_target_section reports import errors
+        return
+    where = f"{source}: " if source else ""
+    if key == "data":
+        if not (inspect.isclass(obj) and issubclass(obj, DataModule)
+                and obj.setup is not DataModule.setup):
+            raise UserError(f"{where}data._target_={target}: expected a data module (a "
+                            f"subclass of data.base.DataModule that implements setup())")
+    elif key == "model":
+        if inspect.isclass(obj) and not issubclass(obj, torch.nn.Module) or not callable(obj) \
+                or (inspect.isclass(obj) and issubclass(obj, DataModule)):
+            raise UserError(f"{where}model._target_={target}: expected a torch.nn.Module class "
+                            f"or a function that builds one")
+
+
 def check_monitor(cfg: DictConfig, task: str) -> None:
     """checkpoint.monitor must be a metric this task logs (val_acc only for classifiers)."""
     valid = METRICS.get(task)
@@ -116,6 +232,7 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
             check_target_section(cfg[key], key)
     _check_weights_keys(cfg)
     _positive_int(cfg.get("batch_size"), "batch_size", allow_none=script == "evaluate")
+    check_limits(cfg)
     if "split" in cfg and cfg.split not in ("train", "val", "test"):
         raise UserError(f"split={cfg.split!r}: expected train, val or test")
     try:
@@ -406,7 +523,10 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
             cause = cause.__cause__
             if isinstance(cause, UserError):
                 raise cause from None
-        if not isinstance(err.__cause__, (ValueError, TypeError)):
+        # A constructor refusing its arguments is bad input; from a file's config (source)
+        # anything a constructor raises is, since the file chose the arguments.
+        if source is None and not isinstance(err.__cause__, (ValueError, TypeError,
+                                                             RuntimeError, OverflowError)):
             raise
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
         where = f"{source}: " if source else ""

@@ -260,6 +260,12 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{config_path}: not valid YAML ({first})") from None
+    from engine.checkpoint import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, _TooBig, expanded_size
+
+    try:  # YAML aliases load as shared references: an alias bomb is small until walked
+        expanded_size(config, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH)
+    except _TooBig as err:
+        raise UserError(f"{config_path}: refused: {err}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config.get("data"), dict):
         raise UserError(f"{config_path}: expected 'model' and 'data' sections")
@@ -275,7 +281,12 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def _parse_args(argv: list[str] | None = None):
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message: str):  # the project's one-line errors, not usage + error
+            self.exit(2, f"error: {message}; usage: python -m engine.export CHECKPOINT "
+                         f"[OUT_DIR] (--help for more)\n")
+
+    parser = OneLineParser(
         prog="python -m engine.export",
         description="Export a train.py checkpoint's model for deployment: a folder with\n"
                     "model.safetensors (tensors only: loading it runs no code) and config.yaml\n"

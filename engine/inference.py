@@ -17,7 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import load_checkpoint, load_model_state, load_state_dict_file
-from engine.config import build, check_loaded_targets, check_target_section
+from engine.config import (
+    build,
+    check_loaded_targets,
+    check_target_kind,
+    check_target_section,
+)
 from engine.errors import UserError
 from engine.runtime import resolve_device
 
@@ -62,12 +67,18 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                                 f"evaluate it with weights={source} model=... data=...")
         # The file's config names the classes to build: only project/torch.nn ones.
         kept = {k: saved.get(k) for k in ("data", "model", "loss", "seed")}
+        for key in ("data", "model"):
+            if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
+                raise UserError(f"{source}: saved config: {key} has no _target_ naming what "
+                                f"to build")
         check_loaded_targets(kept, source)
         try:
             config = OmegaConf.create(kept)
             for key in ("data", "model", "loss"):
                 if config.get(key) is not None:
                     check_target_section(config[key], key)
+                    if key != "loss":
+                        check_target_kind(config[key], key)
         except UserError as err:
             raise UserError(f"{source}: saved config: {err}") from None
         except Exception as err:  # omegaconf's errors on odd keys/values: one line

@@ -262,7 +262,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
             scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler.is_enabled() and state.get("scaler_state_dict") is not None:
             scaler.load_state_dict(state["scaler_state_dict"])
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
         raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
                         f"({err}); check optimizer=/scheduler= overrides") from None
     lacking = [k for k in optimizer.defaults if k not in optimizer.param_groups[0]]
@@ -280,12 +280,19 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
                   f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
                   f"{epoch + 1}")
             print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
+    _check_optimizer_state(optimizer, source)
     applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
     if not tutorial:
         _warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
+    _check_step_in_epoch(step_in_epoch, data, source)
+    _check_history_columns(state.get("history") or [], data, source)
     if rng is not None:
-        set_rng_state(rng)
+        try:  # load_checkpoint checked shapes and ranges; a generator may still refuse it
+            set_rng_state(rng)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+            raise UserError(f"{source}: rng_state cannot be restored "
+                            f"({str(err).strip().splitlines()[0][:160]})") from None
     best = state.get("best") or {}
     return Progress(
         epoch=epoch, step_in_epoch=step_in_epoch,
@@ -342,6 +349,66 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
             c.startswith("optimizer.lr") for c in changes) else ""
         print(f"resume: applied config changes to the restored state: {', '.join(changes)}{lr}")
     return {c.split(" ", 1)[0] for c in changes}
+
+
+def _check_optimizer_state(optimizer, source: str) -> None:
+    """Per-parameter optimizer buffers (momentum, ...) must have their parameter's shape:
+    load_state_dict does not check, and the first step would fail with a traceback."""
+    for group in optimizer.param_groups:
+        for key, default in optimizer.defaults.items():  # lr, momentum, ...: same kind
+            value = group.get(key)
+            plain = isinstance(default, bool) or default is None
+            if not plain and isinstance(default, (int, float)) and not (
+                    isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+                    and (not isinstance(value, torch.Tensor) or value.numel() == 1)
+                    and math.isfinite(float(value))):
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value)}: "
+                                f"expected a finite number")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value)}: "
+                                f"expected true or false")
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if (isinstance(value, torch.Tensor) and value.dim() > 0
+                        and value.shape != param.shape):
+                    raise UserError(f"{source}: optimizer state {name!r} has shape "
+                                    f"{list(value.shape)}, its parameter {list(param.shape)}; "
+                                    f"the checkpoint does not fit this model")
+
+
+def _check_history_columns(history: list, data: Any, source: str) -> None:
+    """The saved rows go back into metrics.csv next to the rows this run appends, and into
+    the loss plot: they must have the same columns (train.py's epoch-end row)."""
+    task = getattr(data, "task", None)
+    if not history or task is None:
+        return
+    columns = ["epoch", "step", "train_loss", "val_loss",
+               *(["val_acc"] if task == "classification" else []), "lr"]
+    if list(history[0]) != columns:
+        raise UserError(f"{source}: history rows have columns {list(history[0])}; a "
+                        f"{task} run writes {columns}")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {list(value.shape)}>"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
+    """Now the data is known: a saved mid-epoch position must lie inside an epoch."""
+    if not step_in_epoch:
+        return
+    try:
+        samples, batch = len(data.split("train")), int(data.batch_size)
+    except (AttributeError, TypeError):  # not a DataModule (a test double): nothing to check
+        return
+    per_rank = math.ceil(samples / world_size())  # as engine.batches.Batches
+    steps = math.ceil(per_rank / batch)
+    if step_in_epoch > steps:  # == steps: saved on the epoch's last step, before validation
+        raise UserError(f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data "
+                        f"has {steps} batches; the checkpoint does not fit data.*")
 
 
 _IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",

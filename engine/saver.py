@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import CheckpointWriteError, atomic_link, atomic_save, prune
+from engine.checkpoint import (
+    CheckpointWriteError,
+    atomic_link,
+    atomic_save,
+    prune,
+    retained_names,
+)
 
 
 class Saver:
@@ -35,7 +41,7 @@ class Saver:
     def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None,
                  background: bool = False) -> None:
         self.run_dir, self.keep_last = run_dir, keep_last
-        self.saved = list(saved or [])
+        self.saved = retained_names(run_dir, saved) if saved else []
         self.last_seconds = 0.0  # duration of the latest save (all of it), for trainer.max_time
         self.background = background
         self._thread: threading.Thread | None = None
