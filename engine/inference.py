@@ -67,7 +67,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                                 f"evaluate it with weights={source} model=... data=...")
         # The file's config names the classes to build: only project/torch.nn ones.
         kept = {k: saved.get(k) for k in ("data", "model", "loss", "seed")}
-        for key in ("data", "model"):
+        for key in ("data",) if program is not None else ("data", "model"):  # .pt2: no model
             if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
                 raise UserError(f"{source}: saved config: {key} has no _target_ naming what "
                                 f"to build")
