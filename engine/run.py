@@ -36,6 +36,8 @@ from engine.distributed import (
     world_size,
 )
 from engine.errors import UserError
+from engine.fingerprint import changes, run_fingerprint
+from engine.runlock import lock_run_dir
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
 
@@ -52,6 +54,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # one metrics row per epoch
     best_value: float | None = None
     best_epoch: int | None = None
+    fingerprint: dict | None = None  # data, batch and model the run trains (engine/fingerprint)
 
     def epoch_train_loss(self, batch_sizes: torch.Tensor) -> float:
         """Sample-weighted mean of the epoch's step losses: one host sync per epoch."""
@@ -155,8 +158,11 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
 def _open_run_dir(cfg: DictConfig, device: torch.device
                   ) -> tuple[Path, Saver, dict | None, str | None]:
     run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
+    if run_dir.is_dir():  # before reading or cleaning anything in it: one process at a time
+        lock_run_dir(run_dir)
     existing = sorted(p.name for p in run_dir.glob("*.pt")) if run_dir.is_dir() else []
     resumed = source = None
+    weights_mode = _weights_mode(cfg, run_dir, existing)
     if cfg.resume is None:
         if existing:
             raise UserError(f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
@@ -179,11 +185,29 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)  # a new directory is locked once it exists (no-op if held)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
-                  resumed.get("saved_files") if resumed else None,
+                  resumed.get("saved_files") if resumed and not weights_mode else None,
                   background=bool(cfg.checkpoint.get("async", False)))
     return run_dir, saver, resumed, source
+
+
+def _weights_mode(cfg: DictConfig, run_dir: Path, existing: list[str]) -> bool:
+    """resume_mode=weights starts a new schedule from a checkpoint's weights and optimizer:
+    a new run, so it gets its own folder (its epoch_N.pt must not replace the old run's)."""
+    mode = str(cfg.get("resume_mode", "exact"))
+    if mode not in ("exact", "weights"):
+        raise UserError(f"resume_mode={mode!r}: expected exact or weights")
+    if mode == "exact":
+        return False
+    if cfg.resume is None or str(cfg.resume) == "auto":
+        raise UserError("resume_mode=weights: name the checkpoint to start from with "
+                        "resume=PATH (and a new run_name=)")
+    if existing:
+        raise UserError(f"resume_mode=weights starts a new run, but {run_dir} already has "
+                        f"checkpoints; set run_name=NEW_NAME")
+    return True
 
 
 def pin_memory_for(data: Any, device: torch.device) -> bool:
@@ -217,6 +241,7 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
         "versions": dict(_versions()),
         "format_version": FORMAT_VERSION,
         "world_size": world_size(),
+        "fingerprint": progress.fingerprint,
     }
     if is_distributed():  # a collective: every rank builds the checkpoint, rank 0 saves it
         state["rank_states"] = rank_states({"rng_state": state["rng_state"],
@@ -226,12 +251,21 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
 
 def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, scheduler,
                        scaler, cfg: DictConfig, data: Any) -> Progress:
+    fingerprint = run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
     if state is None:
-        return Progress()
+        return Progress(fingerprint=fingerprint)
     source = f"checkpoint (epoch {state.get('epoch')})"
+    weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
+    _check_fingerprint(state, fingerprint, source, weights_mode)
     load_model_state(model, state["model_state_dict"], source)
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_schedule = scheduler.state_dict() if scheduler is not None else None
     try:
         optimizer.load_state_dict(state["optimizer_state_dict"])
+        if weights_mode:  # a new schedule: the optimizer's buffers, the config's settings
+            for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+                group.update(fresh)
+            return Progress(fingerprint=fingerprint)
         if scheduler is not None and state.get("scheduler_state_dict") is not None:
             scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler.is_enabled() and state.get("scaler_state_dict") is not None:
@@ -239,6 +273,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
                         f"({err}); check optimizer=/scheduler= overrides") from None
+    _check_schedule_length(state, fresh_schedule, cfg, source)
     _warn_config_changes(state.get("config") or {}, cfg)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
     if rng is not None:
@@ -249,11 +284,53 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         global_step=int(state.get("global_step", 0)),
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
         history=list(state.get("history") or []), best_value=best.get("value"),
-        best_epoch=best.get("epoch"))
+        best_epoch=best.get("epoch"), fingerprint=fingerprint)
 
 
-_IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",
-                    "trainer.max_time", "checkpoint.root"}
+NEW_SCHEDULE = ("to continue deliberately from its weights and optimizer with a new schedule "
+                "(epoch 0), add resume_mode=weights run_name=NEW_NAME resume=PATH_OF_CHECKPOINT")
+
+
+def _check_fingerprint(state: dict, now: dict, source: str, weights_mode: bool) -> None:
+    """Refuse an exact resume on other data, another global batch or another model.
+    Checkpoints without a fingerprint (older ones, tutorial files) are not checked."""
+    saved = state.get("fingerprint")
+    if not isinstance(saved, dict):
+        return
+    model, data = changes(saved, now)
+    if model:
+        raise UserError(f"{source}: the model differs from the checkpoint's "
+                        f"({'; '.join(model)}); check model=/data= overrides, or start a new "
+                        f"run with run_name=NEW_NAME")
+    if data and not weights_mode:
+        raise UserError(f"{source}: {'; '.join(data)} since the checkpoint, so an exact "
+                        f"resume is impossible; {NEW_SCHEDULE}")
+
+
+# Scheduler entries that count progress; the others are settings (T_max, step_size, ...).
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                      "_is_initial", "base_lrs", "verbose"}
+
+
+def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig,
+                           source: str) -> None:
+    """A changed trainer.epochs is fine unless the schedule was derived from it (cosine's
+    T_max): the loaded scheduler would keep the old length while config.yaml says the new."""
+    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
+    saved = state.get("scheduler_state_dict")
+    if fresh is None or not isinstance(saved, dict) or before in (None, cfg.trainer.epochs):
+        return
+    derived = {k: (saved[k], v) for k, v in fresh.items()
+               if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v}
+    if derived:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
+        raise UserError(f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
+                        f"and the schedule depends on it ({shown}); keep "
+                        f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}")
+
+
+_IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
+                    "run_name", "trainer.max_time", "checkpoint.root"}
 
 
 def _warn_config_changes(saved: dict, cfg: DictConfig) -> None:
