@@ -15,6 +15,7 @@ point); each test prints the kills it made.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -29,7 +30,7 @@ import torch
 
 from engine.errors import EXIT_INTERRUPTED
 from tests.forkrun import ForkServer
-from tests.test_resume import COMPARED, assert_same, load
+from tests.test_resume import COMPARED, assert_all_complete, assert_same, load, newest
 
 pytestmark = [
     pytest.mark.slow,
@@ -63,8 +64,8 @@ COMBOS = {
     "loader_workers2_steps4": (IMAGES + ("scheduler=step", "scheduler.step_size=3",
                                          "checkpoint.every_n_steps=4"), 8, ["epoch"] * 3, False),
     "torchrun_2_processes": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3",
-                                          "trainer.global_batch_size=16"), 20,
-                             ["epoch", "epoch"], True),
+                                          "trainer.global_batch_size=16"), 60,
+                             ["epoch"] * 3, True),
 }
 TIMEOUT = 240  # per launch: the no-hang check, generous for a loaded machine
 
@@ -109,6 +110,38 @@ def wait_for(server: ForkServer, out: Path, pattern: re.Pattern, count: int) -> 
     raise TimeoutError(f"no {pattern.pattern!r} x{count} in {out} within {TIMEOUT}s")
 
 
+def job_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc): torchrun starts its ranks in sessions of
+    their own, so only a kill of the whole tree is what a scheduler's cgroup kill does."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def wait_gone(pids: list[int]) -> None:
+    """Until every process of the job has exited (a killed rank can outlive the agent's
+    reaping by a moment), as a scheduler waits before a requeue; gives up after TIMEOUT,
+    and then the run-folder lock tells."""
+    deadline = time.monotonic() + TIMEOUT
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # exited; its parent has not reaped it yet
+            except OSError:
+                break
+            time.sleep(0.01)
+
+
 EPOCH_LINE = re.compile(r"^epoch \d+ ", re.M)
 RESUMING = re.compile(r"^resuming from ", re.M)
 
@@ -117,27 +150,41 @@ def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills:
               torchrun: bool, rng: random.Random) -> list[str]:
     """Kill `len(kills)` launches of `resume=auto` at random moments; the kills made."""
     made = []
-    for kind in kills:
+    for number, kind in enumerate(kills):
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-        if kind == "start" or torchrun:
+        if kind == "start":
             sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        if torchrun:  # few launches (each starts 2 interpreters): both kinds for certain
+            sig = (signal.SIGTERM, signal.SIGKILL)[number % 2]
         group = sig != signal.SIGKILL or torchrun or rng.random() < 0.5
         pid, out, err = launch(server, [*args, "resume=auto"], torchrun)
         pattern, count = ((RESUMING, 1) if kind == "start"
                           else (EPOCH_LINE, rng.randint(1, 3)))
         delay = rng.uniform(0, 0.5 if kind == "start" else 0.3)
         fired = wait_for(server, out, pattern, count)
+        job = [pid]
         if fired:
             time.sleep(delay)
+            job = job_pids(pid)
             try:
-                (os.killpg if group else os.kill)(pid, sig)
+                if torchrun and sig == signal.SIGKILL:  # the agent and every rank at once
+                    for member in job:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(member, sig)
+                else:  # torchrun's agent forwards SIGTERM to its ranks
+                    (os.killpg if group else os.kill)(pid, sig)
             except ProcessLookupError:  # it finished in the meantime
                 fired = False
         code = server.finish()
+        if group:  # as a scheduler does before a requeue: wait until the whole job is gone
+            wait_gone(job)  # (a lone SIGKILL leaves DataLoader workers: they hold no lock)
         stderr = err.read_text()
         moment = "its 'resuming from' line" if kind == "start" else f"epoch line {count}"
-        what = (f"{sig.name}{' to the group' if group else ''} {delay:.3f}s after {moment}: "
-                f"exit {code}")
+        target = " to the job" if torchrun and sig == signal.SIGKILL else (
+            " to the group" if group else "")
+        what = (f"{sig.name}{target} {delay:.3f}s after {moment}: "
+                f"exit {code}, newest checkpoint at step {newest(root / 'killed')[0]}")
+        assert_all_complete(root / "killed")  # whatever was cut short: no partial *.pt
         if code == 0:  # the run ended before the signal: the chain goes on from there
             made.append(f"{what} (finished first)")
             break
