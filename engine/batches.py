@@ -24,15 +24,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave the stop to the main process (engine/preempt.py): a worker
     killed by a scheduler's SIGTERM to the process group would crash the main process before
-    it could save. Also drops the worker's copy of the run-folder lock (engine/run.py)."""
+    it could save. Also drops the worker's copy of the run-folder lock (engine/runlock.py)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if MASKABLE:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     from engine.runlock import release_inherited_lock
 
     release_inherited_lock()
@@ -104,7 +106,8 @@ class Batches:
         # The workers are forked with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a
         # Ctrl-C (which reach the whole process group) can never kill one before its
         # worker_init_fn ignores them; the main process, which saves and exits, gets them.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if self.num_workers else None
+        blocking = self.num_workers and MASKABLE
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if blocking else None
         try:
             batches = iter(loader)
         finally:

@@ -92,5 +92,6 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list
             data.append(f"{name} split content changed")
     batch = saved.get("global_batch_size")
     if batch is not None and batch != now["global_batch_size"]:
-        data.append(f"global batch size {batch} -> {now['global_batch_size']}")
+        data.append(f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
+                    f" x processes; trainer.global_batch_size=N keeps it whatever the count)")
     return model, data

@@ -256,8 +256,8 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         return Progress(fingerprint=fingerprint)
     source = f"checkpoint (epoch {state.get('epoch')})"
     weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
+    load_model_state(model, state["model_state_dict"], source)  # names the misfit keys
     _check_fingerprint(state, fingerprint, source, weights_mode)
-    load_model_state(model, state["model_state_dict"], source)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     fresh_schedule = scheduler.state_dict() if scheduler is not None else None
     try:

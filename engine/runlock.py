@@ -21,7 +21,10 @@ _held: dict[str, int] = {}  # run dir -> descriptor: a second train() in this pr
 def lock_run_dir(run_dir: Path) -> None:
     """Take the run directory's lock for the rest of this process, or refuse in one line
     naming the process that holds it."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one run per folder is then up to the user
+        return
 
     key = str(run_dir.resolve())
     if key in _held:
@@ -43,8 +46,11 @@ def lock_run_dir(run_dir: Path) -> None:
         os.close(fd)
         raise UserError(f"{path}: cannot lock the run directory ({err.strerror or err})"
                         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the refusal message
+    try:  # who holds it, for the refusal message (only informative: a full disk may refuse)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
     _held[key] = fd
 
 
