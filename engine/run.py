@@ -7,6 +7,7 @@ import math
 import platform
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,7 +38,7 @@ from engine.distributed import (
 )
 from engine.errors import UserError
 from engine.fingerprint import changes, run_fingerprint
-from engine.runlock import lock_run_dir
+from engine.runlock import lock_run_dir, unlock_run_dir
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
 
@@ -138,12 +139,12 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     result or its error, then reads the checkpoint rank 0 chose. The returned Saver writes
     on rank 0 only, and every rank waits for each save to finish."""
     if not is_distributed():
-        run_dir, saver, resumed, _ = _open_run_dir(cfg, device)
+        run_dir, saver, resumed, _ = _open_locked(cfg, device)
         return run_dir, saver, resumed
     opened: dict[str, Any] = {}
 
     def on_rank0() -> tuple[Path, str | None]:
-        run_dir, opened["saver"], opened["resumed"], source = _open_run_dir(cfg, device)
+        run_dir, opened["saver"], opened["resumed"], source = _open_locked(cfg, device)
         return run_dir, source
 
     run_dir, source = on_main(on_rank0)
@@ -153,6 +154,17 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None)
     return run_dir, MainOnly(saver), resumed
+
+
+def _open_locked(cfg: DictConfig, device: torch.device
+                 ) -> tuple[Path, Saver, dict | None, str | None]:
+    """_open_run_dir, releasing the run folder's lock again when the run is refused (an
+    in-process caller may go on; a later `python train.py` must not find it held)."""
+    try:
+        return _open_run_dir(cfg, device)
+    except BaseException:
+        unlock_run_dir(run_dir_for(cfg.checkpoint.root, run_name_for(cfg)))
+        raise
 
 
 def _open_run_dir(cfg: DictConfig, device: torch.device
@@ -187,10 +199,22 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)  # a new directory is locked once it exists (no-op if held)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    saver = Saver(run_dir, cfg.checkpoint.keep_last,
-                  resumed.get("saved_files") if resumed and not weights_mode else None,
-                  background=bool(cfg.checkpoint.get("async", False)))
+    saver = _LockedSaver(run_dir, cfg.checkpoint.keep_last,
+                         resumed.get("saved_files") if resumed and not weights_mode else None,
+                         background=bool(cfg.checkpoint.get("async", False)))
+    weakref.finalize(saver, unlock_run_dir, run_dir)  # also when train() ends another way
     return run_dir, saver, resumed, source
+
+
+class _LockedSaver(Saver):
+    """The run's Saver; closing it at the end of training also frees the run folder, so a
+    train() called in-process (a notebook, a test) does not block a later `python train.py`."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            unlock_run_dir(self.run_dir)
 
 
 def _weights_mode(cfg: DictConfig, run_dir: Path, existing: list[str]) -> bool:
@@ -251,7 +275,8 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
 
 def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, scheduler,
                        scaler, cfg: DictConfig, data: Any) -> Progress:
-    fingerprint = run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
+    fingerprint = (run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
+                   if data is not None else None)
     if state is None:
         return Progress(fingerprint=fingerprint)
     source = f"checkpoint (epoch {state.get('epoch')})"
@@ -291,11 +316,11 @@ NEW_SCHEDULE = ("to continue deliberately from its weights and optimizer with a 
                 "(epoch 0), add resume_mode=weights run_name=NEW_NAME resume=PATH_OF_CHECKPOINT")
 
 
-def _check_fingerprint(state: dict, now: dict, source: str, weights_mode: bool) -> None:
+def _check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
     """Refuse an exact resume on other data, another global batch or another model.
     Checkpoints without a fingerprint (older ones, tutorial files) are not checked."""
     saved = state.get("fingerprint")
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or now is None:
         return
     model, data = changes(saved, now)
     if model:

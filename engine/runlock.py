@@ -38,20 +38,39 @@ def lock_run_dir(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{run_dir} is in use by another training process (pid {holder}); "
-                        f"wait for it to finish or stop it, or pick another run_name=") from None
+        raise UserError(f"{run_dir} is in use by another training process ({holder}); wait "
+                        f"for it to finish or stop it, or pick another run_name=") from None
     except OSError as err:  # a file system without flock (some network mounts)
         os.close(fd)
         raise UserError(f"{path}: cannot lock the run directory ({err.strerror or err})"
                         ) from None
-    try:  # who holds it, for the refusal message (only informative: a full disk may refuse)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def _holder(fd: int) -> str:
+    """'pid N' of the process holding the flock on `fd`'s file, from the kernel's lock table
+    (Linux /proc/locks; nothing is written into the folder to say who holds it)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as table:
+            for line in table:
+                fields = line.split()  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF"
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+                    return f"pid {fields[4]}"
     except OSError:
         pass
-    _held[key] = fd
+    return "pid unknown"
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release the lock before the process ends: a train() called in-process (a notebook, a
+    test) is done with the folder, and a `python train.py` started next must not be refused."""
+    fd = _held.pop(str(run_dir.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor drops the flock
 
 
 def release_inherited_lock() -> None:
