@@ -7,6 +7,7 @@ DataLoader's RandomSampler draws from the global RNG instead, which is why it is
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,23 @@ ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * ORDER_SEED_STRIDE + epoch)
     return torch.randperm(n, generator=gen)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave the stop to the main process (engine/preempt.py): a worker
+    killed by a scheduler's SIGTERM to the process group would crash the main process before
+    it could save. Also drops the worker's copy of the run-folder lock (engine/runlock.py)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if MASKABLE:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    from engine.runlock import release_inherited_lock
+
+    release_inherited_lock()
 
 
 class Batches:
@@ -59,7 +77,10 @@ class Batches:
 
     def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor,
                                                                          torch.Tensor]]:
-        """Batches of `epoch`, beginning at batch number `start`."""
+        """Batches of `epoch`, beginning at batch number `start` (none when `start` is past
+        the last batch: a resume from a checkpoint saved on the epoch's last step)."""
+        if start >= len(self):
+            return iter(())
         order = self.indices(epoch)[start * self.batch_size:]
         if isinstance(self.split, TensorSplit):
             return self._tensor_batches(order.to(self.x.device))
@@ -81,11 +102,26 @@ class Batches:
         loader = DataLoader(self.split, batch_sampler=[b.tolist() for b in batch_sampler],
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.seed),
-                            worker_init_fn=die_with_parent if self.num_workers else None)
+                            worker_init_fn=_init_worker if self.num_workers else None)
+        # The workers are forked with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a
+        # Ctrl-C (which reach the whole process group) can never kill one before its
+        # worker_init_fn ignores them; the main process, which saves and exits, gets them.
+        blocking = self.num_workers and MASKABLE
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if blocking else None
+        try:
+            batches = iter(loader)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         non_blocking = self.device.type == "cuda"
-        for x, y in loader:
+        for x, y in batches:
             yield (x.to(self.device, non_blocking=non_blocking),
                    y.to(self.device, non_blocking=non_blocking))
+
+
+def _init_worker(worker_id: int) -> None:
+    _ignore_stop_signals(worker_id)
+    die_with_parent(worker_id)
 
 
 def die_with_parent(worker_id: int = 0) -> None:

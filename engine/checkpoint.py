@@ -295,6 +295,7 @@ CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
     "loss": (int, float, torch.Tensor, type(None)), "saved_files": (list,),
     "world_size": (int,), "rank_states": (list, type(None)), "format_version": (int,),
     "versions": (dict,),
+    "fingerprint": (dict, type(None)),
 }
 
 

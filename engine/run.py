@@ -7,6 +7,7 @@ import math
 import platform
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +37,9 @@ from engine.distributed import (
     world_size,
 )
 from engine.errors import UserError
+from engine.fingerprint import changes, run_fingerprint
 from engine.outputs import write_atomic
+from engine.runlock import lock_run_dir, unlock_run_dir
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
 
@@ -53,6 +56,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # one metrics row per epoch
     best_value: float | None = None
     best_epoch: int | None = None
+    fingerprint: dict | None = None  # data, batch and model the run trains (engine/fingerprint)
 
     def epoch_train_loss(self, batch_sizes: torch.Tensor) -> float:
         """Sample-weighted mean of the epoch's step losses: one host sync per epoch."""
@@ -136,12 +140,12 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     result or its error, then reads the checkpoint rank 0 chose. The returned Saver writes
     on rank 0 only, and every rank waits for each save to finish."""
     if not is_distributed():
-        run_dir, saver, resumed, _ = _open_run_dir(cfg, device)
+        run_dir, saver, resumed, _ = _open_locked(cfg, device)
         return run_dir, saver, _own_best(cfg, run_dir, resumed)
     opened: dict[str, Any] = {}
 
     def on_rank0() -> tuple[Path, str | None]:
-        run_dir, opened["saver"], opened["resumed"], source = _open_run_dir(cfg, device)
+        run_dir, opened["saver"], opened["resumed"], source = _open_locked(cfg, device)
         return run_dir, source
 
     run_dir, source = on_main(on_rank0)
@@ -163,11 +167,25 @@ def _own_best(cfg: DictConfig, run_dir: Path, resumed: dict | None) -> dict | No
     return resumed
 
 
+def _open_locked(cfg: DictConfig, device: torch.device
+                 ) -> tuple[Path, Saver, dict | None, str | None]:
+    """_open_run_dir, releasing the run folder's lock again when the run is refused (an
+    in-process caller may go on; a later `python train.py` must not find it held)."""
+    try:
+        return _open_run_dir(cfg, device)
+    except BaseException:
+        unlock_run_dir(run_dir_for(cfg.checkpoint.root, run_name_for(cfg)))
+        raise
+
+
 def _open_run_dir(cfg: DictConfig, device: torch.device
                   ) -> tuple[Path, Saver, dict | None, str | None]:
     run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
+    if run_dir.is_dir():  # before reading or cleaning anything in it: one process at a time
+        lock_run_dir(run_dir)
     existing = sorted(p.name for p in run_dir.glob("*.pt")) if run_dir.is_dir() else []
     resumed = source = None
+    weights_mode = _weights_mode(cfg, run_dir, existing)
     if cfg.resume is None:
         if existing:
             raise UserError(f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
@@ -189,11 +207,42 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
-    run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: write_run_config, once accepted
-    saver = Saver(run_dir, cfg.checkpoint.keep_last,
-                  resumed.get("saved_files") if resumed else None,
-                  background=bool(cfg.checkpoint.get("async", False)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)  # a new directory is locked once it exists (no-op if held)
+    # config.yaml: write_run_config, once the checkpoint is accepted
+    saver = _LockedSaver(run_dir, cfg.checkpoint.keep_last,
+                         resumed.get("saved_files") if resumed and not weights_mode else None,
+                         background=bool(cfg.checkpoint.get("async", False)))
+    weakref.finalize(saver, unlock_run_dir, run_dir)  # also when train() ends another way
     return run_dir, saver, resumed, source
+
+
+class _LockedSaver(Saver):
+    """The run's Saver; closing it at the end of training also frees the run folder, so a
+    train() called in-process (a notebook, a test) does not block a later `python train.py`."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            unlock_run_dir(self.run_dir)
+
+
+def _weights_mode(cfg: DictConfig, run_dir: Path, existing: list[str]) -> bool:
+    """resume_mode=weights starts a new schedule from a checkpoint's weights and optimizer:
+    a new run, so it gets its own folder (its epoch_N.pt must not replace the old run's)."""
+    mode = str(cfg.get("resume_mode", "exact"))
+    if mode not in ("exact", "weights"):
+        raise UserError(f"resume_mode={mode!r}: expected exact or weights")
+    if mode == "exact":
+        return False
+    if cfg.resume is None or str(cfg.resume) == "auto":
+        raise UserError("resume_mode=weights: name the checkpoint to start from with "
+                        "resume=PATH (and a new run_name=)")
+    if existing:
+        raise UserError(f"resume_mode=weights starts a new run, but {run_dir} already has "
+                        f"checkpoints; set run_name=NEW_NAME")
+    return True
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -235,6 +284,7 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
         "versions": dict(_versions()),
         "format_version": FORMAT_VERSION,
         "world_size": world_size(),
+        "fingerprint": progress.fingerprint,
     }
     if is_distributed():  # a collective: every rank builds the checkpoint, rank 0 saves it
         state["rank_states"] = rank_states({"rng_state": state["rng_state"],
@@ -244,10 +294,14 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
 
 def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, scheduler,
                        scaler, cfg: DictConfig, data: Any) -> Progress:
+    fingerprint = (run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
+                   if data is not None else None)
     if state is None:
-        return Progress()
+        return Progress(fingerprint=fingerprint)
     source = f"checkpoint (epoch {state.get('epoch')})"
-    load_model_state(model, state["model_state_dict"], source)
+    weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
+    load_model_state(model, state["model_state_dict"], source)  # names the misfit keys
+    _check_fingerprint(state, fingerprint, source, weights_mode)
     # A tutorial's general checkpoint (no format_version): its `epoch` is the 0-based index of
     # the last finished loop (`for epoch in range(N)`; the tutorials resume at epoch + 1).
     tutorial = "format_version" not in state
@@ -255,9 +309,15 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
     if not isinstance(epoch, int) or epoch < (-1 if tutorial else 0):
         raise UserError(f"{source}: key 'epoch' should be an integer >= 0, got {epoch!r}")
     epoch = epoch + 1 if tutorial else epoch
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_schedule = scheduler.state_dict() if scheduler is not None else None
     try:
         if "optimizer_state_dict" in state or not tutorial:
             optimizer.load_state_dict(state["optimizer_state_dict"])
+        if weights_mode:  # a new schedule: the optimizer's buffers, the config's settings
+            for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+                group.update(fresh)
+            return Progress(fingerprint=fingerprint)
         if scheduler is not None and state.get("scheduler_state_dict") is not None:
             scheduler.load_state_dict(state["scheduler_state_dict"])
         if scaler.is_enabled() and state.get("scaler_state_dict") is not None:
@@ -281,6 +341,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
                   f"{epoch + 1}")
             print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
     _check_optimizer_state(optimizer, source)
+    _check_schedule_length(state, fresh_schedule, cfg, source)
     applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
     if not tutorial:
         _warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
@@ -299,7 +360,7 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
         global_step=int(state.get("global_step", 0)),
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
         history=list(state.get("history") or []), best_value=best.get("value"),
-        best_epoch=best.get("epoch"))
+        best_epoch=best.get("epoch"), fingerprint=fingerprint)
 
 
 def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig) -> set[str]:
@@ -411,8 +472,55 @@ def _check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
                         f"has {steps} batches; the checkpoint does not fit data.*")
 
 
-_IGNORED_CHANGES = {"resume", "trainer.epochs", "trainer.device", "debug", "run_name",
-                    "trainer.max_time", "checkpoint.root", "weights", "strict", "weights_key"}
+NEW_SCHEDULE = ("to continue deliberately from its weights and optimizer with a new schedule "
+                "(epoch 0), add resume_mode=weights run_name=NEW_NAME resume=PATH_OF_CHECKPOINT")
+
+
+def _check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
+    """Refuse an exact resume on other data, another global batch or another model.
+    Checkpoints without a fingerprint (older ones, tutorial files) are not checked."""
+    saved = state.get("fingerprint")
+    if not isinstance(saved, dict) or now is None:
+        return
+    try:
+        model, data = changes(saved, now)
+    except (AttributeError, TypeError, KeyError, ValueError):  # a crafted or damaged file
+        raise UserError(f"{source}: key 'fingerprint' is malformed (expected the model's "
+                        f"parameter shapes and each split's size and hash)") from None
+    if model:
+        raise UserError(f"{source}: the model differs from the checkpoint's "
+                        f"({'; '.join(model)}); check model=/data= overrides, or start a new "
+                        f"run with run_name=NEW_NAME")
+    if data and not weights_mode:
+        raise UserError(f"{source}: {'; '.join(data)} since the checkpoint, so an exact "
+                        f"resume is impossible; {NEW_SCHEDULE}")
+
+
+# Scheduler entries that count progress; the others are settings (T_max, step_size, ...).
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                      "_is_initial", "base_lrs", "verbose"}
+
+
+def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig,
+                           source: str) -> None:
+    """A changed trainer.epochs is fine unless the schedule was derived from it (cosine's
+    T_max): the loaded scheduler would keep the old length while config.yaml says the new."""
+    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
+    saved = state.get("scheduler_state_dict")
+    if fresh is None or not isinstance(saved, dict) or before in (None, cfg.trainer.epochs):
+        return
+    derived = {k: (saved[k], v) for k, v in fresh.items()
+               if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v}
+    if derived:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
+        raise UserError(f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
+                        f"and the schedule depends on it ({shown}); keep "
+                        f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}")
+
+
+_IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
+                    "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
+                    "weights_key"}
 
 
 def _warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:

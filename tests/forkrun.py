@@ -10,7 +10,9 @@ inherit thread pools.
 
 Protocol: one JSON object per line on stdin {"args": [...], "env": {...}, "stdout": PATH,
 "stderr": PATH}; one JSON line back {"returncode": N} (negative: killed by signal -N, as in
-subprocess).
+subprocess). With "spawn": true the child gets its own process group and a {"pid": N} line
+comes first, so the caller can signal it while it runs; "module": NAME runs `python -m NAME
+ARGS` (torchrun) instead of train.py.
 """
 
 from __future__ import annotations
@@ -49,8 +51,14 @@ def _child(request: dict) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
-        sys.argv = [TRAIN, *request["args"]]
-        runpy.run_path(TRAIN, run_name="__main__")
+        if request.get("spawn"):
+            os.setpgid(0, 0)  # its own process group, as a shell job: `kill -TERM -PGID`
+        if request.get("module"):  # e.g. torch.distributed.run (torchrun)
+            sys.argv = [request["module"], *request["args"]]
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [TRAIN, *request["args"]]
+            runpy.run_path(TRAIN, run_name="__main__")
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
@@ -74,6 +82,12 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             _child(request)
+        if request.get("spawn"):  # the caller signals it while it runs: tell it the pid
+            try:
+                os.setpgid(pid, pid)  # also here, so the group exists before the reply
+            except OSError:  # the child already did it, or has already exited
+                pass
+            print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": -os.WTERMSIG(status) if os.WIFSIGNALED(status)
                           else os.WEXITSTATUS(status)}), flush=True)
@@ -140,6 +154,25 @@ class ForkServer:
             raise AssertionError(f"train.py {' '.join(args)} exited {code}\n--- stdout\n"
                                  f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
         return result
+
+    def start(self, *args: str, env: dict | None = None, module: str | None = None
+              ) -> tuple[int, Path, Path]:
+        """Start train.py ARGS (or `python -m MODULE ARGS`) in its own process group without
+        waiting: (pid, stdout path, stderr path). `finish()` waits for it. Linux only."""
+        assert self.proc is not None, "start() needs the fork server (Linux)"
+        if not self.ready:
+            self.ready = self._reply().get("ready", False)
+        self.count += 1
+        out, err = (self.scratch / f"{self.count}.{name}" for name in ("out", "err"))
+        self.proc.stdin.write(json.dumps({"args": list(args), "env": env or {}, "spawn": True,
+                                          "module": module, "stdout": str(out),
+                                          "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()["pid"], out, err
+
+    def finish(self) -> int:
+        """The return code of the process `start()` started (negative: killed by signal)."""
+        return self._reply()["returncode"]
 
     def close(self) -> None:
         import signal
