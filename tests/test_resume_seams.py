@@ -183,7 +183,7 @@ def test_changed_model_is_refused_in_one_line(server, tmp_path):
     result = server.run(*QUADRATIC, "run_name=m", "resume=auto", root=tmp_path, check=False)
     assert result.returncode == EXIT_BAD_INPUT
     error = one_line_error(result)
-    assert "weights do not fit the model" in error and "linear.weight" in error, error
+    assert "weights do not fit the model" in error and "layer.weight" in error, error
 
 
 def test_more_epochs_with_cosine_is_refused_but_fine_with_step(server, tmp_path):
