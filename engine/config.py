@@ -78,6 +78,9 @@ def validate_train(cfg: DictConfig) -> None:
     if trainer.max_time is not None and not (isinstance(trainer.max_time, (int, float))
                                              and trainer.max_time > 0):
         raise UserError(f"trainer.max_time={trainer.max_time!r}: expected seconds > 0 or null")
+    every = trainer.get("print_every_s", 0)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise UserError(f"trainer.print_every_s={every!r}: expected seconds >= 0")
     resolve_device(trainer.device)
     root = Path(str(ckpt.root))
     if root.exists() and not root.is_dir():

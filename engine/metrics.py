@@ -37,9 +37,48 @@ def append_csv(path: Path, row: dict) -> None:
         out.write(buffer.getvalue())
 
 
+def read_history(path: Path, epoch: int) -> list[dict]:
+    """The rows of metrics.csv for epochs 1..`epoch` (the history of a checkpoint at `epoch`).
+
+    Checkpoints do not carry the history (it would make every save grow with the run's
+    length): metrics.csv is the history. A row is appended before the checkpoint of its epoch
+    is written, so the file has at least the checkpoint's epochs; later rows (of epochs the
+    resumed run recomputes) are dropped. Values are read back as int/float, so rewriting
+    them with write_csv gives the same bytes."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as rows:
+        history = []
+        for row in csv.DictReader(rows):
+            try:
+                parsed = {k: int(v) if k in ("epoch", "step") else float(v)
+                          for k, v in row.items()}
+            except (TypeError, ValueError):
+                break  # a torn or foreign row: keep what came before it
+            if parsed.get("epoch") != len(history) + 1 or parsed["epoch"] > epoch:
+                break
+            history.append(parsed)
+    return history
+
+
 @rank_zero_only
 def plot_losses(rows: list[dict], path: Path) -> None:
-    """Train and validation loss per epoch, as PNG."""
+    """Train and validation loss per epoch, as PNG (written atomically: a kill mid-write
+    never leaves a torn file that a later resume would take as done)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def loss_figure(rows: list[dict]):
+    """The loss-curve figure (open, for tests to inspect before it is saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,11 +91,11 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_yscale("log" if min(r["val_loss"] for r in rows) > 0 else "linear")
+    ax.set_title(f"training and validation loss ({len(rows)} epochs)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 @torch.inference_mode()

@@ -36,6 +36,7 @@ from engine.distributed import (
     world_size,
 )
 from engine.errors import UserError
+from engine.metrics import read_history
 from engine.runtime import rng_state, set_rng_state
 from engine.saver import Saver
 
@@ -146,7 +147,7 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     run_dir, source = on_main(on_rank0)
     if is_main():
         return run_dir, MainOnly(opened["saver"]), opened["resumed"]
-    resumed = load_on_rank(source, device) if source else None
+    resumed = with_history(load_on_rank(source, device), source) if source else None
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None)
     return run_dir, MainOnly(saver), resumed
@@ -178,6 +179,8 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
+    if resumed is not None:
+        resumed = with_history(resumed, source)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
@@ -186,14 +189,32 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
     return run_dir, saver, resumed, source
 
 
+def with_history(state: dict, source: str | None) -> dict:
+    """A checkpoint's metrics rows, read from the metrics.csv beside it (checkpoints of this
+    format do not carry them; older ones and other programs' files keep what they have)."""
+    if "history" in state or "format_version" not in state or source is None:
+        return state
+    csv_path = Path(source).parent / "metrics.csv"
+    history = read_history(csv_path, int(state["epoch"]))
+    if len(history) < int(state["epoch"]) and is_main():
+        print(f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
+              f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those")
+    return {**state, "history": history}
+
+
 def pin_memory_for(data: Any, device: torch.device) -> bool:
     pin = getattr(data, "pin_memory", False)
     return device.type == "cuda" if pin == "auto" else bool(pin)
 
 
 def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, scheduler, scaler,
-                     progress: Progress) -> dict[str, Any]:
-    """The tutorial's general-checkpoint keys plus everything exact resume needs, all plain."""
+                     progress: Progress, config: dict | None = None) -> dict[str, Any]:
+    """The tutorial's general-checkpoint keys plus everything exact resume needs, all plain.
+
+    No metrics history: metrics.csv is the history (see engine.metrics.read_history), so a
+    save costs the same at epoch 10 and at epoch 10,000. `config`: the resolved config as
+    containers, computed once by the caller (resolving it costs more than a small model's
+    epoch)."""
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     weights = model.state_dict()
     check_finite_weights(weights, progress)
@@ -212,8 +233,7 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
         "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
         "best": {"monitor": str(cfg.checkpoint.monitor), "value": progress.best_value,
                  "epoch": progress.best_epoch},
-        "history": [dict(row) for row in progress.history],
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config if config is not None else OmegaConf.to_container(cfg, resolve=True),
         "versions": dict(_versions()),
         "format_version": FORMAT_VERSION,
         "world_size": world_size(),

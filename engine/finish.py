@@ -1,0 +1,71 @@
+"""The end of a run: the outputs made once training is over (loss curve, best.pt's test
+metrics, the export), in one function that train.py calls at the end of training and again
+on `resume=auto` of a complete run, so a stop between the last checkpoint and the end (a
+kill, Ctrl-C, a full disk) is made good by the next `resume=auto`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from engine import distributed as ddp
+from engine.batches import Batches
+from engine.checkpoint import load_checkpoint, load_model_state
+from engine.export import CONFIG, export_checkpoint, is_export
+from engine.metrics import plot_losses
+
+
+def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
+               device: torch.device, history: list[dict], ctx: Any = None,
+               only_missing: bool = False) -> dict[str, Any]:
+    """Write loss_curve.png, test_metrics.json (best.pt on the test split) and export/.
+
+    only_missing: make only the outputs that are not there (an already-complete run);
+    otherwise (the end of training) all of them, replacing any left by a shorter run.
+    Loads best.pt's weights into `model`. Returns the test metrics (read back if kept)."""
+    plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json",
+                                      run_dir / "export")
+    made = []
+    if history and not (only_missing and plot.exists()):
+        plot_losses(history, plot)
+        made.append(plot.name)
+    if only_missing and metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+    else:
+        metrics = evaluate_best(run_dir / "best.pt", model, data, loss_fn, device, ctx)
+        if ddp.is_main():
+            tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+            os.replace(tmp, metrics_path)
+        print("test (best.pt, epoch {epoch}): ".format(**metrics) + "  ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_")))
+        made.append(metrics_path.name)
+    exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
+    if cfg.checkpoint.export and not (only_missing and exported) and ddp.is_main():
+        export_checkpoint(run_dir / "best.pt", export_dir)
+        made.append(f"{export_dir.name}/")
+    if only_missing and made:
+        print(f"made the missing end-of-run output: {', '.join(made)}")
+    return metrics
+
+
+def evaluate_best(best: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
+              device: torch.device, ctx: Any = None) -> dict[str, Any]:
+    """Metrics of best.pt on the test split (the split no choice of the run has seen)."""
+    state = load_checkpoint(best, "cpu")
+    load_model_state(ddp.unwrap(model), state["model_state_dict"], best)
+    classification = data.task == "classification"
+    split = data.split("test")
+    batches = Batches(ddp.shard(split), data.batch_size, device,
+                      num_workers=data.num_workers)
+    result = ddp.evaluate_all(model, batches, loss_fn, classification, ctx)
+    metrics: dict[str, Any] = {"test_loss": result["loss"]}
+    if classification:
+        metrics["test_acc"] = result["acc"]
+    metrics.update(epoch=int(state["epoch"]), samples=len(split), checkpoint=str(best))
+    return metrics
