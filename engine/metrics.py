@@ -98,6 +98,60 @@ def loss_figure(rows: list[dict]):
     return fig
 
 
+def regression_figure(train: tuple[torch.Tensor, torch.Tensor],
+                      test: tuple[torch.Tensor, torch.Tensor], predictions: torch.Tensor,
+                      split: str = "test"):
+    """The workflow tutorial's plot_predictions: train and `split` points and the model's
+    predictions against the last feature column (x). The data points are drawn above the
+    prediction markers, so a good fit does not hide them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data",
+               zorder=2)
+    ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5,
+               label="predictions", zorder=3)
+    ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data",
+               zorder=4)
+    ax.set_xlabel("x (input feature)")
+    ax.set_ylabel("y (target / prediction)")
+    ax.set_title(f"predictions on the {split} split")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None):
+    """Confusion matrix with every class labelled and each count readable (white on dark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = matrix.shape[0]
+    names = class_names or [str(i) for i in range(classes)]
+    size = max(5.0, 0.6 * classes + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set_xticks(range(classes), names, rotation=90 if max(map(len, names)) > 3 else 0)
+    ax.set_yticks(range(classes), names)
+    dark = float(matrix.max()) / 2
+    for i in range(classes):
+        for j in range(classes):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=10,
+                    color="white" if float(matrix[i, j]) > dark else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = float(matrix.sum())
+    ax.set_title(f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}")
+    fig.tight_layout()
+    return fig
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
              autocast_ctx=None) -> dict[str, float]:
