@@ -50,7 +50,9 @@ def test_checkpoint_writes_do_not_grow_with_the_run(compose, tmp_path, monkeypat
     assert periodic == [f"epoch_{e:04d}.pt" for e in range(10, 61, 10)]
     assert len(writes) <= 2 * len(periodic)  # at most one best.pt write per save
     sizes = {(run / n).stat().st_size for n in periodic}
-    assert max(sizes) - min(sizes) < 64, sizes  # no per-epoch history inside
+    # No per-epoch history inside (it added ~6 KB by epoch 60); the list of saved files
+    # (keep_last names) and zip alignment move the size by a few bytes.
+    assert max(sizes) - min(sizes) < 256, sizes
     assert "history" not in load_checkpoint(run / "epoch_0060.pt")
 
 
