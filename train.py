@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> dict:
         return progress.history[-1] if progress.history else {}
     print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
                                          f"{progress.global_step})" if resumed else ""))
-    printed = 0.0  # when the last epoch line was printed
+    printed = float("-inf")  # when the last epoch line was printed
     for epoch in range(progress.epoch + 1, epochs + 1):
         started = time.perf_counter()
         model.train()

@@ -47,7 +47,7 @@ def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any
         made.append(metrics_path.name)
     exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
     if cfg.checkpoint.export and not (only_missing and exported) and ddp.is_main():
-        export_checkpoint(run_dir / "best.pt", export_dir)
+        print(f"exported best weights to {export_checkpoint(run_dir / 'best.pt', export_dir)}")
         made.append(f"{export_dir.name}/")
     if only_missing and made:
         print(f"made the missing end-of-run output: {', '.join(made)}")

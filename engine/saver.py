@@ -70,7 +70,11 @@ class Saver:
         with the model and the run. Deferring is still exact: a kill before the next save
         loses only epochs that the resumed run recomputes bit for bit, best.pt included."""
         state["saved_files"] = list(self.saved)
-        self._best = _Snapshot().take(state)  # own buffers: live tensors keep changing
+        # Own buffers: the live tensors keep changing. The config and versions are the same
+        # unchanging objects at every save, so they are shared, not deep-copied each epoch.
+        shared = {k: state[k] for k in ("config", "versions") if k in state}
+        copied = _Snapshot().take({k: v for k, v in state.items() if k not in shared})
+        self._best = {k: shared[k] if k in shared else copied[k] for k in state}
 
     def wait(self) -> None:
         """Block until the background write (if any) is durable; raise its error if it failed."""

@@ -215,7 +215,7 @@ def test_mid_epoch_resume_from_every_n_steps_checkpoint(server, root, baseline):
     improvement writes best.pt only with the next save): metrics.csv already has that
     epoch's row, the newest checkpoint (a mid-epoch every_n_steps save) has not. The resume
     redoes the epoch's last steps and the CSV ends with every row once."""
-    epoch = 3
+    epoch = 7  # newest every_n_steps=3 save before the kill at step 71: 69, mid-epoch 7
     run_dir = root / "mid_epoch"
     args = (*RUN, "run_name=mid_epoch")
     result = server.run(*args, root=root, env={"ENGINE_FAULT": f"kill_at_step={epoch * 10 + 1}"},
