@@ -77,18 +77,21 @@ def train(cfg: DictConfig) -> dict:
     print_every_s = float(cfg.trainer.get("print_every_s", 0))
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
     show_bar = sys.stdout.isatty()
-    plotted = len(progress.history)
+    plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
         return build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress, config)
 
     def save(name: str, best: bool = False) -> Path:
-        nonlocal plotted
+        nonlocal plotted, plotted_at
         check_finite(progress)
         path = saver.save(checkpoint(), name, best=best)
-        if len(progress.history) > plotted:  # a stopped or diverged run has its curve too
+        # The loss curve too, so a stopped or diverged run has one; at most every 30 s, as a
+        # plot of a long history costs up to a second.
+        if len(progress.history) > plotted and (
+                stop.reason or time.perf_counter() - plotted_at >= 30):
             plot_losses(progress.history, run_dir / "loss_curve.png")
-            plotted = len(progress.history)
+            plotted, plotted_at = len(progress.history), time.perf_counter()
         if stop.reason:  # the process exits next: with checkpoint.async the file must be done
             saver.wait()
         return path

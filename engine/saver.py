@@ -178,6 +178,8 @@ class _Snapshot:
             if isinstance(obj, tuple):
                 items = [walk(v) for v in obj]
                 return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+            if obj is None or type(obj) in (int, float, str, bool):
+                return obj  # immutable: no deepcopy (a checkpoint has many of these)
             return copy.deepcopy(obj)
 
         result = walk(state)
