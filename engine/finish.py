@@ -17,7 +17,7 @@ from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import load_checkpoint, load_model_state
 from engine.export import CONFIG, export_checkpoint, is_export
-from engine.metrics import plot_losses
+from engine.metrics import evaluate, plot_losses
 
 
 def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
@@ -28,8 +28,24 @@ def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any
     only_missing: make only the outputs that are not there (an already-complete run);
     otherwise (the end of training) all of them, replacing any left by a shorter run.
     Loads best.pt's weights into `model`. Returns the test metrics (read back if kept)."""
+    # torchrun: rank 0 does it all; the other ranks wait for it (and get its errors). The
+    # barrier: with a broadcast as the last collective, a rank leaving at once sometimes
+    # aborted in gloo's teardown ("terminate called without an active exception").
+    result = ddp.on_main(lambda: _finish(cfg, run_dir, model, data, loss_fn, device, history,
+                                         ctx, only_missing))
+    if ddp.is_distributed():
+        torch.distributed.barrier()
+    return result
+
+
+def _finish(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
+            device: torch.device, history: list[dict], ctx: Any,
+            only_missing: bool) -> dict[str, Any]:
     plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json",
                                       run_dir / "export")
+    # A run continued in a new folder from another run's checkpoint has no best.pt of its own
+    # until an epoch beats the best it inherited: then its newest checkpoint stands in.
+    best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
     made = []
     if history and not (only_missing and plot.exists()):
         plot_losses(history, plot)
@@ -37,17 +53,16 @@ def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any
     if only_missing and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
     else:
-        metrics = evaluate_best(run_dir / "best.pt", model, data, loss_fn, device, ctx)
-        if ddp.is_main():
-            tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-            os.replace(tmp, metrics_path)
-        print("test (best.pt, epoch {epoch}): ".format(**metrics) + "  ".join(
+        metrics = evaluate_best(best, model, data, loss_fn, device, ctx)
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, metrics_path)
+        print(f"test ({best.name}, epoch {metrics['epoch']}): " + "  ".join(
             f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_")))
         made.append(metrics_path.name)
     exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
-    if cfg.checkpoint.export and not (only_missing and exported) and ddp.is_main():
-        print(f"exported best weights to {export_checkpoint(run_dir / 'best.pt', export_dir)}")
+    if cfg.checkpoint.export and not (only_missing and exported):
+        print(f"exported best weights to {export_checkpoint(best, export_dir)}")
         made.append(f"{export_dir.name}/")
     if only_missing and made:
         print(f"made the missing end-of-run output: {', '.join(made)}")
@@ -55,15 +70,14 @@ def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any
 
 
 def evaluate_best(best: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
-              device: torch.device, ctx: Any = None) -> dict[str, Any]:
+                  device: torch.device, ctx: Any = None) -> dict[str, Any]:
     """Metrics of best.pt on the test split (the split no choice of the run has seen)."""
     state = load_checkpoint(best, "cpu")
     load_model_state(ddp.unwrap(model), state["model_state_dict"], best)
     classification = data.task == "classification"
     split = data.split("test")
-    batches = Batches(ddp.shard(split), data.batch_size, device,
-                      num_workers=data.num_workers)
-    result = ddp.evaluate_all(model, batches, loss_fn, classification, ctx)
+    batches = Batches(split, data.batch_size, device, num_workers=data.num_workers)
+    result = evaluate(ddp.unwrap(model), batches, loss_fn, classification, ctx)
     metrics: dict[str, Any] = {"test_loss": result["loss"]}
     if classification:
         metrics["test_acc"] = result["acc"]
