@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
         plot = _confusion_matrix(outputs.argmax(1), targets, data.num_classes, stem)
     else:
         train = Batches(data.split("train"), data.batch_size, device)
-        plot = _regression_plot(train, batches, outputs, stem)
+        plot = _regression_plot(train, batches, outputs, stem, cfg.split)
     write_atomic(out, lambda handle: handle.write(json.dumps(metrics, indent=2) + "\n"))
     print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"wrote {out} and {plot}")
@@ -84,42 +84,22 @@ def _predict_all(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _confusion_matrix(pred: torch.Tensor, target: torch.Tensor, classes: int,
                       stem: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from engine.metrics import confusion_figure
 
     counts = torch.bincount(target * classes + pred, minlength=classes * classes)
-    matrix = counts.reshape(classes, classes)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    for i in range(classes):
-        for j in range(classes):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"accuracy {float(matrix.diag().sum() / matrix.sum()):.3f}")
-    path = stem.with_name(stem.name + "_confusion.png")
-    _save_plot(fig, path)
-    return path
+    return _save(confusion_figure(counts.reshape(classes, classes)),
+                 stem.with_name(stem.name + "_confusion.png"))
 
 
-def _regression_plot(train, test, predictions: torch.Tensor, stem: Path) -> Path:
-    """The workflow tutorial's plot: train and test points, and the model's predictions,
-    against the last feature column (x)."""
-    import matplotlib
+def _regression_plot(train, test, predictions: torch.Tensor, stem: Path, split: str) -> Path:
+    from engine.metrics import regression_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return _save(regression_figure([t.cpu() for t in _cat(train)],
+                                   [t.cpu() for t in _cat(test)], predictions, split),
+                 stem.with_name(stem.name + "_predictions.png"))
 
-    train_x, train_y = (t.cpu() for t in _cat(train))
-    test_x, test_y = (t.cpu() for t in _cat(test))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(train_x[:, -1], train_y[:, 0], s=6, c="b", label="training data")
-    ax.scatter(test_x[:, -1], test_y[:, 0], s=6, c="g", label="test data")
-    ax.scatter(test_x[:, -1], predictions[:, 0], s=14, c="r", marker="x", label="predictions")
-    ax.legend()
-    path = stem.with_name(stem.name + "_predictions.png")
+
+def _save(fig, path: Path) -> Path:
     _save_plot(fig, path)
     return path
 

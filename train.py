@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as ddp
 from engine.batches import Batches
@@ -22,16 +22,16 @@ from engine.checkpoint import load_state_dict_file, step_faults
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
-from engine.export import export_checkpoint
+from engine.finish import finish_run
 from engine.metrics import append_csv, plot_losses, write_csv
 from engine.preempt import StopSignal
 from engine.run import (
+    accept_run,
     build_checkpoint,
     check_finite,
     open_run,
     pin_memory_for,
     restore_checkpoint,
-    write_run_config,
 )
 from engine.runtime import autocast, seed_everything, set_deterministic
 
@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir, saver, resumed = open_run(cfg, device)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
-    write_run_config(run_dir, cfg)  # only now, with the checkpoint accepted
+    accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -78,23 +78,43 @@ def train(cfg: DictConfig) -> dict:
     stop = StopSignal(cfg.trainer.max_time)
     every_n_steps = cfg.checkpoint.every_n_steps or 0
     log_every = cfg.trainer.log_every_n_steps
+    epochs, every_n_epochs = cfg.trainer.epochs, cfg.checkpoint.every_n_epochs
+    monitor, mode = str(cfg.checkpoint.monitor), str(cfg.checkpoint.mode)
+    print_every_s = float(cfg.trainer.get("print_every_s", 0))
+    config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
     show_bar = sys.stdout.isatty()
+    plotted, plotted_at = len(progress.history), float("-inf")
+
+    def checkpoint() -> dict:
+        return build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress, config)
 
     def save(name: str, best: bool = False) -> Path:
+        nonlocal plotted, plotted_at
         check_finite(progress)
-        state = build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress)
-        path = saver.save(state, name, best=best)
+        path = saver.save(checkpoint(), name, best=best)
+        # The loss curve too, so a stopped or diverged run has one; at most every 30 s, as a
+        # plot of a long history costs up to a second.
+        if len(progress.history) > plotted and (
+                stop.reason or time.perf_counter() - plotted_at >= 30):
+            plot_losses(progress.history, run_dir / "loss_curve.png")
+            plotted, plotted_at = len(progress.history), time.perf_counter()
         if stop.reason:  # the process exits next: with checkpoint.async the file must be done
             saver.wait()
         return path
 
-    if resumed and progress.epoch >= cfg.trainer.epochs:
+    def finish(only_missing: bool = False) -> dict:
+        return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
+                          ctx, only_missing=only_missing)
+
+    if resumed and progress.epoch >= epochs:
         print(f"run {run_dir} is already complete ({progress.epoch} epochs); nothing to do. "
               f"Raise trainer.epochs to train on, or pick a new run_name=")
+        finish(only_missing=True)  # an interruption after the last checkpoint: make the rest
         return progress.history[-1] if progress.history else {}
     print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
                                          f"{progress.global_step})" if resumed else ""))
-    for epoch in range(progress.epoch + 1, cfg.trainer.epochs + 1):
+    printed = float("-inf")  # when the last epoch line was printed
+    for epoch in range(progress.epoch + 1, epochs + 1):
         started = time.perf_counter()
         model.train()
         batches = train_batches(epoch, start=progress.step_in_epoch)
@@ -149,36 +169,31 @@ def train(cfg: DictConfig) -> dict:
         if classification:
             row["val_acc"] = val["acc"]
         row["lr"] = lr
-        improved = progress.end_epoch(row, cfg.checkpoint.monitor, cfg.checkpoint.mode)
+        improved = progress.end_epoch(row, monitor, mode)
+        append_csv(run_dir / "metrics.csv", row)  # before the checkpoint: resume reads it back
         ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
-        periodic = epoch % cfg.checkpoint.every_n_epochs == 0 or epoch == cfg.trainer.epochs
+        periodic = epoch % every_n_epochs == 0 or epoch == epochs
         if periodic or stop.reason:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved)
         elif improved:
-            saver.save_best_only(build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler,
-                                                  progress))
-        append_csv(run_dir / "metrics.csv", row)
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in row.items())
-        print(f"{shown}  ({time.perf_counter() - started:.2f}s)", flush=True)
+            saver.save_best_only(checkpoint())  # kept in memory, written with the next save
+        now = time.perf_counter()
+        if periodic or stop.reason or now - printed >= print_every_s:  # long runs: throttled
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row.items())
+            print(f"{shown}  ({now - started:.2f}s)", flush=True)
+            printed = now
         if stop.reason:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
 
     saver.close()  # checkpoint.async: the last write is durable (or its error raised) here
     stop.restore()
-    plot_losses(progress.history, run_dir / "loss_curve.png")
-    if cfg.checkpoint.export:  # deployment copy of best.pt: safetensors + config.yaml
-        pt2 = cfg.checkpoint.export_pt2  # + model.pt2 (torch.export), opt-in: seconds to trace
-        example = next(iter(val_batches))[0][:2] if pt2 else None
-        exported = export_checkpoint(run_dir / "best.pt", run_dir / "export",
-                                     raw_model if pt2 else None, example)
-        print(f"exported best weights to {exported}")
-    final = progress.history[-1]
-    print(f"done: {run_dir}/last.pt, best.pt (best {cfg.checkpoint.monitor} "
-          f"{progress.best_value:.4g} at epoch {progress.best_epoch}), metrics.csv, "
-          f"loss_curve.png")
-    return final
+    finish()  # loss curve, best.pt on the test split, export/
+    print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
+          f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"
+          + (", export/" if cfg.checkpoint.export else ""))
+    return progress.history[-1]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

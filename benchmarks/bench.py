@@ -23,6 +23,11 @@ to bench-results/ (git-ignored).
 6. start-up: process start to the first training step of `python train.py` vs
    `python -c "import torch, torchvision"` (and vs a minimal hand-written training script).
 7. GPU throughput: needs a GPU.
+8. long runs of a tiny model, tutorial 002's workflow (quadratic CSV, batch 128, lr 1e-4, a
+   checkpoint every tenth of the run, 4N = 10,000 epochs as in the tutorial): `python
+   train.py` vs the tutorial's own script (benchmarks/tutorial_002.py), whole processes; and
+   train.py's cost per epoch in a run 4x as long, (T(4N) - T(1)) / (4N - 1) vs
+   (T(N) - T(1)) / (N - 1): 1.0 when an epoch costs the same however long the run is.
 """
 
 from __future__ import annotations
@@ -687,6 +692,62 @@ def bench_startup(reps: int, scratch: Path) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------- 8. long runs
+
+TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001",
+                "trainer.device=cpu"]
+
+
+def wall_time(args: list[str], env: dict[str, str]) -> float:
+    start = perf()
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {result.returncode}\n"
+                           f"{result.stderr[-2000:]}")
+    return perf() - start
+
+
+def bench_long_runs(epochs: int, reps: int, scratch: Path) -> list[Row]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ENGINE_FAULT", None)
+    root = scratch / "long"
+
+    def project(n: int, rep: int) -> float:
+        return wall_time([sys.executable, str(REPO / "train.py"), *TUTORIAL_002,
+                          f"trainer.epochs={n}", f"checkpoint.every_n_epochs={max(1, n // 10)}",
+                          f"checkpoint.root={root}", f"run_name=long-{n}-{rep}"], env)
+
+    def tutorial(rep: int) -> float:
+        out = root / f"tutorial-{rep}"
+        out.mkdir(parents=True, exist_ok=True)
+        return wall_time([sys.executable, str(REPO / "benchmarks" / "tutorial_002.py"),
+                          str(4 * epochs), str(max(1, 4 * epochs // 10)),
+                          str(REPO / "data" / "quadratic.csv"), str(out)], env)
+
+    runs = alternate({"long": lambda r: project(4 * epochs, r), "tutorial": tutorial,
+                      "one": lambda r: project(1, r), "short": lambda r: project(epochs, r)},
+                     reps)
+    shutil.rmtree(root, ignore_errors=True)
+    ratios = [a / b for a, b in zip(runs["long"], runs["tutorial"], strict=True)]
+    short = [(t - t1) / (epochs - 1) for t, t1 in zip(runs["short"], runs["one"], strict=True)]
+    long = [(t - t1) / (4 * epochs - 1) for t, t1 in zip(runs["long"], runs["one"], strict=True)]
+    growth = [b / a for a, b in zip(short, long, strict=True)]
+    return [
+        Row("8", f"tutorial 002 workflow, {4 * epochs} epochs", "python train.py",
+            "tutorial's script", median(runs["long"]), median(runs["tutorial"]), "s",
+            median(ratios), "A/B", "<= 1.0", median(ratios) <= 1.0, reps,
+            note="whole processes (start-up, training, checkpoints, end-of-run outputs); "
+                 "the tutorial's script: benchmarks/tutorial_002.py",
+            a_all=runs["long"], b_all=runs["tutorial"], ratio_all=ratios),
+        Row("8", f"train.py cost per epoch, {4 * epochs} vs {epochs} epochs",
+            f"{4 * epochs} epochs", f"{epochs} epochs", median(long), median(short), "s",
+            median(growth), "A/B", "<= 1.2", median(growth) <= 1.2, reps,
+            note="per epoch: (T(n) - T(1)) / (n - 1), whole processes",
+            a_all=long, b_all=short, ratio_all=growth),
+    ]
+
+
 # -------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -698,8 +759,11 @@ def main(argv: list[str] | None = None) -> int:
                              "VGG16, 5 for items 3-6; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for items 1-5 (default: torch's choice)")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7",
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8",
                         help="comma-separated items to run, e.g. 3,5")
+    parser.add_argument("--long-epochs", type=int, default=None,
+                        help="item 8: epochs of the shorter run (default 2500; 25 with "
+                             "--quick); the longer one, and the tutorial's, 4x as many")
     parser.add_argument("--workloads", default="linear,digits,vgg16",
                         help="training workloads of items 1-2 (linear, digits, vgg16)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results",
@@ -757,6 +821,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Skipped("7", "GPU images/s, VGG16 224x224", "no GPU"
                                 if not torch.cuda.is_available() else
                                 "GPU measurement not implemented in this version"))
+        if "8" in items:
+            print("item 8: long runs, tutorial 002 ...", flush=True)
+            rows += bench_long_runs(args.long_epochs or (25 if args.quick else 2500),
+                                    args.reps or (1 if args.quick else 3), scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = perf() - began

@@ -83,11 +83,19 @@ def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides),
+                      return_hydra_config=True)
+    # As under @hydra.main: `${hydra:runtime.choices.data}` (train.yaml's `name`) resolves.
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:

@@ -80,6 +80,9 @@ def validate_train(cfg: DictConfig) -> None:
     if trainer.max_time is not None and not (isinstance(trainer.max_time, (int, float))
                                              and trainer.max_time > 0):
         raise UserError(f"trainer.max_time={trainer.max_time!r}: expected seconds > 0 or null")
+    every = trainer.get("print_every_s", 0)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise UserError(f"trainer.print_every_s={every!r}: expected seconds >= 0")
     resolve_device(trainer.device)
     _check_weights_keys(cfg)
     if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":

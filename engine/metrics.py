@@ -41,9 +41,48 @@ def append_csv(path: Path, row: dict) -> None:
         raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
+def read_history(path: Path, epoch: int) -> list[dict]:
+    """The rows of metrics.csv for epochs 1..`epoch` (the history of a checkpoint at `epoch`).
+
+    Checkpoints do not carry the history (it would make every save grow with the run's
+    length): metrics.csv is the history. A row is appended before the checkpoint of its epoch
+    is written, so the file has at least the checkpoint's epochs; later rows (of epochs the
+    resumed run recomputes) are dropped. Values are read back as int/float, so rewriting
+    them with write_csv gives the same bytes."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as rows:
+        history = []
+        for row in csv.DictReader(rows):
+            try:
+                parsed = {k: int(v) if k in ("epoch", "step") else float(v)
+                          for k, v in row.items()}
+            except (TypeError, ValueError):
+                break  # a torn or foreign row: keep what came before it
+            if parsed.get("epoch") != len(history) + 1 or parsed["epoch"] > epoch:
+                break
+            history.append(parsed)
+    return history
+
+
 @rank_zero_only
 def plot_losses(rows: list[dict], path: Path) -> None:
-    """Train and validation loss per epoch, as PNG."""
+    """Train and validation loss per epoch, as PNG (written atomically: a kill mid-write
+    never leaves a torn file that a later resume would take as done)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows)
+    try:
+        write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def loss_figure(rows: list[dict]):
+    """The loss-curve figure (open, for tests to inspect before it is saved)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,13 +95,65 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_yscale("log" if min(r["val_loss"] for r in rows) > 0 else "linear")
+    ax.set_title(f"training and validation loss ({len(rows)} epochs)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def regression_figure(train: tuple[torch.Tensor, torch.Tensor],
+                      test: tuple[torch.Tensor, torch.Tensor], predictions: torch.Tensor,
+                      split: str = "test"):
+    """The workflow tutorial's plot_predictions: train and `split` points and the model's
+    predictions against the last feature column (x). The data points are drawn above the
+    prediction markers, so a good fit does not hide them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data",
+               zorder=2)
+    ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5,
+               label="predictions", zorder=3)
+    ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data",
+               zorder=4)
+    ax.set_xlabel("x (input feature)")
+    ax.set_ylabel("y (target / prediction)")
+    ax.set_title(f"predictions on the {split} split")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None):
+    """Confusion matrix with every class labelled and each count readable (white on dark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = matrix.shape[0]
+    names = class_names or [str(i) for i in range(classes)]
+    size = max(5.0, 0.6 * classes + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set_xticks(range(classes), names, rotation=90 if max(map(len, names)) > 3 else 0)
+    ax.set_yticks(range(classes), names)
+    dark = float(matrix.max()) / 2
+    for i in range(classes):
+        for j in range(classes):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=10,
+                    color="white" if float(matrix[i, j]) > dark else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = float(matrix.sum())
+    ax.set_title(f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}")
+    fig.tight_layout()
+    return fig
 
 
 @torch.inference_mode()

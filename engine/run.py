@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import (
     FORMAT_VERSION,
+    atomic_link,
     find_latest,
     load_checkpoint,
+    load_file,
     load_model_state,
     remove_stale_tmp,
 )
@@ -38,6 +40,7 @@ from engine.distributed import (
 )
 from engine.errors import UserError
 from engine.fingerprint import changes, run_fingerprint
+from engine.metrics import read_history
 from engine.outputs import write_atomic
 from engine.runlock import lock_run_dir, unlock_run_dir
 from engine.runtime import rng_state, set_rng_state
@@ -151,20 +154,43 @@ def open_run(cfg: DictConfig, device: torch.device) -> tuple[Path, Saver, dict |
     run_dir, source = on_main(on_rank0)
     if is_main():
         return run_dir, MainOnly(opened["saver"]), _own_best(cfg, run_dir, opened["resumed"])
-    resumed = _own_best(cfg, run_dir, load_on_rank(source, device) if source else None)
+    resumed = _own_best(cfg, run_dir, with_history(load_on_rank(source, device), source)
+                        if source else None)
     saver = Saver(run_dir, cfg.checkpoint.keep_last,
                   resumed.get("saved_files") if resumed else None)
     return run_dir, MainOnly(saver), resumed
 
 
 def _own_best(cfg: DictConfig, run_dir: Path, resumed: dict | None) -> dict | None:
-    """resume=PATH from another run's folder: that run's best.pt stays there, so this folder
-    picks its own (else a run whose epochs never beat it would end with no best.pt). On
-    every rank alike, so they agree on each best save."""
+    """resume=PATH from another run's folder keeps the best value as an uninterrupted run would
+    (exact resume; Lightning's ModelCheckpoint restores best_model_score the same way). The
+    file of that best epoch is brought along once the run is accepted (accept_run)."""
     if resumed and str(cfg.resume) != "auto" and \
             Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
-        resumed["best"] = None
+        resumed["best_from"] = str(cfg.resume)
     return resumed
+
+
+def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
+    """The inherited best epoch's checkpoint becomes this folder's best.pt when it is at hand
+    (the resumed file itself, or epoch_N.pt beside it), so `evaluate.py ckpt=NEW/best.pt`
+    works even when no later epoch beats it; otherwise best.pt comes with the first better
+    epoch, and the end of the run uses last.pt in its place (engine/finish.py)."""
+    source = (resumed or {}).get("best_from")
+    best_epoch = ((resumed or {}).get("best") or {}).get("epoch")
+    if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
+        return
+    source = Path(source)
+    for candidate in (source, source.parent / f"epoch_{best_epoch:04d}.pt"):
+        try:
+            head = load_file(candidate, check=False)  # memory-mapped: only counters are read
+        except UserError:
+            continue
+        if isinstance(head, dict) and head.get("epoch") == best_epoch and \
+                not head.get("step_in_epoch"):
+            atomic_link(candidate, run_dir / "best.pt")
+            print(f"best.pt: {candidate} (the best epoch so far, {best_epoch})")
+            return
 
 
 def _open_locked(cfg: DictConfig, device: torch.device
@@ -207,9 +233,11 @@ def _open_run_dir(cfg: DictConfig, device: torch.device
         if existing and not inside:
             raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
                             f"run; set run_name=NEW_NAME to continue {path} there")
+    if resumed is not None:
+        resumed = with_history(resumed, source)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)  # a new directory is locked once it exists (no-op if held)
-    # config.yaml: write_run_config, once the checkpoint is accepted
+    # config.yaml: accept_run, once the checkpoint is restored
     saver = _LockedSaver(run_dir, cfg.checkpoint.keep_last,
                          resumed.get("saved_files") if resumed and not weights_mode else None,
                          background=bool(cfg.checkpoint.get("async", False)))
@@ -245,12 +273,31 @@ def _weights_mode(cfg: DictConfig, run_dir: Path, existing: list[str]) -> bool:
     return True
 
 
-def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
-    """config.yaml, written (atomically, on rank 0) only once the checkpoint has been restored:
-    a resume refused for weights or state that do not fit leaves the run folder as it was, and
-    it records the values that run (optimizer overrides applied on resume included)."""
+def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None) -> None:
+    """The run is accepted (its checkpoint restored): only now does the folder change.
+    config.yaml is written atomically on rank 0 and records the values that run (optimizer
+    overrides applied on resume included); a resume refused for weights or state that do not
+    fit leaves the run folder as it was."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    on_main(lambda: write_atomic(run_dir / "config.yaml", lambda out: out.write(text)))
+
+    def on_rank0() -> None:
+        write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
+        _bring_best_along(run_dir, resumed)
+
+    on_main(on_rank0)
+
+
+def with_history(state: dict, source: str | None) -> dict:
+    """A checkpoint's metrics rows, read from the metrics.csv beside it (checkpoints of this
+    format do not carry them; older ones and other programs' files keep what they have)."""
+    if "history" in state or "format_version" not in state or source is None:
+        return state
+    csv_path = Path(source).parent / "metrics.csv"
+    history = read_history(csv_path, int(state["epoch"]))
+    if len(history) < int(state["epoch"]) and is_main():
+        print(f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
+              f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those")
+    return {**state, "history": history}
 
 
 def pin_memory_for(data: Any, device: torch.device) -> bool:
@@ -259,8 +306,13 @@ def pin_memory_for(data: Any, device: torch.device) -> bool:
 
 
 def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, scheduler, scaler,
-                     progress: Progress) -> dict[str, Any]:
-    """The tutorial's general-checkpoint keys plus everything exact resume needs, all plain."""
+                     progress: Progress, config: dict | None = None) -> dict[str, Any]:
+    """The tutorial's general-checkpoint keys plus everything exact resume needs, all plain.
+
+    No metrics history: metrics.csv is the history (see engine.metrics.read_history), so a
+    save costs the same at epoch 10 and at epoch 10,000. `config`: the resolved config as
+    containers, computed once by the caller (resolving it costs more than a small model's
+    epoch)."""
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     weights = model.state_dict()
     check_finite_weights(weights, progress)
@@ -279,8 +331,7 @@ def build_checkpoint(cfg: DictConfig, model: torch.nn.Module, optimizer, schedul
         "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
         "best": {"monitor": str(cfg.checkpoint.monitor), "value": progress.best_value,
                  "epoch": progress.best_epoch},
-        "history": [dict(row) for row in progress.history],
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config if config is not None else OmegaConf.to_container(cfg, resolve=True),
         "versions": dict(_versions()),
         "format_version": FORMAT_VERSION,
         "world_size": world_size(),

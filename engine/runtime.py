@@ -58,7 +58,7 @@ def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+        "python": {"version": version, "state": torch.from_numpy(np.array(mt, dtype=np.int64)),
                    "gauss": gauss},
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                   "has_gauss": has_gauss, "cached_gaussian": cached},

@@ -47,6 +47,7 @@ class Saver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._snapshot = _Snapshot()
+        self._best: dict[str, Any] | None = None  # best state not yet written (save_best_only)
         if background:
             _LIVE.add(self)
 
@@ -58,24 +59,28 @@ class Saver:
             self.saved.append(name)
         state["saved_files"] = list(self.saved)
         saved = list(self.saved)
+        pending, self._best = (None if best else self._best), None
         if self.background:
             self.saved = saved[-self.keep_last:]  # what prune() keeps once the file is durable
-            self._start(self._write, self._snapshot.take(state), path, best, saved, start)
+            self._start(self._write, self._snapshot.take(state), path, best, saved, start,
+                        pending)
         else:
-            self.saved = self._write(state, path, best, saved, start)
+            self.saved = self._write(state, path, best, saved, start, pending)
         return path
 
-    def save_best_only(self, state: dict[str, Any]) -> Path:
-        """best.pt for an epoch that is not a periodic save: a full, resumable file."""
-        start = time.monotonic()
-        self.wait()
+    def save_best_only(self, state: dict[str, Any]) -> None:
+        """best.pt for an epoch that is not a periodic save: a CPU copy kept in memory and
+        written (a full, resumable file) just before the next save.
+
+        Writing it at every improving epoch made each epoch cost a file write that grows
+        with the model and the run. Deferring is still exact: a kill before the next save
+        loses only epochs that the resumed run recomputes bit for bit, best.pt included."""
         state["saved_files"] = list(self.saved)
-        path = self.run_dir / "best.pt"
-        if self.background:
-            self._start(self._write_best, self._snapshot.take(state), path, start)
-        else:
-            self._write_best(state, path, start)
-        return path
+        # Own buffers: the live tensors keep changing. The config and versions are the same
+        # unchanging objects at every save, so they are shared, not deep-copied each epoch.
+        shared = {k: state[k] for k in ("config", "versions") if k in state}
+        copied = _Snapshot().take({k: v for k, v in state.items() if k not in shared})
+        self._best = {k: shared[k] if k in shared else copied[k] for k in state}
 
     def wait(self) -> None:
         """Block until the background write (if any) is durable; raise its error if it failed."""
@@ -99,7 +104,9 @@ class Saver:
     # -------------------------------------------------------------------------- internals
 
     def _write(self, state: dict[str, Any], path: Path, best: bool, saved: list[str],
-               start: float) -> list[str]:
+               start: float, pending_best: dict[str, Any] | None = None) -> list[str]:
+        if pending_best is not None:  # first: a resume from `path` must find its best.pt
+            atomic_save(pending_best, self.run_dir / "best.pt")
         atomic_save(state, path)
         atomic_link(path, self.run_dir / "last.pt")
         if best:
@@ -107,10 +114,6 @@ class Saver:
         keep = prune(self.run_dir, saved, self.keep_last)
         self.last_seconds = time.monotonic() - start
         return keep
-
-    def _write_best(self, state: dict[str, Any], path: Path, start: float) -> None:
-        atomic_save(state, path)
-        self.last_seconds = time.monotonic() - start
 
     def _start(self, target: Callable[..., Any], *args: Any) -> None:
         def run() -> None:
@@ -181,6 +184,8 @@ class _Snapshot:
             if isinstance(obj, tuple):
                 items = [walk(v) for v in obj]
                 return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+            if obj is None or type(obj) in (int, float, str, bool):
+                return obj  # immutable: no deepcopy (a checkpoint has many of these)
             return copy.deepcopy(obj)
 
         result = walk(state)

@@ -37,10 +37,18 @@ def compose():
     from hydra.core.global_hydra import GlobalHydra
 
     def _compose(config_name: str, overrides: list[str] | None = None):
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict
+
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides or [],
-                                 return_hydra_config=False)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides or [],
+                                return_hydra_config=True)
+        # As under @hydra.main: `${hydra:runtime.choices.data}` (the default run name) resolves.
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -20,7 +20,7 @@ def test_quick_bench_prints_every_item_and_writes_results(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     rows = data["rows"]
-    assert {row["item"] for row in rows} == {"1", "2", "3", "4", "5", "6", "7"}
+    assert {row["item"] for row in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
     measured = [row for row in rows if not row["skipped"]]
     for row in measured:
         assert math.isfinite(row["ratio"]) and row["a"] > 0 and row["b"] > 0, row

@@ -23,8 +23,8 @@ from engine.errors import UserError
 
 def test_linear_matches_the_tutorial():
     data = LinearData()
-    train, test = data.split("train"), data.split("test")
-    assert (len(train), len(test)) == (40, 10)  # arange(0, 1, 0.02) split 80/20
+    train, val, test = data.split("train"), data.split("val"), data.split("test")
+    assert (len(train) + len(val), len(test)) == (40, 10)  # arange(0, 1, 0.02) split 80/20
     assert torch.allclose(train.y, 0.7 * train.x + 0.3)
     assert torch.equal(test.x[0], torch.tensor([0.8]))
 
