@@ -1,6 +1,7 @@
 """`resume=OTHER_RUN/epoch_N.pt run_name=NEW` (the README's example, found by its doctest):
-the new folder gets its own best.pt even when no epoch beats the old run's best, so the final
-export and `evaluate.py ckpt=NEW/best.pt` work."""
+the best value goes on exactly as in an uninterrupted run, and the checkpoint of that best
+epoch comes along as the new folder's best.pt, so the final export and
+`evaluate.py ckpt=NEW/best.pt` work even when no later epoch beats it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def test_resume_into_a_new_folder_writes_its_own_best(tmp_path):
                         "trainer.epochs=3", root=tmp_path)
     best = tmp_path / "continued" / "best.pt"
     assert best.is_file(), result.stdout
-    assert torch.load(best, weights_only=True)["epoch"] == 3
+    assert torch.load(best, weights_only=True)["epoch"] == 2  # the inherited best epoch
+    last = torch.load(tmp_path / "continued" / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and last["best"]["value"] == -1.0  # not reset
     assert (tmp_path / "continued" / "export" / "model.safetensors").is_file()
     assert (tmp_path / "linear_regression" / "best.pt").is_file()  # the old run is untouched
