@@ -453,7 +453,7 @@ def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
         p.grad = p.detach() * 1e-3
     optimizer.step()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    progress = Progress(epoch=1, step_in_epoch=0, global_step=100,
+    progress = Progress(epoch=1, step_in_epoch=10, global_step=100,
                         losses=[torch.tensor(0.5)] * 10)
     state = build_checkpoint(cfg, model, optimizer, None, scaler, progress)
     return state, cfg, fresh

@@ -236,14 +236,15 @@ def test_malformed_fields_are_one_line(original, tmp_path, case):
 
 def test_mid_epoch_position_beyond_the_epoch_is_refused_once_data_is_known(original,
                                                                             tmp_path):
-    """1000 losses for 1000 batches pass the file check; this data has 5 batches an epoch."""
+    """1000 losses for 1000 batches pass the file check; this data has 4 batches an epoch
+    (32 training samples, batch 8)."""
     path = tmp_path / "far.pt"
     torch.save({**original, "step_in_epoch": 1000, "epoch_step_losses": torch.zeros(1000)},
                path)
     load_checkpoint(path)
     with pytest.raises(UserError) as info:
         resume_path(path, tmp_path)
-    assert_one_line(info.value, "step_in_epoch=1000", "5 batches")
+    assert_one_line(info.value, "step_in_epoch=1000", "4 batches")
 
 
 def test_tutorial_checkpoint_with_tensor_loss_still_loads(original, tmp_path):
