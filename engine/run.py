@@ -392,8 +392,8 @@ def restore_checkpoint(state: dict | None, model: torch.nn.Module, optimizer, sc
                   f"{epoch + 1}")
             print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
     _check_optimizer_state(optimizer, source)
-    _check_schedule_length(state, fresh_schedule, cfg, source)
     applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
+    _check_schedule_length(state, fresh_schedule, cfg, source, ignore=applied)
     if not tutorial:
         _warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
@@ -552,16 +552,18 @@ _SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_w
                       "_is_initial", "base_lrs", "verbose"}
 
 
-def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig,
-                           source: str) -> None:
+def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, source: str,
+                           ignore: set[str] = frozenset()) -> None:
     """A changed trainer.epochs is fine unless the schedule was derived from it (cosine's
-    T_max): the loaded scheduler would keep the old length while config.yaml says the new."""
+    T_max): the loaded scheduler would keep the old length while config.yaml says the new.
+    Settings given explicitly on resume (`ignore`, e.g. scheduler.gamma) were applied."""
     before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
     saved = state.get("scheduler_state_dict")
     if fresh is None or not isinstance(saved, dict) or before in (None, cfg.trainer.epochs):
         return
     derived = {k: (saved[k], v) for k, v in fresh.items()
-               if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v}
+               if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v
+               and f"scheduler.{k}" not in ignore}
     if derived:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
         raise UserError(f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
