@@ -17,22 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as ddp
-from engine.batches import Batches
-from engine.checkpoint import load_state_dict_file, step_faults
+from engine.batches import Batches, pin_memory_for
+from engine.checkpoint.load import load_state_dict_file
+from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
+from engine.faults import step_faults
 from engine.finish import finish_run
-from engine.metrics import append_csv, plot_losses, write_csv
+from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
 from engine.preempt import StopSignal
-from engine.run import (
-    accept_run,
-    build_checkpoint,
-    check_finite,
-    open_run,
-    pin_memory_for,
-    restore_checkpoint,
-)
+from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
 
 
@@ -86,12 +81,13 @@ def train(cfg: DictConfig) -> dict:
     plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
-        return build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress, config)
+        return build_checkpoint(config, raw_model, optimizer, scheduler, scaler, progress)
 
     def save(name: str, best: bool = False) -> Path:
         nonlocal plotted, plotted_at
         check_finite(progress)
-        path = saver.save(checkpoint(), name, best=best)
+        # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes
+        path = ddp.on_main(saver.save, checkpoint(), name, best=best)
         # The loss curve too, so a stopped or diverged run has one; at most every 30 s, as a
         # plot of a long history costs up to a second.
         if len(progress.history) > plotted and (
@@ -99,7 +95,7 @@ def train(cfg: DictConfig) -> dict:
             plot_losses(progress.history, run_dir / "loss_curve.png")
             plotted, plotted_at = len(progress.history), time.perf_counter()
         if stop.reason:  # the process exits next: with checkpoint.async the file must be done
-            saver.wait()
+            ddp.on_main(saver.wait)
         return path
 
     def finish(only_missing: bool = False) -> dict:
@@ -156,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
-        val = ddp.evaluate_all(model, val_batches, loss_fn, classification, ctx)
+        val = evaluate_all(model, val_batches, loss_fn, classification, ctx)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "
@@ -176,7 +172,7 @@ def train(cfg: DictConfig) -> dict:
         if periodic or stop.reason:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved)
         elif improved:
-            saver.save_best_only(checkpoint())  # kept in memory, written with the next save
+            ddp.on_main(saver.save_best_only, checkpoint())  # written with the next save
         now = time.perf_counter()
         if periodic or stop.reason or now - printed >= print_every_s:  # long runs: throttled
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -187,7 +183,7 @@ def train(cfg: DictConfig) -> dict:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
 
-    saver.close()  # checkpoint.async: the last write is durable (or its error raised) here
+    ddp.on_main(saver.close)  # checkpoint.async: the last write is durable (or raised) here
     stop.restore()
     finish()  # loss curve, best.pt on the test split, export/
     print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "

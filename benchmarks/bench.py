@@ -15,7 +15,7 @@ to bench-results/ (git-ignored).
    with the same index batching, model, data, batch size and seed. The two run in lockstep,
    one step each in turn, and end with bit-identical weights (checked).
 2. epoch time of the same template loop vs a DataLoader(TensorDataset) loop (in lockstep too).
-3. checkpoint write throughput of engine.checkpoint.atomic_save vs a raw sequential write of
+3. checkpoint write throughput of engine.saver.atomic_save vs a raw sequential write of
    the same number of bytes to the same disk, both fsynced.
 4. checkpoint.async=true: how long save() blocks training, as a fraction of a synchronous save.
 5. restore of a checkpoint (load_checkpoint + restore_checkpoint, the resume path) vs a raw
@@ -431,7 +431,7 @@ def batches_only(work: Workload, root: Path) -> Row:
 def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
     """A realistic training checkpoint (build_checkpoint of VGG16 + SGD momentum, as in
     experiment=vgg16_cifar10), and a factory for a fresh model/optimizer to restore into."""
-    from engine.run import Progress, build_checkpoint
+    from engine.checkpoint.state import Progress, build_checkpoint
 
     cfg = compose_train(["experiment=vgg16_cifar10", "trainer.device=cpu"])
 
@@ -506,9 +506,9 @@ def drop_cache(path: Path) -> None:
 
 
 def bench_checkpoints(items: set[str], quick: bool, reps: int, scratch: Path) -> list[Row]:
-    from engine.checkpoint import atomic_save, load_checkpoint
-    from engine.run import restore_checkpoint
-    from engine.saver import Saver
+    from engine.checkpoint.load import load_checkpoint
+    from engine.checkpoint.state import restore_checkpoint
+    from engine.saver import Saver, atomic_save
 
     folder = scratch / "ckpt"
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from data.base import DataModule, TensorSplit
+from data.base import DataModule
+from engine.batches import TensorSplit
 
 
 class RandomImages(DataModule):

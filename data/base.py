@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
+from engine.batches import Split
 from engine.errors import UserError
-
-
-@dataclass
-class TensorSplit:
-    """A split held in memory; the engine batches it by indexing, with no per-sample Python."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-
-Split = TensorSplit | Dataset
 
 
 def max_workers() -> int:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from data.base import DataModule, TensorSplit
+from data.base import DataModule
 from data.images import image_transform, load_images
+from engine.batches import TensorSplit
 from engine.errors import UserError
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from data.base import DataModule, TensorSplit, seeded_split
+from data.base import DataModule, seeded_split
 from data.tabular import read_feature_csv
+from engine.batches import TensorSplit
 from engine.errors import UserError
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from data.base import DataModule, TensorSplit, seeded_split
+from data.base import DataModule, seeded_split
 from data.tabular import read_numeric_columns
+from engine.batches import TensorSplit
 from engine.errors import UserError
 
 

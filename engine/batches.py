@@ -7,15 +7,41 @@ DataLoader's RandomSampler draws from the global RNG instead, which is why it is
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import Split, TensorSplit
+from engine.runlock import release_inherited_lock
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory; the engine batches it by indexing, with no per-sample Python."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+Split = TensorSplit | Dataset
 
 ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision-free in practice
+
+
+def batches_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches each rank runs per epoch: its ceil(samples / world_size) share (short ranks
+    repeat a few samples, as DistributedSampler), in batches of `batch_size`."""
+    per_rank = -(-samples // world_size)
+    return -(-per_rank // batch_size)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -35,8 +61,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     if MASKABLE:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    from engine.runlock import release_inherited_lock
-
     release_inherited_lock()
 
 
@@ -58,7 +82,7 @@ class Batches:
             self.y = split.y.to(device)
 
     def __len__(self) -> int:
-        return -(-self.per_rank // self.batch_size)
+        return batches_per_epoch(self.n, self.batch_size, self.world_size)
 
     def batch_sizes(self) -> torch.Tensor:
         """Samples in each batch of an epoch (only the last one can be short)."""
@@ -128,10 +152,6 @@ def die_with_parent(worker_id: int = 0) -> None:
     """In a DataLoader worker: ask Linux to kill this worker when its parent dies (even by
     SIGKILL or the OOM killer, when PyTorch's own cleanup never runs), so no worker
     outlives the run. A no-op where prctl does not exist."""
-    import ctypes
-    import signal
-    import sys
-
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -140,7 +160,11 @@ def die_with_parent(worker_id: int = 0) -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    import os
-
     if os.getppid() == 1:  # the parent died before the call: follow it now
         os._exit(1)
+
+
+def pin_memory_for(data: Any, device: torch.device) -> bool:
+    """data.pin_memory: true, false, or auto (pinned host memory when training on CUDA)."""
+    pin = getattr(data, "pin_memory", False)
+    return device.type == "cuda" if pin == "auto" else bool(pin)

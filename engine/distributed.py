@@ -7,9 +7,9 @@ torchrun every helper is a no-op, so `python train.py` runs the single-process c
 
 Rules the helpers keep, so that no rank ever waits forever for another:
   * every rank calls a collective helper at the same points in the same order;
-  * rank 0 alone touches the run directory (checkpoints, metrics.csv, plots, config.yaml) in
-    `on_main`, which hands its result - or its error - to every rank, and doubles as the
-    barrier after a save;
+  * rank 0 alone touches the run directory (checkpoints, metrics.csv, plots, config.yaml):
+    the callers say so at each write, with `on_main` (which hands its result - or its error -
+    to every rank, and doubles as the barrier after a save) or `rank_zero_only`;
   * a decision one rank can take alone (a NaN loss, a stop signal, the time budget) is
     all-reduced before anyone acts on it.
 """
@@ -27,8 +27,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 
-from data.base import Split, TensorSplit
+from engine.batches import Split, TensorSplit
 from engine.errors import UserError, user_error_in
 from engine.runtime import resolve_device
 
@@ -154,8 +156,6 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel under torchrun (gradients all-reduced in backward)."""
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index]
                                    if device.type == "cuda" else None)
 
@@ -182,8 +182,6 @@ def shard(split: Split) -> Split:
     r, w = rank(), world_size()
     if isinstance(split, TensorSplit):
         return TensorSplit(split.x[r::w], split.y[r::w])
-    from torch.utils.data import Subset
-
     return Subset(split, range(r, len(split), w))
 
 
@@ -213,17 +211,18 @@ def any_rank(flag: bool) -> bool:
     return all_sum([1.0 if flag else 0.0])[0] > 0
 
 
-def on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only; every rank returns its result or raises its error.
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn(*args, **kwargs)` on rank 0 only; every rank returns its result or raises its
+    error.
 
     The broadcast also makes the other ranks wait until `fn` is done (the barrier after a
     save), and an error on rank 0 stops every rank instead of leaving them waiting."""
     if not is_distributed():
-        return fn()
+        return fn(*args, **kwargs)
     box: list[Any] = [None]
     if is_main():
         try:
-            box[0] = ("ok", fn())
+            box[0] = ("ok", fn(*args, **kwargs))
         except BaseException as err:
             box[0] = ("user" if user_error_in(err) is not None else "crash",
                       f"{type(err).__name__}: {err}")
@@ -238,23 +237,12 @@ def on_main(fn: Callable[[], T]) -> T:
     raise RuntimeError(f"rank 0 failed: {value}")
 
 
-class MainOnly:
-    """A proxy whose method calls run on rank 0 only (`on_main`); other attributes read
-    through. Used for the Saver: only rank 0 writes checkpoints, every rank waits for it."""
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
-        if not callable(value):
-            return value
-
-        @functools.wraps(value)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return on_main(lambda: value(*args, **kwargs))
-
-        return call
+def broadcast_from_main(tensors: Any) -> None:
+    """Overwrite each tensor with rank 0's values (in place), e.g. BatchNorm statistics."""
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
@@ -280,72 +268,3 @@ def should_stop(stop: Any, reserve: float | None = None, step: int | None = None
         stop.reason = stop.reason or "stop requested on another rank"
         return True
     return False
-
-
-# ------------------------------------------------------------------------- checkpoints
-
-def rank_states(state: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Each rank's resume state (RNG, this epoch's step losses), gathered on rank 0."""
-    if not is_distributed():
-        return None
-    return gather_to_main(state)
-
-
-def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any, int]:
-    """(RNG state, epoch step losses, step in epoch) this rank resumes from.
-
-    Same world size: each rank its own saved share, so the run continues bit for bit.
-    Another world size (a single-process checkpoint under torchrun, or back): rank 0 takes
-    the saved RNG state, the others keep their fresh seeds; a half-done epoch restarts
-    from its first batch, because the per-rank slices of its order have changed."""
-    saved_world = int(checkpoint.get("world_size", 1))
-    step = int(checkpoint.get("step_in_epoch", 0))
-    shares = checkpoint.get("rank_states")
-    if saved_world == world_size():
-        if shares and len(shares) == saved_world:
-            mine = shares[rank()]
-            return mine["rng_state"], mine["epoch_step_losses"], step
-        return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
-    if is_main():
-        warnings.warn(f"the checkpoint was written by {saved_world} process(es), this run has "
-                      f"{world_size()}: each process now sees other samples, so the result "
-                      f"will not match an uninterrupted run"
-                      + (f"; epoch {int(checkpoint['epoch']) + 1} restarts from its first "
-                         f"batch" if step else ""), stacklevel=3)
-    rng = checkpoint.get("rng_state") if is_main() else None
-    if step:
-        return rng, None, 0
-    return rng, checkpoint.get("epoch_step_losses"), step
-
-
-def load_on_rank(path: str, device: torch.device) -> dict:
-    """The checkpoint rank 0 chose, read by another rank (same file system needed)."""
-    from engine.checkpoint import load_checkpoint
-
-    try:
-        return load_checkpoint(path, device)
-    except UserError as err:
-        raise UserError(f"rank {rank()}: {err} (with several nodes, checkpoint.root must be "
-                        f"on a file system every node shares)") from None
-
-
-def evaluate_all(model: torch.nn.Module, batches: Any, loss_fn: Any, classification: bool,
-                 autocast_ctx: Any = None) -> dict[str, float]:
-    """metrics.evaluate over every rank's `shard` of the split, summed and divided once:
-    the same numbers one process gets on the whole split. Runs the plain module, so no
-    collective happens inside the loop and shards may differ in length."""
-    from engine.metrics import evaluate
-
-    if not is_distributed():
-        return evaluate(model, batches, loss_fn, classification, autocast_ctx)
-    module = unwrap(model)
-    for buffer in module.buffers():  # BatchNorm statistics: rank 0's, the ones it saves
-        dist.broadcast(buffer, src=0)
-    local = evaluate(module, batches, loss_fn, classification, autocast_ctx)
-    n = len(batches.split)
-    loss_sum, hits, total = all_sum([local["loss"] * n if n else 0.0,
-                                     local.get("acc", 0.0) * n if n else 0.0, float(n)])
-    result = {"loss": loss_sum / total if total else float("nan")}
-    if classification:
-        result["acc"] = hits / total if total else float("nan")
-    return result

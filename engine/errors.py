@@ -104,3 +104,10 @@ def one_line(err: BaseException) -> str:
         prefix = f"{type(err).__module__}.{type(err).__name__}: "
         return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
     return " ".join(lines)
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty): for errors
+    raised while parsing a file, whose full text may be pages long."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

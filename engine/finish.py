@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from engine import distributed as ddp
 from engine.batches import Batches
-from engine.checkpoint import load_checkpoint, load_model_state
-from engine.export import CONFIG, export_checkpoint, is_export
+from engine.checkpoint.load import load_checkpoint, load_model_state
+from engine.export import export_checkpoint
+from engine.export_read import CONFIG, is_export
 from engine.metrics import evaluate, plot_losses
 from engine.outputs import write_atomic
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine.checkpoint import load_checkpoint, load_model_state, load_state_dict_file
+from engine.checkpoint.load import load_checkpoint, load_model_state, load_state_dict_file
 from engine.config import (
     build,
     check_loaded_targets,
@@ -24,6 +24,7 @@ from engine.config import (
     check_target_section,
 )
 from engine.errors import UserError
+from engine.export_read import is_export, load_export, load_pt2
 from engine.runtime import resolve_device
 
 
@@ -49,8 +50,6 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                         "or weights=PATH (a bare state_dict, with model=... data=...)")
     if ckpt:
         source = Path(str(ckpt))
-        from engine.export import is_export, load_export, load_pt2
-
         if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
             program, saved = load_pt2(source)
             state = None

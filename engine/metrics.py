@@ -1,14 +1,17 @@
-"""metrics.csv (one row per epoch) and loss-curve plots."""
+"""Metrics: evaluation (over every rank under torchrun), metrics.csv (one row per epoch) and
+the plots (matplotlib is imported only when a plot is made: it costs start-up time)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from engine.distributed import rank_zero_only
+from engine.distributed import all_sum, broadcast_from_main, is_distributed, rank_zero_only, unwrap
 from engine.errors import UserError
 from engine.outputs import write_atomic
 
@@ -160,8 +163,6 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None)
 def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
              autocast_ctx=None) -> dict[str, float]:
     """Mean loss (and accuracy) over a split; sums stay on the device, read once at the end."""
-    import contextlib
-
     model.eval()
     total = correct = None
     n = 0
@@ -179,4 +180,23 @@ def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
     result = {"loss": total.item() / n}
     if classification:
         result["acc"] = correct.item() / n
+    return result
+
+
+def evaluate_all(model: torch.nn.Module, batches: Any, loss_fn: Any, classification: bool,
+                 autocast_ctx: Any = None) -> dict[str, float]:
+    """`evaluate` over every rank's `distributed.shard` of the split, summed and divided
+    once: the same numbers one process gets on the whole split. Runs the plain module, so no
+    collective happens inside the loop and shards may differ in length."""
+    if not is_distributed():
+        return evaluate(model, batches, loss_fn, classification, autocast_ctx)
+    module = unwrap(model)
+    broadcast_from_main(module.buffers())  # BatchNorm statistics: rank 0's, the ones it saves
+    local = evaluate(module, batches, loss_fn, classification, autocast_ctx)
+    n = len(batches.split)
+    loss_sum, hits, total = all_sum([local["loss"] * n if n else 0.0,
+                                     local.get("acc", 0.0) * n if n else 0.0, float(n)])
+    result = {"loss": loss_sum / total if total else float("nan")}
+    if classification:
+        result["acc"] = hits / total if total else float("nan")
     return result

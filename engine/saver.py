@@ -1,34 +1,93 @@
-"""The run directory's checkpoint files: periodic saves, last.pt, best.pt and retention.
+"""Writing a run's checkpoints, as timm's CheckpointSaver: write a temporary file, fsync,
+rename it over the name, fsync the folder, point last.pt (and best.pt) at it, prune.
 
-With `checkpoint.async=true` a save copies the state into CPU memory and returns; a background
-thread then writes the file with the same atomic protocol and updates last.pt, best.pt and
-retention. At most one write is in flight: a save waits for the previous write first. A write
-that failed in the background raises its error at the next save, at `wait()`/`close()`, or is
-printed at interpreter exit; the process never exits with a write half done (the thread is
-not a daemon, so Python waits for it)."""
+With `checkpoint.async=true` a save copies the state into CPU memory and returns; a
+background thread (engine.fast_io) then does the same steps. At most one write is in
+flight: a save waits for the previous write first. A write that failed in the background
+raises its error at the next save, at `wait()`/`close()`, or is printed at interpreter exit.
+
+The Saver writes; it does not know about ranks. Under torchrun train.py calls it on rank 0
+only, through `distributed.on_main`, which is also the barrier the other ranks wait at.
+"""
 
 from __future__ import annotations
 
-import atexit
-import copy
-import sys
-import threading
+import os
+import shutil
 import time
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.checkpoint import (
-    CheckpointWriteError,
-    atomic_link,
-    atomic_save,
-    prune,
-    retained_names,
-)
+from engine.errors import UserError
+from engine.fast_io import BackgroundWriter, EarlyWriteback, Snapshot
+from engine.faults import faulty
+from engine.run_folder import prune, retained_names, tmp_path
+
+
+class CheckpointWriteError(UserError):
+    """The disk refused a write; the previous checkpoints are untouched."""
+
+
+def atomic_save(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over `path`, fsync the
+    folder: `path` names either the old complete file or the new complete file, never a part."""
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as raw:
+            torch.save(state, EarlyWriteback(faulty(raw)))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        # torch.save's zip writer reports a failed write (ENOSPC, EIO) as a RuntimeError from
+        # its cleanup, with the OSError as its context: find it, or re-raise a real bug.
+        cause = _os_error(err)
+        tmp.unlink(missing_ok=True)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(
+            f"{path}: checkpoint write failed ({cause.strerror or cause}); the previous "
+            f"checkpoints in {path.parent} are intact") from None
+
+
+def atomic_link(source: Path, link: Path) -> None:
+    """Point `link` (last.pt, best.pt) at the complete file `source` without copying it.
+
+    A hard link keeps its data even after retention deletes `source`; where the file system
+    has no hard links, fall back to a full copy (still atomic)."""
+    tmp = tmp_path(link)
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, link)
+        _fsync_dir(link.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{link}: could not update ({err.strerror or err}); "
+                                   f"{source} is intact") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 class Saver:
@@ -44,12 +103,8 @@ class Saver:
         self.saved = retained_names(run_dir, saved) if saved else []
         self.last_seconds = 0.0  # duration of the latest save (all of it), for trainer.max_time
         self.background = background
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._snapshot = _Snapshot()
+        self._writer = BackgroundWriter() if background else None
         self._best: dict[str, Any] | None = None  # best state not yet written (save_best_only)
-        if background:
-            _LIVE.add(self)
 
     def save(self, state: dict[str, Any], name: str, best: bool = False) -> Path:
         start = time.monotonic()
@@ -60,10 +115,10 @@ class Saver:
         state["saved_files"] = list(self.saved)
         saved = list(self.saved)
         pending, self._best = (None if best else self._best), None
-        if self.background:
+        if self._writer is not None:
             self.saved = saved[-self.keep_last:]  # what prune() keeps once the file is durable
-            self._start(self._write, self._snapshot.take(state), path, best, saved, start,
-                        pending)
+            self._writer.start(self._write, self._writer.snapshot(state), path, best, saved,
+                               start, pending)
         else:
             self.saved = self._write(state, path, best, saved, start, pending)
         return path
@@ -79,32 +134,30 @@ class Saver:
         # Own buffers: the live tensors keep changing. The config and versions are the same
         # unchanging objects at every save, so they are shared, not deep-copied each epoch.
         shared = {k: state[k] for k in ("config", "versions") if k in state}
-        copied = _Snapshot().take({k: v for k, v in state.items() if k not in shared})
+        copied = Snapshot().take({k: v for k, v in state.items() if k not in shared})
         self._best = {k: shared[k] if k in shared else copied[k] for k in state}
 
     def wait(self) -> None:
         """Block until the background write (if any) is durable; raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            if isinstance(error, CheckpointWriteError):
-                raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)")
-            raise error
+        if self._writer is None:
+            return
+        try:
+            self._writer.wait()
+        except CheckpointWriteError as error:
+            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)"
+                                       ) from None
 
     def close(self) -> None:
         """Wait for the last write and release the snapshot buffers."""
         try:
             self.wait()
         finally:
-            self._snapshot = _Snapshot()
-            _LIVE.discard(self)
-
-    # -------------------------------------------------------------------------- internals
+            if self._writer is not None:
+                self._writer.close()
 
     def _write(self, state: dict[str, Any], path: Path, best: bool, saved: list[str],
                start: float, pending_best: dict[str, Any] | None = None) -> list[str]:
+        """The steps of one save, in their crash-safe order (also the background thread's)."""
         if pending_best is not None:  # first: a resume from `path` must find its best.pt
             atomic_save(pending_best, self.run_dir / "best.pt")
         atomic_save(state, path)
@@ -114,95 +167,3 @@ class Saver:
         keep = prune(self.run_dir, saved, self.keep_last)
         self.last_seconds = time.monotonic() - start
         return keep
-
-    def _start(self, target: Callable[..., Any], *args: Any) -> None:
-        def run() -> None:
-            try:
-                target(*args)
-            except BaseException as err:  # kept for the main thread, raised by wait()
-                self._error = err
-
-        # Not a daemon: at interpreter exit Python joins it, so a started write always ends.
-        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
-        self._thread.start()
-
-
-class _Snapshot:
-    """Copies a checkpoint's tensors into CPU buffers kept from one save to the next.
-
-    Copying storage by storage keeps what torch.save would write: views and tied weights
-    still share one storage, so the file holds the same records as a synchronous save.
-    Reusing the buffers avoids fresh page faults on every save (on this kind of machine
-    allocating 1 GiB costs several times the copy itself)."""
-
-    def __init__(self) -> None:
-        self.buffers: list[torch.UntypedStorage] = []
-
-    def take(self, state: Any) -> Any:
-        copies: dict[tuple[str, int], torch.UntypedStorage] = {}
-        used: list[torch.UntypedStorage] = []
-        cuda = False
-
-        def storage_copy(source: torch.UntypedStorage) -> torch.UntypedStorage:
-            nonlocal cuda
-            # Tensors sharing a storage share its copy; empty storages are never shared.
-            key = (str(source.device), source.data_ptr() or -len(used) - 1)
-            if key not in copies:
-                index = len(used)
-                buffer = self.buffers[index] if index < len(self.buffers) else None
-                if buffer is None or buffer.nbytes() != source.nbytes():
-                    pin = source.device.type == "cuda"
-                    buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
-                                         pin_memory=pin).untyped_storage()
-                buffer.copy_(source, non_blocking=source.device.type == "cuda")
-                cuda = cuda or source.device.type == "cuda"
-                copies[key] = buffer
-                used.append(buffer)
-            return copies[key]
-
-        def tensor_copy(tensor: torch.Tensor) -> torch.Tensor:
-            if (type(tensor) is not torch.Tensor or tensor.layout != torch.strided
-                    or tensor.is_quantized):  # rare kinds: a plain deep copy
-                return copy.deepcopy(tensor.detach()).cpu()
-            out = torch.empty(0, dtype=tensor.dtype).set_(
-                storage_copy(tensor.untyped_storage()), tensor.storage_offset(),
-                tensor.size(), tensor.stride())
-            return out.requires_grad_(tensor.requires_grad)
-
-        def walk(obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor):
-                return tensor_copy(obj)
-            if isinstance(obj, dict):
-                out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
-                for key, value in obj.items():
-                    out[key] = walk(value)
-                if getattr(obj, "__dict__", None) and hasattr(out, "__dict__"):  # `_metadata`
-                    out.__dict__.update(copy.deepcopy(obj.__dict__))
-                return out
-            if isinstance(obj, list):
-                return [walk(v) for v in obj]
-            if isinstance(obj, tuple):
-                items = [walk(v) for v in obj]
-                return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-            if obj is None or type(obj) in (int, float, str, bool):
-                return obj  # immutable: no deepcopy (a checkpoint has many of these)
-            return copy.deepcopy(obj)
-
-        result = walk(state)
-        if cuda:
-            torch.cuda.synchronize()
-        self.buffers = used
-        return result
-
-
-# Savers with a background writer, checked at exit for an error nobody has seen yet.
-_LIVE: weakref.WeakSet[Saver] = weakref.WeakSet()
-
-
-@atexit.register
-def _report_unseen_errors() -> None:
-    for saver in list(_LIVE):
-        try:
-            saver.wait()
-        except BaseException as err:  # noqa: BLE001 - reporting at exit is all we can do
-            print(f"error: {err}", file=sys.stderr)

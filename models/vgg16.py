@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.checkpoint.load import load_state_dict_file
+
 
 def build_vgg16(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
                 dropout: float = 0.5) -> nn.Module:
@@ -18,8 +20,6 @@ def build_vgg16(num_classes: int = 1000, in_channels: int = 3, weights: str | No
         first = model.features[0]
         model.features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
     if weights:
-        from engine.checkpoint import load_state_dict_file
-
         load_state_dict_file(model, Path(weights))
     return model
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import engine.saver
-from engine.checkpoint import CheckpointWriteError, atomic_save, load_checkpoint, verify
+from engine.checkpoint.load import load_checkpoint
 from engine.errors import UserError
-from engine.saver import Saver
+from engine.fast_io import verify
+from engine.saver import CheckpointWriteError, Saver, atomic_save
 
 
 def _state() -> tuple[torch.nn.Module, dict]:
@@ -215,8 +216,7 @@ import sys, time
 from pathlib import Path
 import torch
 import engine.saver
-from engine.checkpoint import CheckpointWriteError, atomic_save
-from engine.saver import Saver
+from engine.saver import CheckpointWriteError, Saver, atomic_save
 
 def slow_save(state, path):
     time.sleep(1.0)  # still writing when the main thread reaches the end of the script

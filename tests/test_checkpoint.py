@@ -9,9 +9,12 @@ import textwrap
 import pytest
 import torch
 
-from engine.checkpoint import atomic_link, atomic_save, load_checkpoint, prune, verify
+from engine.checkpoint.load import load_checkpoint
 from engine.errors import UserError
+from engine.fast_io import verify
+from engine.run_folder import prune
 from engine.runtime import rng_state, set_rng_state
+from engine.saver import atomic_link, atomic_save
 
 
 def _state() -> dict:

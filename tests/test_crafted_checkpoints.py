@@ -23,7 +23,7 @@ from conftest import run_script
 from omegaconf import OmegaConf
 from safety_helpers import assert_one_line, compose, train_run
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint.load import load_checkpoint
 from engine.errors import UserError
 
 SEED = 20261125
@@ -150,9 +150,9 @@ _BUILT: dict = {}
 def resume_path(path: Path, root: Path) -> None:
     """What train.py does with a checkpoint: load it, restore model/optimizer/RNG/progress,
     rewrite metrics.csv from its history."""
+    from engine.checkpoint.state import restore_checkpoint
     from engine.config import build
     from engine.metrics import write_csv
-    from engine.run import restore_checkpoint
 
     if not _BUILT:  # the config and data once; a fresh model and optimizer per case
         _BUILT["cfg"] = cfg = compose("train", [f"checkpoint.root={root}", "run_name=base"])

@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data.base import TensorSplit
 from data.digits import DigitsData
 from data.image_folder import ImageFolderData
 from data.linear import LinearData
 from data.quadratic_csv import QuadraticCSVData
 from data.torchvision_sets import TorchvisionData
-from engine.batches import Batches, epoch_order
+from engine.batches import Batches, TensorSplit, epoch_order
 from engine.errors import UserError
 
 

@@ -204,12 +204,11 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    from data.base import TensorSplit
     from engine import distributed as ddp
-    from engine.batches import Batches
+    from engine.batches import Batches, TensorSplit
+    from engine.checkpoint.state import Progress, build_checkpoint, restore_checkpoint
     from engine.errors import UserError
-    from engine.metrics import evaluate
-    from engine.run import Progress, build_checkpoint, restore_checkpoint
+    from engine.metrics import evaluate, evaluate_all
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -282,7 +281,7 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
         whole = evaluate(net, Batches(split, 4, torch.device("cpu")), loss, True)
         part = ddp.shard(split)
         assert len(part) == (6 if rank == 0 else 5)
-        sharded = ddp.evaluate_all(net, Batches(part, 4, torch.device("cpu")), loss, True)
+        sharded = evaluate_all(net, Batches(part, 4, torch.device("cpu")), loss, True)
         assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-6)
         assert sharded["acc"] == pytest.approx(whole["acc"], rel=1e-12)
     finally:

@@ -20,15 +20,12 @@ import pytest
 import torch
 from safety_helpers import assert_one_line, train_run, write_malicious
 
-from engine.checkpoint import (
-    CHECKPOINT_TYPES,
-    find_latest,
-    load_checkpoint,
-    load_file,
-    load_model_state,
-)
+from engine.checkpoint.load import load_checkpoint, load_file, load_model_state
+from engine.checkpoint.schema import CHECKPOINT_TYPES
 from engine.errors import UserError
-from engine.export import export_checkpoint, load_export
+from engine.export import export_checkpoint
+from engine.export_read import load_export
+from engine.run_folder import find_latest
 
 SEED = 20240611
 CASES: dict[str, int] = {}  # kind -> cases run (printed at the end of the module)

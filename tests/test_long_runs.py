@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint.load import load_checkpoint
 from tests.conftest import run_script
 
 TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001",

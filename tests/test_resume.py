@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import LINKS, PERIODIC, find_latest, verify
 from engine.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
+from engine.fast_io import verify
 from engine.metrics import read_history
+from engine.run_folder import LINKS, PERIODIC, find_latest
 from tests.conftest import run_script
 from tests.forkrun import ForkServer
 
@@ -360,7 +361,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_good_checkpoints(server,
 def test_a_nan_model_is_never_written(tmp_path):
     from omegaconf import OmegaConf
 
-    from engine.run import Progress, build_checkpoint
+    from engine.checkpoint.state import Progress, build_checkpoint
 
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -373,7 +374,7 @@ def test_a_nan_model_is_never_written(tmp_path):
 
 
 def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(tmp_path):
-    from engine.checkpoint import atomic_save
+    from engine.saver import atomic_save
 
     def state(step: int) -> dict:
         return {"model_state_dict": {"w": torch.ones(3) * step}, "epoch": 0,

@@ -92,8 +92,7 @@ def test_resume_from_step_checkpoint_on_an_epochs_last_step(server, tmp_path, im
 
 
 def test_batches_past_the_end_yield_nothing():
-    from data.base import TensorSplit
-    from engine.batches import Batches
+    from engine.batches import Batches, TensorSplit
 
     split = TensorSplit(torch.arange(10.0).unsqueeze(1), torch.zeros(10, 1))
     batches = Batches(split, 4, torch.device("cpu"), shuffle=True)
