@@ -22,8 +22,8 @@ MAX_CONFIG_DEPTH = 32
 OVERLAP_SLACK = 1 << 20  # bytes a tensor may claim beyond its storage (an expand()ed buffer)
 
 
-class TooBig(Exception):
-    pass
+class TooBig(Exception):  # noqa: N818 - callers turn it into a UserError naming the file
+    """A structure over the limits; the message says where and which limit."""
 
 
 def expanded_size(obj: Any, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH,

@@ -139,7 +139,7 @@ def _check_best(value: Any, state: dict) -> str | None:
 
 def _check_history(value: Any, state: dict) -> str | None:
     """The metrics.csv rows: each a mapping of column name to number, the same columns in
-    every row (engine.run checks them against the columns this run writes)."""
+    every row (engine.checkpoint.compat checks them against the columns this run writes)."""
     columns = None
     for index, row in enumerate(value):
         if not isinstance(row, dict) or not all(isinstance(k, str) and _number(v)
