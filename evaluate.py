@@ -19,6 +19,7 @@ from engine.cli import check_command_line
 from engine.config import validate_inference
 from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
+from engine.metrics import confusion_figure, regression_figure
 from engine.outputs import check_output, is_eval_json, is_png, write_atomic
 
 
@@ -84,16 +85,12 @@ def _predict_all(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _confusion_matrix(pred: torch.Tensor, target: torch.Tensor, classes: int,
                       stem: Path) -> Path:
-    from engine.metrics import confusion_figure
-
     counts = torch.bincount(target * classes + pred, minlength=classes * classes)
     return _save(confusion_figure(counts.reshape(classes, classes)),
                  stem.with_name(stem.name + "_confusion.png"))
 
 
 def _regression_plot(train, test, predictions: torch.Tensor, stem: Path, split: str) -> Path:
-    from engine.metrics import regression_figure
-
     return _save(regression_figure([t.cpu() for t in _cat(train)],
                                    [t.cpu() for t in _cat(test)], predictions, split),
                  stem.with_name(stem.name + "_predictions.png"))
