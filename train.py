@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as ddp
 from engine.batches import Batches
-from engine.checkpoint import load_state_dict_file, step_faults
+from engine.checkpoint import load_state_dict_file
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
@@ -147,7 +147,6 @@ def train(cfg: DictConfig) -> dict:
             saved = None
             if every_n_steps and progress.global_step % every_n_steps == 0:
                 saved = save(f"step_{progress.global_step:08d}.pt")
-            step_faults(progress.global_step)  # test-only kill/signal points; no-op otherwise
             if ddp.should_stop(stop, 2 * saver.last_seconds, progress.global_step, log_every):
                 path = saved or save(f"step_{progress.global_step:08d}.pt")
                 raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
