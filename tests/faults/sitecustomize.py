@@ -204,9 +204,12 @@ class _FaultyFile:
 
 
 def _target_name(f) -> str:
-    name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "")
-    return os.path.basename(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) \
-        else ""
+    """The name of the file torch.save writes: a path, or a file object's (wrapped) name."""
+    name = f if isinstance(f, (str, bytes, os.PathLike)) else getattr(f, "name", None)
+    try:
+        return os.path.basename(os.fsdecode(name))
+    except TypeError:  # a file descriptor, or no name at all (a BytesIO)
+        return ""
 
 
 def _install_kills(kills: _Kills) -> None:
@@ -226,8 +229,8 @@ def _install_kills(kills: _Kills) -> None:
             return real_save(obj, f, *args, **kwargs)
         faulty = dict(kill=armed["kill_in_write"], enospc=armed["enospc_in_write"],
                       interrupt=armed["int_in_write"])
-        if isinstance(f, (str, os.PathLike)):  # a path: open it, so the writes pass here
-            with _REAL["open"](f, "wb") as raw:
+        if isinstance(f, (str, bytes, os.PathLike)):  # a path: open it, so the writes pass here
+            with builtins.open(f, "wb") as raw:
                 return real_save(obj, _FaultyFile(raw, **faulty), *args, **kwargs)
         return real_save(obj, _FaultyFile(f, **faulty), *args, **kwargs)
 
