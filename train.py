@@ -23,7 +23,6 @@ from engine.checkpoint.state import build_checkpoint, check_finite, restore_chec
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
-from engine.faults import step_faults
 from engine.finish import finish_run
 from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
 from engine.preempt import StopSignal
@@ -143,7 +142,6 @@ def train(cfg: DictConfig) -> dict:
             saved = None
             if every_n_steps and progress.global_step % every_n_steps == 0:
                 saved = save(f"step_{progress.global_step:08d}.pt")
-            step_faults(progress.global_step)  # test-only kill/signal points; no-op otherwise
             if ddp.should_stop(stop, 2 * saver.last_seconds, progress.global_step, log_every):
                 path = saved or save(f"step_{progress.global_step:08d}.pt")
                 raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "

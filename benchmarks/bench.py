@@ -655,10 +655,12 @@ def timed_process(args: list[str], env: dict[str, str]) -> float:
 
 def bench_startup(reps: int, scratch: Path) -> list[Row]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("ENGINE_FAULT", None)
-    # kill_at_step=1: the template's test-only hook SIGKILLs train.py right after its first
-    # optimizer step, which is exactly the end point we want (no shutdown time counted).
-    train_env = {**env, "ENGINE_FAULT": "kill_at_step=1"}
+    env.pop("TEST_FAULTS", None)
+    # kill_at_step=1: the test harness's fault injection (tests/faults/sitecustomize.py, first
+    # on PYTHONPATH) SIGKILLs train.py right after its first optimizer step, which is exactly
+    # the end point we want (no shutdown time counted).
+    train_env = {**env, "TEST_FAULTS": "kill_at_step=1",
+                 "PYTHONPATH": f"{REPO / 'tests' / 'faults'}{os.pathsep}{REPO}"}
     root = scratch / "startup"
 
     def template(rep: int) -> float:
@@ -711,7 +713,7 @@ def wall_time(args: list[str], env: dict[str, str]) -> float:
 def bench_long_runs(epochs: int, reps: int, scratch: Path, quick: bool = False
                     ) -> list[Row | Skipped]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("ENGINE_FAULT", None)
+    env.pop("TEST_FAULTS", None)
     root = scratch / "long"
 
     def project(n: int, rep: int) -> float:

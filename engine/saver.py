@@ -22,7 +22,6 @@ import torch
 
 from engine.errors import UserError
 from engine.fast_io import BackgroundWriter, EarlyWriteback, Snapshot
-from engine.faults import faulty
 from engine.run_folder import prune, retained_names, tmp_path
 
 
@@ -36,7 +35,7 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as raw:
-            torch.save(state, EarlyWriteback(faulty(raw)))
+            torch.save(state, EarlyWriteback(raw))
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)

@@ -4,8 +4,8 @@ The kill harness starts train.py a few dozen times, and a cold start spends seco
 torch (and torch._dynamo, which the optimizer imports) before training for milliseconds. This
 server imports those libraries once, then forks a fresh child per request; the child runs
 train.py as `__main__` exactly as `python train.py ARGS` would (own pid, own signal handlers,
-ENGINE_FAULT read when the child first imports engine/, which the server never imports), and
-can be SIGKILLed like any process. No torch op runs in the server, so the children do not
+the test faults in its environment armed, as tests/faults/sitecustomize.py would at start-up),
+and can be SIGKILLed like any process. No torch op runs in the server, so the children do not
 inherit thread pools.
 
 Protocol: one JSON object per line on stdin {"args": [...], "env": {...}, "stdout": PATH,
@@ -40,6 +40,8 @@ def _preload() -> None:
     import torch
     import torch._dynamo  # noqa: F401  (imported lazily by torch.optim, the slow part)
 
+    import tests.faults.sitecustomize  # noqa: F401  (its env is clean here: nothing armed)
+
     assert torch.get_num_threads() >= 1
 
 
@@ -51,6 +53,9 @@ def _child(request: dict) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
+        from tests.faults import sitecustomize  # imported by the server: not again
+
+        sitecustomize.install_from_env()  # a forked child does not run it again at start-up
         if request.get("spawn"):
             os.setpgid(0, 0)  # its own process group, as a shell job: `kill -TERM -PGID`
         if request.get("module"):  # e.g. torch.distributed.run (torchrun)
@@ -110,7 +115,8 @@ class ForkServer:
             return
         scratch.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        for name in ("HYDRA_FULL_ERROR", "ENGINE_FAULT"):
+        for name in ("HYDRA_FULL_ERROR", "TEST_FAULTS", "WRITE_FAULT_EROFS",
+                     "WRITE_FAULT_ENOSPC"):
             env.pop(name, None)
         self.proc = subprocess.Popen([sys.executable, __file__], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.faults import fault_env
 
 
 def test_quick_bench_prints_every_item_and_writes_results(tmp_path):
@@ -46,7 +47,7 @@ def test_default_run_imports_only_what_it_needs_before_the_first_step(tmp_path):
         [sys.executable, "-X", "importtime", str(REPO / "train.py"),
          f"checkpoint.root={tmp_path}", "run_name=lean"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "ENGINE_FAULT": "kill_at_step=1"})
+        env={**os.environ, **fault_env("kill_at_step=1")})
     assert result.returncode == -9, result.stderr[-3000:]  # killed right after step 1
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in result.stderr.splitlines() if line.startswith("import time:")}

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.faults import fault_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,7 +47,7 @@ def torchrun(*overrides: str, root: Path, env: dict | None = None,
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node=2", str(REPO / "train.py"), *overrides, f"checkpoint.root={root}"]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
-    for key in ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "ENGINE_FAULT"):
+    for key in ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TEST_FAULTS"):
         if key not in (env or {}):
             full_env.pop(key, None)
     # The timeout is the no-hang check: a rank waiting for a dead peer would run into it.
@@ -73,7 +74,7 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("ddp")
     ref = torchrun(*BASE, "run_name=ref", root=root)
     killed = torchrun(*BASE, "run_name=resumed", root=root, check=False,
-                      env={"ENGINE_FAULT": f"kill_at_step={KILL_AT}"})
+                      env=fault_env(f"kill_at_step={KILL_AT}"))
     after_kill = sorted(p.name for p in (root / "resumed").glob("*.pt"))
     resumed = torchrun(*BASE, "run_name=resumed", "resume=auto", root=root)
     import train  # the single-process run, in this process: no second torch import

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_script
+from tests.faults import fault_env
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -113,7 +114,7 @@ def test_deterministic_cuda_run_resumes_exactly(images, tmp_path):
     args = vgg(images, "trainer.deterministic=true", "checkpoint.every_n_steps=3")
     run_script("train.py", *args, "run_name=ref", root=tmp_path)
     killed = run_script("train.py", *args, "run_name=res", root=tmp_path, check=False,
-                        env={"ENGINE_FAULT": "kill_at_step=5"})
+                        env=fault_env("kill_at_step=5"))
     assert killed.returncode != 0 and (tmp_path / "res" / "step_00000003.pt").is_file()
     run_script("train.py", *args, "run_name=res", "resume=auto", root=tmp_path)
     ref, res = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ from matplotlib.colors import to_rgba
 
 from engine.metrics import confusion_figure, loss_figure, regression_figure
 from tests.conftest import run_script
+from tests.faults import fault_env
 
 
 def test_predictions_plot_has_axis_labels_and_test_points_above_predictions():
@@ -53,7 +54,7 @@ def test_a_killed_run_has_its_loss_curve(tmp_path):
     """SIGKILL in epoch 5 of 8: the save after epoch 4 wrote loss_curve.png."""
     result = run_script("train.py", "experiment=quadratic_csv", "trainer.epochs=8",
                         "trainer.device=cpu", "checkpoint.every_n_epochs=2", "run_name=killed",
-                        root=tmp_path, env={"ENGINE_FAULT": "kill_at_step=45"}, check=False)
+                        root=tmp_path, env=fault_env("kill_at_step=45"), check=False)
     assert result.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
     assert (run / "epoch_0004.pt").is_file() and not (run / "epoch_0006.pt").exists()

@@ -26,11 +26,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.errors import EXIT_INTERRUPTED
 from tests.forkrun import ForkServer
-from tests.test_resume import COMPARED, assert_all_complete, assert_same, load, newest
+from tests.resume_helpers import (
+    assert_all_complete,
+    assert_same_run,
+    fork_server,
+    image_folder,
+    newest,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,25 +78,8 @@ COMBOS = {
 TIMEOUT = 240  # per launch: the no-hang check, generous for a loaded machine
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    fork_server = ForkServer(tmp_path_factory.mktemp("forkrun"), timeout=TIMEOUT)
-    yield fork_server
-    fork_server.close()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    gen = torch.Generator().manual_seed(0)
-    for label in ("cat", "dog"):
-        for index in range(20):
-            (root / label).mkdir(exist_ok=True)
-            pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=gen)
-            Image.fromarray(pixels.numpy()).save(root / label / f"{index}.png")
-    return root
+server = fork_server(timeout=TIMEOUT)
+images = image_folder(seed=0)
 
 
 def launch(server: ForkServer, args: list[str], torchrun: bool):
@@ -210,18 +198,6 @@ def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills:
     return made
 
 
-def assert_bitwise_equal(run_dir: Path, baseline: Path, epochs: int) -> None:
-    final, expected = load(run_dir / "last.pt"), load(baseline / "last.pt")
-    assert final["epoch"] == epochs
-    for key in COMPARED:
-        assert_same(final[key], expected[key], key)
-    assert_same(load(run_dir / "best.pt")["model_state_dict"],
-                load(baseline / "best.pt")["model_state_dict"], "best.pt")
-    rows = (run_dir / "metrics.csv").read_text()
-    assert rows == (baseline / "metrics.csv").read_text()
-    assert len(rows.splitlines()) == epochs + 1
-
-
 @pytest.mark.parametrize("name", list(COMBOS))
 def test_random_kills_resume_bitwise_equal(server, tmp_path, images, name):
     overrides, epochs, kills, torchrun = COMBOS[name]
@@ -236,7 +212,7 @@ def test_random_kills_resume_bitwise_equal(server, tmp_path, images, name):
                      torchrun, random.Random(seed))
     pid, out, err = launch(server, [*args, "run_name=killed", "resume=auto"], torchrun)
     assert server.finish() == 0, err.read_text()[-3000:]
-    assert_bitwise_equal(tmp_path / "killed", tmp_path / "baseline", epochs)
+    assert_same_run(tmp_path / "killed", tmp_path / "baseline", epochs=epochs)
     print(f"\n{name} (seed {seed}): {len(made)} kills, all bitwise equal:\n  "
           + "\n  ".join(made))
     killed = [m for m in made if not m.endswith(("(finished first)", "(after training)"))]

@@ -137,7 +137,7 @@ def test_readme_runs_in_order(tmp_path):
     readme = (REPO / "README.md").read_text()
     work = scratch_copy(tmp_path / "repo")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for key in ("HYDRA_FULL_ERROR", "PYTHONPATH", "ENGINE_FAULT"):
+    for key in ("HYDRA_FULL_ERROR", "PYTHONPATH", "TEST_FAULTS"):
         env.pop(key, None)
     ran, timings = 0, []
     for block in readme_blocks(readme):

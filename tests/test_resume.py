@@ -7,7 +7,8 @@ run of plain `python train.py`: every tensor of the model, optimizer and schedul
 of the RNG state `torch.equal`, and metrics.csv identical byte for byte.
 
 Interrupted runs go through a fork server (tests/forkrun.py): a real train.py process per run,
-SIGKILLed for real, without paying torch's import time each time.
+SIGKILLed for real, without paying torch's import time each time. The kill points are
+injected from outside the product (tests/faults/sitecustomize.py, armed by `fault_env`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ import pytest
 import torch
 
 from engine.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
-from engine.fast_io import verify
 from engine.metrics import read_history
 from engine.run_folder import LINKS, PERIODIC, find_latest
 from tests.conftest import run_script
-from tests.forkrun import ForkServer
+from tests.faults import fault_env
+from tests.resume_helpers import (
+    assert_all_complete,
+    assert_same_run,
+    complete_files,
+    fork_server,
+    load,
+    newest,
+    one_line_error,
+)
 
 STEPS_PER_EPOCH = 10  # 160 training rows of data/quadratic.csv, batch size 16
 EPOCHS = 10
@@ -41,17 +50,11 @@ RUN = (
     "{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
 )
 RESUMED = re.compile(r"resuming from (\S+)\n.*\(resumed at epoch (\d+), step (\d+)\)")
-COMPARED = ("epoch", "global_step", "step_in_epoch", "model_state_dict", "optimizer_state_dict",
-            "scheduler_state_dict", "rng_state", "epoch_step_losses", "best", "loss")
 
 
 # ------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    fork_server = ForkServer(tmp_path_factory.mktemp("forkrun"))
-    yield fork_server
-    fork_server.close()
+server = fork_server()
 
 
 @pytest.fixture(scope="module")
@@ -66,60 +69,9 @@ def baseline(root) -> Path:
     return root / "baseline"
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Bitwise equality of nested checkpoint values (tensors with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {a.keys()} {b.keys()}"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def assert_matches_baseline(run_dir: Path, baseline: Path) -> None:
-    final, expected = load(run_dir / "last.pt"), load(baseline / "last.pt")
-    assert final["global_step"] == TOTAL_STEPS
-    for key in COMPARED:
-        assert_same(final[key], expected[key], key)
-    assert_same(load(run_dir / "best.pt")["model_state_dict"],
-                load(baseline / "best.pt")["model_state_dict"], "best.pt")
-    rows = (run_dir / "metrics.csv").read_text()
-    assert rows == (baseline / "metrics.csv").read_text()
-    assert len(rows.splitlines()) == EPOCHS + 1  # header + one row per epoch
-
-
-def complete_files(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The test's own oracle: every *.pt file that passes the zip CRC check and loads
-    weights-only, with its (global_step, epoch)."""
-    found = {}
-    for path in run_dir.glob("*.pt"):
-        try:
-            verify(path)
-            state = load(path)
-        except (UserError, RuntimeError, EOFError, OSError):
-            continue
-        found[path.name] = (state["global_step"], state["epoch"])
-    return found
-
-
-def newest(run_dir: Path) -> tuple[int, int]:
-    return max(complete_files(run_dir).values(), default=(0, 0))
-
-
-def assert_all_complete(run_dir: Path) -> None:
-    """Atomic writes: whatever happened, every file named *.pt is a whole checkpoint."""
-    names = sorted(p.name for p in run_dir.glob("*.pt"))
-    assert sorted(complete_files(run_dir)) == names
+    assert load(run_dir / "last.pt")["global_step"] == TOTAL_STEPS
+    assert_same_run(run_dir, baseline, epochs=EPOCHS)
 
 
 def resumed_from(result, run_dir: Path, expected: tuple[int, int]) -> Path:
@@ -136,13 +88,6 @@ def resumed_from(result, run_dir: Path, expected: tuple[int, int]) -> Path:
 
 def temporaries(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob(".*.tmp"))
-
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -163,7 +108,7 @@ def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, basel
         if kind == "kill_in_write" and TOTAL_STEPS - start[0] < 12:
             kind = "kill_at_step"  # too few writes left: keep the kill certain to fire
         value = min(start[0] + n, TOTAL_STEPS) if kind == "kill_at_step" else n
-        result = server.run(*args, root=root, env={"ENGINE_FAULT": f"{kind}={value}"},
+        result = server.run(*args, root=root, env=fault_env(f"{kind}={value}"),
                             check=False)
         assert result.returncode == -signal.SIGKILL, (kind, value, result.stderr[-2000:])
         if start != (0, 0):
@@ -196,7 +141,7 @@ def test_sigterm_or_sigint_saves_the_step_exits_3_and_resumes_exactly(server, ro
     name = fault.split("=")[0]
     run_dir = root / name
     step = int(fault.split("=")[1])
-    result = server.run(*RUN, f"run_name={name}", root=root, env={"ENGINE_FAULT": fault},
+    result = server.run(*RUN, f"run_name={name}", root=root, env=fault_env(fault),
                         check=False)
     assert result.returncode == EXIT_INTERRUPTED, result.stderr
     saved = run_dir / f"step_{step:08d}.pt"
@@ -219,7 +164,7 @@ def test_mid_epoch_resume_from_every_n_steps_checkpoint(server, root, baseline):
     epoch = 7  # newest every_n_steps=3 save before the kill at step 71: 69, mid-epoch 7
     run_dir = root / "mid_epoch"
     args = (*RUN, "run_name=mid_epoch")
-    result = server.run(*args, root=root, env={"ENGINE_FAULT": f"kill_at_step={epoch * 10 + 1}"},
+    result = server.run(*args, root=root, env=fault_env(f"kill_at_step={epoch * 10 + 1}"),
                         check=False)
     assert result.returncode == -signal.SIGKILL
     step = newest(run_dir)[0]
@@ -261,7 +206,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, basel
     name = f"corrupt_{damage.__name__.strip('_')}"
     run_dir = root / name
     args = (*RUN, f"run_name={name}")
-    result = server.run(*args, root=root, env={"ENGINE_FAULT": "kill_at_step=47"},
+    result = server.run(*args, root=root, env=fault_env("kill_at_step=47"),
                         check=False)
     assert result.returncode == -signal.SIGKILL
     files = complete_files(run_dir)
@@ -285,7 +230,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, basel
 def test_enospc_during_a_save_keeps_previous_checkpoints(server, root, baseline):
     run_dir = root / "enospc"
     args = (*RUN, "run_name=enospc")
-    result = server.run(*args, root=root, env={"ENGINE_FAULT": "enospc_in_write=5"},
+    result = server.run(*args, root=root, env=fault_env("enospc_in_write=5"),
                         check=False)
     assert result.returncode == EXIT_BAD_INPUT
     error = one_line_error(result)
@@ -308,7 +253,7 @@ def test_second_sigint_during_a_save_aborts_at_once(server, root, baseline):
     the half-written temporary is never a checkpoint, and the run resumes exactly."""
     run_dir = root / "abort"
     args = (*RUN, "run_name=abort")
-    result = server.run(*args, root=root, env={"ENGINE_FAULT": "int_in_write=5"},
+    result = server.run(*args, root=root, env=fault_env("int_in_write=5"),
                         check=False)
     assert result.returncode == EXIT_ABORTED, result.stderr
     assert "second SIGINT: aborting without saving" in result.stderr

@@ -20,7 +20,13 @@ import torch
 
 from engine.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from tests.forkrun import ForkServer
-from tests.test_resume import COMPARED, assert_same, load, one_line_error
+from tests.resume_helpers import (
+    assert_same_run,
+    fork_server,
+    image_folder,
+    load,
+    one_line_error,
+)
 
 QUADRATIC = ("experiment=quadratic_csv", "trainer.device=cpu", "trainer.epochs=4",
              "trainer.print_every_s=0",
@@ -29,25 +35,8 @@ QUADRATIC = ("experiment=quadratic_csv", "trainer.device=cpu", "trainer.epochs=4
              "{_target_:torch.nn.Linear,in_features:2,out_features:1}]")  # 10 steps/epoch
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    fork_server = ForkServer(tmp_path_factory.mktemp("forkrun"))
-    yield fork_server
-    fork_server.close()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    gen = torch.Generator().manual_seed(1)
-    for label in ("cat", "dog"):
-        (root / label).mkdir()
-        for index in range(20):
-            pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=gen)
-            Image.fromarray(pixels.numpy()).save(root / label / f"{index}.png")
-    return root
+server = fork_server()
+images = image_folder(seed=1)
 
 
 def image_args(images: Path, workers: int) -> tuple[str, ...]:
@@ -56,13 +45,6 @@ def image_args(images: Path, workers: int) -> tuple[str, ...]:
             "data.num_classes=2", "data.image_size=8", "data.batch_size=4",
             f"data.num_workers={workers}", "trainer.device=cpu", "checkpoint.keep_last=10",
             "trainer.print_every_s=0")
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    final, expected = load(run_dir / "last.pt"), load(reference / "last.pt")
-    for key in COMPARED:
-        assert_same(final[key], expected[key], key)
-    assert (run_dir / "metrics.csv").read_text() == (reference / "metrics.csv").read_text()
 
 
 # ----------------------------------------------------- 1. a step checkpoint at an epoch's end
@@ -88,7 +70,7 @@ def test_resume_from_step_checkpoint_on_an_epochs_last_step(server, tmp_path, im
     assert "(resumed at epoch 1, step" in result.stdout
     assert re.findall(r"^epoch (\d+) ", result.stdout, re.M) == ["2", "3"][:1] + (
         ["3", "4"] if path == "tensor" else ["3"])  # epoch 2's end once, then on
-    assert_same_run(tmp_path / "resumed", tmp_path / "whole")
+    assert_same_run(tmp_path / "resumed", tmp_path / "whole", best=False)
 
 
 def test_batches_past_the_end_yield_nothing():

@@ -4,7 +4,7 @@ read-only or full disk is one line naming the path and the OS error, exit 2, no 
 left behind.
 
 The tests run as root on this machine, where chmod does not stop a write, so a read-only or
-full disk is injected from outside the product: tests/write_faults/sitecustomize.py wraps the
+full disk is injected from outside the product: tests/faults/sitecustomize.py wraps the
 calls that write (imported at start-up by a subprocess that has it on PYTHONPATH; installed
 and removed around the call by the in-process cases).
 """
@@ -29,7 +29,7 @@ import train as train_script
 from engine.errors import EXIT_BAD_INPUT, UserError, cli_errors
 from engine.export import export_checkpoint
 
-FAULTS = REPO / "tests" / "write_faults"
+FAULTS = REPO / "tests" / "faults"
 _spec = importlib.util.spec_from_file_location("write_faults", FAULTS / "sitecustomize.py")
 write_faults = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(write_faults)
