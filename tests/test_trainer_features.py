@@ -245,3 +245,32 @@ def test_stop_and_kill_mid_window_with_all_features_resume_bitwise(tmp_path):
         _assert_same(final[key], whole[key], key)
     assert (run_dir / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv"
                                                      ).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_accumulation_under_torchrun_matches_one_process(train_cfg, tmp_path):
+    """2 processes x 4 samples, 2 batches per step (no_sync on the first; the epoch's last
+    window is 1 batch) equal one process with batches of 8 and the same windows."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    common = ("data=linear", "data.end=1.14", "loss=mse", "trainer.epochs=2",
+              "optimizer.momentum=0.9", "trainer.accumulate_grad_batches=2", *FAST)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                            "ENGINE_FAULT", "HYDRA_FULL_ERROR")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "train.py"), *common, "trainer.global_batch_size=8", "run_name=ddp",
+         f"checkpoint.root={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+        timeout=240, env={**env, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    train(train_cfg(*common, "data.batch_size=8", "run_name=single"))
+    ddp, single = _load(tmp_path / "ddp" / "last.pt"), _load(tmp_path / "single" / "last.pt")
+    assert ddp["global_step"] == single["global_step"] == 6  # 5 batches: windows 2, 2, 1
+    for key, value in single["model_state_dict"].items():
+        torch.testing.assert_close(ddp["model_state_dict"][key], value, rtol=1e-5, atol=1e-6)
