@@ -437,7 +437,10 @@ def check_target_section(section: Any, key: str) -> None:
             if open_ended:
                 continue
             valid = ", ".join(p for p in params if p not in ("self",))
-            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}")
+            # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
+            hint = f"; set for another optimizer? drop it with ~{key}.{name}" \
+                if key == "optimizer" else ""
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}{hint}")
         hint = hints.get(name)
         if hint is not None and _matches(value, hint) is False:
             raise UserError(f"{key}.{name}={value!r}: expected {_describe(hint)}")
