@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from engine.checkpoint import (
     FORMAT_VERSION,
@@ -430,6 +430,8 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
         key = str(key)
         if key.startswith("_") or key not in group0:
             continue
+        if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
+            value = OmegaConf.to_container(value)
         before = saved_opt.get(key) if saved is not None else group0.get(
             "initial_lr", group0[key]) if key == "lr" else group0[key]
         if before is None or before == value:

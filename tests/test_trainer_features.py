@@ -59,6 +59,15 @@ def test_adam_and_adamw_compose_and_train(train_cfg, tmp_path, name, decay):
     assert losses[-1] < losses[0] / 4, losses
 
 
+def test_betas_given_on_resume_are_applied_and_saved_as_plain_values(train_cfg, tmp_path):
+    common = ("optimizer=adam", "checkpoint.every_n_epochs=1")
+    train(train_cfg(*common, "trainer.epochs=2"))
+    train(train_cfg(*common, "trainer.epochs=3", "resume=auto", "optimizer.betas=[0.8,0.99]"))
+    group = _load(tmp_path / "linear_regression" / "last.pt")["optimizer_state_dict"][
+        "param_groups"][0]  # weights-only loading: no omegaconf ListConfig in the file
+    assert list(group["betas"]) == [0.8, 0.99]
+
+
 @pytest.mark.parametrize("override,message", [
     ("optimizer.betas=[0.9,1.0]",
      "optimizer.betas=[0.9, 1.0]: expected two numbers >= 0 and < 1"),
