@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> dict:
     epochs, every_n_epochs = cfg.trainer.epochs, cfg.checkpoint.every_n_epochs
     monitor, mode = str(cfg.checkpoint.monitor), str(cfg.checkpoint.mode)
     print_every_s = float(cfg.trainer.get("print_every_s", 0))
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))  # 1: off
+    accumulate = progress.accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))  # 1: off
     clip_norm, params = cfg.trainer.get("grad_clip_norm"), list(raw_model.parameters())
     amp, n_batches = scaler.is_enabled(), len(train_batches)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint

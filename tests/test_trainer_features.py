@@ -183,6 +183,17 @@ def test_accumulating_k_batches_equals_one_batch_of_k_times_the_size(train_cfg, 
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
 
 
+def test_non_finite_loss_names_the_optimizer_step_under_accumulation():
+    from engine.run import Progress, check_finite
+
+    nan = torch.tensor(float("nan"))
+    # 3 steps of epoch 1 before; now 6 batches (2 windows of 3) into epoch 2, the 5th bad
+    losses = [torch.tensor(1.0)] * 4 + [nan, torch.tensor(1.0)]
+    progress = Progress(epoch=1, step_in_epoch=6, global_step=5, losses=losses, accumulate=3)
+    with pytest.raises(UserError, match=r"at epoch 2, step 5 \(batch 5 of the epoch\)"):
+        check_finite(progress)
+
+
 # A run with every feature above on, through a dropout layer (the RNG state matters at every
 # step): 4 epochs of 3 optimizer steps, a checkpoint every 2 steps.
 ALL_ON = (
