@@ -561,8 +561,15 @@ def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sou
     """A changed trainer.epochs is fine unless the schedule was derived from it (cosine's
     T_max): the loaded scheduler would keep the old length while config.yaml says the new.
     Settings given explicitly on resume (`ignore`, e.g. scheduler.gamma) were applied."""
-    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
     saved = state.get("scheduler_state_dict")
+    # scheduler.interval: a saved schedule counts epochs or optimizer steps, not either
+    was = (((state.get("config") or {}).get("scheduler") or {}).get("interval")) or "epoch"
+    now = str((cfg.get("scheduler") or {}).get("interval", "epoch"))
+    if fresh is not None and isinstance(saved, dict) and isinstance(was, str) and was != now:
+        raise UserError(f"{source}: scheduler.interval changed {was} -> {now}: the saved "
+                        f"schedule counts {was}s; keep scheduler.interval={was} for an exact "
+                        f"resume, or {NEW_SCHEDULE}")
+    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
     if fresh is None or not isinstance(saved, dict) or before in (None, cfg.trainer.epochs):
         return
     derived = {k: (saved[k], v) for k, v in fresh.items()

@@ -68,6 +68,14 @@ def test_betas_given_on_resume_are_applied_and_saved_as_plain_values(train_cfg, 
     assert list(group["betas"]) == [0.8, 0.99]
 
 
+def test_resume_with_another_scheduler_interval_is_refused(train_cfg):
+    common = ("scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "trainer.epochs=2",
+              "checkpoint.every_n_epochs=1")
+    train(train_cfg(*common))
+    with pytest.raises(UserError, match="scheduler.interval changed epoch -> step"):
+        train(train_cfg(*common, "scheduler.interval=step", "resume=auto"))
+
+
 @pytest.mark.parametrize("override,message", [
     ("optimizer.betas=[0.9,1.0]",
      "optimizer.betas=[0.9, 1.0]: expected two numbers >= 0 and < 1"),
