@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config import build
 
-INTERVALS = ("epoch", "step")
 # Keys of the shipped schedulers counted in epochs: scaled by steps per epoch for interval=step.
 EPOCH_KEYS = ("T_max", "step_size", "warmup_epochs", "epochs")
 
