@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
 from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
+from engine.schedules import build_scheduler, window_length
 
 
 def train(cfg: DictConfig) -> dict:
@@ -46,13 +48,13 @@ def train(cfg: DictConfig) -> dict:
         print(f"initial weights from {cfg.weights}")
     loss_fn = build(cfg.loss, "loss")
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
-    scheduler = build(cfg.scheduler, "scheduler")(optimizer) if cfg.get("scheduler") else None
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
     train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
                             seed=cfg.seed, **loader_args, **ddp.rank_args())
     val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
+    scheduler, step_lr = build_scheduler(cfg, optimizer, len(train_batches))  # step_lr: per step
 
     # Only now, with data and model known to build, touch the run directory.
     run_dir, saver, resumed = open_run(cfg, device)
@@ -64,6 +66,8 @@ def train(cfg: DictConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
     model = ddp.wrap_model(model, device)
+    in_sync = nullcontext()  # accumulation under DDP: all-reduce on a window's last batch only
+    no_sync = getattr(model, "no_sync", lambda: in_sync)
     if cfg.trainer.compile:
         model = torch.compile(model)
     # Loop settings read once: a DictConfig lookup costs as much as a small model's step.
@@ -75,6 +79,9 @@ def train(cfg: DictConfig) -> dict:
     epochs, every_n_epochs = cfg.trainer.epochs, cfg.checkpoint.every_n_epochs
     monitor, mode = str(cfg.checkpoint.monitor), str(cfg.checkpoint.mode)
     print_every_s = float(cfg.trainer.get("print_every_s", 0))
+    accumulate = progress.accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))  # 1: off
+    clip_norm, params = cfg.trainer.get("grad_clip_norm"), list(raw_model.parameters())
+    amp, n_batches = scaler.is_enabled(), len(train_batches)
     config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
     show_bar = sys.stdout.isatty()
     plotted, plotted_at = len(progress.history), float("-inf")
@@ -121,18 +128,29 @@ def train(cfg: DictConfig) -> dict:
         for x, y in batches:
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with ctx():
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled():
-                scaler.scale(loss).backward()
+            progress.step_in_epoch += 1  # batches; global_step counts optimizer steps
+            last = accumulate == 1 or progress.step_in_epoch % accumulate == 0 \
+                or progress.step_in_epoch == n_batches  # the accumulation window's last batch
+            with in_sync if last else no_sync():
+                with ctx():
+                    loss = loss_fn(model(x), y)
+                scaled = loss if accumulate == 1 else loss / window_length(
+                    progress.step_in_epoch, n_batches, accumulate)
+                (scaler.scale(scaled) if amp else scaled).backward()
+            progress.losses.append(loss.detach())
+            if not last:  # mid-window: no step, save or stop (checkpoints lie on window ends)
+                continue
+            if clip_norm is not None:
+                scaler.unscale_(optimizer)  # AMP: clip the true gradients (no-op without)
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            if step_lr and progress.global_step:  # before the step: lr is the last step's
+                scheduler.step()
+            if amp:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
-            progress.losses.append(loss.detach())
-            progress.step_in_epoch += 1
+            optimizer.zero_grad(set_to_none=True)
             progress.global_step += 1
 
             if progress.global_step % log_every == 0:  # the only per-step host sync
@@ -155,8 +173,8 @@ def train(cfg: DictConfig) -> dict:
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "
                             f"checkpoint is kept")
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
+        lr = optimizer.param_groups[0]["lr"]  # interval=step: the epoch's last step's
+        if scheduler is not None and not step_lr:
             scheduler.step()
         row = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss,
                "val_loss": val["loss"]}

@@ -31,6 +31,8 @@ from engine.runtime import PRECISIONS, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
+# Keys of a `_target_` section that train.py reads itself (removed before instantiate).
+TRAINER_KEYS = {"scheduler": ("interval",)}
 # Metrics train.py logs per epoch: the choices for checkpoint.monitor.
 METRICS = {"regression": ("val_loss", "train_loss"),
            "classification": ("val_loss", "val_acc", "train_loss")}
@@ -76,6 +78,7 @@ def validate_train(cfg: DictConfig) -> None:
             raise UserError(f"optimizer.{key}={value!r}: expected a number >= 0")
     if cfg.optimizer.get("nesterov") is True and not cfg.optimizer.get("momentum", 0) > 0:
         raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    _check_trainer_features(cfg)
     _check_fractions(cfg.data, "data")
     if trainer.max_time is not None and not (isinstance(trainer.max_time, (int, float))
                                              and trainer.max_time > 0):
@@ -95,6 +98,32 @@ def validate_train(cfg: DictConfig) -> None:
         run_dir_for(root, cfg.name, key="name")
     else:
         run_dir_for(root, cfg.run_name)
+
+
+def _check_trainer_features(cfg: DictConfig) -> None:
+    """Adam's betas/eps, the warm-up schedule, scheduler.interval, clipping, accumulation."""
+    betas, eps = cfg.optimizer.get("betas"), cfg.optimizer.get("eps")
+    if betas is not None and not (isinstance(betas, (ListConfig, list)) and len(betas) == 2
+                                  and all(_finite(b) and 0 <= b < 1 for b in betas)):
+        raise UserError(f"optimizer.betas={_plain(cfg.optimizer, 'betas')!r}: expected two "
+                        f"numbers >= 0 and < 1, e.g. [0.9,0.999]")
+    if eps is not None and not (_finite(eps) and eps > 0):
+        raise UserError(f"optimizer.eps={eps!r}: expected a number > 0, e.g. 1e-8")
+    scheduler = cfg.get("scheduler") or {}
+    if str(scheduler.get("interval", "epoch")) not in ("epoch", "step"):
+        raise UserError(f"scheduler.interval={scheduler.interval!r}: expected epoch or step")
+    warmup, floor = scheduler.get("warmup_epochs"), scheduler.get("min_lr")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int)
+                               or warmup < 0):
+        raise UserError(f"scheduler.warmup_epochs={warmup!r}: expected an integer >= 0")
+    if floor is not None and not (_finite(floor) and 0 <= floor <= cfg.optimizer.lr):
+        raise UserError(f"scheduler.min_lr={floor!r}: expected a number >= 0 and <= "
+                        f"optimizer.lr ({cfg.optimizer.lr})")
+    clip = cfg.trainer.get("grad_clip_norm")
+    if clip is not None and not (_finite(clip) and clip > 0):
+        raise UserError(f"trainer.grad_clip_norm={clip!r}: expected a number > 0 or null (off)")
+    _positive_int(cfg.trainer.get("accumulate_grad_batches", 1),
+                  "trainer.accumulate_grad_batches")
 
 
 # ------------------------------------------------------------------- limits (all scripts)
@@ -402,13 +431,16 @@ def check_target_section(section: Any, key: str) -> None:
     params, hints, open_ended = _parameters(obj)
     values = OmegaConf.to_container(section, resolve=True)
     for name, value in values.items():
-        if str(name).startswith("_"):
+        if str(name).startswith("_") or name in TRAINER_KEYS.get(key, ()):
             continue
         if name not in params:
             if open_ended:
                 continue
             valid = ", ".join(p for p in params if p not in ("self",))
-            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}")
+            # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
+            hint = f"; set for another optimizer? drop it with ~{key}.{name}" \
+                if key == "optimizer" else ""
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}{hint}")
         hint = hints.get(name)
         if hint is not None and _matches(value, hint) is False:
             raise UserError(f"{key}.{name}={value!r}: expected {_describe(hint)}")

@@ -146,7 +146,7 @@ COMPOSE_CASES = [
     ("train", ["model=smal_cnn"], ["did you mean 'small_cnn'"]),
     ("train", ["data=nope"], ["data=nope", "digits", "quadratic_csv"]),
     ("train", ["experiment=nope"], ["experiment=nope", "digits_cnn", "vgg16_cifar10"]),
-    ("train", ["optimizer=adam"], ["optimizer=adam", "sgd"]),
+    ("train", ["optimizer=adagrad"], ["optimizer=adagrad", "sgd", "adamw"]),
     ("train", ["loss=hinge"], ["loss=hinge", "cross_entropy"]),
     ("train", ["scheduler=fancy"], ["scheduler=fancy", "cosine"]),
     ("train", ["model=small_cnn", "model.channels=3"], ["model.channels=3", "in_channels"]),

@@ -40,13 +40,18 @@ def test_default_is_the_linear_regression_experiment(compose):
 
 
 @pytest.mark.parametrize("group,option", [("scheduler", "step"), ("scheduler", "cosine"),
-                                          ("loss", "mse"), ("loss", "l1")])
+                                          ("scheduler", "warmup_cosine"), ("optimizer", "adam"),
+                                          ("optimizer", "adamw"), ("loss", "mse"), ("loss", "l1")])
 def test_optional_groups_build(compose, group, option):
+    from engine.schedules import build_scheduler
+
     cfg = compose("train", [f"{group}={option}"])
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    if group == "scheduler":
-        assert instantiate(cfg.scheduler)(optimizer).optimizer is optimizer
+    if group == "scheduler":  # scheduler.interval is train.py's: build_scheduler removes it
+        assert build_scheduler(cfg, optimizer, 10)[0].optimizer is optimizer
+    elif group == "optimizer":
+        assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW"}[option]
     else:
         assert isinstance(instantiate(cfg.loss), torch.nn.Module)
 

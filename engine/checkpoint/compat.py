@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from engine.batches import batches_per_epoch
 from engine.distributed import is_main, world_size
@@ -34,6 +34,8 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
         key = str(key)
         if key.startswith("_") or key not in group0:
             continue
+        if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
+            value = OmegaConf.to_container(value)
         before = saved_opt.get(key) if saved is not None else group0.get(
             "initial_lr", group0[key]) if key == "lr" else group0[key]
         if before is None or before == value:
@@ -160,8 +162,15 @@ def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sour
     """A changed trainer.epochs is fine unless the schedule was derived from it (cosine's
     T_max): the loaded scheduler would keep the old length while config.yaml says the new.
     Settings given explicitly on resume (`ignore`, e.g. scheduler.gamma) were applied."""
-    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
     saved = state.get("scheduler_state_dict")
+    # scheduler.interval: a saved schedule counts epochs or optimizer steps, not either
+    was = (((state.get("config") or {}).get("scheduler") or {}).get("interval")) or "epoch"
+    now = str((cfg.get("scheduler") or {}).get("interval", "epoch"))
+    if fresh is not None and isinstance(saved, dict) and isinstance(was, str) and was != now:
+        raise UserError(f"{source}: scheduler.interval changed {was} -> {now}: the saved "
+                        f"schedule counts {was}s; keep scheduler.interval={was} for an exact "
+                        f"resume, or {NEW_SCHEDULE}")
+    before = ((state.get("config") or {}).get("trainer") or {}).get("epochs")
     if fresh is None or not isinstance(saved, dict) or before in (None, cfg.trainer.epochs):
         return
     derived = {k: (saved[k], v) for k, v in fresh.items()

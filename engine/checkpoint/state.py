@@ -53,6 +53,7 @@ class Progress:
     best_value: float | None = None
     best_epoch: int | None = None
     fingerprint: dict | None = None  # data, batch and model the run trains (engine/fingerprint)
+    accumulate: int = 1  # batches per optimizer step (trainer.accumulate_grad_batches; not saved)
 
     def epoch_train_loss(self, batch_sizes: torch.Tensor) -> float:
         """Sample-weighted mean of the epoch's step losses: one host sync per epoch."""
@@ -87,7 +88,8 @@ def check_finite(progress: Progress) -> None:
             raise FollowerError(f"non-finite loss on another rank by step "
                                 f"{progress.global_step}")
         first = progress.checked + int((~finite).nonzero()[0, 0])
-        step = progress.global_step - len(progress.losses) + first + 1
+        k = progress.accumulate  # windows of k batches from the epoch's start
+        step = progress.global_step - -(-len(progress.losses) // k) + first // k + 1
         raise UserError(f"non-finite loss at epoch {progress.epoch + 1}, step {step} "
                         f"(batch {first + 1} of the epoch); lower optimizer.lr or check the "
                         f"data; the last good checkpoint is kept")
