@@ -1,38 +1,18 @@
-"""Shared by the bad-input, safety and fuzz tests: a tiny trained run, file snapshots, a
-malicious pickle, and the one-line-error assertion."""
+"""Checks and hostile files shared by the bad-input, safety, fuzz and write-path tests: file
+snapshots, the one-line-error assertion, a hang guard, a malicious pickle."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.errors import UserError
-
-
-def compose(config_name: str, overrides: list[str]):
-    """The config the script would get (Hydra's compose API; usable in any fixture scope)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from engine.cli import compose_checked
-
-    try:
-        return compose_checked(config_name, overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def train_run(root: Path, *overrides: str, name: str = "run") -> Path:
-    """Train in-process (linear regression, 2 epochs unless overridden); the run folder."""
-    import train
-
-    cfg = compose("train", [f"checkpoint.root={root}", f"run_name={name}", "trainer.epochs=2",
-                            "checkpoint.every_n_epochs=1", *overrides])
-    train.train(cfg)
-    return root / name
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -53,9 +33,26 @@ def assert_one_line(err: BaseException, *needles: str) -> str:
 
 
 def raises_user_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> str:
+    """fn(*args, **kwargs) raises a one-line UserError naming each needle; its message."""
     with pytest.raises(UserError) as info:
         fn(*args, **kwargs)
     return assert_one_line(info.value, *needles)
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging the suite) if the block takes longer than `seconds` (not a
+    timing assertion: a hang guard)."""
+    def _timeout(signum, frame):
+        raise TimeoutError(f"still busy after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Evil:
