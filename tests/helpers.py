@@ -1,5 +1,5 @@
-"""Checks and hostile files shared by the bad-input, safety, fuzz and write-path tests: file
-snapshots, the one-line-error assertion, a hang guard, a malicious pickle."""
+"""What several test files share: file snapshots, the one-line-error assertion, a hang
+guard, a malicious pickle, a fake CIFAR-10 on disk."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def raises_user_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> str
 
 
 @contextmanager
-def deadline(seconds: float):
+def deadline(seconds: float = 10):
     """Fail (instead of hanging the suite) if the block takes longer than `seconds` (not a
     timing assertion: a hang guard)."""
     def _timeout(signum, frame):
@@ -81,3 +82,22 @@ def write_malicious(path: Path, marker: Path, legacy: bool = False,
         torch.save(state, path)
     assert not os.path.exists(marker)
     return path
+
+
+def write_cifar(root: Path, n_train: int = 6, n_test: int = 4) -> None:
+    """CIFAR-10 in its official pickled format under `root` (n_train images per batch file,
+    5 batch files), random pixels: what torchvision's loader reads, without a download."""
+    import pickle
+
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n_train)]}
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n_test)]}
+    (base / "test_batch").write_bytes(pickle.dumps(test))
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
+    (base / "batches.meta").write_bytes(pickle.dumps(meta))

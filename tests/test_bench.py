@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from conftest import REPO
 
 
 def test_quick_bench_prints_every_item_and_writes_results(tmp_path):

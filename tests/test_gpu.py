@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import REPO, run_script
+from conftest import REPO, run_script
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

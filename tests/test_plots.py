@@ -6,10 +6,10 @@ from __future__ import annotations
 import signal
 
 import torch
+from conftest import run_script
 from matplotlib.colors import to_rgba
 
 from engine.metrics import confusion_figure, loss_figure, regression_figure
-from tests.conftest import run_script
 
 
 def test_predictions_plot_has_axis_labels_and_test_points_above_predictions():
