@@ -82,6 +82,18 @@ def test_truncations_always_fail_cleanly(trained_run, original, tmp_path):
     assert len(offsets) >= 150
 
 
+def _payload_position(data: bytes, rng: random.Random) -> tuple[int, str]:
+    """A random byte inside some zip record's stored data (what the CRC-32 covers), not in
+    the headers or the alignment padding, whose place moves with the checkpoint's keys; and
+    that record's name."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = rng.choice([i for i in archive.infolist() if i.compress_size])
+    header = data[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
+        header[28:30], "little")
+    return start + rng.randrange(info.compress_size), info.filename
+
+
 def test_flipped_bits_fail_cleanly_or_load_the_same_weights(trained_run, original, tmp_path):
     """The flipped-bit test. Seeded flips of 1-3 bytes anywhere: a one-line error or the
     original weights, never other numbers. One bit flipped in a record's stored data (what
@@ -109,18 +121,6 @@ def test_flipped_bits_fail_cleanly_or_load_the_same_weights(trained_run, origina
             load_checkpoint(target)
         assert_one_line(info.value, target.name, "corrupted checkpoint (checksum mismatch")
     count("byte flip", 250 + 50)
-
-
-def _payload_position(data: bytes, rng: random.Random) -> tuple[int, str]:
-    """A random byte inside some zip record's stored data (what the CRC-32 covers), not in
-    the headers or the alignment padding, whose place moves with the checkpoint's keys; and
-    that record's name."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        info = rng.choice([i for i in archive.infolist() if i.compress_size])
-    header = data[info.header_offset:info.header_offset + 30]
-    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
-        header[28:30], "little")
-    return start + rng.randrange(info.compress_size), info.filename
 
 
 def _png_bytes() -> bytes:
