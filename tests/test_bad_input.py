@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script
-from safety_helpers import (
-    assert_one_line,
-    compose,
-    raises_user_error,
-    snapshot,
-    train_run,
-)
+from conftest import REPO, compose, run_script
+from helpers import assert_one_line, raises_user_error, snapshot
 
 import evaluate as evaluate_script
 import predict as predict_script
@@ -28,19 +22,11 @@ import train as train_script
 from engine.cli import check_command_line, compose_checked
 from engine.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError, cli_errors
 
-COUNTED: set[str] = set()  # bad-input case ids, printed by test_zz_bad_input_case_count
-
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """A checkpoint root holding a finished run `lin` that no bad input may touch."""
-    folder = tmp_path_factory.mktemp("root")
-    train_run(folder, name="lin")
-    return folder
-
-
-def _case(kind: str, case: object) -> None:
-    COUNTED.add(f"{kind}: {case}")
+def root(trained_run) -> Path:
+    """The checkpoint root holding the finished run `lin` that no bad input may touch."""
+    return trained_run.parent
 
 
 # ----------------------------------------------------------------- train config values
@@ -112,7 +98,6 @@ def test_bad_train_config(root, overrides, needles):
     raises_user_error(train_script.train, cfg, needles=tuple(needles))
     assert snapshot(root / "lin") == before  # the existing run is byte-for-byte the same
     assert all(p.parent.name == "lin" for p in root.rglob("*.pt"))  # and no new checkpoint
-    _case("train config", overrides)
 
 
 def test_checkpoint_root_that_is_a_file(root, tmp_path):
@@ -120,7 +105,6 @@ def test_checkpoint_root_that_is_a_file(root, tmp_path):
     file.write_text("x")
     cfg = compose("train", [f"checkpoint.root={file}"])
     raises_user_error(train_script.train, cfg, needles=(f"checkpoint.root={file}", "folder"))
-    _case("train config", "checkpoint.root=FILE")
 
 
 def test_resume_from_a_checkpoint_of_another_architecture(root):
@@ -132,7 +116,6 @@ def test_resume_from_a_checkpoint_of_another_architecture(root):
         "unexpected keys [weights, bias]"))
     assert snapshot(root / "lin") == before
     assert not list((root / "other_arch").glob("*.pt"))
-    _case("train config", "resume=other architecture")
 
 
 # ------------------------------------------------------- overrides that do not compose
@@ -168,19 +151,20 @@ def test_override_that_does_not_compose(config, overrides, needles):
     with pytest.raises(UserError) as info:
         compose_checked(config, overrides)
     assert_one_line(info.value, *needles)
-    _case("override", (config, *overrides))
+
+
+CLI_CASES = [["trainer.epoch=5"], ["model=foo"], ["trainer.epochs=0"],
+             ["-m", "optimizer.lr=0.1,abc"], ["-m", "model=small_cnn,nope"]]
 
 
 def test_command_line_check_prints_one_line_and_exits_2(capsys):
     """The entry point's check, in-process: one stderr line, exit 2; good ones pass."""
-    for argv in (["trainer.epoch=5"], ["model=foo"], ["trainer.epochs=0"],
-                 ["-m", "optimizer.lr=0.1,abc"], ["-m", "model=small_cnn,nope"]):
+    for argv in CLI_CASES:
         with pytest.raises(SystemExit) as info:
             check_command_line("train", argv)
         assert info.value.code == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-        _case("command line", argv)
     check_command_line("train", ["trainer.epochs=3", "-m", "optimizer.lr=0.1,0.01"])
     check_command_line("train", ["--help"])  # flags are Hydra's business
     assert capsys.readouterr().err == ""
@@ -232,31 +216,32 @@ def test_bad_evaluate_config(root, tmp_path):
     for overrides, needles in _evaluate_cases(root, tmp_path):
         cfg = compose("evaluate", overrides)
         raises_user_error(evaluate_script.evaluate, cfg, needles=tuple(needles))
-        _case("evaluate", overrides)
     assert snapshot(root) == before
 
 
-def test_bad_predict_config(root, tmp_path):
-    best = root / "lin" / "best.pt"
-    points = tmp_path / "points.csv"
+def _predict_cases(best: Path, tmp: Path) -> list[tuple[list[str], list[str]]]:
+    points = tmp / "points.csv"
     points.write_text("x\n1\n")
-    out = tmp_path / "out.csv"
-    cases = [
+    out = tmp / "out.csv"
+    return [
         ([f"ckpt={best}"], ["input", "required"]),
-        ([f"ckpt={best}", f"input={tmp_path / 'none.csv'}", f"output={out}"],
+        ([f"ckpt={best}", f"input={tmp / 'none.csv'}", f"output={out}"],
          ["none.csv", "no such file"]),
-        ([f"ckpt={best}", f"input={points}", f"output={tmp_path / 'out.txt'}"],
+        ([f"ckpt={best}", f"input={points}", f"output={tmp / 'out.txt'}"],
          ["out.txt", ".csv"]),
-        ([f"ckpt={best}", f"input={points}", f"output={tmp_path}"], ["folder"]),
+        ([f"ckpt={best}", f"input={points}", f"output={tmp}"], ["folder"]),
         ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=0"],
          ["batch_size=0"]),
         ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=null"],
          ["batch_size=None"]),
     ]
-    for overrides, needles in cases:
+
+
+def test_bad_predict_config(root, tmp_path):
+    out = tmp_path / "out.csv"
+    for overrides, needles in _predict_cases(root / "lin" / "best.pt", tmp_path):
         cfg = compose("predict", overrides)
         raises_user_error(predict_script.predict, cfg, needles=tuple(needles))
-        _case("predict", overrides)
     assert not out.exists()
 
 
@@ -295,7 +280,13 @@ def test_bad_csv_for_training(root, tmp_path, name):
                             "trainer.epochs=1"])
     raises_user_error(train_script.train, cfg, needles=(str(path), *needles))
     assert not list((root / f"csv_{name}").glob("*.pt"))
-    _case("csv", name)
+
+
+PREDICT_CSV_CASES = {
+    "x1,x2\n1,2\n": ["missing column(s) ['x']", "found ['x1', 'x2']"],
+    "x\n1\n2\nabc\n": ["data row 3", "column 'x'", "'abc'"],
+    "x\n": ["header but no data rows"],
+}
 
 
 def test_predict_csv_inputs(tmp_path, weights):
@@ -305,17 +296,11 @@ def test_predict_csv_inputs(tmp_path, weights):
     out.write_text("previous results\n")
     base = [f"weights={weights['linear']}", "model=linear_regression", "data=linear",
             f"output={out}"]
-    cases = {
-        "x1,x2\n1,2\n": ["missing column(s) ['x']", "found ['x1', 'x2']"],
-        "x\n1\n2\nabc\n": ["data row 3", "column 'x'", "'abc'"],
-        "x\n": ["header but no data rows"],
-    }
-    for index, (text, needles) in enumerate(cases.items()):
+    for index, (text, needles) in enumerate(PREDICT_CSV_CASES.items()):
         path = tmp_path / f"in{index}.csv"
         path.write_text(text)
         cfg = compose("predict", [*base, f"input={path}"])
         raises_user_error(predict_script.predict, cfg, needles=(path.name, *needles))
-        _case("predict csv", text)
     # Model with 2 inputs, data giving 1 feature per row.
     path = tmp_path / "one_feature.csv"
     path.write_text("x\n1\n2\n")
@@ -324,7 +309,6 @@ def test_predict_csv_inputs(tmp_path, weights):
                               f"output={out}"])
     raises_user_error(predict_script.predict, cfg, needles=(
         f"input={path}", "1 feature(s)", "expects 2"))
-    _case("predict csv", "feature count")
     assert out.read_text() == "previous results\n"
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -370,7 +354,8 @@ def _image_cfg(root: Path, data_root: Path, *extra: str):
         "data.batch_size=2", *extra])
 
 
-def test_image_folder_errors(root, tmp_path):
+def _image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
+    """Broken image-folder data sets: name -> (data.root, extra overrides, needles)."""
     cases = {}
     folder = _image_folder(tmp_path / "empty_class")
     (folder / "zebra").mkdir()
@@ -394,11 +379,14 @@ def test_image_folder_errors(root, tmp_path):
     folder = _image_folder(tmp_path / "truncated")
     _noise_png(folder / "dog" / "cut.png", cut=0.6)  # header fine, pixel data cut
     cases["truncated"] = (folder, [], ["cut.png", "corrupt or unreadable image"])
-    for name, (data_root, extra, needles) in cases.items():
+    return cases
+
+
+def test_image_folder_errors(root, tmp_path):
+    for name, (data_root, extra, needles) in _image_cases(tmp_path).items():
         cfg = _image_cfg(root, data_root, *extra)
         raises_user_error(train_script.train, cfg, needles=tuple(needles))
         assert not list((root / f"img_{data_root.name}").glob("*.pt")), name
-        _case("images", name)
 
 
 def test_images_of_other_channel_counts_and_sizes_are_converted(root, tmp_path):
@@ -431,6 +419,26 @@ def test_dataloader_worker_errors_stay_one_line():
     assert one_line(info.value) == "data/cat/bad.png: corrupt or unreadable image (OSError)"
 
 
+def _predict_image_cases(folder: Path, tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    """Inputs that stop a prediction: name -> (input, needles); the first adds a corrupt
+    image to `folder`."""
+    cases = {}
+    corrupt = _noise_png(folder / "zz_corrupt.png", cut=0.6)
+    cases["corrupt"] = (folder, [corrupt.name, "corrupt or unreadable"])
+    other = tmp_path / "dangling"
+    other.mkdir()
+    _image(other / "fine")
+    (other / "link.png").symlink_to(tmp_path / "does_not_exist.png")
+    cases["dangling_link"] = (other, ["link.png", "not a readable image file"])
+    csv_input = tmp_path / "points.csv"
+    csv_input.write_text("x\n1\n")
+    cases["csv_to_image_model"] = (csv_input, ["points.csv", "not an image"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases["empty_folder"] = (empty, [str(empty), "no image files"])
+    return cases
+
+
 def test_predict_images(tmp_path, weights, capsys):
     """Other sizes and channel counts are converted (all predicted); a bad file stops the
     whole batch with its name and the existing output is untouched."""
@@ -446,26 +454,10 @@ def test_predict_images(tmp_path, weights, capsys):
     assert rows[0] == "input,class,probability" and len(rows) == 1 + len(files)
     assert "README.txt" in capsys.readouterr().err  # said, not silently dropped
     before = out.read_bytes()
-
-    cases = {}
-    corrupt = _noise_png(folder / "zz_corrupt.png", cut=0.6)
-    cases["corrupt"] = (folder, [corrupt.name, "corrupt or unreadable"])
-    other = tmp_path / "dangling"
-    other.mkdir()
-    _image(other / "fine")
-    (other / "link.png").symlink_to(tmp_path / "does_not_exist.png")
-    cases["dangling_link"] = (other, ["link.png", "not a readable image file"])
-    csv_input = tmp_path / "points.csv"
-    csv_input.write_text("x\n1\n")
-    cases["csv_to_image_model"] = (csv_input, ["points.csv", "not an image"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    cases["empty_folder"] = (empty, [str(empty), "no image files"])
-    for name, (source, needles) in cases.items():
+    for name, (source, needles) in _predict_image_cases(folder, tmp_path).items():
         cfg = compose("predict", [*base, f"input={source}"])
         raises_user_error(predict_script.predict, cfg, needles=tuple(needles))
         assert out.read_bytes() == before, name
-        _case("predict images", name)
 
 
 # ------------------------------------------------------------------- exit codes
@@ -553,9 +545,21 @@ def test_cli_internal_error_subprocess(root):
     assert "ZeroDivisionError" in result.stderr and "Traceback" in result.stderr
 
 
-def test_zz_bad_input_case_count():
-    """The module's tally of distinct bad inputs (runs last by name)."""
-    if len({c.split(":")[0] for c in COUNTED}) < 9:
-        pytest.skip("counts only when the whole module runs")
-    print(f"bad-input cases: {len(COUNTED)}")
-    assert len(COUNTED) >= 100
+# --------------------------------------------------------------------------- the tally
+
+def test_at_least_100_distinct_bad_inputs_are_checked(tmp_path):
+    """Counted from the case tables the tests above run (no test needs another's result)."""
+    (tmp_path / "inputs").mkdir()
+    counts = {
+        "train config": len({tuple(o) for o, _ in TRAIN_CASES}) + 2,  # + root=FILE, other arch
+        "override": len({(c, *o) for c, o, _ in COMPOSE_CASES}),
+        "command line": len({tuple(a) for a in CLI_CASES}),
+        "evaluate": len(_evaluate_cases(tmp_path / "root", tmp_path)),
+        "predict": len(_predict_cases(tmp_path / "best.pt", tmp_path)),
+        "csv": len(CSV_CASES),
+        "predict csv": len(PREDICT_CSV_CASES) + 1,  # + the feature count
+        "images": len(_image_cases(tmp_path / "images")),
+        "predict images": len(_predict_image_cases(tmp_path / "inputs", tmp_path)),
+    }
+    print(f"bad-input cases: {sum(counts.values())} {counts}")
+    assert sum(counts.values()) >= 100, counts

@@ -10,7 +10,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from conftest import REPO
+
 from tests.faults import fault_env
 
 

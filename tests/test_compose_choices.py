@@ -4,8 +4,7 @@ chosen; the default experiment's settings apply only when nothing was chosen."""
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import run_script
+from conftest import compose, run_script
 
 
 @pytest.mark.parametrize("data,model,name,epochs,lr,loss", [
@@ -16,15 +15,15 @@ from tests.conftest import run_script
     ("image_folder", "small_cnn", "image_folder_small_cnn", 100, 0.01,
      "torch.nn.CrossEntropyLoss"),  # no preset for the pair: train.yaml's own settings
 ])
-def test_chosen_data_and_model_set_the_name_loss_and_settings(compose, data, model, name,
-                                                               epochs, lr, loss):
+def test_chosen_data_and_model_set_the_name_loss_and_settings(data, model, name, epochs,
+                                                               lr, loss):
     cfg = compose("train", [f"data={data}", f"model={model}"])
     assert (cfg.name, cfg.trainer.epochs, cfg.optimizer.lr, cfg.loss._target_) == (
         name, epochs, lr, loss)
     assert cfg.name != "linear_regression" and cfg.trainer.epochs != 300
 
 
-def test_explicit_choices_win_over_presets(compose):
+def test_explicit_choices_win_over_presets():
     cfg = compose("train", ["data=mnist", "model=small_cnn", "loss=mse", "trainer.epochs=3",
                             "optimizer.lr=0.2", "name=mine"])
     assert (cfg.name, cfg.trainer.epochs, cfg.optimizer.lr, cfg.loss._target_) == (

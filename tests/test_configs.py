@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose, run_script
 from hydra.utils import instantiate
 
-from tests.conftest import run_script
+from engine.schedules import build_scheduler
 
 EXPERIMENTS = ["linear_regression", "quadratic_csv", "digits_cnn", "vgg16_cifar10"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_each_experiment_composes_and_builds(compose, experiment):
+def test_each_experiment_composes_and_builds(experiment):
     cfg = compose("train", [f"experiment={experiment}"])
     assert cfg.name == experiment
     data = instantiate(cfg.data)
@@ -31,7 +32,7 @@ def _first_batch(data):
     yield split.x[:4], split.y[:4]
 
 
-def test_default_is_the_linear_regression_experiment(compose):
+def test_default_is_the_linear_regression_experiment():
     cfg = compose("train")
     assert (cfg.name, cfg.model._target_, cfg.loss._target_) == (
         "linear_regression", "models.linear_regression.LinearRegressionModel",
@@ -42,9 +43,7 @@ def test_default_is_the_linear_regression_experiment(compose):
 @pytest.mark.parametrize("group,option", [("scheduler", "step"), ("scheduler", "cosine"),
                                           ("scheduler", "warmup_cosine"), ("optimizer", "adam"),
                                           ("optimizer", "adamw"), ("loss", "mse"), ("loss", "l1")])
-def test_optional_groups_build(compose, group, option):
-    from engine.schedules import build_scheduler
-
+def test_optional_groups_build(group, option):
     cfg = compose("train", [f"{group}={option}"])
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())

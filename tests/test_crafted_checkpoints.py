@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import compose, run_script, train_run
+from helpers import assert_one_line, deadline
 from omegaconf import OmegaConf
-from safety_helpers import assert_one_line, compose, train_run
 
 from engine.checkpoint.load import load_checkpoint
 from engine.errors import UserError
@@ -31,28 +29,8 @@ TIMES: list[tuple[float, str]] = []
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_run(tmp_path_factory.mktemp("crafted"), name="base")
-
-
-@pytest.fixture(scope="module")
-def original(run_dir) -> dict:
-    return load_checkpoint(run_dir / "best.pt")
-
-
-@contextmanager
-def hang_guard(seconds: float = 20):
-    """Fail instead of hanging the suite (not a timing assertion: the time is measured)."""
-    def _timeout(signum, frame):
-        raise TimeoutError(f"still busy after {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def original(trained_run) -> dict:
+    return load_checkpoint(trained_run / "best.pt")
 
 
 # --------------------------------------------------------------------------- the generator
@@ -176,7 +154,7 @@ def evaluate_path(path: Path, root: Path) -> None:
 def outcome(way, path: Path, root: Path, label: str) -> str:
     start = time.perf_counter()
     try:
-        with hang_guard(), warnings.catch_warnings():
+        with deadline(20), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             way(path, root)
         result = "ok"
@@ -256,8 +234,8 @@ def test_tutorial_checkpoint_with_tensor_loss_still_loads(original, tmp_path):
     assert load_checkpoint(path)["epoch"] == 3
 
 
-def test_negative_epoch_resume_exits_2(run_dir, tmp_path):
-    state = load_checkpoint(run_dir / "best.pt")
+def test_negative_epoch_resume_exits_2(trained_run, tmp_path):
+    state = load_checkpoint(trained_run / "best.pt")
     crafted = tmp_path / "neg.pt"
     torch.save({**state, "epoch": -5}, crafted)
     result = run_script("train.py", f"resume={crafted}", f"checkpoint.root={tmp_path}",
@@ -277,8 +255,8 @@ def _one_line_exit_2(result, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def test_stride0_losses_and_rng_are_refused_by_train(run_dir, tmp_path):
-    state = load_checkpoint(run_dir / "best.pt")
+def test_stride0_losses_and_rng_are_refused_by_train(trained_run, tmp_path):
+    state = load_checkpoint(trained_run / "best.pt")
     huge = torch.zeros(1).expand(3_000_000)
     py = state["rng_state"]["python"]
     for name, crafted in (
@@ -296,18 +274,18 @@ def test_stride0_losses_and_rng_are_refused_by_train(run_dir, tmp_path):
         _one_line_exit_2(result, path.name)
 
 
-def test_billion_laughs_config_is_refused_by_evaluate(run_dir, tmp_path):
-    state = load_checkpoint(run_dir / "best.pt")
+def test_billion_laughs_config_is_refused_by_evaluate(trained_run, tmp_path):
+    state = load_checkpoint(trained_run / "best.pt")
     path = tmp_path / "laughs.pt"
     torch.save({**state, "config": {**state["config"], "extra": billion_laughs(30)}}, path)
     result = run_script("evaluate.py", f"ckpt={path}", check=False, timeout=120)
     _one_line_exit_2(result, path.name, "config")
 
 
-def test_yaml_alias_bomb_in_export_is_refused(run_dir, tmp_path):
+def test_yaml_alias_bomb_in_export_is_refused(trained_run, tmp_path):
     from engine.export import export_checkpoint
 
-    out = export_checkpoint(run_dir / "best.pt", tmp_path / "export")
+    out = export_checkpoint(trained_run / "best.pt", tmp_path / "export")
     text = (out / "config.yaml").read_text()
     bomb = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
@@ -316,13 +294,13 @@ def test_yaml_alias_bomb_in_export_is_refused(run_dir, tmp_path):
     _one_line_exit_2(result, "config.yaml")
 
 
-def test_abstract_data_module_in_export_config_is_refused(run_dir, tmp_path):
+def test_abstract_data_module_in_export_config_is_refused(trained_run, tmp_path):
     import yaml
 
     from engine.export import export_checkpoint
 
     for key in ("data", "model"):
-        out = export_checkpoint(run_dir / "best.pt", tmp_path / key)
+        out = export_checkpoint(trained_run / "best.pt", tmp_path / key)
         config = yaml.safe_load((out / "config.yaml").read_text())
         config[key] = {"_target_": "data.base.DataModule", "batch_size": 8}
         (out / "config.yaml").write_text(yaml.safe_dump(config))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar
 from PIL import Image
 
 from data.digits import DigitsData
@@ -86,21 +86,6 @@ def test_batches_index_in_memory_and_skip_consumed_batches():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[2:], resumed, strict=True))
 
 
-def _write_cifar(root, n_train=6, n_test=4):
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        batch = {"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n_train)]}
-        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, n_test)]}
-    (base / "test_batch").write_bytes(pickle.dumps(test))
-    meta = {"label_names": [f"c{i}" for i in range(10)]}
-    (base / "batches.meta").write_bytes(pickle.dumps(meta))
-
-
 def _write_mnist(root, folder="MNIST", n_train=8, n_test=4):
     raw = root / folder / "raw"
     raw.mkdir(parents=True)
@@ -118,7 +103,7 @@ def _write_mnist(root, folder="MNIST", n_train=8, n_test=4):
 
 
 def test_cifar10_reads_the_official_format(tmp_path):
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     data = TorchvisionData("CIFAR10", root=str(tmp_path), val_fraction=0.2,
                            check_integrity=False, num_workers=0)
     assert len(data.split("train")) + len(data.split("val")) == 30

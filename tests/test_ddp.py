@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO, compose
 
-from tests.conftest import REPO
 from tests.faults import fault_env
 
 pytestmark = [
@@ -82,19 +82,6 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     train.train(compose("train", [*BASE, "run_name=single", f"checkpoint.root={root}"]))
     return SimpleNamespace(root=root, ref=ref, killed=killed, after_kill=after_kill,
                            resumed=resumed)
-
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def test_ddp_run_trains_and_checkpoints_on_rank_0(runs):

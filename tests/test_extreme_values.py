@@ -9,21 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script
-from safety_helpers import assert_one_line, compose, train_run
+from conftest import REPO, compose, run_script
+from helpers import assert_one_line
 
 from engine.cli import check_command_line
 from engine.config import build
 from engine.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def linear_run(tmp_path_factory) -> Path:
-    return train_run(tmp_path_factory.mktemp("extreme"), name="lin")
 
 
 def train_config_error(overrides: list[str], capsys) -> str:
@@ -207,10 +201,10 @@ def test_image_of_unsupported_range_is_refused_naming_the_mode(tmp_path):
 
 # ------------------------------------------------------------ item 8: non-finite numbers
 
-def test_predict_csv_value_beyond_float32_is_refused(linear_run, tmp_path):
+def test_predict_csv_value_beyond_float32_is_refused(trained_run, tmp_path):
     points = tmp_path / "points.csv"
     points.write_text("x\n0.5\n1e39\n")
-    result = run_script("predict.py", f"ckpt={linear_run / 'best.pt'}", f"input={points}",
+    result = run_script("predict.py", f"ckpt={trained_run / 'best.pt'}", f"input={points}",
                         f"output={tmp_path / 'preds.csv'}", check=False, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip()

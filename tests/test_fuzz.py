@@ -9,51 +9,33 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import shutil
-import signal
 import warnings
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from safety_helpers import assert_one_line, train_run, write_malicious
+from helpers import assert_one_line, deadline, write_malicious
 
 from engine.checkpoint.load import load_checkpoint, load_file, load_model_state
 from engine.checkpoint.schema import CHECKPOINT_TYPES
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.export_read import load_export
+from engine.fast_io import verify
 from engine.run_folder import find_latest
 
 SEED = 20240611
-CASES: dict[str, int] = {}  # kind -> cases run (printed at the end of the module)
+# Seeded cases each test runs at least (each test checks its own share): 550 in all.
+CASES = {"truncation": 150, "byte flip": 300, "not a checkpoint": 59, "wrong key type": 80,
+         "wrong tensor shape": 31, "find_latest scenario": 60, "export": 70}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return train_run(tmp_path_factory.mktemp("fuzz"), name="base")
-
-
-@pytest.fixture(scope="module")
-def original(run_dir) -> dict:
-    return load_checkpoint(run_dir / "best.pt")
-
-
-@contextmanager
-def deadline(seconds: float = 10):
-    """Fail (instead of hanging the suite) if one case takes longer than `seconds`."""
-    def _timeout(signum, frame):
-        raise TimeoutError(f"loader still busy after {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def original(trained_run) -> dict:
+    return load_checkpoint(trained_run / "best.pt")
 
 
 def outcome(load, path: Path, original: dict | None, label: str) -> str:
@@ -73,12 +55,18 @@ def outcome(load, path: Path, original: dict | None, label: str) -> str:
     return "ok"
 
 
-def count(kind: str, n: int = 1) -> None:
-    CASES[kind] = CASES.get(kind, 0) + n
+def count(kind: str, n: int) -> None:
+    """A test ran `n` seeded cases of `kind`: at least its share of the module's total."""
+    print(f"fuzz {kind}: {n} cases")
+    assert n >= CASES[kind], f"{kind}: {n} cases, expected at least {CASES[kind]}"
 
 
-def test_truncations_always_fail_cleanly(run_dir, original, tmp_path):
-    data = (run_dir / "best.pt").read_bytes()
+def test_the_shares_add_up_to_at_least_500_seeded_cases():
+    assert sum(CASES.values()) >= 500, CASES
+
+
+def test_truncations_always_fail_cleanly(trained_run, original, tmp_path):
+    data = (trained_run / "best.pt").read_bytes()
     rng = random.Random(SEED)
     offsets = sorted({0, 1, 2, 4, 8, 30, 64, *range(len(data) - 30, len(data)),
                       *range(0, len(data), max(1, len(data) // 100)),
@@ -91,8 +79,24 @@ def test_truncations_always_fail_cleanly(run_dir, original, tmp_path):
     assert len(offsets) >= 150
 
 
-def test_byte_flips_fail_cleanly_or_load_the_same_weights(run_dir, original, tmp_path):
-    data = (run_dir / "best.pt").read_bytes()
+def _payload_position(data: bytes, rng: random.Random) -> tuple[int, str]:
+    """A random byte inside some zip record's stored data (what the CRC-32 covers), not in
+    the headers or the alignment padding, whose place moves with the checkpoint's keys; and
+    that record's name."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = rng.choice([i for i in archive.infolist() if i.compress_size])
+    header = data[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
+        header[28:30], "little")
+    return start + rng.randrange(info.compress_size), info.filename
+
+
+def test_flipped_bits_fail_cleanly_or_load_the_same_weights(trained_run, original, tmp_path):
+    """The flipped-bit test. Seeded flips of 1-3 bytes anywhere: a one-line error or the
+    original weights, never other numbers. One bit flipped in a record's stored data (what
+    the zip CRC-32 covers) is always caught: `verify` (which also checks the saver's writes)
+    names the record, and the loader refuses the file as corrupted."""
+    data = (trained_run / "best.pt").read_bytes()
     rng = random.Random(SEED + 1)
     target = tmp_path / "flipped.pt"
     results = {"ok": 0, "error": 0}
@@ -102,19 +106,18 @@ def test_byte_flips_fail_cleanly_or_load_the_same_weights(run_dir, original, tmp
             damaged[rng.randrange(len(damaged))] ^= rng.randint(1, 255)
         target.write_bytes(bytes(damaged))
         results[outcome(load_checkpoint, target, original, f"flip case {case}")] += 1
-    count("byte flip", 250)
     assert results["error"] > 200  # most flips land in checksummed data
-
-
-def _payload_position(data: bytes, rng: random.Random) -> int:
-    """A random byte inside some zip record's stored data (what the CRC-32 covers), not in
-    the headers or the alignment padding, whose place moves with the checkpoint's keys."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        info = rng.choice([i for i in archive.infolist() if i.compress_size])
-    header = data[info.header_offset:info.header_offset + 30]
-    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
-        header[28:30], "little")
-    return start + rng.randrange(info.compress_size)
+    for _ in range(50):
+        damaged = bytearray(data)
+        position, record = _payload_position(data, rng)
+        damaged[position] ^= 1 << rng.randrange(8)
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(UserError, match=re.escape(f"checksum mismatch in record {record}")):
+            verify(target)
+        with pytest.raises(UserError) as info:
+            load_checkpoint(target)
+        assert_one_line(info.value, target.name, "corrupted checkpoint (checksum mismatch")
+    count("byte flip", 250 + 50)
 
 
 def _png_bytes() -> bytes:
@@ -133,7 +136,7 @@ def _zip_with(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def test_files_that_are_not_checkpoints(run_dir, original, tmp_path):
+def test_files_that_are_not_checkpoints(trained_run, original, tmp_path):
     """Empty, a folder, a PNG, zips of other things, random bytes, text, pickles of code."""
     rng = random.Random(SEED + 2)
     cases: dict[str, bytes | None] = {
@@ -145,7 +148,7 @@ def test_files_that_are_not_checkpoints(run_dir, original, tmp_path):
         "zip_fake_pickle.pt": _zip_with({"archive/data.pkl": b"not a pickle",
                                          "archive/version": b"3\n"}),
         "zip_empty.pt": _zip_with({}),
-        "zip_of_checkpoint.zip": _zip_with({"best.pt": (run_dir / "best.pt").read_bytes()}),
+        "zip_of_checkpoint.zip": _zip_with({"best.pt": (trained_run / "best.pt").read_bytes()}),
     }
     for size in range(40):
         cases[f"random_{size}.pt"] = rng.randbytes(rng.choice([1, 7, 64, 512, 4096]))
@@ -270,7 +273,7 @@ def test_find_latest_picks_the_newest_readable_and_sets_the_rest_aside(original,
                 path.write_bytes(data[:rng.randrange(len(data))])
             elif kind == "flip":
                 damaged = bytearray(data)
-                position = _payload_position(data, rng)  # payload, not padding
+                position, _ = _payload_position(data, rng)  # payload, not padding
                 damaged[position] ^= 0xFF
                 path.write_bytes(bytes(damaged))
             elif kind == "empty":
@@ -312,9 +315,9 @@ def test_find_latest_picks_the_newest_readable_and_sets_the_rest_aside(original,
     count("find_latest scenario", 60)
 
 
-def test_export_loader(run_dir, original, tmp_path):
+def test_export_loader(trained_run, original, tmp_path):
     """Truncated and flipped model.safetensors, broken config.yaml: one line each."""
-    export = export_checkpoint(run_dir / "best.pt", tmp_path / "export")
+    export = export_checkpoint(trained_run / "best.pt", tmp_path / "export")
     weights = (export / "model.safetensors").read_bytes()
     rng = random.Random(SEED + 5)
 
@@ -348,11 +351,3 @@ def test_export_loader(run_dir, original, tmp_path):
         cases += 1
     count("export", cases)
 
-
-def test_zz_fuzz_case_count():
-    """The module's tally (runs last by name): at least 500 seeded cases."""
-    if len(CASES) < 7:
-        pytest.skip("counts only when the whole module runs")
-    total = sum(CASES.values())
-    print(f"fuzz cases: {total} {CASES}")
-    assert total >= 500, CASES

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_script
 
-from tests.conftest import REPO, run_script
 from tests.faults import fault_env
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

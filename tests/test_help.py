@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, compose, run_script
 from omegaconf import DictConfig, OmegaConf
 
 GROUPS = {"train": ["experiment", "data", "model", "loss", "optimizer", "scheduler"],
@@ -31,7 +31,7 @@ def _leaf_keys(cfg: DictConfig, groups: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "predict"])
-def test_help_describes_every_key_and_only_its_groups(script, compose):
+def test_help_describes_every_key_and_only_its_groups(script):
     out = run_script(f"{script}.py", "--help").stdout
     keys = _leaf_keys(compose(script), GROUPS[script])
     assert keys, script

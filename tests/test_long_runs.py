@@ -10,15 +10,15 @@ import re
 
 import pytest
 import torch
+from conftest import compose, run_script
 
 from engine.checkpoint.load import load_checkpoint
-from tests.conftest import run_script
 
 TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001",
                 "trainer.device=cpu"]
 
 
-def _train(compose, tmp_path, overrides, monkeypatch=None):
+def _train(tmp_path, overrides, monkeypatch=None):
     import train
 
     cfg = compose("train", [*TUTORIAL_002, f"checkpoint.root={tmp_path}", *overrides])
@@ -28,7 +28,7 @@ def _train(compose, tmp_path, overrides, monkeypatch=None):
     return out.getvalue()
 
 
-def test_checkpoint_writes_do_not_grow_with_the_run(compose, tmp_path, monkeypatch):
+def test_checkpoint_writes_do_not_grow_with_the_run(tmp_path, monkeypatch):
     """Before: best.pt (with the whole history) was rewritten at every improving epoch, so
     a run of N epochs wrote ~N files of growing size. Now: only the periodic saves write
     (best.pt with them), and a checkpoint is the same size at epoch 10 and at epoch 60."""
@@ -38,7 +38,7 @@ def test_checkpoint_writes_do_not_grow_with_the_run(compose, tmp_path, monkeypat
     real = engine.saver.atomic_save
     monkeypatch.setattr(engine.saver, "atomic_save",
                         lambda state, path: (writes.append(path.name), real(state, path)))
-    _train(compose, tmp_path, ["trainer.epochs=60", "checkpoint.every_n_epochs=10",
+    _train(tmp_path, ["trainer.epochs=60", "checkpoint.every_n_epochs=10",
                                "checkpoint.keep_last=10", "run_name=sizes"])
     run = tmp_path / "sizes"
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -56,11 +56,11 @@ def test_checkpoint_writes_do_not_grow_with_the_run(compose, tmp_path, monkeypat
     assert "history" not in load_checkpoint(run / "epoch_0060.pt")
 
 
-def test_best_pt_is_the_best_epoch_even_between_saves(compose, tmp_path):
+def test_best_pt_is_the_best_epoch_even_between_saves(tmp_path):
     """best.pt of an epoch that is not a save is written with the next save, and it is that
     epoch's state (a full, resumable checkpoint)."""
     # lr 0.1 with momentum: val loss goes up and down, so the best epoch is not a save.
-    _train(compose, tmp_path, ["optimizer.lr=0.3", "trainer.epochs=24",
+    _train(tmp_path, ["optimizer.lr=0.3", "trainer.epochs=24",
                                "checkpoint.every_n_epochs=8", "run_name=between"])
     run = tmp_path / "between"
     rows = [line.split(",") for line in (run / "metrics.csv").read_text().split()[1:]]
@@ -85,13 +85,13 @@ def test_console_output_is_throttled_and_metrics_csv_keeps_every_epoch(tmp_path)
 
 
 @pytest.mark.parametrize("extra_rows", [0, 3])
-def test_resume_reads_the_history_back_from_metrics_csv(compose, tmp_path, extra_rows):
+def test_resume_reads_the_history_back_from_metrics_csv(tmp_path, extra_rows):
     """A checkpoint carries no history: a resume keeps exactly metrics.csv's rows up to the
     checkpoint's epoch (rows of later epochs, written before a kill, are dropped and
     recomputed), and the finished file is byte-identical to an uninterrupted run's."""
-    _train(compose, tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
+    _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
                                "run_name=whole"])
-    _train(compose, tmp_path, ["trainer.epochs=8", "checkpoint.every_n_epochs=4",
+    _train(tmp_path, ["trainer.epochs=8", "checkpoint.every_n_epochs=4",
                                "run_name=cut"])
     cut = tmp_path / "cut"
     whole_csv = (tmp_path / "whole" / "metrics.csv").read_text()
@@ -102,7 +102,7 @@ def test_resume_reads_the_history_back_from_metrics_csv(compose, tmp_path, extra
     with open(cut / "metrics.csv", "a") as f:
         for epoch in range(9, 9 + extra_rows):
             f.write(f"{epoch},0,9.0,9.0,0.1\n")
-    out = _train(compose, tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
+    out = _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
                                      "run_name=cut", "resume=auto"])
     assert "resumed at epoch 8" in out
     assert (cut / "metrics.csv").read_text() == whole_csv

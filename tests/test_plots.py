@@ -6,10 +6,10 @@ from __future__ import annotations
 import signal
 
 import torch
+from conftest import run_script
 from matplotlib.colors import to_rgba
 
 from engine.metrics import confusion_figure, loss_figure, regression_figure
-from tests.conftest import run_script
 from tests.faults import fault_env
 
 

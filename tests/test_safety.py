@@ -4,46 +4,25 @@ another architecture are refused with the keys named (or loaded partly with stri
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run_script
-from safety_helpers import (
-    compose,
-    raises_user_error,
-    snapshot,
-    train_run,
-    write_malicious,
-)
+from conftest import compose, run_script
+from helpers import raises_user_error, snapshot, write_malicious
 
 import evaluate as evaluate_script
 import predict as predict_script
 import train as train_script
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A finished linear-regression run with its end-of-training export."""
-    return train_run(tmp_path_factory.mktemp("safety"), name="lin")
-
-
-@pytest.fixture
-def points(tmp_path) -> Path:
-    path = tmp_path / "points.csv"
-    path.write_text("x\n0.1\n0.5\n0.9\n")
-    return path
-
-
 # ------------------------------------------------------------------ malicious pickles
 
-def test_malicious_pickle_is_refused_everywhere_and_never_runs(run, tmp_path, points):
+def test_malicious_pickle_is_refused_everywhere_and_never_runs(trained_run, tmp_path, points):
     marker = tmp_path / "MARKER"
     evil = write_malicious(tmp_path / "evil.pt", marker)
     legacy = write_malicious(tmp_path / "evil_legacy.pt", marker, legacy=True)
     shell = write_malicious(tmp_path / "evil_shell.pt", marker, shell=True)
-    before = snapshot(run)
+    before = snapshot(trained_run)
     for path in (evil, legacy, shell):
         needles = (path.name, "refused")
         cfg = compose("train", [f"checkpoint.root={tmp_path}", "run_name=resumed",
@@ -65,17 +44,17 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(run, tmp_path, po
     raises_user_error(train_script.train, cfg, needles=(evil.name, "refused"))
     assert not marker.exists()
     assert not (tmp_path / "p.csv").exists()
-    assert snapshot(run) == before
+    assert snapshot(trained_run) == before
     # The payload is live: plain pickle loading would have run it.
     torch.load(evil, weights_only=False)
     assert marker.exists()
 
 
-def test_malicious_file_in_a_run_is_set_aside_by_resume_auto(run, tmp_path):
+def test_malicious_file_in_a_run_is_set_aside_by_resume_auto(trained_run, tmp_path):
     root = tmp_path / "root"
     (root / "lin").mkdir(parents=True)
     for name in ("epoch_0001.pt", "epoch_0002.pt"):
-        (root / "lin" / name).write_bytes((run / name).read_bytes())
+        (root / "lin" / name).write_bytes((trained_run / name).read_bytes())
     marker = tmp_path / "MARKER"
     write_malicious(root / "lin" / "epoch_0009.pt", marker)
     cfg = compose("train", [f"checkpoint.root={root}", "run_name=lin", "resume=auto",
@@ -87,11 +66,11 @@ def test_malicious_file_in_a_run_is_set_aside_by_resume_auto(run, tmp_path):
     assert (root / "lin" / "epoch_0003.pt").exists()  # resumed from epoch 2
 
 
-def test_malicious_target_in_a_saved_config_is_refused(run, tmp_path, points):
+def test_malicious_target_in_a_saved_config_is_refused(trained_run, tmp_path, points):
     """A weights-only file can still name `_target_: os.system` in its config; building
     the model from it must not call that."""
     marker = tmp_path / "MARKER"
-    state = torch.load(run / "best.pt", weights_only=True)
+    state = torch.load(trained_run / "best.pt", weights_only=True)
     bad_targets = [
         {"_target_": "builtins.open", "file": str(marker), "mode": "w"},
         {"_target_": "pathlib.Path.touch", "self": str(marker)},
@@ -111,9 +90,9 @@ def test_malicious_target_in_a_saved_config_is_refused(run, tmp_path, points):
     # The same in an export's config.yaml.
     export = tmp_path / "export"
     export.mkdir()
-    (export / "model.safetensors").write_bytes((run / "export" / "model.safetensors")
+    (export / "model.safetensors").write_bytes((trained_run / "export" / "model.safetensors")
                                                .read_bytes())
-    saved = yaml.safe_load((run / "export" / "config.yaml").read_text())
+    saved = yaml.safe_load((trained_run / "export" / "config.yaml").read_text())
     (export / "config.yaml").write_text(yaml.safe_dump({**saved, "model": bad_targets[0]}))
     cfg = compose("predict", [f"ckpt={export}", f"input={points}",
                               f"output={tmp_path / 'p.csv'}"])
@@ -123,33 +102,34 @@ def test_malicious_target_in_a_saved_config_is_refused(run, tmp_path, points):
 
 # ------------------------------------------------------------------------------ export
 
-def test_end_of_training_export_is_self_describing(run):
+def test_end_of_training_export_is_self_describing(trained_run):
     """model.safetensors + config.yaml: loadable with safetensors + yaml + instantiate, no
     torch.load and no class written by the user; the same weights as best.pt."""
     from hydra.utils import instantiate
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    export = run / "export"
+    export = trained_run / "export"
     config = yaml.safe_load((export / "config.yaml").read_text())
     assert {"model", "data"} <= set(config)
     model = instantiate(config["model"])
     model.load_state_dict(load_file(str(export / "model.safetensors")))
-    best = torch.load(run / "best.pt", weights_only=True)["model_state_dict"]
+    best = torch.load(trained_run / "best.pt", weights_only=True)["model_state_dict"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, best[key])
     with safe_open(str(export / "model.safetensors"), "pt") as weights:
         assert json.loads(weights.metadata()["config"]) == config
 
 
-def test_evaluate_and_predict_accept_an_export(run, tmp_path, points):
+def test_evaluate_and_predict_accept_an_export(trained_run, tmp_path, points):
     from_ckpt = evaluate_script.evaluate(compose("evaluate", [
-        f"ckpt={run / 'best.pt'}", f"output={tmp_path / 'a.json'}"]))
+        f"ckpt={trained_run / 'best.pt'}", f"output={tmp_path / 'a.json'}"]))
     from_export = evaluate_script.evaluate(compose("evaluate", [
-        f"ckpt={run / 'export'}", f"output={tmp_path / 'b.json'}"]))
+        f"ckpt={trained_run / 'export'}", f"output={tmp_path / 'b.json'}"]))
     assert from_ckpt["test_loss"] == from_export["test_loss"]
     outputs = []
-    for source in (run / "best.pt", run / "export", run / "export" / "model.safetensors"):
+    export = trained_run / "export"
+    for source in (trained_run / "best.pt", export, export / "model.safetensors"):
         out = tmp_path / f"{source.name}.csv"
         predict_script.predict(compose("predict", [f"ckpt={source}", f"input={points}",
                                                    f"output={out}"]))
@@ -158,15 +138,15 @@ def test_evaluate_and_predict_accept_an_export(run, tmp_path, points):
     assert len(outputs[0]) == 4  # header + 3 points
 
 
-def test_export_of_any_checkpoint(run, tmp_path):
+def test_export_of_any_checkpoint(trained_run, tmp_path):
     """`python -m engine.export CKPT [OUT]`'s function: default folder next to the file."""
     from engine.export import export_checkpoint
     from engine.export_read import load_export
 
-    out = export_checkpoint(run / "epoch_0001.pt")
-    assert out == run / "epoch_0001"
+    out = export_checkpoint(trained_run / "epoch_0001.pt")
+    assert out == trained_run / "epoch_0001"
     config, state = load_export(out)
-    saved = torch.load(run / "epoch_0001.pt", weights_only=True)
+    saved = torch.load(trained_run / "epoch_0001.pt", weights_only=True)
     assert config["model"] == saved["config"]["model"]
     assert all(torch.equal(state[k], v) for k, v in saved["model_state_dict"].items())
 
@@ -179,11 +159,11 @@ def test_folder_that_is_not_an_export(tmp_path):
 
 # ---------------------------------------------------------------- architecture mismatch
 
-def test_weights_of_another_architecture(run, tmp_path):
+def test_weights_of_another_architecture(trained_run, tmp_path):
     """linear_regression's keys (weights, bias) into quadratic (layer.weight, layer.bias):
     every key is named; small_cnn with other num_classes: the shapes are named."""
     weights = tmp_path / "model_weights.pth"
-    torch.save(torch.load(run / "best.pt", weights_only=True)["model_state_dict"], weights)
+    torch.save(torch.load(trained_run / "best.pt", weights_only=True)["model_state_dict"], weights)
     cfg = compose("evaluate", [f"weights={weights}", "model=quadratic", "data=quadratic_csv"])
     message = raises_user_error(evaluate_script.evaluate, cfg, needles=(
         weights.name, "missing keys", "layer.weight", "layer.bias", "unexpected keys",

@@ -10,8 +10,7 @@ import shutil
 
 import pytest
 import torch
-
-from tests.conftest import run_script
+from conftest import compose, run_script
 
 
 def _rows(split) -> set[tuple[float, ...]]:
@@ -68,8 +67,7 @@ def test_training_ends_with_best_pt_on_the_test_split(tmp_path):
     assert metrics["test_loss"] != val_loss
 
 
-def test_resume_auto_on_a_complete_run_makes_the_missing_end_of_run_outputs(compose,
-                                                                           tmp_path,
+def test_resume_auto_on_a_complete_run_makes_the_missing_end_of_run_outputs(tmp_path,
                                                                            monkeypatch):
     """Ctrl-C right after the final checkpoint: no plot, no test metrics, no export. Every
     later `resume=auto` used to say "already complete" and leave it so."""

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
+from conftest import compose, run_script
+from helpers import write_cifar
 
 from evaluate import evaluate
 from predict import predict
-from tests.conftest import run_script
-from tests.test_data import _write_cifar
 from train import train
 
 
 @pytest.fixture
-def train_cfg(compose, tmp_path):
+def train_cfg(tmp_path):
     def _cfg(*overrides: str):
         return compose("train", [f"checkpoint.root={tmp_path}", *overrides])
     return _cfg
@@ -84,7 +84,7 @@ def test_resume_of_a_finished_run_does_nothing(train_cfg, tmp_path, capsys):
     assert (tmp_path / "linear_regression/last.pt").read_bytes() == before
 
 
-def test_evaluate_and_predict_digits_from_the_checkpoint_alone(train_cfg, compose, tmp_path):
+def test_evaluate_and_predict_digits_from_the_checkpoint_alone(train_cfg, tmp_path):
     from PIL import Image
 
     train(train_cfg("experiment=digits_cnn", "trainer.epochs=3"))
@@ -110,7 +110,7 @@ def test_evaluate_and_predict_digits_from_the_checkpoint_alone(train_cfg, compos
     assert hits >= 4  # real digits, not noise: most are recognised
 
 
-def test_tutorial_state_dict_evaluates_by_naming_the_model(compose, tmp_path):
+def test_tutorial_state_dict_evaluates_by_naming_the_model(tmp_path):
     from models.small_cnn import SmallCNN
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_tutorial_state_dict_evaluates_by_naming_the_model(compose, tmp_path):
     assert 0 <= metrics["test_acc"] <= 1 and metrics["samples"] > 200
 
 
-def test_regression_predict_writes_features_and_predictions(train_cfg, compose, tmp_path):
+def test_regression_predict_writes_features_and_predictions(train_cfg, tmp_path):
     train(train_cfg())
     points = tmp_path / "points.csv"
     points.write_text("x\n0\n0.5\n1\n")
@@ -160,7 +160,7 @@ def test_cli_train_evaluate_predict(tmp_path, experiment, extra):
 
 @pytest.mark.slow
 def test_cli_vgg16_one_step_at_32px(tmp_path):
-    _write_cifar(tmp_path / "cifar", n_train=1, n_test=2)  # 5 batch files x 1 image
+    write_cifar(tmp_path / "cifar", n_train=1, n_test=2)  # 5 batch files x 1 image
     data = [f"data.root={tmp_path / 'cifar'}", "data.check_integrity=false",
             "data.num_workers=0", "data.val_fraction=0.6", "data.batch_size=2"]
     run_script("train.py", "experiment=vgg16_cifar10", "trainer.epochs=1", *data,

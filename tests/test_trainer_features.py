@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from engine.checkpoint.state import Progress, check_finite
 from engine.config import validate_train
 from engine.errors import EXIT_INTERRUPTED, UserError
 from tests.forkrun import ForkServer
@@ -24,7 +26,7 @@ FAST = ("trainer.device=cpu", "trainer.print_every_s=0", "checkpoint.export=fals
 
 
 @pytest.fixture
-def train_cfg(compose, tmp_path):
+def train_cfg(tmp_path):
     def _cfg(*overrides: str):
         return compose("train", [f"checkpoint.root={tmp_path}", *FAST, *overrides])
     return _cfg
@@ -192,8 +194,6 @@ def test_accumulating_k_batches_equals_one_batch_of_k_times_the_size(train_cfg, 
 
 
 def test_non_finite_loss_names_the_optimizer_step_under_accumulation():
-    from engine.run import Progress, check_finite
-
     nan = torch.tensor(float("nan"))
     # 3 steps of epoch 1 before; now 6 batches (2 windows of 3) into epoch 2, the 5th bad
     losses = [torch.tensor(1.0)] * 4 + [nan, torch.tensor(1.0)]

@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 - the tutorial's spelling
 import yaml
-from conftest import run_script
-from safety_helpers import compose as compose_checked
-from safety_helpers import raises_user_error
+from conftest import compose, run_script
+from helpers import raises_user_error
 from torch import nn, optim
 
 import evaluate as evaluate_script
@@ -85,7 +84,7 @@ def digits_model(classes: int) -> TheModelClass:
     return TheModelClass(in_channels=1, padding=2, side=2, classes=classes)
 
 
-def train_split(compose, experiment: str) -> tuple[torch.Tensor, torch.Tensor]:
+def train_split(experiment: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The project's own training split, so a tutorial loop sees the same data."""
     split = build(compose("train", [f"experiment={experiment}"]).data, "data").split("train")
     return split.x, split.y
@@ -105,24 +104,17 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture
-def points(tmp_path) -> Path:
-    path = tmp_path / "points.csv"
-    path.write_text("x\n0.1\n0.5\n0.9\n")
-    return path
-
-
 # ------------------------------------------------- item 1: resume a general checkpoint
 
 @pytest.mark.parametrize("style", ["recipe", "tutorial_002"])
 @pytest.mark.slow
-def test_resume_from_a_tutorial_general_checkpoint(tmp_path, compose, style):
+def test_resume_from_a_tutorial_general_checkpoint(tmp_path, style):
     """The tutorial trains, saves its general checkpoint, and continues one more epoch
     itself; train.py resumed from the file must reach the same weights (model and momentum
     restored), number the epoch right and say what it started fresh."""
     experiment, Model = (("linear_regression", LinearRegressionModel) if style == "recipe"
                          else ("quadratic_csv", CustomModel))
-    X_train, y_train = train_split(compose, experiment)
+    X_train, y_train = train_split(experiment)
     torch.manual_seed(3)
     model = Model()
     loss_fn = nn.L1Loss() if style == "recipe" else nn.MSELoss()
@@ -196,7 +188,7 @@ def test_tutorial_002_files_load_into_the_quadratic_model(tmp_path, points):
         if name == "checkpoint-1.pt":
             run_script("predict.py", *args)
         else:  # the same script in-process (saves a subprocess)
-            predict_script.predict(compose_checked("predict", args))
+            predict_script.predict(compose("predict", args))
         got = torch.tensor([float(r["prediction"]) for r in read_csv(out)])
         assert torch.allclose(got, expected, atol=1e-5), (name, got, expected)
 
@@ -245,7 +237,7 @@ def _perfect_line_model() -> LinearRegressionModel:
 
 
 @pytest.mark.parametrize("kind", ["state_dict", "general", "export", "multi"])
-def test_warm_start_from_initial_weights(tmp_path, compose, kind):
+def test_warm_start_from_initial_weights(tmp_path, kind):
     """weights=FILE starts a NEW run from the file's weights: with a near-zero lr the first
     epoch's loss is that of y = 0.7x + 0.3 exactly, not of a random model."""
     model = _perfect_line_model()
@@ -327,7 +319,7 @@ def test_several_models_in_one_file(tmp_path, points):
     for script, extra in ((evaluate_script.evaluate, []), (predict_script.predict,
                                                            [f"input={points}"])):
         name = script.__module__
-        raises_user_error(script, compose_checked(name, [
+        raises_user_error(script, compose(name, [
             f"weights={path}", "model=linear_regression", "data=linear", *extra]),
             needles=(listed, "weights_key="))
 
@@ -336,11 +328,11 @@ def test_several_models_in_one_file(tmp_path, points):
                "model=linear_regression", "data=linear", f"input={points}", f"output={out}")
     got = torch.tensor([float(r["prediction"]) for r in read_csv(out)])
     assert torch.allclose(got, model_a(torch.tensor([0.1, 0.5, 0.9])).detach(), atol=1e-5)
-    metrics = evaluate_script.evaluate(compose_checked("evaluate", [
+    metrics = evaluate_script.evaluate(compose("evaluate", [
         f"weights={path}", "weights_key=modelB_state_dict", "model=quadratic",
         "data=quadratic_csv", f"output={tmp_path / 'b.json'}"]))
     assert metrics["samples"] > 0
-    raises_user_error(evaluate_script.evaluate, compose_checked("evaluate", [
+    raises_user_error(evaluate_script.evaluate, compose("evaluate", [
         f"weights={path}", "weights_key=modelC_state_dict", "model=quadratic",
         "data=quadratic_csv"]), needles=("modelC_state_dict", listed))
 
@@ -354,14 +346,14 @@ def test_strict_false_loading_too_little_is_an_error(tmp_path):
     line = error_line(run_script("evaluate.py", weights, "strict=false", "model=quadratic",
                                  "data=quadratic_csv", check=False))
     assert all(n in line for n in needles), line
-    raises_user_error(train_script.train, compose_checked("train", [
+    raises_user_error(train_script.train, compose("train", [
         weights, "strict=false", "experiment=quadratic_csv", "run_name=z",
         f"checkpoint.root={tmp_path / 'ck'}"]), needles=needles)
     assert not (tmp_path / "ck" / "z").exists()
     # 2 of the CNN's 10 tensors (conv1 only) fit: fewer than half, refused too
     conv1 = {k: v for k, v in digits_model(10).state_dict().items() if k.startswith("conv1")}
     torch.save(conv1, tmp_path / "conv1.pth")
-    raises_user_error(evaluate_script.evaluate, compose_checked("evaluate", [
+    raises_user_error(evaluate_script.evaluate, compose("evaluate", [
         f"weights={tmp_path / 'conv1.pth'}", "strict=false", "model=small_cnn",
         "data=digits"]), needles=("only 2 of 10 tensors", "conv2.weight", "found [conv1.weight"))
 
@@ -378,7 +370,7 @@ def test_entire_model_pickle_is_refused_with_advice(tmp_path):
                                  "data=quadratic_csv", check=False))
     assert all(n in line for n in needles), line
     for arg in (f"weights={path}", f"resume={path}"):
-        raises_user_error(train_script.train, compose_checked("train", [
+        raises_user_error(train_script.train, compose("train", [
             arg, "run_name=w", f"checkpoint.root={tmp_path / 'ck'}"]), needles=needles)
     assert not (tmp_path / "ck" / "w").exists()
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
-from safety_helpers import compose, snapshot, train_run
+from conftest import REPO, compose, run_script
+from helpers import snapshot
 
 import evaluate as evaluate_script
 import predict as predict_script
@@ -33,19 +33,6 @@ FAULTS = REPO / "tests" / "faults"
 _spec = importlib.util.spec_from_file_location("write_faults", FAULTS / "sitecustomize.py")
 write_faults = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(write_faults)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A finished 2-epoch run (epoch_0001.pt, epoch_0002.pt, last.pt, best.pt, export/)."""
-    return train_run(tmp_path_factory.mktemp("root"), name="lin")
-
-
-@pytest.fixture
-def points(tmp_path) -> Path:
-    path = tmp_path / "points.csv"
-    path.write_text("x\n0.1\n0.5\n")
-    return path
 
 
 def copy_run(run: Path, root: Path) -> Path:
@@ -109,10 +96,10 @@ def assert_error_line(err: str, *needles: str) -> None:
 
 # ----------------------------------------------------- 10.6: the run folder changes when accepted
 
-def test_a_refused_resume_changes_nothing_in_the_run_folder(run, tmp_path, capsys):
+def test_a_refused_resume_changes_nothing_in_the_run_folder(trained_run, tmp_path, capsys):
     """Resuming with a model the weights do not fit is refused, and config.yaml (written only
     after the checkpoint is restored) still describes the run's real model."""
-    folder = copy_run(run, tmp_path)
+    folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
     code, err = cli(train_script.train, "train", [
         f"checkpoint.root={tmp_path}", "run_name=lin", "trainer.epochs=3", "resume=auto",
@@ -123,11 +110,11 @@ def test_a_refused_resume_changes_nothing_in_the_run_folder(run, tmp_path, capsy
     assert "linear_regression" in (folder / "config.yaml").read_text()
 
 
-def test_export_never_writes_into_a_run_folder(run, tmp_path, capsys):
+def test_export_never_writes_into_a_run_folder(trained_run, tmp_path, capsys):
     """`python -m engine.export best.pt RUN_DIR` is refused in one line (it replaced the run's
     config.yaml), as is a folder whose config.yaml is not an export's; exporting again over
     an earlier export is fine."""
-    folder = copy_run(run, tmp_path)
+    folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
     code, err = export_cli(str(folder / "best.pt"), str(folder), capsys=capsys)
     assert code == EXIT_BAD_INPUT
@@ -167,8 +154,8 @@ READ_ONLY_CASES = ["resume", "new_run", "evaluate", "evaluate_output_elsewhere",
 
 
 @pytest.mark.parametrize("case", READ_ONLY_CASES)
-def test_read_only_folder(case, run, tmp_path, points, faults, capsys):
-    folder = copy_run(run, tmp_path / "root")
+def test_read_only_folder(case, trained_run, tmp_path, points, faults, capsys):
+    folder = copy_run(trained_run, tmp_path / "root")
     read_only, needles = folder, [str(folder), "Read-only file system"]
     train_args = [f"checkpoint.root={tmp_path / 'root'}", "run_name=lin", "trainer.epochs=3",
                   "checkpoint.every_n_epochs=1", "resume=auto"]
@@ -223,9 +210,9 @@ FULL_DISK_CASES = {  # what fills up -> the file the error line names
 
 
 @pytest.mark.parametrize("case", sorted(FULL_DISK_CASES))
-def test_full_disk(case, run, tmp_path, points, faults, capsys):
+def test_full_disk(case, trained_run, tmp_path, points, faults, capsys):
     pattern, named = FULL_DISK_CASES[case]
-    folder = copy_run(run, tmp_path / "root")
+    folder = copy_run(trained_run, tmp_path / "root")
     before = snapshot(folder)
     faults(full=[pattern])
     out = tmp_path / "out"
@@ -248,10 +235,10 @@ def test_full_disk(case, run, tmp_path, points, faults, capsys):
         assert without_config(snapshot(folder)) == without_config(before)
 
 
-def test_full_disk_at_resume_start_from_the_command_line(run, tmp_path):
+def test_full_disk_at_resume_start_from_the_command_line(trained_run, tmp_path):
     """The reported case, as a user meets it: `resume=auto` on a full disk crashed in
     write_csv and left .metrics.csv.tmp."""
-    folder = copy_run(run, tmp_path)
+    folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
     env = {"PYTHONPATH": f"{FAULTS}{os.pathsep}{REPO}",
            "WRITE_FAULT_ENOSPC": str(folder / ".metrics.csv*")}
@@ -266,10 +253,10 @@ def test_full_disk_at_resume_start_from_the_command_line(run, tmp_path):
 
 # ---------------------------------------- 11.2: output= never overwrites what it must not
 
-def test_evaluate_output_onto_a_checkpoint_link_is_refused(run, tmp_path):
+def test_evaluate_output_onto_a_checkpoint_link_is_refused(trained_run, tmp_path):
     """The reported command: `evaluate.py ckpt=run/best.pt output=run/last.pt` wrote JSON
     into the file best.pt, last.pt and epoch_0002.pt share."""
-    folder = copy_run(run, tmp_path)
+    folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
     result = run_script("evaluate.py", f"ckpt={folder / 'best.pt'}",
                         f"output={folder / 'last.pt'}", check=False)
@@ -283,8 +270,8 @@ EVALUATE_TARGETS = ["epoch_0002.pt", "epoch_0001.pt", "metrics.csv", "config.yam
 
 
 @pytest.mark.parametrize("target", EVALUATE_TARGETS)
-def test_evaluate_never_overwrites_a_run_file(target, run, tmp_path, capsys):
-    folder = copy_run(run, tmp_path)
+def test_evaluate_never_overwrites_a_run_file(target, trained_run, tmp_path, capsys):
+    folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
     code, err = cli(evaluate_script.evaluate, "evaluate", [
         f"ckpt={folder / 'last.pt'}", f"output={folder / target}"], capsys)
@@ -293,8 +280,8 @@ def test_evaluate_never_overwrites_a_run_file(target, run, tmp_path, capsys):
     assert snapshot(folder) == before
 
 
-def test_predict_never_overwrites_its_input_or_a_checkpoint(run, tmp_path, points, capsys):
-    folder = copy_run(run, tmp_path / "root")
+def test_predict_never_overwrites_its_input_or_a_checkpoint(trained_run, tmp_path, points, capsys):
+    folder = copy_run(trained_run, tmp_path / "root")
     disguised = tmp_path / "weights.csv"  # a hard link to a checkpoint under a .csv name
     os.link(folder / "best.pt", disguised)
     foreign = tmp_path / "table.csv"
@@ -308,9 +295,9 @@ def test_predict_never_overwrites_its_input_or_a_checkpoint(run, tmp_path, point
     assert snapshot(tmp_path) == before
 
 
-def test_own_outputs_are_rewritten(run, tmp_path, points, capsys):
+def test_own_outputs_are_rewritten(trained_run, tmp_path, points, capsys):
     """evaluate's JSON and plot, and predict's CSV, are replaced on a second run."""
-    folder = copy_run(run, tmp_path / "root")
+    folder = copy_run(trained_run, tmp_path / "root")
     for _ in range(2):
         assert cli(evaluate_script.evaluate, "evaluate", [
             f"ckpt={folder / 'best.pt'}", f"output={tmp_path / 'm.json'}"], capsys)[0] == 0

@@ -1,38 +1,19 @@
-"""Shared by the bad-input, safety and fuzz tests: a tiny trained run, file snapshots, a
-malicious pickle, and the one-line-error assertion."""
+"""What several test files share: file snapshots, the one-line-error assertion, a hang
+guard, a malicious pickle, a fake CIFAR-10 on disk."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from engine.errors import UserError
-
-
-def compose(config_name: str, overrides: list[str]):
-    """The config the script would get (Hydra's compose API; usable in any fixture scope)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from engine.cli import compose_checked
-
-    try:
-        return compose_checked(config_name, overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def train_run(root: Path, *overrides: str, name: str = "run") -> Path:
-    """Train in-process (linear regression, 2 epochs unless overridden); the run folder."""
-    import train
-
-    cfg = compose("train", [f"checkpoint.root={root}", f"run_name={name}", "trainer.epochs=2",
-                            "checkpoint.every_n_epochs=1", *overrides])
-    train.train(cfg)
-    return root / name
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -53,9 +34,26 @@ def assert_one_line(err: BaseException, *needles: str) -> str:
 
 
 def raises_user_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> str:
+    """fn(*args, **kwargs) raises a one-line UserError naming each needle; its message."""
     with pytest.raises(UserError) as info:
         fn(*args, **kwargs)
     return assert_one_line(info.value, *needles)
+
+
+@contextmanager
+def deadline(seconds: float = 10):
+    """Fail (instead of hanging the suite) if the block takes longer than `seconds` (not a
+    timing assertion: a hang guard)."""
+    def _timeout(signum, frame):
+        raise TimeoutError(f"still busy after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Evil:
@@ -84,3 +82,22 @@ def write_malicious(path: Path, marker: Path, legacy: bool = False,
         torch.save(state, path)
     assert not os.path.exists(marker)
     return path
+
+
+def write_cifar(root: Path, n_train: int = 6, n_test: int = 4) -> None:
+    """CIFAR-10 in its official pickled format under `root` (n_train images per batch file,
+    5 batch files), random pixels: what torchvision's loader reads, without a download."""
+    import pickle
+
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n_train)]}
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n_test)]}
+    (base / "test_batch").write_bytes(pickle.dumps(test))
+    meta = {"label_names": [f"c{i}" for i in range(10)]}
+    (base / "batches.meta").write_bytes(pickle.dumps(meta))
