@@ -46,7 +46,7 @@ def check_augment(data_cfg: Any) -> None:
     (whose error for a misspelt transform is a multi-line traceback)."""
     from omegaconf import DictConfig, ListConfig
 
-    from engine.config import check_target_section, locate
+    from engine.config import locate
 
     entries = data_cfg.get("augment") if isinstance(data_cfg, DictConfig) else None
     if entries is None:
@@ -60,13 +60,21 @@ def check_augment(data_cfg: Any) -> None:
         if not isinstance(target, str):
             raise UserError(f"{key}={_plain(entry)!r}: expected a transform entry with "
                             f"_target_: {TRANSFORMS}NAME and its arguments")
-        check_target_section(entry, key)  # importable, known argument names and types
-        if not is_transform_class(locate(target)):
+        try:
+            obj = locate(target)
+        except Exception as err:  # ImportError, AttributeError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise UserError(f"{key}._target_={target!r}: cannot be imported ({first}); "
+                            f"expected {TRANSFORMS}NAME") from None
+        if not is_transform_class(obj):
             raise UserError(f"{key}._target_={target!r}: expected a {TRANSFORMS}* transform "
                             f"class, e.g. {TRANSFORMS}RandomHorizontalFlip")
         try:
             build_transform(entry)
-        except Exception as err:  # the transform refusing its arguments
+        except Exception as err:  # unknown or bad arguments (numbers.Number hints: no
+            # type check from the signature, the constructor's own error is clearer)
+            while err.__cause__ is not None:  # Hydra's wrapper: the constructor's own error
+                err = err.__cause__
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise UserError(f"{key}: could not build {target} ({first})") from None
 
@@ -130,4 +138,16 @@ def augmented_train_split(data: Any, seed: int) -> Split:
     entries = getattr(data, "augment", None)
     if not entries:
         return split
-    return AugmentedSplit(split, compose(entries), seed)
+    sample = split.x[0] if isinstance(split, TensorSplit) else split[0][0]
+    shape = list(getattr(sample, "shape", []))
+    if len(shape) != 3:
+        raise UserError(f"{KEY}: {type(data).__name__}'s train samples have shape {shape}, not "
+                        f"images (channels, height, width); augmentation is for image data")
+    augmented = AugmentedSplit(split, compose(entries), seed)
+    try:  # one sample now: a transform that cannot take these images fails before the run
+        augmented[0]
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise UserError(f"{KEY}: the transforms fail on a train sample of shape {shape} "
+                        f"({type(err).__name__}: {first[:200]})") from None
+    return augmented
