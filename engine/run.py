@@ -573,7 +573,8 @@ def _check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sou
 
 _IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
                     "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
-                    "weights_key"}
+                    "weights_key",
+                    "trainer.model_summary"}  # issue 13: printing only, results unchanged
 
 
 def _warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:

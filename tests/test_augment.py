@@ -153,6 +153,9 @@ def test_digits_preset_trains_and_resumes_mid_epoch_bitwise(compose, tmp_path, c
     train(compose("train", [*common, "run_name=split", f"resume={mid}"]))
     a, b = _state(tmp_path / "whole/last.pt"), _state(tmp_path / "split/last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from evaluate import evaluate  # the saved config names v2 transforms: still loadable
+
+    assert evaluate(compose("evaluate", [f"ckpt={tmp_path / 'whole/best.pt'}"]))["test_acc"] > 0.5
     plain = train(compose("train", [*common[:2], *common[3:], "run_name=plain"]))
     c = _state(tmp_path / "plain/last.pt")
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the preset did change training

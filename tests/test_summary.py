@@ -4,6 +4,7 @@ rank 0; `trainer.model_summary=false` prints none; the run's RNG and module mode
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -104,3 +105,9 @@ def test_printed_once_and_off_with_model_summary_false(compose, tmp_path, capsys
     a = torch.load(tmp_path / "on/last.pt", weights_only=True)["model_state_dict"]
     b = torch.load(tmp_path / "off/last.pt", weights_only=True)["model_state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the summary changes nothing in the run
+    with warnings.catch_warnings(record=True) as caught:  # a resume with it switched off:
+        warnings.simplefilter("always")  # no "config differs" warning (printing only)
+        train(compose("train", [*common[:2], "trainer.epochs=3", *common[3:], "run_name=on",
+                                "resume=auto", "trainer.model_summary=false"]))
+    assert not [w for w in caught if "differs" in str(w.message)], caught
+    assert "model SmallCNN" not in capsys.readouterr().out
