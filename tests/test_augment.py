@@ -66,6 +66,26 @@ def test_same_seed_and_epoch_same_batches_across_runs_workers_and_resume(digits)
     assert not all(torch.equal(a, b) for a, b in zip(first, reseeded, strict=True))
 
 
+def test_cifar_preset_on_a_dataset_split_with_workers(compose, tmp_path):
+    from tests.test_data import _write_cifar
+
+    _write_cifar(tmp_path, n_train=8)  # 40 train images (36 after val_fraction), 32x32
+
+    def data(*overrides: str):
+        cfg = compose("train", ["data=cifar10", f"data.root={tmp_path}", "model=small_cnn",
+                                "data.check_integrity=false", *overrides])
+        check_augment(cfg.data)
+        return build(cfg.data, "data")
+    aug = augmented_train_split(data("data/augment=cifar"), 7)
+    plain = _epoch(augmented_train_split(data(), 7), 2)
+    first = _epoch(aug, 2)
+    assert [x.shape for x in first] == [x.shape for x in plain]
+    assert first[0].shape[1:] == (3, 32, 32)
+    assert not any(torch.equal(a, p) for a, p in zip(first, plain, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, _epoch(aug, 2, num_workers=2), strict=True))
+    assert torch.equal(first[1], _epoch(aug, 2, start=1)[0])
+
+
 def test_a_sample_gets_its_own_draw_wherever_it_sits_in_the_epoch():
     x = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 1, 8, 8)
     from data.base import TensorSplit
