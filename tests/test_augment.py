@@ -176,7 +176,3 @@ def test_digits_preset_trains_and_resumes_mid_epoch_bitwise(compose, tmp_path, c
     from evaluate import evaluate  # the saved config names v2 transforms: still loadable
 
     assert evaluate(compose("evaluate", [f"ckpt={tmp_path / 'whole/best.pt'}"]))["test_acc"] > 0.5
-    plain = train(compose("train", [*common[:2], *common[3:], "run_name=plain"]))
-    c = _state(tmp_path / "plain/last.pt")
-    assert not all(torch.equal(a[k], c[k]) for k in a)  # the preset did change training
-    assert plain["val_acc"] > 0.5
