@@ -86,7 +86,8 @@ def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, s
 def _table(rows: list[tuple[str, str, str, str]], max_rows: int) -> list[str]:
     if len(rows) > max_rows:
         half = max_rows // 2
-        rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more)", "", "")] + rows[-half:]
+        skipped = ("...", f"({len(rows) - 2 * half} more layers)", "", "")
+        rows = rows[:half] + [skipped] + rows[-half:]
     header = ("layer", "type", "output shape", "params")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     return ["  " + "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]),

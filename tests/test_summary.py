@@ -85,7 +85,7 @@ def test_vgg16_table_is_capped():
     lines = text.splitlines()
     table = lines[3:]  # headline, "layers for ...", header
     assert len(table) == MAX_ROWS + 1, text
-    assert re.search(r"^  \.\.\. +\(\d+ more\)", text, re.M)
+    assert re.search(r"^  \.\.\. +\(\d+ more layers\)", text, re.M)
     assert "features.0" in text and "classifier.6" in text and "[2, 10]" in lines[-1]
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,} parameters" in lines[0]
