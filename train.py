@@ -17,6 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
@@ -30,6 +31,7 @@ from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
 from engine.schedules import build_scheduler, window_length
+from engine.summary import model_summary
 
 
 def train(cfg: DictConfig) -> dict:
@@ -38,6 +40,7 @@ def train(cfg: DictConfig) -> dict:
     set_deterministic(cfg.trainer.deterministic)
     seed_everything(cfg.seed + ddp.rank())  # own dropout stream per rank; DDP syncs the weights
 
+    check_augment(cfg.data)  # data.augment, one line per mistake
     data = build(cfg.data, "data")
     ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
     check_monitor(cfg, data.task)
@@ -46,12 +49,15 @@ def train(cfg: DictConfig) -> dict:
         load_state_dict_file(model, Path(str(cfg.weights)), cfg.strict is not False,
                              cfg.weights_key)
         print(f"initial weights from {cfg.weights}")
+    if cfg.trainer.model_summary and ddp.is_main():  # once, rank 0, RNG untouched
+        print(model_summary(model, data.split("train"), device))
     loss_fn = build(cfg.loss, "loss")
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
-    train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
+    train_split = augmented_train_split(data, cfg.seed)  # data.augment, if any
+    train_batches = Batches(train_split, data.batch_size, device, shuffle=True,
                             seed=cfg.seed, **loader_args, **ddp.rank_args())
     val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
     scheduler, step_lr = build_scheduler(cfg, optimizer, len(train_batches))  # step_lr: per step

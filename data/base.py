@@ -25,7 +25,7 @@ class DataModule:
     num_classes: int | None = None
 
     def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool | str = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, augment: list | None = None) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -40,6 +40,7 @@ class DataModule:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+        self.augment = augment  # train-split transforms, applied by data/augment.py
         self._splits: dict[str, Split] | None = None
 
     def setup(self) -> None:

@@ -19,9 +19,9 @@ class ImageFolderData(DataModule):
                  seed: int = 0, batch_size: int = 32, num_workers: int = 2,
                  pin_memory: bool | str = "auto", in_channels: int = 3, image_size: int = 32,
                  num_classes: int | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None) -> None:
+                 std: list[float] | None = None, augment: list | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory, seed=seed)
+                         pin_memory=pin_memory, seed=seed, augment=augment)
         self.root = Path(root)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.num_classes = num_classes

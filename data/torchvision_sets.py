@@ -28,9 +28,10 @@ class TorchvisionData(DataModule):
                  download: bool = False, val_fraction: float = 0.1, seed: int = 0,
                  batch_size: int = 64, num_workers: int = 2, pin_memory: bool | str = "auto",
                  in_channels: int | None = None, image_size: int | None = None,
-                 num_classes: int = 10, check_integrity: bool = True) -> None:
+                 num_classes: int = 10, check_integrity: bool = True,
+                 augment: list | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=pin_memory, seed=seed)
+                         pin_memory=pin_memory, seed=seed, augment=augment)
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r}: expected one of {sorted(DATASETS)}")
         channels, size, mean, std, _ = DATASETS[dataset]

@@ -105,6 +105,8 @@ class Batches:
         the last batch: a resume from a checkpoint saved on the epoch's last step)."""
         if start >= len(self):
             return iter(())
+        if hasattr(self.split, "set_epoch"):  # data/augment.py seeds by epoch
+            self.split.set_epoch(epoch)
         order = self.indices(epoch)[start * self.batch_size:]
         if isinstance(self.split, TensorSplit):
             return self._tensor_batches(order.to(self.x.device))

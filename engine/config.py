@@ -571,7 +571,7 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
 # Modules a config read from a file (checkpoint, export) may name in `_target_`: hydra's
 # instantiate calls whatever the string names, so a downloaded file could otherwise run
 # os.system. Project data modules and models, and torch.nn modules (losses) only.
-SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.")
+SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.", "torchvision.transforms.v2.")
 
 
 def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
@@ -583,7 +583,8 @@ def check_loaded_targets(config: Any, source: Path | str, where: str = "config")
         target = config.get("_target_")
         if target is not None and not _safe_target(target):
             raise UserError(f"{source}: refused {where}._target_={target!r}: a file's config "
-                            f"may only name data.*, models.* or torch.nn modules")
+                            f"may only name data.*, models.*, torch.nn or "
+                            f"torchvision.transforms.v2 classes")
         for key, value in config.items():
             check_loaded_targets(value, source, f"{where}.{key}")
     elif isinstance(config, list):
@@ -606,5 +607,9 @@ def _safe_target(target: Any) -> bool:
     if inspect.isclass(obj):
         if issubclass(obj, DataModule):
             return module.startswith("data.")
+        if target.startswith("torchvision.transforms.v2."):  # data.augment
+            from data.augment import is_transform_class
+
+            return is_transform_class(obj)
         return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
     return inspect.isfunction(obj) and module.startswith("models.")

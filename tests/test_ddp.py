@@ -89,6 +89,7 @@ def test_ddp_run_trains_and_checkpoints_on_rank_0(runs):
     assert "distributed: 2 processes (gloo), data.batch_size=4 per process, global batch 8" \
         in out
     assert out.count("epoch 1  step 5 ") == 1  # one progress log (rank 0), not one per rank
+    assert out.count("model LinearRegressionModel: 2 parameters") == 1  # summary: rank 0 only
     run = runs.root / "ref"
     assert len(rows(run / "metrics.csv")) == 4
     assert (run / "loss_curve.png").is_file()

@@ -185,7 +185,7 @@ def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sour
 
 _IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
                     "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
-                    "weights_key"}
+                    "weights_key", "trainer.model_summary"}
 
 
 def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
