@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data.base import Split, TensorSplit
+from engine.batches import Split, TensorSplit
 from engine.errors import UserError
 
 KEY = "data.augment"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.base import Split, TensorSplit
+from engine.batches import Split, TensorSplit
 
 MAX_ROWS = 30  # big models (VGG16: ~40 leaf calls): the first and last MAX_ROWS // 2
 

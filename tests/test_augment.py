@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose, run_script
+from helpers import write_cifar
 from omegaconf import OmegaConf
 
-from data.augment import AugmentedSplit, augmented_train_split, check_augment, compose
+from data.augment import AugmentedSplit, augmented_train_split, check_augment
+from data.augment import compose as compose_transforms
 from engine.batches import Batches
 from engine.config import build, check_loaded_targets
 from engine.errors import UserError
-from tests.conftest import run_script
 from train import train
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def digits(compose):
+def digits():
     def _data(*overrides: str):
         cfg = compose("train", ["data=digits", "model=small_cnn", *overrides])
         check_augment(cfg.data)
@@ -66,10 +68,8 @@ def test_same_seed_and_epoch_same_batches_across_runs_workers_and_resume(digits)
     assert not all(torch.equal(a, b) for a, b in zip(first, reseeded, strict=True))
 
 
-def test_cifar_preset_on_a_dataset_split_with_workers(compose, tmp_path):
-    from tests.test_data import _write_cifar
-
-    _write_cifar(tmp_path, n_train=8)  # 40 train images (36 after val_fraction), 32x32
+def test_cifar_preset_on_a_dataset_split_with_workers(tmp_path):
+    write_cifar(tmp_path, n_train=8)  # 40 train images (36 after val_fraction), 32x32
 
     def data(*overrides: str):
         cfg = compose("train", ["data=cifar10", f"data.root={tmp_path}", "model=small_cnn",
@@ -88,10 +88,10 @@ def test_cifar_preset_on_a_dataset_split_with_workers(compose, tmp_path):
 
 def test_a_sample_gets_its_own_draw_wherever_it_sits_in_the_epoch():
     x = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 1, 8, 8)
-    from data.base import TensorSplit
+    from engine.batches import TensorSplit
 
     split = AugmentedSplit(TensorSplit(x, torch.arange(4)),
-                           compose([OmegaConf.create(
+                           compose_transforms([OmegaConf.create(
                                {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"})]),
                            seed=3)
     split.set_epoch(5)
@@ -112,7 +112,7 @@ def test_a_sample_gets_its_own_draw_wherever_it_sits_in_the_epoch():
     ("[3]", ["data.augment[0]=3", "_target_"]),
     ("{a:1}", ["data.augment=", "list"]),
 ])
-def test_bad_augment_entries_are_one_line_naming_data_augment(compose, entry, needles):
+def test_bad_augment_entries_are_one_line_naming_data_augment(entry, needles):
     cfg = compose("train", ["data=digits", "model=small_cnn", "data/augment=none",
                             f"data.augment={entry}"])
     with pytest.raises(UserError) as info:
@@ -138,7 +138,7 @@ def test_bad_transform_name_on_the_command_line_exits_2_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_augment_on_non_image_data_is_refused(compose):
+def test_augment_on_non_image_data_is_refused():
     cfg = compose("train", ["data/augment=none", "data.augment=[{_target_:torchvision."
                             "transforms.v2.RandomHorizontalFlip}]"])  # default: data=linear
     check_augment(cfg.data)
@@ -160,7 +160,7 @@ def _state(path):
     return torch.load(path, weights_only=True)["model_state_dict"]
 
 
-def test_digits_preset_trains_and_resumes_mid_epoch_bitwise(compose, tmp_path, capsys):
+def test_digits_preset_trains_and_resumes_mid_epoch_bitwise(tmp_path, capsys):
     """40 steps an epoch: the step-50 checkpoint is mid epoch 2; resuming from it in a new
     folder must end bitwise equal to the uninterrupted run (same augmented batches)."""
     common = ["data=digits", "model=small_cnn", "data/augment=digits", "trainer.epochs=3",

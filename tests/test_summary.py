@@ -7,9 +7,10 @@ import re
 import warnings
 
 import torch
+from conftest import compose
 from torch import nn
 
-from data.base import TensorSplit
+from engine.batches import TensorSplit
 from engine.summary import MAX_ROWS, layer_rows, model_summary, parameter_counts, size_mib
 from models.small_cnn import SmallCNN
 from models.vgg16 import build_vgg16
@@ -91,7 +92,7 @@ def test_vgg16_table_is_capped():
     assert f"{total:,} parameters" in lines[0]
 
 
-def test_printed_once_and_off_with_model_summary_false(compose, tmp_path, capsys):
+def test_printed_once_and_off_with_model_summary_false(tmp_path, capsys):
     common = ["data=digits", "model=small_cnn", "trainer.epochs=2", "trainer.device=cpu",
               f"checkpoint.root={tmp_path}", "checkpoint.every_n_epochs=1"]
     train(compose("train", [*common, "run_name=on"]))
