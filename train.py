@@ -21,6 +21,9 @@ from engine.batches import Batches
 from engine.checkpoint import load_state_dict_file, step_faults
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
+from engine.debug import fast_dev_run
+from engine.early_stopping import make_early_stopping
+from engine.ema import make_ema
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
 from engine.metrics import append_csv, plot_losses, write_csv
@@ -38,6 +41,12 @@ from engine.runtime import autocast, seed_everything, set_deterministic
 
 def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
+    if cfg.trainer.fast_dev_run:  # one train + one val batch in a scratch folder, removed after
+        return fast_dev_run(cfg, fit)
+    return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> dict:
     device = ddp.setup_distributed(cfg)  # torchrun: join the process group, cuda:LOCAL_RANK
     set_deterministic(cfg.trainer.deterministic)
     seed_everything(cfg.seed + ddp.rank())  # own dropout stream per rank; DDP syncs the weights
@@ -56,19 +65,27 @@ def train(cfg: DictConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
-    train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=True,
-                            seed=cfg.seed, **loader_args, **ddp.rank_args())
-    val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
+    overfit = cfg.trainer.overfit_batches  # debug: train and validate on the same N batches
+    train_batches = Batches(data.split("train"), data.batch_size, device, shuffle=not overfit,
+                            seed=cfg.seed, limit=overfit or cfg.trainer.limit_train_batches,
+                            **loader_args, **ddp.rank_args())
+    val_batches = train_batches if overfit else Batches(
+        ddp.shard(data.split("val")), data.batch_size, device,
+        limit=cfg.trainer.limit_val_batches, **loader_args)
 
     # Only now, with data and model known to build, touch the run directory.
     run_dir, saver, resumed = open_run(cfg, device)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
+    train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
+    stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
     accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
+    ema = make_ema(cfg, raw_model, resumed, progress.global_step)  # None: ema_decay=null
+    eval_model = ema.module if ema is not None else model  # validation: the EMA weights
     model = ddp.wrap_model(model, device)
     if cfg.trainer.compile:
         model = torch.compile(model)
@@ -86,7 +103,12 @@ def train(cfg: DictConfig) -> dict:
     plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
-        return build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress, config)
+        state = build_checkpoint(cfg, raw_model, optimizer, scheduler, scaler, progress, config)
+        if ema is not None:
+            state["ema_state_dict"] = ema.state_dict()
+        if stopper is not None:
+            state["early_stopping"] = stopper.state_dict()
+        return state
 
     def save(name: str, best: bool = False) -> Path:
         nonlocal plotted, plotted_at
@@ -106,9 +128,12 @@ def train(cfg: DictConfig) -> dict:
         return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
                           ctx, only_missing=only_missing)
 
-    if resumed and progress.epoch >= epochs:
-        print(f"run {run_dir} is already complete ({progress.epoch} epochs); nothing to do. "
-              f"Raise trainer.epochs to train on, or pick a new run_name=")
+    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
+    if resumed and (progress.epoch >= epochs or stopped):
+        print(f"run {run_dir} is already complete ({progress.epoch} epochs"
+              + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
+              + ("early_stopping.patience" if stopped else "trainer.epochs")
+              + " to train on, or pick a new run_name=")
         finish(only_missing=True)  # an interruption after the last checkpoint: make the rest
         return progress.history[-1] if progress.history else {}
     print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
@@ -136,6 +161,8 @@ def train(cfg: DictConfig) -> dict:
             else:
                 loss.backward()
                 optimizer.step()
+            if ema is not None:
+                ema.update(raw_model)
             progress.losses.append(loss.detach())
             progress.step_in_epoch += 1
             progress.global_step += 1
@@ -156,7 +183,7 @@ def train(cfg: DictConfig) -> dict:
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
-        val = ddp.evaluate_all(model, val_batches, loss_fn, classification, ctx)
+        val = ddp.evaluate_all(eval_model, val_batches, loss_fn, classification, ctx)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "
@@ -170,9 +197,10 @@ def train(cfg: DictConfig) -> dict:
             row["val_acc"] = val["acc"]
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
+        stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
         append_csv(run_dir / "metrics.csv", row)  # before the checkpoint: resume reads it back
         ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
-        periodic = epoch % every_n_epochs == 0 or epoch == epochs
+        periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
         if periodic or stop.reason:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved)
         elif improved:
@@ -186,9 +214,14 @@ def train(cfg: DictConfig) -> dict:
         if stop.reason:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
+        if stopping:
+            print(f"stopped after epoch {epoch} of {epochs}: {stopper.reason}", flush=True)
+            break
 
     saver.close()  # checkpoint.async: the last write is durable (or its error raised) here
     stop.restore()
+    if cfg.trainer.fast_dev_run:
+        return progress.history[-1]
     finish()  # loss curve, best.pt on the test split, export/
     print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
           f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.early_stopping import check_state as check_early_stopping
 from engine.errors import UserError
 
 FORMAT_VERSION = 1
@@ -296,6 +297,7 @@ CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
     "world_size": (int,), "rank_states": (list, type(None)), "format_version": (int,),
     "versions": (dict,),
     "fingerprint": (dict, type(None)),
+    "ema_state_dict": (dict,), "early_stopping": (dict, type(None)),  # trainer features
 }
 
 
@@ -578,7 +580,15 @@ CHECKPOINT_FIELDS: dict[str, Callable[[Any, dict], str | None]] = {
     "saved_files": _check_saved_files,
     "config": _check_plain,
     "versions": _check_plain,
+    "ema_state_dict": lambda value, state: _check_tensors(value),
+    "early_stopping": check_early_stopping,
 }
+
+
+def _check_tensors(value: dict) -> str | None:
+    bad = [k for k, v in value.items() if not isinstance(k, str)
+           or not isinstance(v, torch.Tensor)]
+    return f"expected names -> tensors, got entry {bad[0]!r}" if bad else None
 
 
 def check_state_dict(state: Any, path: Path | str, what: str = "state_dict") -> None:
@@ -632,8 +642,10 @@ def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> dict:
         state = obj[key]
     elif _is_state_dict(obj) or not obj:
         state = obj
-    elif "model_state_dict" in obj:
-        state = obj["model_state_dict"]
+    elif "model_state_dict" in obj:  # the EMA weights when the run kept them
+        from engine.ema import inference_weights
+
+        state = inference_weights(obj)
     elif len(candidates) == 1:
         state = obj[candidates[0]]
     elif candidates:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import load_checkpoint, load_model_state
+from engine.ema import inference_weights
 from engine.export import CONFIG, export_checkpoint, is_export
 from engine.metrics import evaluate, plot_losses
 from engine.outputs import write_atomic
@@ -74,7 +75,7 @@ def evaluate_best(best: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
                   device: torch.device, ctx: Any = None) -> dict[str, Any]:
     """Metrics of best.pt on the test split (the split no choice of the run has seen)."""
     state = load_checkpoint(best, "cpu")
-    load_model_state(ddp.unwrap(model), state["model_state_dict"], best)
+    load_model_state(ddp.unwrap(model), inference_weights(state), best)  # EMA when kept
     classification = data.task == "classification"
     split = data.split("test")
     batches = Batches(split, data.batch_size, device, num_workers=data.num_workers)

@@ -23,6 +23,7 @@ from engine.config import (
     check_target_kind,
     check_target_section,
 )
+from engine.ema import inference_weights
 from engine.errors import UserError
 from engine.runtime import resolve_device
 
@@ -61,7 +62,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                             f"expected a checkpoint file (.pt) or an export folder")
         else:
             checkpoint = load_checkpoint(source, "cpu")
-            saved, state = checkpoint.get("config"), checkpoint["model_state_dict"]
+            saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
             if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
                 raise UserError(f"{source}: checkpoint has no usable 'config' (model/data); "
                                 f"evaluate it with weights={source} model=... data=...")
