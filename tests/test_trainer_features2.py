@@ -19,7 +19,7 @@ from engine.early_stopping import EarlyStopping
 from engine.ema import EMA
 from engine.errors import UserError
 from evaluate import evaluate
-from tests.conftest import run_script
+from tests.forkrun import ForkServer
 from train import train
 
 
@@ -208,12 +208,13 @@ def test_batches_limit_cuts_len_sizes_and_order():
 
 
 def test_overfit_batches_drives_the_training_loss_near_zero_on_digits(train_cfg, tmp_path):
-    row = train(train_cfg("data=digits", "model=small_cnn", "trainer.overfit_batches=2",
-                          "trainer.epochs=40", "checkpoint.every_n_epochs=100",
-                          "checkpoint.export=false"))
+    # One batch of 16 images, a step per epoch: memorised within 40 steps.
+    row = train(train_cfg("data=digits", "model=small_cnn", "trainer.overfit_batches=1",
+                          "data.batch_size=16", "optimizer.lr=0.1", "trainer.epochs=40",
+                          "checkpoint.every_n_epochs=100", "checkpoint.export=false"))
     rows = _rows(tmp_path / "digits_small_cnn" / "metrics.csv")
-    assert float(rows[0]["train_loss"]) > 1.0
-    assert row["train_loss"] < 0.05 and row["step"] == 80
+    assert float(rows[0]["train_loss"]) > 2.0
+    assert row["train_loss"] < 0.05 and row["step"] == 40
     assert row["val_loss"] < 0.05 and row["val_acc"] == 1.0  # validated on the same batches
 
 
@@ -268,13 +269,21 @@ def _same(a, b, where: str = "") -> None:
 
 
 def test_kill_and_resume_with_early_stopping_ema_and_limits_is_bitwise_exact(tmp_path):
-    run_script("train.py", *RUN, "run_name=whole", root=tmp_path)
+    server = ForkServer(tmp_path / "forkrun")  # real train.py processes, torch imported once
+    try:
+        _kill_and_resume(server, tmp_path)
+    finally:
+        server.close()
+
+
+def _kill_and_resume(server: ForkServer, tmp_path) -> None:
+    server.run(*RUN, "run_name=whole", root=tmp_path)
     # SIGKILL after step 8 (epoch 3, batch 2; saved at step 8): the early-stopping counter
     # (1 after epoch 2) and the EMA must come back from the step checkpoint.
-    killed = run_script("train.py", *RUN, "run_name=split", root=tmp_path, check=False,
+    killed = server.run(*RUN, "run_name=split", root=tmp_path, check=False,
                         env={"ENGINE_FAULT": "kill_at_step=8"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = run_script("train.py", *RUN, "run_name=split", "resume=auto", root=tmp_path)
+    resumed = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert "resumed at epoch 2, step 8" in resumed.stdout
     assert "stopped after epoch 3 of 8" in resumed.stdout
     whole, split = _ckpt(tmp_path / "whole" / "last.pt"), _ckpt(tmp_path / "split" / "last.pt")
@@ -285,5 +294,5 @@ def test_kill_and_resume_with_early_stopping_ema_and_limits_is_bitwise_exact(tmp
         _same(split[key], whole[key], key)
     assert ((tmp_path / "split" / "metrics.csv").read_text()
             == (tmp_path / "whole" / "metrics.csv").read_text())
-    again = run_script("train.py", *RUN, "run_name=split", "resume=auto", root=tmp_path)
+    again = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert "already complete" in again.stdout
