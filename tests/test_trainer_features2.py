@@ -207,6 +207,7 @@ def test_batches_limit_cuts_len_sizes_and_order():
         cut.check_start(3)
 
 
+@pytest.mark.slow
 def test_overfit_batches_drives_the_training_loss_near_zero_on_digits(train_cfg, tmp_path):
     # One batch of 16 images, a step per epoch: memorised within 40 steps.
     row = train(train_cfg("data=digits", "model=small_cnn", "trainer.overfit_batches=1",
@@ -268,6 +269,7 @@ def _same(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_with_early_stopping_ema_and_limits_is_bitwise_exact(tmp_path):
     server = ForkServer(tmp_path / "forkrun")  # real train.py processes, torch imported once
     try:
