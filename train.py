@@ -79,16 +79,16 @@ def fit(cfg: DictConfig) -> dict:
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
     stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
+    ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
     accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
-    ema = make_ema(cfg, raw_model, resumed, progress.global_step)  # None: ema_decay=null
-    eval_model = ema.module if ema is not None else model  # validation: the EMA weights
     model = ddp.wrap_model(model, device)
     if cfg.trainer.compile:
         model = torch.compile(model)
+    eval_model = ema.module if ema is not None else model  # validation: the EMA weights
     # Loop settings read once: a DictConfig lookup costs as much as a small model's step.
     channels_last, precision = bool(cfg.trainer.channels_last), str(cfg.trainer.precision)
     ctx = lambda: autocast(precision, device)  # noqa: E731

@@ -9,7 +9,10 @@ import copy
 import tempfile
 from collections.abc import Callable
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from engine import distributed as ddp
 
 
 def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
@@ -25,6 +28,8 @@ def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
                            "early_stopping.patience": None}.items():
             OmegaConf.update(cfg, key, value)
         row = fit(cfg)
+        if ddp.is_distributed():  # every rank done before rank 0 removes the folder
+            torch.distributed.barrier()
     losses = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.endswith("loss"))
     print(f"fast_dev_run: one train batch and one val batch ran ({losses}); nothing was "
           f"written")

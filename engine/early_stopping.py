@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from engine.distributed import is_main
+
 KEY = "early_stopping"
 
 
@@ -52,8 +54,9 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("monitor") != self.monitor:  # another metric: its counter does not apply
-            print(f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
-                  f"counter is for {state.get('monitor')}); its count starts again")
+            if is_main():
+                print(f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
+                      f"counter is for {state.get('monitor')}); its count starts again")
             return
         self.best, self.wait = state.get("best"), int(state.get("wait", 0))
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.checkpoint import load_model_state
+from engine.distributed import is_main
 
 KEY = "ema_state_dict"
 
@@ -53,12 +54,14 @@ def make_ema(cfg: DictConfig, model: torch.nn.Module, resumed: dict | None,
     if decay is None:
         return None
     ema = EMA(model, float(decay))
+    if cfg.trainer.get("channels_last"):  # as the model train.py trains
+        ema.module.to(memory_format=torch.channels_last)
     exact = str(cfg.get("resume_mode", "exact")) == "exact"
     if resumed is not None and exact:
         if isinstance(resumed.get(KEY), dict):
             ema.load_state_dict(resumed[KEY], f"checkpoint (epoch {resumed.get('epoch')})",
                                 global_step)
-        else:
+        elif is_main():
             print("resume: the checkpoint has no EMA weights; the average starts from the "
                   "current weights")
     return ema
