@@ -298,3 +298,16 @@ def _kill_and_resume(server: ForkServer, tmp_path) -> None:
             == (tmp_path / "whole" / "metrics.csv").read_text())
     again = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert "already complete" in again.stdout
+
+
+def test_a_misfit_ema_state_is_refused_before_the_run_folder_changes(train_cfg, tmp_path):
+    train(train_cfg("trainer.epochs=1", "trainer.ema_decay=0.9"))
+    run_dir = tmp_path / "linear_regression"
+    state = _ckpt(run_dir / "last.pt")
+    state["ema_state_dict"] = {k: torch.zeros(3, 3) for k in state["ema_state_dict"]}
+    (run_dir / "last.pt").unlink()
+    torch.save(state, run_dir / "epoch_0001.pt")
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(UserError, match="ema_state_dict: weights do not fit") as info:
+        train(train_cfg("trainer.epochs=2", "trainer.ema_decay=0.9", "resume=auto"))
+    assert "\n" not in str(info.value) and (run_dir / "config.yaml").read_text() == before
