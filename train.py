@@ -24,6 +24,9 @@ from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import check_command_line
 from engine.config import build, check_monitor, validate_train
+from engine.debug import fast_dev_run
+from engine.early_stopping import make_early_stopping
+from engine.ema import make_ema
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
 from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
@@ -36,6 +39,12 @@ from engine.summary import model_summary
 
 def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
+    if cfg.trainer.fast_dev_run:  # one train + one val batch in a scratch folder, removed after
+        return fast_dev_run(cfg, fit)
+    return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> dict:
     device = ddp.setup_distributed(cfg)  # torchrun: join the process group, cuda:LOCAL_RANK
     set_deterministic(cfg.trainer.deterministic)
     seed_everything(cfg.seed + ddp.rank())  # own dropout stream per rank; DDP syncs the weights
@@ -56,16 +65,23 @@ def train(cfg: DictConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
-    train_split = augmented_train_split(data, cfg.seed)  # data.augment, if any
-    train_batches = Batches(train_split, data.batch_size, device, shuffle=True,
-                            seed=cfg.seed, **loader_args, **ddp.rank_args())
-    val_batches = Batches(ddp.shard(data.split("val")), data.batch_size, device, **loader_args)
+    overfit = cfg.trainer.overfit_batches  # debug: train and validate on the same N batches
+    train_split = data.split("train") if overfit else augmented_train_split(data, cfg.seed)
+    train_batches = Batches(train_split, data.batch_size, device, shuffle=not overfit,
+                            seed=cfg.seed, limit=overfit or cfg.trainer.limit_train_batches,
+                            **loader_args, **ddp.rank_args())
+    val_batches = train_batches if overfit else Batches(
+        ddp.shard(data.split("val")), data.batch_size, device,
+        limit=cfg.trainer.limit_val_batches, **loader_args)
     scheduler, step_lr = build_scheduler(cfg, optimizer, len(train_batches))  # step_lr: per step
 
     # Only now, with data and model known to build, touch the run directory.
     run_dir, saver, resumed = open_run(cfg, device)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
+    train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
+    stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
+    ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
     accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
     if cfg.trainer.channels_last:
@@ -76,6 +92,7 @@ def train(cfg: DictConfig) -> dict:
     no_sync = getattr(model, "no_sync", lambda: in_sync)
     if cfg.trainer.compile:
         model = torch.compile(model)
+    eval_model = ema.module if ema is not None else model  # validation: the EMA weights
     # Loop settings read once: a DictConfig lookup costs as much as a small model's step.
     channels_last, precision = bool(cfg.trainer.channels_last), str(cfg.trainer.precision)
     ctx = lambda: autocast(precision, device)  # noqa: E731
@@ -93,7 +110,12 @@ def train(cfg: DictConfig) -> dict:
     plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
-        return build_checkpoint(config, raw_model, optimizer, scheduler, scaler, progress)
+        state = build_checkpoint(config, raw_model, optimizer, scheduler, scaler, progress)
+        if ema is not None:
+            state["ema_state_dict"] = ema.state_dict()
+        if stopper is not None:
+            state["early_stopping"] = stopper.state_dict()
+        return state
 
     def save(name: str, best: bool = False) -> Path:
         nonlocal plotted, plotted_at
@@ -114,9 +136,12 @@ def train(cfg: DictConfig) -> dict:
         return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
                           ctx, only_missing=only_missing)
 
-    if resumed and progress.epoch >= epochs:
-        print(f"run {run_dir} is already complete ({progress.epoch} epochs); nothing to do. "
-              f"Raise trainer.epochs to train on, or pick a new run_name=")
+    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
+    if resumed and (progress.epoch >= epochs or stopped):
+        print(f"run {run_dir} is already complete ({progress.epoch} epochs"
+              + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
+              + ("early_stopping.patience" if stopped else "trainer.epochs")
+              + " to train on, or pick a new run_name=")
         finish(only_missing=True)  # an interruption after the last checkpoint: make the rest
         return progress.history[-1] if progress.history else {}
     print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
@@ -157,6 +182,8 @@ def train(cfg: DictConfig) -> dict:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model)
             progress.global_step += 1
 
             if progress.global_step % log_every == 0:  # the only per-step host sync
@@ -174,7 +201,7 @@ def train(cfg: DictConfig) -> dict:
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
-        val = evaluate_all(model, val_batches, loss_fn, classification, ctx)
+        val = evaluate_all(eval_model, val_batches, loss_fn, classification, ctx)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "
@@ -188,9 +215,10 @@ def train(cfg: DictConfig) -> dict:
             row["val_acc"] = val["acc"]
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
+        stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
         append_csv(run_dir / "metrics.csv", row)  # before the checkpoint: resume reads it back
         ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
-        periodic = epoch % every_n_epochs == 0 or epoch == epochs
+        periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
         if periodic or stop.reason:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved)
         elif improved:
@@ -204,9 +232,14 @@ def train(cfg: DictConfig) -> dict:
         if stop.reason:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
+        if stopping:
+            print(f"stopped after epoch {epoch} of {epochs}: {stopper.reason}", flush=True)
+            break
 
     ddp.on_main(saver.close)  # checkpoint.async: the last write is durable (or raised) here
     stop.restore()
+    if cfg.trainer.fast_dev_run:
+        return progress.history[-1]
     finish()  # loss curve, best.pt on the test split, export/
     print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
           f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from engine.errors import UserError
 from engine.runlock import release_inherited_lock
 
 
@@ -33,6 +34,7 @@ class TensorSplit:
 
 
 Split = TensorSplit | Dataset
+
 
 ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision-free in practice
 
@@ -69,26 +71,44 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, *,
                  shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1,
+                 limit: int | float | None = None) -> None:
         self.split, self.batch_size, self.device = split, batch_size, device
         self.shuffle, self.seed = shuffle, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.rank, self.world_size = rank, world_size
         self.n = len(split)
         self.per_rank = -(-self.n // world_size)  # ceil: short ranks repeat a few samples
+        self.count = batches_per_epoch(self.n, batch_size, world_size)
+        if limit is not None:  # trainer.limit_*_batches: an int is batches, a float a fraction
+            self.count = min(self.count, limit if isinstance(limit, int) else max(
+                1, int(self.count * limit)))
         if isinstance(split, TensorSplit):
             # Small in-memory data lives on the device once; batches are index_select views.
             self.x = split.x.to(device)
             self.y = split.y.to(device)
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.batch_size, self.world_size)
+        return self.count
 
     def batch_sizes(self) -> torch.Tensor:
-        """Samples in each batch of an epoch (only the last one can be short)."""
-        sizes = torch.full((len(self),), self.batch_size)
-        sizes[-1] = self.per_rank - self.batch_size * (len(self) - 1)
-        return sizes
+        """Samples in each batch of an epoch (only the last one of a whole epoch is short)."""
+        full = -(-self.per_rank // self.batch_size)
+        sizes = torch.full((full,), self.batch_size)
+        sizes[-1] = self.per_rank - self.batch_size * (full - 1)
+        return sizes[:self.count]
+
+    def samples(self) -> int:
+        """Samples in one epoch of these batches (all of the split unless limited)."""
+        return int(self.batch_sizes().sum()) if self.count else 0
+
+    def check_start(self, start: int) -> None:
+        """A resumed epoch's position must lie inside this (possibly limited) epoch."""
+        if start > self.count:
+            raise UserError(f"the checkpoint is at batch {start} of its epoch, but an epoch "
+                            f"now has {self.count} batches (trainer.limit_train_batches / "
+                            f"trainer.overfit_batches changed?); resume with the limits it "
+                            f"was saved with")
 
     def indices(self, epoch: int) -> torch.Tensor:
         order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
@@ -107,7 +127,7 @@ class Batches:
             return iter(())
         if hasattr(self.split, "set_epoch"):  # data/augment.py seeds by epoch
             self.split.set_epoch(epoch)
-        order = self.indices(epoch)[start * self.batch_size:]
+        order = self.indices(epoch)[start * self.batch_size:self.count * self.batch_size]
         if isinstance(self.split, TensorSplit):
             return self._tensor_batches(order.to(self.x.device))
         return self._loader_batches(order)

@@ -87,6 +87,7 @@ def validate_train(cfg: DictConfig) -> None:
     if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
         raise UserError(f"trainer.print_every_s={every!r}: expected seconds >= 0")
     resolve_device(trainer.device)
+    _check_stopping_ema_debug(cfg)
     _check_weights_keys(cfg)
     if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
         raise UserError(f"weights={cfg.weights} starts a new run and resume={cfg.resume} "
@@ -124,6 +125,29 @@ def _check_trainer_features(cfg: DictConfig) -> None:
         raise UserError(f"trainer.grad_clip_norm={clip!r}: expected a number > 0 or null (off)")
     _positive_int(cfg.trainer.get("accumulate_grad_batches", 1),
                   "trainer.accumulate_grad_batches")
+def _check_stopping_ema_debug(cfg: DictConfig) -> None:
+    """Ranges of the EMA, early-stopping and debug-run keys (all off by default)."""
+    trainer, stopping = cfg.trainer, cfg.get("early_stopping") or {}
+    decay = trainer.get("ema_decay")
+    if decay is not None and not (_finite(decay) and 0 < decay < 1):
+        raise UserError(f"trainer.ema_decay={decay!r}: expected a number > 0 and < 1 "
+                        f"(e.g. 0.999), or null")
+    for key in ("limit_train_batches", "limit_val_batches", "overfit_batches"):
+        value = trainer.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value >= 1 or isinstance(value, float)
+                                      and 0 < value <= 1):
+            raise UserError(f"trainer.{key}={value!r}: expected batches (an integer >= 1), "
+                            f"a fraction in (0, 1], or null")
+    _positive_int(stopping.get("patience"), "early_stopping.patience", allow_none=True)
+    if stopping.get("patience") is not None:
+        known = sorted(set().union(*METRICS.values()))
+        if str(stopping.get("monitor")) not in known:
+            raise UserError(f"early_stopping.monitor={stopping.get('monitor')!r}: expected "
+                            f"one of {known}")
+        delta = stopping.get("min_delta", 0.0)
+        if not (_finite(delta) and delta >= 0):
+            raise UserError(f"early_stopping.min_delta={delta!r}: expected a number >= 0")
 
 
 # ------------------------------------------------------------------- limits (all scripts)
@@ -243,9 +267,12 @@ def check_target_kind(section: DictConfig, key: str, source: str = "") -> None:
 def check_monitor(cfg: DictConfig, task: str) -> None:
     """checkpoint.monitor must be a metric this task logs (val_acc only for classifiers)."""
     valid = METRICS.get(task)
-    if valid is not None and str(cfg.checkpoint.monitor) not in valid:
-        raise UserError(f"checkpoint.monitor={cfg.checkpoint.monitor!r}: a {task} run logs "
-                        f"{list(valid)}")
+    stopping = cfg.get("early_stopping") or {}
+    for key, monitor in (("checkpoint.monitor", cfg.checkpoint.monitor),
+                         ("early_stopping.monitor", stopping.get("monitor")
+                          if stopping.get("patience") is not None else None)):
+        if valid is not None and monitor is not None and str(monitor) not in valid:
+            raise UserError(f"{key}={monitor!r}: a {task} run logs {list(valid)}")
 
 
 def validate_inference(cfg: DictConfig, script: str) -> None:

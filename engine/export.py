@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint.load import inference_weights, load_checkpoint
 from engine.errors import UserError, one_line, user_error_in
 from engine.export_read import CONFIG, PT2, WEIGHTS, quiet_torch
 from engine.outputs import check_export_dir, write_atomic
@@ -63,10 +63,11 @@ def export_checkpoint(source: Path, out_dir: Path | None = None,
     checkpoint's name without .pt, e.g. best.pt -> best/). With `model` (its architecture)
     and `example` (a batch of inputs), also `model.pt2` there."""
     ckpt = load_checkpoint(source)
+    weights = inference_weights(ckpt)  # the EMA weights when the run kept them
     out_dir = out_dir if out_dir is not None else source.with_suffix("")
-    export(ckpt["model_state_dict"], ckpt.get("config") or {}, out_dir)
+    export(weights, ckpt.get("config") or {}, out_dir)
     if model is not None and example is not None:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(weights)
         export_pt2(model, example, ckpt.get("config") or {}, out_dir / PT2)
     return out_dir
 

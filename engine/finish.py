@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from engine import distributed as ddp
 from engine.batches import Batches
-from engine.checkpoint.load import load_checkpoint, load_model_state
+from engine.checkpoint.load import inference_weights, load_checkpoint, load_model_state
 from engine.export import export_checkpoint
 from engine.export_read import CONFIG, is_export
 from engine.metrics import evaluate, plot_losses
@@ -75,7 +75,7 @@ def evaluate_best(best: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
                   device: torch.device, ctx: Any = None) -> dict[str, Any]:
     """Metrics of best.pt on the test split (the split no choice of the run has seen)."""
     state = load_checkpoint(best, "cpu")
-    load_model_state(ddp.unwrap(model), state["model_state_dict"], best)
+    load_model_state(ddp.unwrap(model), inference_weights(state), best)  # EMA when kept
     classification = data.task == "classification"
     split = data.split("test")
     batches = Batches(split, data.batch_size, device, num_workers=data.num_workers)

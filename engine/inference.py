@@ -16,7 +16,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine.checkpoint.load import load_checkpoint, load_model_state, load_state_dict_file
+from engine.checkpoint.load import (
+    inference_weights,
+    load_checkpoint,
+    load_model_state,
+    load_state_dict_file,
+)
 from engine.config import (
     build,
     check_loaded_targets,
@@ -60,7 +65,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                             f"expected a checkpoint file (.pt) or an export folder")
         else:
             checkpoint = load_checkpoint(source, "cpu")
-            saved, state = checkpoint.get("config"), checkpoint["model_state_dict"]
+            saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
             if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
                 raise UserError(f"{source}: checkpoint has no usable 'config' (model/data); "
                                 f"evaluate it with weights={source} model=... data=...")

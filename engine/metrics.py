@@ -193,7 +193,7 @@ def evaluate_all(model: torch.nn.Module, batches: Any, loss_fn: Any, classificat
     module = unwrap(model)
     broadcast_from_main(module.buffers())  # BatchNorm statistics: rank 0's, the ones it saves
     local = evaluate(module, batches, loss_fn, classification, autocast_ctx)
-    n = len(batches.split)
+    n = batches.samples()  # this rank's samples (trainer.limit_val_batches may cut them)
     loss_sum, hits, total = all_sum([local["loss"] * n if n else 0.0,
                                      local.get("acc", 0.0) * n if n else 0.0, float(n)])
     result = {"loss": loss_sum / total if total else float("nan")}

@@ -121,6 +121,13 @@ def _is_state_dict(value: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
 
 
+def inference_weights(state: dict[str, Any]) -> Any:
+    """The weights to evaluate, predict with or export: `ema_state_dict` (trainer.ema_decay)
+    when the file has it, else `model_state_dict` (what training continues from)."""
+    ema = state.get("ema_state_dict")
+    return ema if isinstance(ema, dict) and ema else state["model_state_dict"]
+
+
 def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> dict:
     """The model weights in a loaded file: the file itself (a bare state_dict), its
     `model_state_dict` (a general checkpoint), or `obj[key]`. A file holding several models
@@ -137,8 +144,8 @@ def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> dict:
         state = obj[key]
     elif _is_state_dict(obj) or not obj:
         state = obj
-    elif "model_state_dict" in obj:
-        state = obj["model_state_dict"]
+    elif "model_state_dict" in obj:  # the EMA weights when the run kept them
+        state = inference_weights(obj)
     elif len(candidates) == 1:
         state = obj[candidates[0]]
     elif candidates:

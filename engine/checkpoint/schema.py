@@ -22,6 +22,7 @@ CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
     "loss": (int, float, torch.Tensor, type(None)), "saved_files": (list,),
     "world_size": (int,), "rank_states": (list, type(None)), "format_version": (int,),
     "versions": (dict,),
+    "ema_state_dict": (dict,), "early_stopping": (dict, type(None)),  # trainer features
     "fingerprint": (dict, type(None)),
 }
 
@@ -201,6 +202,24 @@ def _check_plain(value: Any, state: dict | None = None, where: str = "") -> str 
     return None
 
 
+def _check_tensors(value: dict) -> str | None:
+    bad = [k for k, v in value.items() if not isinstance(k, str)
+           or not isinstance(v, torch.Tensor)]
+    return f"expected names -> tensors, got entry {bad[0]!r}" if bad else None
+
+
+def _check_early_stopping(value: Any, state: dict) -> str | None:
+    """engine/early_stopping.py's counter: monitor, best value so far, epochs without gain."""
+    if value is None:
+        return None
+    monitor, best, wait = value.get("monitor"), value.get("best"), value.get("wait")
+    if not isinstance(monitor, str) or not (best is None or _number(best)) or not (
+            isinstance(wait, int) and not isinstance(wait, bool) and 0 <= wait <= 10**7):
+        return (f"expected monitor (text), best (a number or None) and wait (an integer "
+                f"from 0 to 10000000), got {' '.join(repr(value).split())[:80]}")
+    return None
+
+
 def _short_repr(value: Any) -> str:
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
@@ -222,4 +241,6 @@ CHECKPOINT_FIELDS: dict[str, Callable[[Any, dict], str | None]] = {
     "saved_files": _check_saved_files,
     "config": _check_plain,
     "versions": _check_plain,
+    "ema_state_dict": lambda value, state: _check_tensors(value),
+    "early_stopping": _check_early_stopping,
 }
