@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import load_state_dict_file, step_faults
-from engine.cli import check_command_line
+from engine.cli import run_main
 from engine.config import build, check_monitor, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
@@ -81,7 +81,8 @@ def train(cfg: DictConfig) -> dict:
     epochs, every_n_epochs = cfg.trainer.epochs, cfg.checkpoint.every_n_epochs
     monitor, mode = str(cfg.checkpoint.monitor), str(cfg.checkpoint.mode)
     print_every_s = float(cfg.trainer.get("print_every_s", 0))
-    config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
+    # Stored in every checkpoint: plain values (a fixed-choice key is an Enum in cfg).
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     show_bar = sys.stdout.isatty()
     plotted, plotted_at = len(progress.history), float("-inf")
 
@@ -203,5 +204,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_command_line("train")  # one-line error, exit 2, for a bad override
-    main()
+    run_main(main, "train")  # an override that does not compose: one line, exit 2

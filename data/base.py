@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from engine.errors import UserError
+from engine.runtime import max_workers
 
 
 @dataclass
@@ -25,15 +27,7 @@ class TensorSplit:
 Split = TensorSplit | Dataset
 
 
-def max_workers() -> int:
-    """Most DataLoader worker processes a config may ask for: each one is a full copy of
-    the process, so far more than the cores only costs memory (1e6 of them ran out)."""
-    import os
-
-    return 4 * (os.cpu_count() or 1)
-
-
-class DataModule:
+class DataModule(ABC):
     """Base class: subclasses fill `self._splits` in `setup()` with 'train', 'val', 'test'."""
 
     task = "regression"  # or "classification"
@@ -57,6 +51,7 @@ class DataModule:
         self.seed = seed
         self._splits: dict[str, Split] | None = None
 
+    @abstractmethod
     def setup(self) -> None:
         raise NotImplementedError
 

@@ -36,6 +36,8 @@ def compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import engine.config_schema  # noqa: F401 - registers the schemas the configs name
+
     def _compose(config_name: str, overrides: list[str] | None = None):
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import open_dict
