@@ -12,24 +12,18 @@ Four layers, all before a file is written:
 
 from __future__ import annotations
 
-import difflib
 import math
-import typing
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
     InterpolationResolutionError,
     MissingMandatoryValue,
     OmegaConfBaseException,
-    ValidationError,
 )
 
-from engine.config_schema import METRICS, SCHEMAS
+from engine.config_schema import METRICS, check_schema, did_you_mean, schema_error
 from engine.errors import UserError
 from engine.runtime import max_workers, resolve_device
 from engine.target_checks import (
@@ -38,14 +32,13 @@ from engine.target_checks import (
     check_loaded_targets,
     check_target_kind,
     check_target_section,
-    describe,
     locate,
 )
 
 __all__ = ["METRICS", "SAFE_TARGET_MODULES", "build", "check_limits", "check_loaded_targets",
            "check_monitor", "check_schema", "check_target_kind", "check_target_section",
-           "locate", "resolve_all", "run_dir_for", "schema_error", "validate_inference",
-           "validate_train"]
+           "did_you_mean", "locate", "resolve_all", "run_dir_for", "schema_error",
+           "validate_inference", "validate_train"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -124,38 +117,7 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
         raise UserError(f"output={output}: is a folder; expected a file name")
 
 
-# ------------------------------------------------------------ 1. key names and types
-
-def check_schema(cfg: DictConfig, script: str) -> None:
-    """The fixed sections against the script's schema, by OmegaConf's own merge: Hydra checked
-    every override while composing, except keys appended with `+` (`+trainer.epoch=5`). Merged
-    as plain containers, as a typed node would bring its extra keys along."""
-    try:
-        OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), OmegaConf.to_container(cfg))
-    except OmegaConfBaseException as err:
-        raise UserError(schema_error(err)) from None
-
-
-def schema_error(err: OmegaConfBaseException) -> str:
-    """OmegaConf's refusal of a key or value of a structured config, as one line naming the
-    key, the value and what is expected."""
-    key = str(getattr(err, "full_key", None) or "config")
-    parent, _, name = key.rpartition(".")
-    owner = getattr(err, "object_type", None)  # the dataclass that holds the key
-    if is_dataclass(owner) and isinstance(err, ValidationError):
-        expected = describe(typing.get_type_hints(owner).get(name, Any))
-        return f"{key}={err.value!r}: expected {expected}"
-    if is_dataclass(owner) and isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        valid = [f.name for f in fields(owner)]
-        return (f"{key}: unknown key in {parent or 'the config'}{did_you_mean(name, valid)}; "
-                f"valid keys: {', '.join(valid)}")
-    return f"{key}: {str(err).strip().splitlines()[0]}"
-
-
-def did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
+# ------------------------------------------------------------ sections and groups
 
 def config_groups() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())

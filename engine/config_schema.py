@@ -1,5 +1,7 @@
-"""Types of the fixed config keys, as OmegaConf structured configs registered in Hydra's
-ConfigStore: Hydra itself refuses an unknown key or a value of the wrong type while composing.
+"""Names and types of the fixed config keys, as OmegaConf structured configs registered in
+Hydra's ConfigStore: Hydra itself refuses an unknown key or a value of the wrong type while
+composing; `check_schema` catches what Hydra lets through (keys added with `+key=value`), and
+`schema_error` says either in one line.
 
 The values and their documentation stay in configs/train.yaml, evaluate.yaml and predict.yaml;
 each names its schema first in its defaults list (`- train_schema`), so these classes only
@@ -10,15 +12,27 @@ keys are checked against the constructor they name (engine/target_checks.py).
 Importing this module registers the schemas; engine.config and engine.cli import it, and so
 must anything that composes the configs without them (tests/conftest.py).
 """
-
 from __future__ import annotations
 
+import difflib
 import enum
-from dataclasses import dataclass
+import inspect
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
+from engine.errors import UserError
 from engine.runtime import PRECISIONS
 
 
@@ -149,3 +163,57 @@ SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictC
 
 for _script, _schema in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema)
+
+
+def check_schema(cfg: DictConfig, script: str) -> None:
+    """The fixed sections against the script's schema, by OmegaConf's own merge: Hydra checked
+    every override while composing, except keys appended with `+` (`+trainer.epoch=5`). Merged
+    as plain containers, as a typed node would bring its extra keys along."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), OmegaConf.to_container(cfg))
+    except OmegaConfBaseException as err:
+        raise UserError(schema_error(err)) from None
+
+
+def schema_error(err: OmegaConfBaseException) -> str:
+    """OmegaConf's refusal of a key or value of a structured config, as one line naming the
+    key, the value and what is expected."""
+    key = str(getattr(err, "full_key", None) or "config")
+    parent, _, name = key.rpartition(".")
+    owner = getattr(err, "object_type", None)  # the dataclass that holds the key
+    if is_dataclass(owner) and isinstance(err, ValidationError):
+        expected = describe(typing.get_type_hints(owner).get(name, Any))
+        return f"{key}={err.value!r}: expected {expected}"
+    if is_dataclass(owner) and isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        valid = [f.name for f in fields(owner)]
+        return (f"{key}: unknown key in {parent or 'the config'}{did_you_mean(name, valid)}; "
+                f"valid keys: {', '.join(valid)}")
+    return f"{key}: {str(err).strip().splitlines()[0]}"
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe(hint: Any) -> str:
+    """What a type hint asks for, in words: 'an integer', 'min or max', 'a section with keys
+    ...'; '' for what no config value can be (a tensor, an optimizer)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+             Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
+             type(None): "null", typing.Any: "any value"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if inspect.isclass(hint) and issubclass(hint, enum.Enum):
+        values = [str(member.value) for member in hint]
+        return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
+    if is_dataclass(hint):
+        return f"a section with keys {', '.join(f.name for f in fields(hint))}"
+    return ""

@@ -9,12 +9,10 @@ and type hints are the schema.
 
 from __future__ import annotations
 
-import enum
 import importlib
 import inspect
 import types
 import typing
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from engine.config_schema import describe
 from engine.errors import UserError
 
 # Modules a config read from a file (checkpoint, export) may name in `_target_`: hydra's
@@ -168,29 +167,6 @@ def _matches(value: Any, hint: Any) -> bool | None:
     if inspect.isclass(hint):  # a tensor, an optimizer, ...: never a plain config value
         return False if value is not None else None
     return None
-
-
-def describe(hint: Any) -> str:
-    """What a type hint asks for, in words: 'an integer', 'min or max', 'a section with keys
-    ...'; '' for what no config value can be (a tensor, an optimizer)."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
-             Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
-             type(None): "null", typing.Any: "any value"}
-    if hint in names:
-        return names[hint]
-    if origin in (list, tuple):
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    if inspect.isclass(hint) and issubclass(hint, enum.Enum):
-        values = [str(member.value) for member in hint]
-        return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
-    if is_dataclass(hint):
-        return f"a section with keys {', '.join(f.name for f in fields(hint))}"
-    return ""
 
 
 def build(section: Any, key: str, source: Path | str | None = None) -> Any:
