@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -31,6 +30,7 @@ from omegaconf.errors import (
 )
 
 from engine.config import (
+    CONFIG_DIR,
     config_groups,
     did_you_mean,
     group_options,
@@ -40,7 +40,6 @@ from engine.config import (
 )
 from engine.errors import EXIT_BAD_INPUT, UserError, raise_compose_errors
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MULTIRUN_FLAGS = ("-m", "--multirun")
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, TypeError)
 
@@ -59,9 +58,22 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
     raise_compose_errors()
     try:
         main()
-    except COMPOSE_ERRORS as err:  # raised before the task started: the config did not compose
+    except COMPOSE_ERRORS as err:
+        if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
+            raise
         print(f"error: {explain(err, config_name, argv)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def _task_ran(err: BaseException) -> bool:
+    """Did `err` come from the task rather than from composing? Hydra's own test: its
+    `run_job` is on the way (as in hydra._internal.utils.run_and_report)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "run_job":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _left_to_hydra(argv: list[str]) -> bool:
