@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from engine.batches import Batches
-from engine.cli import check_command_line
+from engine.cli import run_main
 from engine.config import validate_inference
 from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
@@ -29,19 +29,20 @@ def evaluate(cfg: DictConfig) -> dict:
     data, model, device = loaded.data, loaded.model, loaded.device
     classification = data.task == "classification"
     out, stem = _output_paths(cfg, loaded.source)
-    batches = Batches(data.split(cfg.split), data.batch_size, device)
+    split = str(cfg.split)  # train | val | test
+    batches = Batches(data.split(split), data.batch_size, device)
     with torch.inference_mode():  # one pass: the metrics and the plot use the same outputs
         outputs, targets = _predict_all(model, batches)
-        metrics = {f"{cfg.split}_loss": float(loss_for(loaded)(outputs, targets))}
+        metrics = {f"{split}_loss": float(loss_for(loaded)(outputs, targets))}
     if classification:
-        metrics[f"{cfg.split}_acc"] = float((outputs.argmax(1) == targets).float().mean())
+        metrics[f"{split}_acc"] = float((outputs.argmax(1) == targets).float().mean())
     metrics.update(samples=len(targets), source=str(loaded.source))
 
     if classification:
         plot = _confusion_matrix(outputs.argmax(1), targets, data.num_classes, stem)
     else:
         train = Batches(data.split("train"), data.batch_size, device)
-        plot = _regression_plot(train, batches, outputs, stem, cfg.split)
+        plot = _regression_plot(train, batches, outputs, stem, split)
     write_atomic(out, lambda handle: handle.write(json.dumps(metrics, indent=2) + "\n"))
     print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"wrote {out} and {plot}")
@@ -114,5 +115,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_command_line("evaluate")  # one-line error, exit 2, for a bad override
-    main()
+    run_main(main, "evaluate")  # an override that does not compose: one line, exit 2

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from engine.cli import check_command_line
+from engine.cli import run_main
 from engine.config import validate_inference
 from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference
@@ -101,5 +101,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_command_line("predict")  # one-line error, exit 2, for a bad override
-    main()
+    run_main(main, "predict")  # an override that does not compose: one line, exit 2

@@ -22,7 +22,7 @@ from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
-from engine.cli import check_command_line
+from engine.cli import run_main
 from engine.config import build, check_monitor, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
@@ -105,7 +105,8 @@ def fit(cfg: DictConfig) -> dict:
     accumulate = progress.accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))  # 1: off
     clip_norm, params = cfg.trainer.get("grad_clip_norm"), list(raw_model.parameters())
     amp, n_batches = scaler.is_enabled(), len(train_batches)
-    config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
+    # Stored in every checkpoint: plain values (a fixed-choice key is an Enum in cfg).
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     show_bar = sys.stdout.isatty()
     plotted, plotted_at = len(progress.history), float("-inf")
 
@@ -254,5 +255,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    check_command_line("train")  # one-line error, exit 2, for a bad override
-    main()
+    run_main(main, "train")  # an override that does not compose: one line, exit 2

@@ -455,7 +455,10 @@ def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     progress = Progress(epoch=1, step_in_epoch=10, global_step=100,
                         losses=[torch.tensor(0.5)] * 10)
-    state = build_checkpoint(cfg, model, optimizer, None, scaler, progress)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as train.py
+    state = build_checkpoint(cfg, model, optimizer, None, scaler, progress, config)
     return state, cfg, fresh
 
 

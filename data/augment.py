@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from engine.batches import Split, TensorSplit
 from engine.errors import UserError
+from engine.target_checks import is_transform_class, locate
 
 KEY = "data.augment"
 TRANSFORMS = "torchvision.transforms.v2."
@@ -31,23 +34,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def is_transform_class(obj: Any) -> bool:
-    """A torchvision.transforms.v2 transform class (what data.augment may name)."""
-    import inspect
-
-    from torchvision.transforms import v2
-
-    return (inspect.isclass(obj) and issubclass(obj, v2.Transform)
-            and (obj.__module__ or "").startswith("torchvision.transforms.v2"))
-
-
 def check_augment(data_cfg: Any) -> None:
     """One line per mistake in `data.augment`, before Hydra instantiates the data section
     (whose error for a misspelt transform is a multi-line traceback)."""
-    from omegaconf import DictConfig, ListConfig
-
-    from engine.config import locate
-
     entries = data_cfg.get("augment") if isinstance(data_cfg, DictConfig) else None
     if entries is None:
         return
@@ -80,8 +69,6 @@ def check_augment(data_cfg: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
@@ -92,13 +79,11 @@ def build_transform(entry: Any) -> Callable:
     config mapping."""
     if callable(entry):
         return entry
-    from hydra.utils import instantiate
-
     return instantiate(entry)
 
 
 def compose(entries: Sequence[Any]) -> Callable:
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # lazy: only runs with data.augment set
 
     return v2.Compose([build_transform(e) for e in entries])
 

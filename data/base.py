@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
 from engine.batches import Split
 from engine.errors import UserError
+from engine.runtime import max_workers
 
 
-def max_workers() -> int:
-    """Most DataLoader worker processes a config may ask for: each one is a full copy of
-    the process, so far more than the cores only costs memory (1e6 of them ran out)."""
-    import os
-
-    return 4 * (os.cpu_count() or 1)
-
-
-class DataModule:
+class DataModule(ABC):
     """Base class: subclasses fill `self._splits` in `setup()` with 'train', 'val', 'test'."""
 
     task = "regression"  # or "classification"
@@ -43,6 +37,7 @@ class DataModule:
         self.augment = augment  # train-split transforms, applied by data/augment.py
         self._splits: dict[str, Split] | None = None
 
+    @abstractmethod
     def setup(self) -> None:
         raise NotImplementedError
 

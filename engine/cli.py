@@ -1,36 +1,95 @@
-"""Command-line overrides checked before Hydra runs, so a typo is one line and exit code 2.
+"""Command-line overrides that do not compose: one line naming the override and what is
+valid, exit code 2 (Hydra itself prints a multi-line message and exits 1).
 
-Hydra itself rejects `trainer.epoch=5` (struct mode) and `model=foo`, but prints a multi-line
-message and exits 1. `check_command_line` composes the same config with Hydra's compose API
-first and, on failure, prints one line naming the override and what is valid. Flags other
-than -m/--multirun (--help, --cfg, --config-dir, ...) are left to Hydra.
+`run_main` starts a script's `@hydra.main` function. A single run composes its config once,
+inside Hydra: Hydra is asked to raise a composition error instead of printing it (until the
+task starts, engine.errors), and only then is the config composed again, piece by piece, to
+name the culprit. A multirun (-m) composes and checks every job before the first one starts.
+Flags other than -m/--multirun (--help, --cfg, --config-dir, ...) are left to Hydra, and so is
+everything with debug=true or HYDRA_FULL_ERROR=1 (Hydra's full messages).
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
-from engine.errors import EXIT_BAD_INPUT, UserError
+from engine.config import (
+    CONFIG_DIR,
+    config_groups,
+    did_you_mean,
+    group_options,
+    schema_error,
+    validate_inference,
+    validate_train,
+)
+from engine.errors import EXIT_BAD_INPUT, UserError, raise_compose_errors
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MULTIRUN_FLAGS = ("-m", "--multirun")
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, TypeError)
+
+
+def run_main(main: Callable[[], Any], config_name: str) -> None:
+    """Call a script's `@hydra.main` function; a config that does not compose ends in one
+    line on stderr and exit code 2."""
+    argv = sys.argv[1:]
+    if _left_to_hydra(argv):
+        main()
+        return
+    if any(a in MULTIRUN_FLAGS for a in argv):
+        check_command_line(config_name, argv)  # every job, before the first one starts
+        main()
+        return
+    raise_compose_errors()
+    try:
+        main()
+    except COMPOSE_ERRORS as err:
+        if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
+            raise
+        print(f"error: {explain(err, config_name, argv)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _task_ran(err: BaseException) -> bool:
+    """Did `err` come from the task rather than from composing? Hydra's own test: its
+    `run_job` is on the way (as in hydra._internal.utils.run_and_report)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "run_job":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _left_to_hydra(argv: list[str]) -> bool:
+    return (any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv)
+            or os.environ.get("HYDRA_FULL_ERROR") == "1"
+            or "debug=true" in map(str.lower, argv))
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:
-    """Exit 2 with one line if the overrides in `argv` (default sys.argv[1:]) do not compose.
-    With debug=true or HYDRA_FULL_ERROR=1, Hydra's own full message is shown instead."""
+    """Exit 2 with one line if the overrides in `argv` (default sys.argv[1:]) do not compose
+    or fail the script's checks, for every job of a multirun. With debug=true or
+    HYDRA_FULL_ERROR=1 it checks nothing: Hydra's full message is shown instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
+    if _left_to_hydra(argv):
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
-    if os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in map(str.lower, overrides):
-        return
     try:
         multirun = any(a in MULTIRUN_FLAGS for a in argv)
         for combination in _combinations(overrides, multirun):
@@ -43,8 +102,6 @@ def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> N
 def _validate(config_name: str, cfg: DictConfig) -> None:
     """The script's own checks (engine/config.py), so every job of a multirun is checked
     before the first one starts."""
-    from engine.config import validate_inference, validate_train
-
     if config_name == "train":
         validate_train(cfg)
     elif config_name in ("evaluate", "predict"):
@@ -53,15 +110,19 @@ def _validate(config_name: str, cfg: DictConfig) -> None:
 
 def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """Hydra's compose, with its errors turned into a one-line UserError."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         return _compose(config_name, overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_explain(err, config_name, list(overrides))) from None
-    except (ValueError, TypeError) as err:  # `=5`, `data=[1,2]`, `loss=null`: Hydra's own bugs
-        raise UserError(_culprit(config_name, list(overrides), err)) from None
+    except COMPOSE_ERRORS as err:
+        raise UserError(explain(err, config_name, list(overrides))) from None
+
+
+def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
+    """One line for a config that did not compose with these overrides; composes again, part
+    by part, where Hydra's message does not name the override or the valid choices."""
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return _explain(err, config_name, overrides)
+    return _culprit(config_name, overrides, err)  # `=5`, `data=[1,2]`: Hydra's own bugs
 
 
 def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
@@ -72,8 +133,8 @@ def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
             _compose(config_name, [override])
         except Exception:  # noqa: BLE001 - this one fails alone: it is the culprit
             key, _, value = override.partition("=")
-            if key.lstrip("+~") in _groups():
-                options = ", ".join(_group_options(key.lstrip("+~")))
+            if key.lstrip("+~") in config_groups():
+                options = ", ".join(group_options(key.lstrip("+~")))
                 return (f"{override}: {value!r} is not one of the {key.lstrip('+~')} "
                         f"choices; valid options: {options}")
             return f"{override}: cannot apply this override ({first})"
@@ -81,11 +142,6 @@ def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -101,9 +157,6 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     """A multirun sweep (`optimizer.lr=0.1,0.01`, `model=a,b`): every value of every swept
     key is checked once, with the other sweeps at their first value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
@@ -129,15 +182,13 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 
 def _explain(err: Exception, config_name: str, overrides: list[str]) -> str:
-    from hydra.errors import MissingConfigException, OverrideParseException
-
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, MissingConfigException):
         missing = str(err.missing_cfg_file or "")
         group, _, choice = missing.rpartition("/")
-        options = list(err.options or []) or _group_options(group)
+        options = list(err.options or []) or group_options(group)
         if group and options:
-            hint = _did_you_mean(choice, options)
+            hint = did_you_mean(choice, options)
             return (f"{group}={choice}: unknown {group} choice{hint}; valid options: "
                     f"{', '.join(options)}")
         return first
@@ -145,8 +196,10 @@ def _explain(err: Exception, config_name: str, overrides: list[str]) -> str:
         return f"{err.override}: cannot parse this override ({err.message.splitlines()[0]})"
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
-    if full_key and "not in struct" in str(cause):
+    if full_key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         return _unknown_key(str(full_key), config_name, overrides)
+    if isinstance(cause, ValidationError):  # a value of the wrong type for the schema
+        return schema_error(cause)
     if first.startswith("Ambiguous value for argument"):
         text = first.split("'")[1] if "'" in first else first
         return (f"{text}: a comma makes a sweep: add -m to run one job per value, or write "
@@ -170,42 +223,20 @@ def _unknown_key(full_key: str, config_name: str, overrides: list[str]) -> str:
     offending = next((o for o in overrides if o.lstrip("+~").split("=")[0] == full_key
                       or o.lstrip("+~").split("=")[0].startswith(full_key + ".")), full_key)
     parent, _, name = full_key.rpartition(".")
-    groups = set(_groups())
-    if not parent and name in groups:  # `data.batch_size=8` where no data config is chosen
-        return (f"{offending}: no {name} config is selected; choose one first with "
-                f"{name}=NAME ({', '.join(_group_options(name))})")
+    groups = set(config_groups())
     choices = [o for o in overrides if o.split("=")[0].lstrip("+~") in groups]
     try:
         base = _compose(config_name, choices)
     except Exception:
         base = _compose(config_name, [])
     node = OmegaConf.select(base, parent) if parent else base
+    group = full_key.split(".")[0]
+    if group in groups and (not parent and group not in base or parent and node is None):
+        return (f"{offending}: no {group} config is selected; choose one first with "
+                f"{group}=NAME ({', '.join(group_options(group))})")
     where = parent or "the config"
     if not isinstance(node, DictConfig):
         return f"{offending}: unknown key {full_key!r}"
     valid = [str(k) for k in node if not str(k).startswith("_")]
-    if not parent:
-        valid += [g for g in sorted(groups) if g not in valid and not _global_group(g)]
-    hint = _did_you_mean(name, valid)
-    return (f"{offending}: unknown key {name!r} in {where}{hint}; valid keys: "
-            f"{', '.join(valid)}")
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _groups() -> list[str]:
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
-
-
-def _global_group(group: str) -> bool:
-    """Presets such as experiment/ (`# @package _global_`) set other keys; not a key."""
-    return any("@package _global_" in f.read_text()[:300]
-               for f in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def _group_options(group: str) -> list[str]:
-    folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return (f"{offending}: unknown key {name!r} in {where}{did_you_mean(name, valid)}; "
+            f"valid keys: {', '.join(valid)}")

@@ -25,6 +25,26 @@ class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not a
     """Training stopped on request after saving a checkpoint: exit code 3."""
 
 
+_hydra_raises_until_task = False
+
+
+def raise_compose_errors() -> None:
+    """Until the task starts, Hydra raises what fails (a config that does not compose)
+    instead of printing it, so that engine.cli.run_main can say it in one line. From the
+    task on (cli_errors), Hydra reports as usual."""
+    global _hydra_raises_until_task
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # read by Hydra when an exception reaches it
+        _hydra_raises_until_task = True
+
+
+def _task_started() -> None:
+    global _hydra_raises_until_task
+    if _hydra_raises_until_task:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        _hydra_raises_until_task = False
+
+
 def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """Turn bad input into one line on stderr and exit code 2; `debug=true` or
     HYDRA_FULL_ERROR=1 prints the traceback too (still exit 2). Any other exception is a bug:
@@ -32,6 +52,7 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(cfg: Any) -> Any:
+        _task_started()
         debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or _debug(cfg)
         try:
             return main(cfg)

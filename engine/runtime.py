@@ -15,6 +15,12 @@ from engine.errors import UserError
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
+def max_workers() -> int:
+    """Most DataLoader worker processes a config may ask for: each one is a full copy of
+    the process, so far more than the cores only costs memory (1e6 of them ran out)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def resolve_device(name: str) -> torch.device:
     name = str(name)
     if name == "auto":

@@ -85,7 +85,7 @@ def test_resume_with_another_scheduler_interval_is_refused(train_cfg):
     ("scheduler.interval=batch", "scheduler.interval='batch': expected epoch or step"),
     ("scheduler.warmup_epochs=-1", "scheduler.warmup_epochs=-1: expected an integer >= 0"),
     ("scheduler.min_lr=0.5", "scheduler.min_lr=0.5: expected a number >= 0 and <= optimizer.lr"),
-    ("trainer.grad_clip_norm=0", "trainer.grad_clip_norm=0: expected a number > 0 or null"),
+    ("trainer.grad_clip_norm=0", "trainer.grad_clip_norm=0.0: expected a number > 0 or null"),
     ("trainer.accumulate_grad_batches=0",
      "trainer.accumulate_grad_batches=0: expected an integer >= 1"),
 ])

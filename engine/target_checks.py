@@ -1,0 +1,241 @@
+"""What no config library checks: a `_target_` section (data, model, loss, optimizer,
+scheduler) against the signature of the class or function it names, the kind of object it
+names, and which targets a config read from a file may name at all. Also `build`, Hydra's
+instantiate with its errors turned back into one line.
+
+A new data module or model needs no schema of its own: its constructor's keyword parameters
+and type hints are the schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from engine.config_schema import describe
+from engine.errors import UserError
+
+# Modules a config read from a file (checkpoint, export) may name in `_target_`: hydra's
+# instantiate calls whatever the string names, so a downloaded file could otherwise run
+# os.system. Project data modules and models, and torch.nn modules (losses) only.
+SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.", "torchvision.transforms.v2.")
+# Keys of a `_target_` section that train.py reads itself (removed before instantiate).
+TRAINER_KEYS = {"scheduler": ("interval",)}
+
+
+def locate(path: str) -> Any:
+    """The object a dotted `_target_` names, as hydra.utils.get_object finds it (without its
+    error logging, which would print a second, multi-line message)."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
+def is_transform_class(obj: Any) -> bool:
+    """A torchvision.transforms.v2 transform class (what data.augment may name); read from
+    the class's bases, so checking a config does not import torchvision."""
+    return inspect.isclass(obj) and (obj.__module__ or "").startswith(
+        "torchvision.transforms.v2") and any(
+        base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
+        for base in obj.__mro__)
+
+
+def is_data_module(obj: Any) -> bool:
+    """A data module is a class with `setup()` and `split(name)` (data.base.DataModule and
+    its subclasses; the engine needs nothing else from data/)."""
+    return inspect.isclass(obj) and all(callable(getattr(obj, name, None))
+                                        for name in ("setup", "split"))
+
+
+def check_target_kind(section: DictConfig, key: str, source: str = "") -> None:
+    """`data` must name a concrete data module, `model` an nn.Module class or a builder
+    function (the abstract data.base.DataModule is neither)."""
+    target = section.get("_target_")
+    if target is None:
+        return
+    try:
+        obj = locate(str(target))
+    except Exception:  # check_target_section reports import errors
+        return
+    where = f"{source}: " if source else ""
+    if key == "data":
+        if not is_data_module(obj) or inspect.isabstract(obj):
+            raise UserError(f"{where}data._target_={target}: expected a data module (a "
+                            f"subclass of data.base.DataModule that implements setup())")
+    elif key == "model":
+        if inspect.isclass(obj) and not issubclass(obj, torch.nn.Module) or not callable(obj) \
+                or is_data_module(obj):
+            raise UserError(f"{where}model._target_={target}: expected a torch.nn.Module class "
+                            f"or a function that builds one")
+
+
+def check_target_section(section: Any, key: str) -> None:
+    """A `_target_` section against the signature of the class/function it names: unknown
+    keys and wrong types, read from the constructor's type hints."""
+    if not isinstance(section, DictConfig):
+        raise UserError(f"{key}={section!r}: expected a section (pick one with {key}=NAME)")
+    target = section.get("_target_")
+    if target is None:
+        return
+    try:
+        obj = locate(str(target))
+    except Exception as err:  # ImportError, AttributeError, errors raised by the import
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}._target_={target!r}: cannot be imported ({first})") from None
+    params, hints, open_ended = _parameters(obj)
+    values = OmegaConf.to_container(section, resolve=True)
+    for name, value in values.items():
+        if str(name).startswith("_") or name in TRAINER_KEYS.get(key, ()):
+            continue
+        if name not in params:
+            if open_ended:
+                continue
+            valid = ", ".join(p for p in params if p not in ("self",))
+            # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
+            hint = f"; set for another optimizer? drop it with ~{key}.{name}" \
+                if key == "optimizer" else ""
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}{hint}")
+        hint = hints.get(name)
+        if hint is not None and _matches(value, hint) is False:
+            raise UserError(f"{key}.{name}={value!r}: expected {describe(hint)}")
+
+
+def _parameters(obj: Any) -> tuple[list[str], dict[str, Any], bool]:
+    """Keyword parameters of a function or class constructor, following `**kwargs` into the
+    base classes' __init__ (DataModule subclasses pass batch_size etc. on)."""
+    functions = []
+    if inspect.isclass(obj):
+        for cls in obj.__mro__:
+            if cls is object:
+                break
+            if "__init__" in vars(cls):
+                functions.append(cls.__init__)
+    elif callable(obj):
+        functions.append(obj)
+    params: list[str] = []
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):
+            return params, hints, True
+        try:
+            function_hints = typing.get_type_hints(function)
+        except Exception:  # unresolvable annotations: check names only
+            function_hints = {}
+        var_keyword = False
+        for name, param in signature.parameters.items():
+            if param.kind is param.VAR_KEYWORD:
+                var_keyword = True
+            elif param.kind is not param.VAR_POSITIONAL and name not in params:
+                params.append(name)
+                if name in function_hints:
+                    hints[name] = function_hints[name]
+        if not var_keyword:
+            return [p for p in params if p != "self"], hints, False
+    return [p for p in params if p != "self"], hints, True
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Does a plain config value fit a type hint? None when the hint is not understood."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any or hint is object:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        results = [_matches(value, arg) for arg in typing.get_args(hint)]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint is Path:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if inspect.isclass(hint):  # a tensor, an optimizer, ...: never a plain config value
+        return False if value is not None else None
+    return None
+
+
+def build(section: Any, key: str, source: Path | str | None = None) -> Any:
+    """hydra.utils.instantiate, turning a constructor's bad-input error (which Hydra wraps in
+    InstantiationException) back into its one-line UserError."""
+    try:
+        return instantiate(section)
+    except UserError:
+        raise
+    except Exception as err:
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+            if isinstance(cause, UserError):
+                raise cause from None
+        # A constructor refusing its arguments is bad input; from a file's config (source)
+        # anything a constructor raises is, since the file chose the arguments.
+        if source is None and not isinstance(err.__cause__, (ValueError, TypeError,
+                                                             RuntimeError, OverflowError)):
+            raise
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        where = f"{source}: " if source else ""
+        raise UserError(f"{where}could not build {key} from its config ({first})") from None
+
+
+def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
+    """Refuse any `_target_` in a config read from a file that is not a project data module,
+    a project model (class or builder function) or a torch.nn module."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        config = OmegaConf.to_container(config, resolve=False)
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None and not _safe_target(target):
+            raise UserError(f"{source}: refused {where}._target_={target!r}: a file's config "
+                            f"may only name data.*, models.*, torch.nn or "
+                            f"torchvision.transforms.v2 classes")
+        for key, value in config.items():
+            check_loaded_targets(value, source, f"{where}.{key}")
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            check_loaded_targets(value, source, f"{where}[{index}]")
+
+
+def _safe_target(target: Any) -> bool:
+    if not isinstance(target, str) or not target.startswith(SAFE_TARGET_MODULES):
+        return False
+    try:
+        obj = locate(target)
+    except Exception:  # what cannot be shown safe is refused
+        return False
+    module = getattr(obj, "__module__", "") or ""
+    if inspect.isclass(obj):
+        if is_data_module(obj):
+            return module.startswith("data.")
+        if target.startswith("torchvision.transforms.v2."):  # data.augment
+            return is_transform_class(obj)
+        return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
+    return inspect.isfunction(obj) and module.startswith("models.")
