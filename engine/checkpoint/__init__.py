@@ -18,6 +18,9 @@ What an exact resume needs besides (the run goes on bit for bit, mid-epoch inclu
   world_size            int    processes that wrote it (torchrun)
   rank_states           list | None   per rank: {rng_state, epoch_step_losses} (torchrun)
   fingerprint           dict | None   the data, global batch and model shapes (resume checks)
+  ema_state_dict        dict   trainer.ema_decay only: the averaged weights (name -> tensor);
+                               evaluate/predict/export/best selection use them (load.inference_weights)
+  early_stopping        dict   early_stopping.patience only: {monitor, best, wait}
 
 Where it came from:
   config                dict   the resolved run config (builds the model/data again)
