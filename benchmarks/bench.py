@@ -458,7 +458,7 @@ def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as train.py
-    state = build_checkpoint(cfg, model, optimizer, None, scaler, progress, config)
+    state = build_checkpoint(config, model, optimizer, None, scaler, progress)
     return state, cfg, fresh
 
 

@@ -189,7 +189,7 @@ _IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device",
 
 
 def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     before = _flatten(saved)
     changed = sorted(k for k in now.keys() | before.keys()
                      if now.get(k) != before.get(k) and k not in _IGNORED_CHANGES

@@ -122,7 +122,7 @@ def build_checkpoint(config: dict | DictConfig, model: torch.nn.Module, optimize
     resolved to containers once by the caller (resolving it costs more than a small model's
     epoch); a DictConfig is resolved here."""
     if isinstance(config, DictConfig):
-        config = OmegaConf.to_container(config, resolve=True)
+        config = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
     model = getattr(model, "module", model)  # DistributedDataParallel wrapper
     weights = model.state_dict()
     check_finite_weights(weights, progress)
