@@ -17,6 +17,7 @@ from engine.checkpoint.state import Progress, check_finite
 from engine.config import validate_train
 from engine.errors import EXIT_INTERRUPTED, UserError
 from tests.forkrun import ForkServer
+from tests.resume_helpers import assert_same
 from train import train
 
 # ------------------------------------------- optimizers, schedules, clipping, accumulation
@@ -225,21 +226,6 @@ def _signal_at(sig: str, batch: int) -> tuple[str, ...]:
             f"+loss.at={batch}")
 
 
-def _assert_same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.mark.slow
 def test_stop_and_kill_mid_window_with_all_features_resume_bitwise(tmp_path):
     """SIGTERM, then SIGKILL, each in the middle of an accumulation window, each followed by
@@ -270,7 +256,7 @@ def test_stop_and_kill_mid_window_with_all_features_resume_bitwise(tmp_path):
     final, whole = _load(run_dir / "last.pt"), _load(tmp_path / "whole" / "last.pt")
     assert final["global_step"] == 12
     for key in COMPARED:
-        _assert_same(final[key], whole[key], key)
+        assert_same(final[key], whole[key], key)
     assert (run_dir / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv"
                                                      ).read_text()
 

@@ -22,6 +22,7 @@ from engine.errors import UserError
 from evaluate import evaluate
 from tests.faults import fault_env
 from tests.forkrun import ForkServer
+from tests.resume_helpers import assert_same
 from train import train
 
 
@@ -256,21 +257,6 @@ RUN = ("trainer.epochs=8", "trainer.limit_train_batches=3", "trainer.ema_decay=0
        "trainer.print_every_s=0")
 
 
-def _same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.mark.slow
 def test_kill_and_resume_with_early_stopping_ema_and_limits_is_bitwise_exact(tmp_path):
     server = ForkServer(tmp_path / "forkrun")  # real train.py processes, torch imported once
@@ -295,7 +281,7 @@ def _kill_and_resume(server: ForkServer, tmp_path) -> None:
     for key in ("epoch", "global_step", "step_in_epoch", "model_state_dict", "ema_state_dict",
                 "early_stopping", "optimizer_state_dict", "rng_state", "epoch_step_losses",
                 "best", "loss"):
-        _same(split[key], whole[key], key)
+        assert_same(split[key], whole[key], key)
     assert ((tmp_path / "split" / "metrics.csv").read_text()
             == (tmp_path / "whole" / "metrics.csv").read_text())
     again = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
