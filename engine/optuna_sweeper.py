@@ -87,12 +87,14 @@ class OptunaSweeper(Sweeper):
         name = self.study_name or sweep_dir.name
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(study_name=name, storage=storage, direction=direction,
-                                    sampler=optuna.samplers.TPESampler(seed=self.seed),
                                     load_if_exists=True)
         if study.direction.name.lower() != direction:
             raise UserError(f"{storage}: study {name!r} is to {study.direction.name.lower()}"
                             f", not {direction} (checkpoint.mode={mode}); pick another "
                             f"hydra.sweeper.study_name")
+        # A re-run seeds on from the trials so far: seed 42 again would sample the same points.
+        study.sampler = optuna.samplers.TPESampler(
+            seed=None if self.seed is None else self.seed + len(study.trials))
         finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
         done = len(study.get_trials(deepcopy=False, states=finished))
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
