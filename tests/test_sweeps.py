@@ -138,3 +138,19 @@ def test_a_job_killed_before_its_end_is_listed_as_interrupted(tmp_path):
     rows = summary.write(final=True)
     assert [(r["job"], r["status"]) for r in rows] == [("a", "interrupted")]
     assert _rows(tmp_path / "summary.csv")[0]["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_multirun_stopped_by_ctrl_c_lists_the_job_interrupted_and_resume_completes_it(tmp_path):
+    args = ("-m", "optimizer.lr=0.01,0.1", "trainer.epochs=2", *FAST)
+    # 8 steps a job: step 10 is the 2nd job's 2nd step; Ctrl-C stops the whole sweep (exit 3).
+    stopped = run_script("train.py", *args, root=tmp_path, check=False, timeout=120,
+                         env=fault_env("int_at_step=10"))
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    sweep = tmp_path / "linear_regression"
+    status = {r["overrides"].split()[0]: r["status"] for r in _rows(sweep / "summary.csv")}
+    assert status == {"optimizer.lr=0.01": "ok", "optimizer.lr=0.1": "interrupted"}
+    again = run_script("train.py", *args, "resume=auto", root=tmp_path, timeout=120)
+    assert "resumed at epoch 0, step 2" in again.stdout
+    status = {r["overrides"].split()[0]: r["status"] for r in _rows(sweep / "summary.csv")}
+    assert status == {"optimizer.lr=0.01": "ok", "optimizer.lr=0.1": "ok"}
