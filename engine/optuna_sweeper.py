@@ -34,7 +34,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from engine.errors import JOB_FAILED, UserError
+from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, UserError, one_line
 from engine.sweep_summary import best_of, job_run_dir
 
 PLUGIN_MODULE = "hydra_plugins.torch_template_optuna"
@@ -70,6 +70,13 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Any]:
+        try:
+            return self._sweep(arguments)
+        except UserError as err:  # a bad search space or study: one line, exit 2
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+
+    def _sweep(self, arguments: list[str]) -> list[Any]:
         import optuna
         from optuna.trial import TrialState
 

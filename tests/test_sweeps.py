@@ -154,3 +154,26 @@ def test_multirun_stopped_by_ctrl_c_lists_the_job_interrupted_and_resume_complet
     assert "resumed at epoch 0, step 2" in again.stdout
     status = {r["overrides"].split()[0]: r["status"] for r in _rows(sweep / "summary.csv")}
     assert status == {"optimizer.lr=0.01": "ok", "optimizer.lr=0.1": "ok"}
+
+
+def test_optuna_objective_fails_a_diverged_trial_and_reads_the_best_value(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import JobReturn, JobStatus
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from engine.errors import failed_job
+    from engine.optuna_sweeper import OptunaSweeper, _distribution
+
+    sweeper = OptunaSweeper()
+    diverged = JobReturn(status=JobStatus.COMPLETED)
+    diverged._return_value = failed_job("non-finite loss at epoch 2")
+    assert sweeper._objective(diverged) is None
+    crashed = JobReturn(status=JobStatus.FAILED)
+    crashed._return_value = RuntimeError("a bug")
+    assert sweeper._objective(crashed) is None
+
+    parse = OverridesParser.create().parse_overrides
+    [log_lr, choice] = parse(["optimizer.lr=tag(log, interval(0.001, 0.5))",
+                              "data.batch_size=choice(8, 16)"])
+    assert _distribution(log_lr) == FloatDistribution(0.001, 0.5, log=True)
+    assert _distribution(choice) == CategoricalDistribution([8, 16])
