@@ -30,6 +30,7 @@ from engine.ema import make_ema
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
 from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
+from engine.optuna_sweeper import register as register_optuna_sweeper
 from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
@@ -255,4 +256,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    register_optuna_sweeper()  # hydra/sweeper=optuna (the hparams_search presets)
     run_main(main, "train")  # an override that does not compose: one line, exit 2
