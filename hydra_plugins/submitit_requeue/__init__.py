@@ -84,6 +84,7 @@ class _Requeue(BaseSubmititLauncher):
 
     def checkpoint(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         """The job to requeue: the same one, continuing its run (resume=auto)."""
+        picklable_modules()  # submitit pickles it next
         return super().checkpoint(with_resume_auto(list(sweep_overrides)), *args, **kwargs)
 
 
