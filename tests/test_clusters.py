@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, train_run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -176,25 +175,24 @@ def test_first_host_of_a_slurm_node_list():
 
 # ------------------------------------------------------------------------- end to end
 
-def _runs(root: Path) -> dict[str, Path]:
-    return {p.parent.name: p.parent for p in root.rglob("last.pt")}
-
-
 @pytest.mark.slow
 def test_submitit_local_sweep_preempted_and_requeued_ends_as_uninterrupted(tmp_path):
     """A 2-job sweep through submitit's local executor; each job gets SLURM's notice
     (SIGUSR2) after step 7 of 12, saves, is requeued by submitit with resume=auto and
-    finishes bitwise equal to the same sweep run without a scheduler."""
-    sweep = ["-m", "optimizer.lr=0.1,0.01", "data=linear", "trainer.epochs=3",
-             "data.batch_size=8", "trainer.log_every_n_steps=1", "trainer.model_summary=false"]
-    run_script("train.py", *sweep, "hydra/launcher=submitit_local",
-               root=tmp_path / "slurm", env=fault_env("usr2_at_step=7"), timeout=240)
-    run_script("train.py", *sweep, root=tmp_path / "plain")
-    runs, reference = _runs(tmp_path / "slurm"), _runs(tmp_path / "plain")
-    assert len(runs) == 2 and runs.keys() == reference.keys()
-    for name, run_dir in runs.items():
+    finishes bitwise equal to the same run without a scheduler."""
+    settings = ["data=linear", "trainer.epochs=3", "data.batch_size=8",
+                "trainer.log_every_n_steps=1", "trainer.model_summary=false",
+                "checkpoint.every_n_epochs=1"]
+    run_script("train.py", "-m", "hydra/launcher=submitit_local", "optimizer.lr=0.1,0.01",
+               *settings, root=tmp_path / "slurm", env=fault_env("usr2_at_step=7"),
+               timeout=240)
+    runs = {p.parent.name: p.parent for p in (tmp_path / "slurm").rglob("last.pt")}
+    assert len(runs) == 2
+    for lr in ("0.1", "0.01"):
+        run_dir = next(d for name, d in runs.items() if f"optimizer.lr={lr}," in name)
         assert (run_dir / "step_00000007.pt").exists()  # the save on the notice
-        assert_same_run(run_dir, reference[name], epochs=3)
+        reference = train_run(tmp_path / "plain", f"optimizer.lr={lr}", *settings, name=lr)
+        assert_same_run(run_dir, reference, epochs=3)
     logs = "".join(p.read_text() for p in (tmp_path / "slurm").rglob("*_log.*"))
     assert logs.count("Requeued job") == 2
     assert logs.count("(resumed at epoch 1, step 7)") == 2
