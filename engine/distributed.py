@@ -4,10 +4,7 @@ torchrun starts N copies of train.py and sets RANK, LOCAL_RANK, WORLD_SIZE, MAST
 MASTER_PORT in each. When WORLD_SIZE > 1, `setup_distributed` joins the default process group
 (nccl for CUDA devices, gloo for CPU) and the helpers below become collectives; without
 torchrun every helper is a no-op, so `python train.py` runs the single-process code unchanged.
-A SLURM job step (srun, e.g. the submitit launcher with tasks_per_node > 1) or a submitit
-local job with several tasks takes the same path: `adopt_scheduler_env` fills those variables
-from the scheduler's (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first host of
-SLURM_STEP_NODELIST) when torchrun has not set them.
+A SLURM job step or a submitit job of several tasks takes the same path (adopt_scheduler_env).
 
 Rules the helpers keep, so that no rank ever waits forever for another:
   * every rank calls a collective helper at the same points in the same order;
