@@ -23,6 +23,7 @@ from engine.preempt import StopSignal
 from hydra_plugins.submitit_requeue import (
     RequeueLocalLauncher,
     RequeueSlurmLauncher,
+    picklable_modules,
     with_resume_auto,
 )
 from tests.faults import fault_env
@@ -197,3 +198,14 @@ def test_submitit_local_sweep_preempted_and_requeued_ends_as_uninterrupted(tmp_p
     assert logs.count("Requeued job") == 2
     assert logs.count("(resumed at epoch 1, step 7)") == 2
     assert logs.count("Job completed successfully") == 2
+
+
+def test_train_py_functions_can_be_pickled_for_submitit():
+    """cloudpickle pickles train.py's functions by value with the torch submodules they name;
+    torch.utils.deterministic (a ModuleType subclass) must go as an import."""
+    import cloudpickle
+    import torch.utils.deterministic
+
+    picklable_modules()
+    assert cloudpickle.loads(cloudpickle.dumps(torch.utils.deterministic)) is \
+        torch.utils.deterministic
