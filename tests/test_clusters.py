@@ -12,6 +12,7 @@ import os
 import signal
 
 import pytest
+import torch
 from conftest import REPO, run_script, train_run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -209,3 +210,28 @@ def test_train_py_functions_can_be_pickled_for_submitit():
     picklable_modules()
     assert cloudpickle.loads(cloudpickle.dumps(torch.utils.deterministic)) is \
         torch.utils.deterministic
+
+
+@pytest.mark.slow
+def test_a_two_task_slurm_step_trains_with_ddp(tmp_path):
+    """Two `train.py` processes with the variables srun gives each task of a step (no
+    torchrun variables): one DDP run of world size 2, as under torchrun."""
+    import subprocess
+    import sys
+
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "31",
+               "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(29500 + os.getpid() % 500)}
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "train.py", "data=linear", "trainer.epochs=2", "trainer.device=cpu",
+             "trainer.model_summary=false", f"checkpoint.root={tmp_path}", "run_name=ddp"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "distributed: 2 processes (gloo)" in outputs[0]
+    last = torch.load(tmp_path / "ddp" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["world_size"] == 2 and last["epoch"] == 2
