@@ -27,7 +27,7 @@ _LAYER_TABLE = {
        "summary metrics early_stopping debug",
     3: "checkpoint.limits checkpoint.schema checkpoint.load checkpoint.compat checkpoint.state "
        "export_read ema",
-    4: "run_folder saver run export finish inference",
+    4: "run_folder saver run export finish inference cluster",
 }
 LAYERS = {f"engine.{name}": layer for layer, names in _LAYER_TABLE.items()
           for name in names.split()}

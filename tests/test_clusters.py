@@ -1,4 +1,4 @@
-"""Clusters without a cluster: the SLURM/submitit launchers (hydra_plugins/submitit_requeue),
+"""Clusters without a cluster: the SLURM/submitit launchers (engine/cluster.py),
 the preemption notice (SIGUSR2) -> save -> requeue with resume=auto, and the SLURM/submitit
 task variables that put a multi-task job on the torchrun code path.
 
@@ -18,20 +18,23 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from engine import preempt
-from engine.distributed import adopt_scheduler_env, first_host
-from engine.errors import EXIT_INTERRUPTED
-from engine.preempt import StopSignal
-from hydra_plugins.submitit_requeue import (
+from engine.cluster import (
+    PLUGIN_MODULE,
     RequeueLocalLauncher,
     RequeueSlurmLauncher,
     picklable_modules,
+    register,
     with_resume_auto,
 )
+from engine.distributed import adopt_scheduler_env, first_host
+from engine.errors import EXIT_INTERRUPTED
+from engine.preempt import StopSignal
 from tests.faults import fault_env
 from tests.resume_helpers import assert_same_run
 
 
 def _launcher_cfg(*overrides: str):
+    register()  # as train.py does before Hydra composes
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
@@ -45,7 +48,7 @@ def _launcher_cfg(*overrides: str):
 def test_slurm_preset_is_the_requeue_aware_submitit_slurm_launcher():
     cfg = _launcher_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                         "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4")
-    assert cfg._target_ == "hydra_plugins.submitit_requeue.RequeueSlurmLauncher"
+    assert cfg._target_ == f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
     assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)
     assert cfg.signal_delay_s == 120 and cfg.max_num_timeout > 0 and cfg.timeout_min == 240
 
@@ -53,9 +56,9 @@ def test_slurm_preset_is_the_requeue_aware_submitit_slurm_launcher():
 def test_submitit_local_and_slurm_are_the_requeue_aware_launchers():
     """The plugin's names, the project's classes (whatever order Hydra scans plugins in)."""
     assert _launcher_cfg("hydra/launcher=submitit_local")._target_ == \
-        "hydra_plugins.submitit_requeue.RequeueLocalLauncher"
+        f"{PLUGIN_MODULE}.RequeueLocalLauncher"
     assert _launcher_cfg("hydra/launcher=submitit_slurm")._target_ == \
-        "hydra_plugins.submitit_requeue.RequeueSlurmLauncher"
+        f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
 
 
 # ------------------------------------------------------------------- requeue decisions

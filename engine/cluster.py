@@ -11,6 +11,12 @@ with a checkpoint on disk. `checkpoint()` adds `resume=auto`, so the requeued jo
 the run exactly; a job that SLURM itself requeued (preemption, node failure: its
 SLURM_RESTART_COUNT > 0) resumes the same way. SIGTERM and Ctrl-C save and stop as without
 a scheduler: no requeue by this launcher.
+
+Hydra takes launchers only from its `hydra_plugins` package, and this repository keeps its top
+level to configs/ data/ models/ engine/ and the scripts: `register()` (called by train.py
+before Hydra composes) publishes the two classes under an alias module of that package and
+tells cloudpickle to pickle them by value, so a submitit job process, which has no alias,
+rebuilds them from their bases here.
 """
 
 import copyreg
@@ -22,9 +28,9 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.core.config_search_path import ConfigSearchPath
+import cloudpickle
 from hydra.core.config_store import ConfigStore
-from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra.core.plugins import Plugins
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     BaseSubmititLauncher,
@@ -36,6 +42,7 @@ from engine import preempt
 from engine.errors import EXIT_INTERRUPTED
 
 RESUME = "resume=auto"
+PLUGIN_MODULE = "hydra_plugins.torch_template_submitit"
 
 
 def with_resume_auto(overrides: list[str]) -> list[str]:
@@ -105,24 +112,29 @@ class RequeueSlurmLauncher(_Requeue, SlurmLauncher):
 
 @dataclass
 class RequeueLocalConf(LocalQueueConf):
-    _target_: str = "hydra_plugins.submitit_requeue.RequeueLocalLauncher"
+    _target_: str = f"{PLUGIN_MODULE}.RequeueLocalLauncher"
 
 
 @dataclass
 class RequeueSlurmConf(SlurmQueueConf):
-    _target_: str = "hydra_plugins.submitit_requeue.RequeueSlurmLauncher"
+    _target_: str = f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
     max_num_timeout: int = 20  # requeues after a time limit (preemptions do not count)
 
 
-class RegisterRequeueLaunchers(SearchPathPlugin):
-    """Stores the two configs in place of hydra-submitit-launcher's own submitit_local and
-    submitit_slurm. Not at import: Hydra's plugin scan imports (and re-imports) every
-    hydra_plugins module in sys.path order, so the last registration would depend on it.
-    Hydra calls this after the scan, before composing any config."""
-
-    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        store = ConfigStore.instance()
-        store.store(group="hydra/launcher", name="submitit_local", node=RequeueLocalConf(),
-                    provider="submitit_requeue")
-        store.store(group="hydra/launcher", name="submitit_slurm", node=RequeueSlurmConf(),
-                    provider="submitit_requeue")
+def register() -> None:
+    """`hydra/launcher=submitit_local|submitit_slurm` (and the slurm preset on top) become the
+    requeue-aware launchers. Called after Hydra's plugin scan (Plugins.instance() runs it), so
+    these configs replace hydra-submitit-launcher's own whatever the scan order."""
+    module = sys.modules.get(PLUGIN_MODULE)
+    if module is None:
+        module = sys.modules[PLUGIN_MODULE] = types.ModuleType(PLUGIN_MODULE)
+        for base in (RequeueLocalLauncher, RequeueSlurmLauncher):
+            alias = type(base.__name__, (base,), {"__module__": PLUGIN_MODULE})
+            setattr(module, base.__name__, alias)
+            Plugins.instance().register(alias)
+        cloudpickle.register_pickle_by_value(module)  # the job process has no alias module
+    store = ConfigStore.instance()
+    store.store(group="hydra/launcher", name="submitit_local", node=RequeueLocalConf(),
+                provider="torch-hydra-template")
+    store.store(group="hydra/launcher", name="submitit_slurm", node=RequeueSlurmConf(),
+                provider="torch-hydra-template")
