@@ -23,6 +23,7 @@ from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
+from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
@@ -257,4 +258,5 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     register_optuna_sweeper()  # hydra/sweeper=optuna (the hparams_search presets)
+    register_launchers()  # hydra/launcher=submitit_local|slurm: requeue on preemption
     run_main(main, "train")  # an override that does not compose: one line, exit 2

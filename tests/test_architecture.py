@@ -28,7 +28,7 @@ _LAYER_TABLE = {
     3: "checkpoint.limits checkpoint.schema checkpoint.load checkpoint.compat checkpoint.state "
        "export_read ema",
     4: "run_folder saver run export finish inference",
-    5: "sweep_summary optuna_sweeper",
+    5: "sweep_summary optuna_sweeper cluster",
 }
 LAYERS = {f"engine.{name}": layer for layer, names in _LAYER_TABLE.items()
           for name in names.split()}
