@@ -180,7 +180,7 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
                  ) -> Loggers:
     """The trackers `logger=` chose (metrics.csv always), opened to continue `resumed`'s run.
     Rank 0 only; no trackers but metrics.csv under trainer.fast_dev_run (nothing is kept)."""
-    carried = (resumed or {}).get("loggers") or {}
+    carried = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
     if not is_main():
         return Loggers([], carried)
     chosen = check_logger_config(cfg.get("logger"))
@@ -201,6 +201,16 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
             run_name=_relative(run_dir, root), config=config, progress=progress,
             run_id=carried.get("mlflow_run_id"), artifacts=bool(settings.get("artifacts", True))))
     return Loggers(loggers, carried)
+
+
+def _same_run(cfg: DictConfig, run_dir: Path) -> bool:
+    """Does this resume continue the checkpoint's own run? A checkpoint of another folder
+    (resume=PATH with a new run_name: a branch) or resume_mode=weights starts new tracker runs
+    (the history so far copied in): continuing the old one would delete its later epochs."""
+    if str(cfg.get("resume_mode", "exact")) != "exact" or cfg.resume is None:
+        return False
+    return str(cfg.resume) == "auto" or \
+        Path(str(cfg.resume)).resolve().parent == run_dir.resolve()
 
 
 def check_logger_config(section: Any) -> dict[str, dict]:

@@ -137,3 +137,13 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
     assert names == {"best.pt", "export"}
     exported = {a.path for a in client.list_artifacts(run_id, "export")}
     assert "export/model.safetensors" in exported
+
+    # A branch from an earlier checkpoint into a new folder is a new MLflow run: the first
+    # run keeps all its epochs.
+    server.run(*RUN, *extra, f"resume={run_dir / 'epoch_0002.pt'}", "run_name=branch",
+               "trainer.epochs=3", root=tmp_path)
+    branch = torch.load(tmp_path / "branch" / "last.pt", weights_only=True)["loggers"]
+    assert branch["mlflow_run_id"] != run_id
+    assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [
+        1, 2, 3]
+    assert len(client.get_metric_history(run_id, "val_loss")) == EPOCHS
