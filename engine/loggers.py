@@ -11,6 +11,7 @@ id the checkpoint holds (`loggers` key) and drops the values logged after its ep
 
 from __future__ import annotations
 
+import importlib.util
 import time
 import weakref
 from pathlib import Path
@@ -231,6 +232,11 @@ def check_logger_config(section: Any) -> dict[str, dict]:
         if extra:
             raise UserError(f"logger.{name}.{extra[0] if extra else ''}: unknown key; valid "
                             f"keys: {', '.join(KNOWN[name]) or 'none'}")
+    flush = (section.get("tensorboard") or {}).get("flush_secs", 30)
+    if not isinstance(flush, int) or isinstance(flush, bool) or flush < 1:
+        raise UserError(f"logger.tensorboard.flush_secs={flush!r}: expected whole seconds >= 1")
+    if "mlflow" in section and importlib.util.find_spec("mlflow") is None:
+        raise UserError("logger=mlflow: mlflow is not installed; pip install -e '.[mlflow]'")
     return {name: settings or {} for name, settings in section.items()}
 
 

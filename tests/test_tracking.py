@@ -37,6 +37,7 @@ def test_logger_group_composes_one_or_several():
     ({"wandb": {}}, "logger.wandb: unknown tracker"),
     ({"tensorboard": {"flush_sec": 3}}, "logger.tensorboard.flush_sec: unknown key"),
     ({"mlflow": "x"}, "logger.mlflow.(expected a mapping)"),
+    ({"tensorboard": {"flush_secs": 0}}, "logger.tensorboard.flush_secs=0: expected whole"),
 ])
 def test_logger_config_mistakes_are_one_line_errors(section, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -19,7 +19,8 @@ What an exact resume needs besides (the run goes on bit for bit, mid-epoch inclu
   rank_states           list | None   per rank: {rng_state, epoch_step_losses} (torchrun)
   fingerprint           dict | None   the data, global batch and model shapes (resume checks)
   ema_state_dict        dict   trainer.ema_decay only: the averaged weights (name -> tensor);
-                               evaluate/predict/export/best selection use them (load.inference_weights)
+                               evaluate/predict/export/best selection use them
+                               (load.inference_weights)
   early_stopping        dict   early_stopping.patience only: {monitor, best, wait}
   loggers               dict   logger=mlflow only: {mlflow_run_id}: the tracker run a resume
                                continues (engine/loggers.py)
