@@ -39,16 +39,20 @@ class MLflowLogger:
             "sqlite:///") else None
         if self.db is not None:
             self.db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri)
-        run = self._reopen(run_id) if run_id else None
-        if run is None:
-            run = self.client.create_run(self._experiment(experiment), run_name=run_name)
-        else:
-            self.client.update_run(run.info.run_id, status="RUNNING")
-        self.run_id = run.info.run_id
-        self._log_params(config, dict(run.data.params))
-        if run_id or progress.history:
-            self._sync_history(progress.history)
+        self.client, self.failed = MlflowClient(tracking_uri), False
+        try:
+            run = self._reopen(run_id) if run_id else None
+            if run is None:
+                run = self.client.create_run(self._experiment(experiment), run_name=run_name)
+            else:
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            self.run_id = run.info.run_id
+            self._log_params(config, dict(run.data.params))
+            if run_id or progress.history:
+                self._sync_history(progress.history)
+        except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
+            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: "
+                            f"{_first_line(err)}") from None
         print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
 
     def _reopen(self, run_id: str) -> Any:
@@ -126,17 +130,28 @@ class MLflowLogger:
         pass
 
     def log_epoch(self, row: dict) -> None:
+        """A server gone mid-run stops the tracking, not the training: the next resume=auto
+        fills in the epochs it missed (_sync_history)."""
         from mlflow.entities import Metric
 
+        if self.failed:
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
                    if k not in ("epoch", "step")]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as err:  # noqa: BLE001
+            self.failed = True
+            print(f"warning: mlflow: {_first_line(err)}; training goes on without MLflow "
+                  f"(resume=auto fills in the missing epochs)", flush=True)
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
         """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
         from mlflow.entities import Metric
 
+        if self.failed:
+            return
         logged = self.client.get_run(self.run_id).data.metrics
         now, step = int(time.time() * 1000), int(history[-1]["epoch"]) if history else 0
         tests = [Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -152,7 +167,8 @@ class MLflowLogger:
             self.client.log_artifacts(self.run_id, str(run_dir / "export"), "export")
 
     def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        if not self.failed:
+            self.client.set_terminated(self.run_id, status)
 
     def state_dict(self) -> dict[str, str]:
         return {"mlflow_run_id": self.run_id}
@@ -175,6 +191,10 @@ def _delete_steps_after(store: Any, run_id: str, epoch: int) -> None:
             session.add(SqlLatestMetric(run_uuid=run_id, key=key, value=last.value,
                                         timestamp=last.timestamp, step=last.step,
                                         is_nan=last.is_nan))
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
