@@ -89,7 +89,6 @@ class TensorBoardLogger(Logger):
         if old and purge is not None:
             _wait_past(old[-1])
         self.writer = SummaryWriter(str(log_dir), purge_step=purge, flush_secs=flush_secs)
-        self.steps_logged = 0
         if mid_epoch and progress.losses and step % log_every == 0:
             self.log_step(step, float(progress.losses[-1]))
         if not old:  # a new run (or the first with tensorboard): config, earlier epochs
