@@ -148,3 +148,14 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
     assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [
         1, 2, 3]
     assert len(client.get_metric_history(run_id, "val_loss")) == EPOCHS
+
+
+@pytest.mark.slow
+def test_tensorboard_chosen_on_resume_gets_the_earlier_epochs(server, tmp_path):
+    server.run(*RUN, "trainer.epochs=2", root=tmp_path)  # metrics.csv only
+    server.run(*RUN, "trainer.epochs=4", "logger=tensorboard", "resume=auto", root=tmp_path)
+    scalars = _scalars(tmp_path / "r" / "tensorboard")
+    assert [s for s, _ in scalars["val_loss"]] == [4, 8, 12, 16]
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(9, 17))  # from the resume
+    assert [float(r["val_loss"]) for r in _csv_rows(tmp_path / "r")] == pytest.approx(
+        [v for _, v in scalars["val_loss"]], rel=1e-6)
