@@ -12,7 +12,7 @@ from conftest import REPO, compose, run_script
 from omegaconf import DictConfig, OmegaConf
 
 GROUPS = {"train": ["experiment", "data", "model", "loss", "optimizer", "scheduler",
-                    "hparams_search"],
+                    "hparams_search", "logger"],
           "evaluate": ["data", "model", "loss"],
           "predict": ["data", "model"]}
 ALL_GROUPS = sorted(p.name for p in (REPO / "configs").iterdir() if p.is_dir())
