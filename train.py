@@ -23,13 +23,16 @@ from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
+from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
 from engine.ema import make_ema
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
-from engine.metrics import append_csv, evaluate_all, plot_losses, write_csv
+from engine.loggers import open_loggers
+from engine.metrics import evaluate_all, plot_losses
+from engine.optuna_sweeper import register as register_optuna_sweeper
 from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
@@ -83,7 +86,9 @@ def fit(cfg: DictConfig) -> dict:
     stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
     ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
     accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
-    write_csv(run_dir / "metrics.csv", progress.history)  # exactly the epochs in the state
+    # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
+    # a resumed run continues the same tracker run (engine/loggers.py)
+    loggers = open_loggers(cfg, run_dir, resumed, progress)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
@@ -116,6 +121,8 @@ def fit(cfg: DictConfig) -> dict:
             state["ema_state_dict"] = ema.state_dict()
         if stopper is not None:
             state["early_stopping"] = stopper.state_dict()
+        if loggers.state_dict():
+            state["loggers"] = loggers.state_dict()  # e.g. the MLflow run id
         return state
 
     def save(name: str, best: bool = False) -> Path:
@@ -143,7 +150,8 @@ def fit(cfg: DictConfig) -> dict:
               + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
               + ("early_stopping.patience" if stopped else "trainer.epochs")
               + " to train on, or pick a new run_name=")
-        finish(only_missing=True)  # an interruption after the last checkpoint: make the rest
+        # an interruption after the last checkpoint: make the rest
+        loggers.finish(run_dir, progress.history, finish(only_missing=True), again=True)
         return progress.history[-1] if progress.history else {}
     print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
                                          f"{progress.global_step})" if resumed else ""))
@@ -189,6 +197,7 @@ def fit(cfg: DictConfig) -> dict:
 
             if progress.global_step % log_every == 0:  # the only per-step host sync
                 check_finite(progress)
+                loggers.log_step(progress.global_step, progress.losses[-1])
                 if show_bar:
                     batches.set_postfix(loss=f"{progress.losses[-1].item():.4f}")
             saved = None
@@ -217,7 +226,7 @@ def fit(cfg: DictConfig) -> dict:
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
         stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
-        append_csv(run_dir / "metrics.csv", row)  # before the checkpoint: resume reads it back
+        loggers.log_epoch(row)  # metrics.csv, trackers: before the checkpoint (resume reads it)
         ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
         periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
         if periodic or stop.reason:  # a stop during validation saves here
@@ -241,7 +250,8 @@ def fit(cfg: DictConfig) -> dict:
     stop.restore()
     if cfg.trainer.fast_dev_run:
         return progress.history[-1]
-    finish()  # loss curve, best.pt on the test split, export/
+    # loss curve, best.pt on the test split, export/; trackers: figures, artifacts
+    loggers.finish(run_dir, progress.history, finish())
     print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
           f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"
           + (", export/" if cfg.checkpoint.export else ""))
@@ -255,4 +265,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    register_optuna_sweeper()  # hydra/sweeper=optuna (the hparams_search presets)
+    register_launchers()  # hydra/launcher=submitit_local|slurm: requeue on preemption
     run_main(main, "train")  # an override that does not compose: one line, exit 2

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.errors import UserError
+from engine.preempt import preempt_signal
 from engine.runlock import release_inherited_lock
 
 
@@ -51,7 +52,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, preempt_signal()) if s is not None)
 MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
 
 

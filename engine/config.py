@@ -24,6 +24,7 @@ from omegaconf.errors import (
 from engine.config_schema import METRICS, check_schema, did_you_mean, schema_error
 from engine.errors import UserError
 from engine.feature_checks import check_trainer_features, finite, positive_int
+from engine.loggers import check_logger_config
 from engine.runtime import max_workers, resolve_device
 from engine.target_checks import (
     SAFE_TARGET_MODULES,
@@ -58,6 +59,7 @@ def validate_train(cfg: DictConfig) -> None:
         if cfg.get(key) is not None:
             check_target_section(cfg[key], key)
     check_limits(cfg)
+    check_logger_config(cfg.get("logger"))  # logger=: known trackers and keys
     trainer, ckpt = cfg.trainer, cfg.checkpoint
     positive_int(trainer.epochs, "trainer.epochs")
     positive_int(ckpt.every_n_epochs, "checkpoint.every_n_epochs")

@@ -139,6 +139,7 @@ class TrainConfig:
     loss: Any = None
     optimizer: Any = None
     scheduler: Any = None
+    logger: Any = None  # trackers: checked by engine.loggers.check_logger_config
 
 
 @dataclass

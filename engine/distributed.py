@@ -4,6 +4,7 @@ torchrun starts N copies of train.py and sets RANK, LOCAL_RANK, WORLD_SIZE, MAST
 MASTER_PORT in each. When WORLD_SIZE > 1, `setup_distributed` joins the default process group
 (nccl for CUDA devices, gloo for CPU) and the helpers below become collectives; without
 torchrun every helper is a no-op, so `python train.py` runs the single-process code unchanged.
+A SLURM job step or a submitit job of several tasks takes the same path (adopt_scheduler_env).
 
 Rules the helpers keep, so that no rank ever waits forever for another:
   * every rank calls a collective helper at the same points in the same order;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -83,6 +85,7 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     """Resolve the device and the per-process batch size; join the process group under
     torchrun. Returns this process's device (cuda:LOCAL_RANK on GPUs)."""
     global _comm_device
+    adopt_scheduler_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.trainer.device)
     _resolve_batch_size(cfg, world)
@@ -116,6 +119,52 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
         warnings.filterwarnings("ignore", category=UserWarning)  # same warnings as rank 0
     return device
+
+
+# (world size, rank, local rank, node list, job id) variables of a scheduler's task
+_SCHEDULERS = {
+    "slurm": ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST",
+              "SLURM_JOB_ID"),
+    "submitit_local": ("SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID",
+                       "SUBMITIT_LOCAL_LOCALID", None, "SUBMITIT_LOCAL_JOB_ID"),
+}
+
+
+def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (where unset) from a
+    SLURM job step or a submitit local job, so that one process per task joins the process
+    group as under torchrun. Nothing when torchrun set WORLD_SIZE, or outside a scheduler's
+    task (a plain `python train.py` in an salloc shell is not a step: no
+    SLURM_STEP_NUM_TASKS). Returns the scheduler's name, or None."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:  # torchrun (or the user) decided
+        return None
+    for name, (world, rank_, local, nodes, job) in _SCHEDULERS.items():
+        if world in env and rank_ in env:
+            if int(env[world]) <= 1:
+                return None
+            env["WORLD_SIZE"], env["RANK"] = env[world], env[rank_]
+            env["LOCAL_RANK"] = env.get(local, "0")
+            env.setdefault("MASTER_ADDR", first_host(env.get(nodes, "")) if nodes else "")
+            if not env["MASTER_ADDR"]:
+                env["MASTER_ADDR"] = "127.0.0.1"
+            # One port per job (the same in every task): jobs sharing a node do not collide.
+            env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get(job, "0"))
+                                                          or 0) % 20000))
+            return name
+    return None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what
+    `scontrol show hostnames | head -1` says)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first group ends at a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", nodelist[:end]).strip()
 
 
 def _shutdown() -> None:

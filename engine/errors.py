@@ -10,11 +10,31 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: full traceback
 EXIT_BAD_INPUT = 2  # bad config, data file or checkpoint: one line, nothing written
 EXIT_INTERRUPTED = 3  # SIGINT/SIGTERM/max_time: checkpoint saved, rerun with resume=auto
 EXIT_ABORTED = 130  # second SIGINT: stopped at once, nothing saved for the current step
+
+
+# What a multirun job that failed on bad input returns instead of exiting (exit code 2 would
+# end the whole sweep): the sweep goes on, and the summary and the Optuna sweeper see it.
+JOB_FAILED = "job_failed"
+
+
+def failed_job(message: str) -> dict[str, Any]:
+    return {JOB_FAILED: message, "exit_code": EXIT_BAD_INPUT}
+
+
+def in_multirun() -> bool:
+    """Is this a job of a Hydra multirun (-m)?"""
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under @hydra.main
+        return False
 
 
 class UserError(Exception):
@@ -46,7 +66,8 @@ def _task_started() -> None:
 
 
 def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn bad input into one line on stderr and exit code 2; `debug=true` or
+    """Turn bad input into one line on stderr and exit code 2 (in a multirun job: the
+    `failed_job` result, so the sweep goes on); `debug=true` or
     HYDRA_FULL_ERROR=1 prints the traceback too (still exit 2). Any other exception is a bug:
     it propagates, and Hydra prints its traceback and exits 1."""
 
@@ -71,6 +92,8 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             if not getattr(user, "quiet", False):  # another torchrun rank already printed it
                 print(f"error: {one_line(user)}", file=sys.stderr)
+            if in_multirun():  # the next job still runs; the sweep reports this one failed
+                return failed_job(one_line(user))
             sys.exit(EXIT_BAD_INPUT)
 
     return wrapper

@@ -1,7 +1,10 @@
-"""Graceful stop on SIGTERM/SIGINT: finish the step, save, exit with EXIT_INTERRUPTED.
+"""Graceful stop on SIGTERM/SIGINT/SIGUSR2: finish the step, save, exit with EXIT_INTERRUPTED.
 
 Schedulers (SLURM, Kubernetes) send SIGTERM before killing a job; Ctrl-C sends SIGINT.
-A second SIGINT aborts at once, as users expect from Ctrl-C pressed twice.
+A second SIGINT aborts at once, as users expect from Ctrl-C pressed twice. SIGUSR2 is the
+notice SLURM sends `signal_delay_s` before a time limit (submitit's `--signal`; the variable
+SUBMITIT_PREEMPT_SIGNAL names another one): after the save, the submitit launcher
+(engine/cluster.py) finds it in `received` and requeues the job with resume=auto.
 """
 
 from __future__ import annotations
@@ -13,19 +16,32 @@ import time
 
 from engine.errors import EXIT_ABORTED
 
+# The signals that stopped a training loop of this process, read by the submitit launcher to
+# tell a preemption notice (requeue) from a SIGTERM or a Ctrl-C (no requeue).
+received: set[signal.Signals] = set()
+
+
+def preempt_signal() -> signal.Signals | None:
+    """The scheduler's notice before a time limit or preemption: SIGUSR2, or the signal
+    SUBMITIT_PREEMPT_SIGNAL names, as submitit reads it (None where the OS has no SIGUSR2)."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", getattr(signal, "SIGUSR2", None))
+
 
 class StopSignal:
     def __init__(self, max_time: float | None = None) -> None:
         self.reason: str | None = None
         self.deadline = time.monotonic() + max_time if max_time else None
         self._previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in dict.fromkeys((signal.SIGINT, signal.SIGTERM, preempt_signal())):
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         if self.reason is not None and signum == signal.SIGINT:
             print("\nsecond SIGINT: aborting without saving", file=sys.stderr, flush=True)
             os._exit(EXIT_ABORTED)
+        received.add(signal.Signals(signum))
         self.reason = signal.Signals(signum).name
         print(f"\n{self.reason}: finishing the current step, then saving a checkpoint "
               f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)

@@ -25,12 +25,13 @@ from engine.runlock import lock_run_dir, unlock_run_dir
 from engine.saver import Saver, atomic_link
 
 
-def run_name_for(cfg: DictConfig) -> str:
+def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
     """`run_name` (default: `name`), plus the job's overrides in a multirun so each job of a
-    sweep gets its own folder."""
+    sweep gets its own folder. `hydra_cfg`: a finished job's (a sweeper reading its results);
+    default: the running job's."""
     base = str(cfg.run_name or cfg.name)
     try:
-        hydra_cfg = HydraConfig.get()
+        hydra_cfg = HydraConfig.get() if hydra_cfg is None else hydra_cfg
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname) or str(
                 hydra_cfg.job.num)

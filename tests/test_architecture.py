@@ -24,10 +24,11 @@ _LAYER_TABLE = {
     0: "errors fingerprint checkpoint",  # checkpoint/__init__: the format, constants only
     1: "runtime runlock preempt outputs fast_io",
     2: "config_schema config feature_checks target_checks cli batches distributed schedules "
-       "summary metrics early_stopping debug",
+       "summary metrics early_stopping debug loggers mlflow_logger",
     3: "checkpoint.limits checkpoint.schema checkpoint.load checkpoint.compat checkpoint.state "
        "export_read ema",
     4: "run_folder saver run export finish inference",
+    5: "sweep_summary optuna_sweeper cluster",
 }
 LAYERS = {f"engine.{name}": layer for layer, names in _LAYER_TABLE.items()
           for name in names.split()}

@@ -72,7 +72,7 @@ def rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("ddp")
-    ref = torchrun(*BASE, "run_name=ref", root=root)
+    ref = torchrun(*BASE, "run_name=ref", "logger=tensorboard", root=root)  # + a tracker
     killed = torchrun(*BASE, "run_name=resumed", root=root, check=False,
                       env=fault_env(f"kill_at_step={KILL_AT}"))
     after_kill = sorted(p.name for p in (root / "resumed").glob("*.pt"))
@@ -93,6 +93,7 @@ def test_ddp_run_trains_and_checkpoints_on_rank_0(runs):
     run = runs.root / "ref"
     assert len(rows(run / "metrics.csv")) == 4
     assert (run / "loss_curve.png").is_file()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
     assert {"epoch_0004.pt", "last.pt", "best.pt", "step_00000015.pt"} <= \
         {p.name for p in run.glob("*.pt")}
     assert not list(run.glob(".*.tmp"))  # one writer: no temporaries left by another rank

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, compose, run_script
 from omegaconf import DictConfig, OmegaConf
 
-GROUPS = {"train": ["experiment", "data", "model", "loss", "optimizer", "scheduler"],
+GROUPS = {"train": ["experiment", "data", "model", "loss", "optimizer", "scheduler",
+                    "hparams_search", "logger"],
           "evaluate": ["data", "model", "loss"],
           "predict": ["data", "model"]}
 ALL_GROUPS = sorted(p.name for p in (REPO / "configs").iterdir() if p.is_dir())

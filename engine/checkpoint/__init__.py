@@ -21,6 +21,8 @@ What an exact resume needs besides (the run goes on bit for bit, mid-epoch inclu
   ema_state_dict        dict   trainer.ema_decay only: the averaged weights (name -> tensor);
                                evaluate, predict, export and best.pt use them (load.py)
   early_stopping        dict   early_stopping.patience only: {monitor, best, wait}
+  loggers               dict   logger=mlflow only: {mlflow_run_id}: the tracker run a resume
+                               continues (engine/loggers.py)
 
 Where it came from:
   config                dict   the resolved run config (builds the model/data again)

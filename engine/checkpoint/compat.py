@@ -186,6 +186,7 @@ def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sour
 _IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
                     "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
                     "weights_key", "trainer.model_summary"}
+_IGNORED_SECTIONS = ("logger.",)  # trackers: what is recorded, not what is trained
 
 
 def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
@@ -193,7 +194,8 @@ def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozens
     before = _flatten(saved)
     changed = sorted(k for k in now.keys() | before.keys()
                      if now.get(k) != before.get(k) and k not in _IGNORED_CHANGES
-                     and k not in ignore and not k.endswith("T_max"))
+                     and k not in ignore and not k.endswith("T_max")
+                     and not k.startswith(_IGNORED_SECTIONS))
     if changed:
         warnings.warn(f"resuming with a config that differs from the checkpoint's in "
                       f"{changed[:8]}: the result will not match an uninterrupted run",

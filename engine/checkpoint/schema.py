@@ -24,6 +24,7 @@ CHECKPOINT_TYPES: dict[str, tuple[type, ...]] = {
     "versions": (dict,),
     "ema_state_dict": (dict,), "early_stopping": (dict, type(None)),  # trainer features
     "fingerprint": (dict, type(None)),
+    "loggers": (dict,),  # tracker runs to continue (engine/loggers.py)
 }
 
 
@@ -220,6 +221,15 @@ def _check_early_stopping(value: Any, state: dict) -> str | None:
     return None
 
 
+def _check_loggers(value: Any, state: dict) -> str | None:
+    """engine/loggers.py's state: tracker name -> the id of its run, e.g. mlflow_run_id."""
+    if len(value) > 16 or not all(
+            isinstance(k, str) and k.endswith("_id") and len(k) <= 64 and isinstance(v, str)
+            and 0 < len(v) <= 256 and v.isprintable() for k, v in value.items()):
+        return f"expected names ending in _id -> run ids (text), got {_short_repr(value)}"
+    return None
+
+
 def _short_repr(value: Any) -> str:
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
@@ -243,4 +253,5 @@ CHECKPOINT_FIELDS: dict[str, Callable[[Any, dict], str | None]] = {
     "versions": _check_plain,
     "ema_state_dict": lambda value, state: _check_tensors(value),
     "early_stopping": _check_early_stopping,
+    "loggers": _check_loggers,
 }

@@ -26,6 +26,7 @@ Kill points. TEST_FAULTS="name=N,..." (e.g. `kill_in_write=2,term_at_step=37`):
   kill_at_step=N     SIGKILL after optimizer step N, after that step's periodic save
   term_at_step=N     SIGTERM after step N (a scheduler's preemption notice)
   int_at_step=N      SIGINT after step N (Ctrl-C)
+  usr2_at_step=N     SIGUSR2 after step N (SLURM's notice before a time limit, via submitit)
 
 A checkpoint write is a `torch.save` into a temporary `.NAME.pt.PID.tmp` (NAME: epoch_N,
 step_N, best, last); its file object is wrapped. N of the step points is the run's global
@@ -148,7 +149,7 @@ def install(read_only: list[str] | tuple[str, ...] = (),
 # -------------------------------------------------------------------------- kill points
 
 _STEP_SIGNALS = {"kill_at_step": signal.SIGKILL, "term_at_step": signal.SIGTERM,
-                 "int_at_step": signal.SIGINT}
+                 "int_at_step": signal.SIGINT, "usr2_at_step": signal.SIGUSR2}
 _WRITE_POINTS = ("kill_in_write", "enospc_in_write", "int_in_write")
 _CHECKPOINT_TMP = re.compile(r"^\.(epoch_\d+|step_\d+|best|last)\.pt\.\d+\.tmp$")
 _RESUMED = re.compile(r"\(resumed at epoch \d+, step (\d+)\)")

@@ -1,0 +1,161 @@
+"""Experiment tracking (configs/logger/, engine/loggers.py): the group composes one or several
+trackers, and a run SIGKILLed after logging past its last checkpoint, then resumed, shows each
+step once in TensorBoard (purge_step) and one value per epoch in the same MLflow run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+from engine.checkpoint.schema import check_checkpoint
+from engine.errors import UserError
+from engine.loggers import check_logger_config
+from tests.faults import fault_env
+from tests.resume_helpers import fork_server
+
+server = fork_server()
+# linear data: 4 optimizer steps per epoch; every step logged to TensorBoard
+RUN = ("data=linear", "trainer.epochs=6", "trainer.log_every_n_steps=1", "run_name=r",
+       "checkpoint.export=true", "trainer.model_summary=false")
+EPOCHS, STEPS_PER_EPOCH = 6, 4
+
+
+def test_logger_group_composes_one_or_several():
+    assert list(compose("train")["logger"]) == ["csv"]  # the default: metrics.csv only
+    assert list(compose("train", ["logger=tensorboard"])["logger"]) == ["tensorboard"]
+    both = compose("train", ["logger=[csv,tensorboard,mlflow]"])["logger"]
+    assert list(both) == ["csv", "tensorboard", "mlflow"]
+    root = compose("train", ["logger=mlflow", "checkpoint.root=/x"])
+    assert root.logger.mlflow.tracking_uri == "sqlite:////x/mlflow.db"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"wandb": {}}, "logger.wandb: unknown tracker"),
+    ({"tensorboard": {"flush_sec": 3}}, "logger.tensorboard.flush_sec: unknown key"),
+    ({"mlflow": "x"}, "logger.mlflow.(expected a mapping)"),
+    ({"tensorboard": {"flush_secs": 0}}, "logger.tensorboard.flush_secs=0: expected whole"),
+])
+def test_logger_config_mistakes_are_one_line_errors(section, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_logger_config(section)
+
+
+def test_checkpoint_loggers_key_is_checked():
+    check_checkpoint({"loggers": {"mlflow_run_id": "0123abcd"}}, "f.pt")
+    for bad in ({"mlflow_run_id": 5}, {"mlflow": "x"}, {"mlflow_run_id": ""}, ["x"]):
+        with pytest.raises(UserError, match="key 'loggers'"):
+            check_checkpoint({"loggers": bad}, "f.pt")
+
+
+def _csv_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as rows:
+        return list(csv.DictReader(rows))
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def _kill_and_resume(server, root: Path, extra: tuple[str, ...], kill_at: int) -> Path:
+    killed = server.run(*RUN, *extra, root=root, env=fault_env(f"kill_at_step={kill_at}"),
+                        check=False)
+    assert killed.returncode == -9, killed.stderr
+    server.run(*RUN, *extra, "resume=auto", root=root)
+    return root / "r"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save, kill_at", [
+    ("checkpoint.every_n_epochs=2", 14),  # resumes at the end of epoch 2; epoch 3 was logged
+    ("checkpoint.every_n_steps=4", 17),   # a step checkpoint on epoch 4's last batch
+    ("checkpoint.every_n_steps=3", 17),   # mid-epoch (step 15); epoch 4's row was logged
+])
+def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path, save, kill_at):
+    killed = server.run(*RUN, save, "logger=[csv,tensorboard]", root=tmp_path,
+                        env=fault_env(f"kill_at_step={kill_at}"), check=False)
+    assert killed.returncode == -9, killed.stderr
+    run_dir = tmp_path / "r"
+    before = _scalars(run_dir / "tensorboard")
+    # the killed run had logged an epoch that its last checkpoint does not hold
+    done_epochs = (kill_at // STEPS_PER_EPOCH)
+    assert [s for s, _ in before["val_loss"]] == [
+        e * STEPS_PER_EPOCH for e in range(1, done_epochs + 1)]
+    resumed = server.run(*RUN, save, "logger=tensorboard", "logger.tensorboard.flush_secs=5",
+                         "resume=auto", root=tmp_path)
+    assert "differs from the checkpoint" not in resumed.stderr  # trackers change no training
+
+    scalars = _scalars(run_dir / "tensorboard")
+    epoch_ends = [e * STEPS_PER_EPOCH for e in range(1, EPOCHS + 1)]
+    rows = _csv_rows(run_dir)
+    for tag in ("train_loss", "val_loss", "lr", "epoch"):
+        assert [s for s, _ in scalars[tag]] == epoch_ends, tag
+        assert [v for _, v in scalars[tag]] == pytest.approx(
+            [float(r[tag]) for r in rows], rel=1e-6), tag
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH
+                                                                    + 1))
+    assert [s for s, _ in scalars["test_loss"]] == [EPOCHS * STEPS_PER_EPOCH]
+
+
+@pytest.mark.slow
+def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    extra = ("logger=[csv,mlflow]", "checkpoint.every_n_epochs=2")
+    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=14"),
+                        check=False)
+    assert killed.returncode == -9, killed.stderr
+    run_dir = tmp_path / "r"
+    run_id = torch.load(run_dir / "epoch_0002.pt", weights_only=True)["loggers"]["mlflow_run_id"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    # the killed run logged epoch 3 after its last checkpoint (epoch 2)
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+
+    server.run(*RUN, *extra, "resume=auto", root=tmp_path)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {
+        "mlflow_run_id": run_id}  # the same MLflow run, continued
+    rows = _csv_rows(run_dir)
+    for key in ("train_loss", "val_loss", "lr"):
+        history = sorted((m.step, m.timestamp, m.value)
+                         for m in client.get_metric_history(run_id, key))
+        assert [step for step, _, _ in history] == list(range(1, EPOCHS + 1)), key
+        assert [v for _, _, v in history] == pytest.approx([float(r[key]) for r in rows])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    assert run.data.params["trainer.epochs"] == str(EPOCHS)
+    assert run.data.params["data._target_"].startswith("data.")
+    assert "test_loss" in run.data.metrics
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert names == {"best.pt", "export"}
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert "export/model.safetensors" in exported
+
+    # A branch from an earlier checkpoint into a new folder is a new MLflow run: the first
+    # run keeps all its epochs.
+    server.run(*RUN, *extra, f"resume={run_dir / 'epoch_0002.pt'}", "run_name=branch",
+               "trainer.epochs=3", root=tmp_path)
+    branch = torch.load(tmp_path / "branch" / "last.pt", weights_only=True)["loggers"]
+    assert branch["mlflow_run_id"] != run_id
+    assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [
+        1, 2, 3]
+    assert len(client.get_metric_history(run_id, "val_loss")) == EPOCHS
+
+
+@pytest.mark.slow
+def test_tensorboard_chosen_on_resume_gets_the_earlier_epochs(server, tmp_path):
+    server.run(*RUN, "trainer.epochs=2", root=tmp_path)  # metrics.csv only
+    server.run(*RUN, "trainer.epochs=4", "logger=tensorboard", "resume=auto", root=tmp_path)
+    scalars = _scalars(tmp_path / "r" / "tensorboard")
+    assert [s for s, _ in scalars["val_loss"]] == [4, 8, 12, 16]
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(9, 17))  # from the resume
+    assert [float(r["val_loss"]) for r in _csv_rows(tmp_path / "r")] == pytest.approx(
+        [v for _, v in scalars["val_loss"]], rel=1e-6)
