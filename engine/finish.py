@@ -79,9 +79,12 @@ def evaluate_best(best: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
     classification = data.task == "classification"
     split = data.split("test")
     batches = Batches(split, data.batch_size, device, num_workers=data.num_workers)
-    result = evaluate(ddp.unwrap(model), batches, loss_fn, classification, ctx)
+    result = evaluate(ddp.unwrap(model), batches, loss_fn, classification, ctx,
+                      confusion=classification)
     metrics: dict[str, Any] = {"test_loss": result["loss"]}
     if classification:
         metrics["test_acc"] = result["acc"]
     metrics.update(epoch=int(state["epoch"]), samples=len(split), checkpoint=str(best))
+    if "confusion_matrix" in result:  # rows: true class, columns: predicted
+        metrics["confusion_matrix"] = result["confusion_matrix"]
     return metrics

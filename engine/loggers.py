@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.distributed import is_main
 from engine.errors import UserError
-from engine.metrics import append_csv, loss_figure, write_csv
+from engine.metrics import append_csv, confusion_figure, loss_figure, write_csv
 from engine.mlflow_logger import MLflowLogger
 
 KNOWN = {"csv": (), "tensorboard": ("flush_secs",),
@@ -115,6 +115,9 @@ class TensorBoardLogger(Logger):
             if key.startswith("test_"):
                 self.writer.add_scalar(key, value, step)
         self.writer.add_figure("loss_curve", loss_figure(history), step)  # closes the figure
+        if metrics.get("confusion_matrix"):  # a classifier: best.pt on the test split
+            matrix = torch.tensor(metrics["confusion_matrix"])
+            self.writer.add_figure("test_confusion_matrix", confusion_figure(matrix), step)
 
     def close(self, status: str) -> None:
         self.writer.close()

@@ -161,10 +161,11 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None)
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
-             autocast_ctx=None) -> dict[str, float]:
-    """Mean loss (and accuracy) over a split; sums stay on the device, read once at the end."""
+             autocast_ctx=None, confusion: bool = False) -> dict[str, Any]:
+    """Mean loss (and accuracy) over a split; sums stay on the device, read once at the end.
+    confusion=True (a classifier): also `confusion_matrix`, counts[true][predicted]."""
     model.eval()
-    total = correct = None
+    total = correct = counts = None
     n = 0
     for x, y in batches:
         with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
@@ -172,14 +173,22 @@ def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
             loss = loss_fn(out, y).float() * len(y)
         total = loss if total is None else total + loss
         if classification:
-            hits = (out.argmax(1) == y).sum()
+            predicted = out.argmax(1)
+            hits = (predicted == y).sum()
             correct = hits if correct is None else correct + hits
+            if confusion:
+                classes = out.shape[1]
+                pairs = torch.bincount(y * classes + predicted, minlength=classes * classes)
+                counts = pairs if counts is None else counts + pairs
         n += len(y)
     if total is None:
         return {"loss": float("nan")}
-    result = {"loss": total.item() / n}
+    result: dict[str, Any] = {"loss": total.item() / n}
     if classification:
         result["acc"] = correct.item() / n
+    if counts is not None:
+        side = int(round(len(counts) ** 0.5))
+        result["confusion_matrix"] = counts.reshape(side, side).tolist()
     return result
 
 

@@ -159,3 +159,25 @@ def test_tensorboard_chosen_on_resume_gets_the_earlier_epochs(server, tmp_path):
     assert [s for s, _ in scalars["train_loss_step"]] == list(range(9, 17))  # from the resume
     assert [float(r["val_loss"]) for r in _csv_rows(tmp_path / "r")] == pytest.approx(
         [v for _, v in scalars["val_loss"]], rel=1e-6)
+
+
+def test_a_classifier_logs_its_test_confusion_matrix(tmp_path):
+    """best.pt on the test split: counts[true][predicted] in test_metrics.json (they add up
+    to the test samples and their diagonal to test_acc), drawn in TensorBoard as a figure."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train import train
+
+    train(compose("train", ["data=digits", "model=small_cnn", "trainer.epochs=1",
+                            "trainer.limit_train_batches=4", "logger=[csv,tensorboard]",
+                            f"checkpoint.root={tmp_path}", "run_name=cm", "trainer.device=cpu",
+                            "checkpoint.export=false", "trainer.model_summary=false"]))
+    metrics = json.loads((tmp_path / "cm" / "test_metrics.json").read_text())
+    counts = torch.tensor(metrics["confusion_matrix"])
+    assert counts.shape == (10, 10) and int(counts.sum()) == metrics["samples"]
+    assert int(counts.diag().sum()) / metrics["samples"] == pytest.approx(metrics["test_acc"])
+    events = EventAccumulator(str(tmp_path / "cm" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "test_confusion_matrix" in events.Tags()["images"]
