@@ -27,6 +27,7 @@ from engine.checkpoint.load import inference_weights, load_checkpoint
 from engine.errors import UserError, one_line, user_error_in
 from engine.export_read import CONFIG, PT2, WEIGHTS, quiet_torch
 from engine.outputs import check_export_dir, write_atomic
+from engine.target_checks import saved_sections
 
 KEPT = ("data", "model", "loss", "seed")
 
@@ -63,6 +64,7 @@ def export_checkpoint(source: Path, out_dir: Path | None = None,
     checkpoint's name without .pt, e.g. best.pt -> best/). With `model` (its architecture)
     and `example` (a batch of inputs), also `model.pt2` there."""
     ckpt = load_checkpoint(source)
+    saved_sections(ckpt.get("config"), source)  # what evaluate.py would refuse is refused
     weights = inference_weights(ckpt)  # the EMA weights when the run kept them
     out_dir = out_dir if out_dir is not None else source.with_suffix("")
     export(weights, ckpt.get("config") or {}, out_dir)

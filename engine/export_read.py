@@ -28,6 +28,7 @@ import yaml
 from engine.checkpoint.limits import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, TooBig, expanded_size
 from engine.errors import UserError
 from engine.fast_io import verify
+from engine.target_checks import check_loaded_targets
 
 WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"
 
@@ -153,6 +154,11 @@ def load_pt2(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
                             f"operator")
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise UserError(f"{path}: .pt2 export has no data config (extra/config.json)")
+    try:
+        expanded_size(config, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH)
+    except TooBig as err:
+        raise UserError(f"{path}: refused: {err}") from None
+    check_loaded_targets(config, path)
     return _Exported(program.module()), config
 
 
@@ -193,6 +199,7 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config.get("data"), dict):
         raise UserError(f"{config_path}: expected 'model' and 'data' sections")
+    check_loaded_targets(config, config_path)
     try:
         state = load_file(str(path / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError, ValueError, ... one line for each
@@ -200,3 +207,4 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise UserError(f"{path / WEIGHTS}: not a readable safetensors file "
                         f"({first[:200]})") from None
     return config, state
+

@@ -22,15 +22,10 @@ from engine.checkpoint.load import (
     load_model_state,
     load_state_dict_file,
 )
-from engine.config import (
-    build,
-    check_loaded_targets,
-    check_target_kind,
-    check_target_section,
-)
 from engine.errors import UserError
 from engine.export_read import is_export, load_export, load_pt2
 from engine.runtime import resolve_device
+from engine.target_checks import build, saved_sections
 
 
 @dataclass
@@ -40,16 +35,16 @@ class Loaded:
     config: DictConfig  # data/model/loss sections used
     source: Path
     device: torch.device
+    trusted: set[str]  # sections from the command line; the others are the file's: checked
 
-
-def _build(section: Any, what: str, source: Path):
-    return build(section, what, source)
+    def build(self, key: str) -> Any:
+        return build(self.config[key], key, None if key in self.trusted else self.source)
 
 
 def load_for_inference(cfg: DictConfig) -> Loaded:
     device = resolve_device(cfg.get("device", "auto"))
     ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
-    program = None
+    program, trusted = None, set()  # trusted: sections from the command line, not the file
     if bool(ckpt) == bool(weights):
         raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
                         "or weights=PATH (a bare state_dict, with model=... data=...)")
@@ -66,30 +61,13 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         else:
             checkpoint = load_checkpoint(source, "cpu")
             saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
-            if not isinstance(saved, dict) or "model" not in saved or "data" not in saved:
-                raise UserError(f"{source}: checkpoint has no usable 'config' (model/data); "
-                                f"evaluate it with weights={source} model=... data=...")
         # The file's config names the classes to build: only project/torch.nn ones.
-        kept = {k: saved.get(k) for k in ("data", "model", "loss", "seed")}
-        for key in ("data",) if program is not None else ("data", "model"):  # .pt2: no model
-            if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
-                raise UserError(f"{source}: saved config: {key} has no _target_ naming what "
-                                f"to build")
-        check_loaded_targets(kept, source)
-        try:
-            config = OmegaConf.create(kept)
-            for key in ("data", "model", "loss"):
-                if config.get(key) is not None:
-                    check_target_section(config[key], key)
-                    if key != "loss":
-                        check_target_kind(config[key], key)
-        except UserError as err:
-            raise UserError(f"{source}: saved config: {err}") from None
-        except Exception as err:  # omegaconf's errors on odd keys/values: one line
-            raise UserError(f"{source}: unusable config ({str(err).splitlines()[0]})") from None
+        config = saved_sections(saved, source, ("data",) if program is not None
+                                else ("data", "model"))  # .pt2: no model section
         # A command-line data choice wins (evaluate on another dataset or a moved root).
         if cfg.get("data") is not None:
-            config.data = cfg.data
+            config.data = OmegaConf.to_container(cfg.data, resolve=True)
+            trusted = {"data"}
     else:
         source = Path(str(weights))
         if cfg.get("model") is None or cfg.get("data") is None:
@@ -99,28 +77,29 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
                                    "model": OmegaConf.to_container(cfg.model, resolve=True),
                                    "loss": OmegaConf.to_container(cfg.loss, resolve=True)
                                    if cfg.get("loss") is not None else None})
-        state = None
+        state, trusted = None, {"data", "model", "loss"}
     if cfg.get("batch_size"):
         config.data.batch_size = int(cfg.batch_size)
-    data = _build(config.data, "data", source)
+    loaded = Loaded(None, None, config, source, device, trusted)
+    loaded.data = loaded.build("data")
     if program is not None:
-        model = program.to(device)  # exported in eval mode; .eval() is not supported on it
-        return Loaded(model=model, data=data, config=config, source=source, device=device)
+        loaded.model = program.to(device)  # exported in eval mode; .eval() is not supported
+        return loaded
     if "weights" in config.model:  # never re-import pretrained weights over trained ones
         config.model.weights = None
-    model = _build(config.model, "model", source)
+    model = loaded.build("model")
     strict = bool(cfg.get("strict", True))
     if state is not None:
         load_model_state(model, state, source, strict=strict)
     else:
         load_state_dict_file(model, source, strict=strict, key=cfg.get("weights_key"))
-    model.to(device).eval()
-    return Loaded(model=model, data=data, config=config, source=source, device=device)
+    loaded.model = model.to(device).eval()
+    return loaded
 
 
 def loss_for(loaded: Loaded) -> torch.nn.Module:
     if loaded.config.get("loss") is not None:
-        return _build(loaded.config.loss, "loss", loaded.source)
+        return loaded.build("loss")
     if loaded.data.task == "classification":
         return torch.nn.CrossEntropyLoss()
     return torch.nn.MSELoss()

@@ -185,7 +185,17 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 def build(section: Any, key: str, source: Path | str | None = None) -> Any:
     """hydra.utils.instantiate, turning a constructor's bad-input error (which Hydra wraps in
-    InstantiationException) back into its one-line UserError."""
+    InstantiationException) back into its one-line UserError.
+
+    `source`: the file `section` was read from. Then the node about to be instantiated is
+    checked as a file's config (check_loaded_targets) and instantiated as the plain dict
+    that was checked, so nothing the check did not see (an interpolation resolved against a
+    parent node, a key added later) reaches instantiate."""
+    if source is not None:
+        plain = OmegaConf.to_container(section, resolve=False) \
+            if isinstance(section, (DictConfig, ListConfig)) else section
+        check_loaded_targets(plain, source, key)
+        section = plain
     try:
         return instantiate(section)
     except UserError:
@@ -206,22 +216,80 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
         raise UserError(f"{where}could not build {key} from its config ({first})") from None
 
 
+# Hydra's special keys a file's config may hold besides `_target_`; `_partial_` is refused
+# (a file describes objects to build, not factories to call later with other arguments).
+FILE_CONVERT_MODES = ("none", "partial", "object", "all")
+
+
+def plain_problem(value: Any, where: str = "") -> str | None:
+    """What keeps `value` (read from a file) from being plain config data, or None.
+
+    Plain means text keys, str/int/float/bool/None leaves, and no `${` anywhere: OmegaConf
+    resolves an interpolation when the config is read or instantiated, so `${oc.create:...}`
+    would build nodes (with a `_target_`) nobody checked and `${oc.env:...}` would read the
+    environment. A checkpoint's config was stored resolved, so a real one never holds `${`.
+    The value itself is never quoted: it comes from the file."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'top level'}: key {str(key)[:40]!r} is not text"
+            name = f"{where}.{key}" if where else key
+            if "${" in key:
+                return f"{where or 'top level'}: a key holds an interpolation (${{...}})"
+            problem = plain_problem(child, name)
+            if problem:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for index, child in enumerate(value):
+            problem = plain_problem(child, f"{where}[{index}]")
+            if problem:
+                return problem
+    elif isinstance(value, str):
+        if "${" in value:
+            return f"{where}: holds an interpolation (${{...}})"
+    elif not (value is None or isinstance(value, (int, float, bool))):
+        return f"{where}: a {type(value).__name__} is not a config value"
+    return None
+
+
 def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
-    """Refuse any `_target_` in a config read from a file that is not a project data module,
-    a project model (class or builder function) or a torch.nn module."""
+    """A config read from a file (checkpoint, export, .pt2) is plain data (plain_problem), its
+    `_target_`s name only project data modules, project models (class or builder function)
+    and torch.nn modules, and of Hydra's other special keys it uses only `_args_`,
+    `_convert_` and `_recursive_`. One line naming the key, never the file's text."""
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
+    problem = plain_problem(config, where)
+    if problem:
+        raise UserError(f"{source}: refused {problem}: a file's config must be plain data "
+                        f"(interpolations are resolved only in configs/ and on the command "
+                        f"line)")
+    _check_special_keys(config, source, where)
+
+
+def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
     if isinstance(config, dict):
         target = config.get("_target_")
-        if target is not None and not _safe_target(target):
-            raise UserError(f"{source}: refused {where}._target_={target!r}: a file's config "
+        if "_target_" in config and not _safe_target(target):
+            shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
+            raise UserError(f"{source}: refused {where}._target_={shown}: a file's config "
                             f"may only name data.*, models.*, torch.nn or "
                             f"torchvision.transforms.v2 classes")
+        if config.get("_partial_", False) is not False:
+            raise UserError(f"{source}: refused {where}._partial_: a file's config builds "
+                            f"objects, not partial functions")
+        if "_convert_" in config and config["_convert_"] not in FILE_CONVERT_MODES:
+            raise UserError(f"{source}: refused {where}._convert_: expected one of "
+                            f"{', '.join(FILE_CONVERT_MODES)}")
+        if "_recursive_" in config and not isinstance(config["_recursive_"], bool):
+            raise UserError(f"{source}: refused {where}._recursive_: expected true or false")
+        if "_args_" in config and not isinstance(config["_args_"], list):
+            raise UserError(f"{source}: refused {where}._args_: expected a list")
         for key, value in config.items():
-            check_loaded_targets(value, source, f"{where}.{key}")
+            _check_special_keys(value, source, f"{where}.{key}")
     elif isinstance(config, list):
         for index, value in enumerate(config):
-            check_loaded_targets(value, source, f"{where}[{index}]")
+            _check_special_keys(value, source, f"{where}[{index}]")
 
 
 def _safe_target(target: Any) -> bool:
@@ -239,3 +307,33 @@ def _safe_target(target: Any) -> bool:
             return is_transform_class(obj)
         return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
     return inspect.isfunction(obj) and module.startswith("models.")
+
+
+def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")
+                   ) -> DictConfig:
+    """The data/model/loss/seed sections of a config read from a file (a checkpoint's, an
+    export's, a .pt2's), checked as a file's config and against the signatures of what they
+    name: what evaluate.py, predict.py and engine.export accept, the same for all three."""
+    if not isinstance(saved, dict) or any(key not in saved for key in need):
+        raise UserError(f"{source}: no usable saved config ({'/'.join(need)}); evaluate it "
+                        f"with weights={source} model=... data=...")
+    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed")}
+    for key in need:
+        if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
+            raise UserError(f"{source}: saved config: {key} has no _target_ naming what to "
+                            f"build")
+    check_loaded_targets(kept, source)
+    try:
+        config = OmegaConf.create(kept)
+        for key in ("data", "model", "loss"):
+            if config.get(key) is not None:
+                check_target_section(config[key], key)
+                if key != "loss":
+                    check_target_kind(config[key], key)
+    except UserError as err:
+        raise UserError(f"{source}: saved config: {err}") from None
+    except Exception as err:  # omegaconf's errors on odd keys/values: one line
+        raise UserError(f"{source}: unusable config ({str(err).splitlines()[0][:200]})"
+                        ) from None
+    return config
+

@@ -19,8 +19,9 @@ from engine.checkpoint import TUTORIAL_KEYS
 from engine.checkpoint.limits import check_structure
 from engine.checkpoint.schema import check_checkpoint
 from engine.errors import UserError, first_line
-from engine.export_read import is_export, load_export
+from engine.export_read import CONFIG, WEIGHTS, is_export, load_export
 from engine.fast_io import verify
+from engine.target_checks import build, plain_problem, saved_sections
 
 
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
@@ -112,7 +113,12 @@ def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
             raise UserError(f"weights_key={key}: {path} is an export folder with one model; "
                             f"drop weights_key")
     else:
-        state = pick_state_dict(load_file(path), path, key)
+        obj = load_file(path)
+        problem = plain_problem(obj.get("config")) if isinstance(obj, dict) else None
+        if problem:  # a checkpoint's config is never used here, but a crafted one is refused
+            raise UserError(f"{path}: refused config.{problem}: a file's config must be plain "
+                            f"data")
+        state = pick_state_dict(obj, path, key)
     return load_model_state(model, state, path, strict=strict)
 
 
@@ -204,3 +210,15 @@ def load_model_state(model: nn.Module, state: dict, source: Path | str,
 def _short(items: list[str], limit: int = 6) -> str:
     more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
     return "[" + ", ".join(items[:limit]) + "]" + more
+
+
+def load_export_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+    """(model with its trained weights, config) of an export folder, for your own code: the
+    config is checked as a file's (plain data, project/torch.nn targets only) and the model
+    is built from exactly what was checked, so a crafted config.yaml cannot run code."""
+    path = Path(path)
+    config, state = load_export(path)
+    model = build(saved_sections(config, path / CONFIG).model, "model", path / CONFIG)
+    load_model_state(model, state, path / WEIGHTS)
+    return model.eval(), config
+

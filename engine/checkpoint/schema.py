@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.errors import UserError
+from engine.target_checks import plain_problem
 
 # Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
 # `loss` may be a tensor: the tutorials save the last batch's loss tensor (read as a float).
@@ -183,24 +184,10 @@ def _check_rank_states(value: Any, state: dict) -> str | None:
     return None
 
 
-def _check_plain(value: Any, state: dict | None = None, where: str = "") -> str | None:
-    """A config is what OmegaConf.to_container writes: text keys, plain values, no tensors
+def _check_plain(value: Any, state: dict | None = None) -> str | None:
+    """A config is what OmegaConf.to_container(resolve=True) writes: plain data, no `${`
     (depth and size were bounded by check_structure, so this walk is short)."""
-    if isinstance(value, dict):
-        for key, child in value.items():
-            if not isinstance(key, str):
-                return f"{where or 'top level'}: key {key!r} is not text"
-            problem = _check_plain(child, None, f"{where}.{key}" if where else key)
-            if problem:
-                return problem
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            problem = _check_plain(child, None, f"{where}[{index}]")
-            if problem:
-                return problem
-    elif not (value is None or isinstance(value, (str, int, float, bool))):
-        return f"{where}: a {type(value).__name__} is not a config value"
-    return None
+    return plain_problem(value)
 
 
 def _check_tensors(value: dict) -> str | None:
