@@ -261,7 +261,7 @@ def test_scripts_refuse_a_crafted_file_in_one_line(run, tmp_path):
 
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(go, commands))
-    for command, result in zip(commands, results):
+    for command, result in zip(commands, results, strict=True):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2, (command, result.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: "), (command, result.stderr)
