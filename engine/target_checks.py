@@ -115,7 +115,8 @@ def check_target_section(section: Any, key: str) -> None:
             raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {valid}{hint}")
         hint = hints.get(name)
         if hint is not None and _matches(value, hint) is False:
-            raise UserError(f"{key}.{name}={value!r}: expected {describe(hint)}")
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{key}.{name}={shown}: expected {describe(hint)}")
 
 
 def _parameters(obj: Any) -> tuple[list[str], dict[str, Any], bool]:
