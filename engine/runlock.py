@@ -15,38 +15,45 @@ from pathlib import Path
 from engine.errors import UserError
 
 LOCK_NAME = ".lock"
-_held: dict[str, int] = {}  # run dir -> descriptor: a second train() in this process reuses it
+_held: dict[str, int] = {}  # lock file -> descriptor: a second train() in this process reuses it
 
 
 def lock_run_dir(run_dir: Path) -> None:
     """Take the run directory's lock for the rest of this process, or refuse in one line
     naming the process that holds it."""
+    lock_file(run_dir / LOCK_NAME, f"{run_dir} is in use by another training process "
+              "({holder}); wait for it to finish or stop it, or pick another run_name=")
+
+
+def lock_file(path: Path, busy: str) -> None:
+    """Hold an exclusive flock on `path` for the rest of this process, or refuse with the
+    one line `busy` ({holder}: 'pid N' of the process that holds it)."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; one run per folder is then up to the user
+    except ImportError:  # Windows: no flock; one process at a time is then up to the user
         return
 
-    key = str(run_dir.resolve())
+    key = _key(path)
     if key in _held:
         return
-    path = run_dir / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        raise UserError(f"{path}: cannot open the run's lock file ({err.strerror or err})"
-                        ) from None
+        raise UserError(f"{path}: cannot open the lock file ({err.strerror or err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{run_dir} is in use by another training process ({holder}); wait "
-                        f"for it to finish or stop it, or pick another run_name=") from None
+        raise UserError(busy.replace("{holder}", holder)) from None
     except OSError as err:  # a file system without flock (some network mounts)
         os.close(fd)
-        raise UserError(f"{path}: cannot lock the run directory ({err.strerror or err})"
-                        ) from None
+        raise UserError(f"{path}: cannot lock it ({err.strerror or err})") from None
     _held[key] = fd
+
+
+def _key(path: Path) -> str:
+    return str(path.parent.resolve() / path.name)
 
 
 def _holder(fd: int) -> str:
@@ -68,7 +75,12 @@ def _holder(fd: int) -> str:
 def unlock_run_dir(run_dir: Path) -> None:
     """Release the lock before the process ends: a train() called in-process (a notebook, a
     test) is done with the folder, and a `python train.py` started next must not be refused."""
-    fd = _held.pop(str(run_dir.resolve()), None)
+    unlock_file(run_dir / LOCK_NAME)
+
+
+def unlock_file(path: Path) -> None:
+    """Release `lock_file(path)`'s lock (nothing if this process does not hold it)."""
+    fd = _held.pop(_key(path), None)
     if fd is not None:
         os.close(fd)  # closing the last descriptor drops the flock
 
