@@ -85,10 +85,11 @@ def fit(cfg: DictConfig) -> dict:
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
     stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
     ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
-    accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
-    # a resumed run continues the same tracker run (engine/loggers.py)
+    # a resumed run continues the same tracker run (engine/loggers.py); one that cannot start
+    # stops the run before config.yaml is written
     loggers = open_loggers(cfg, run_dir, resumed, progress)
+    accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper

@@ -12,6 +12,7 @@ id the checkpoint holds (`loggers` key) and drops the values logged after its ep
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from engine.distributed import is_main
+from engine.distributed import on_main
 from engine.errors import UserError
 from engine.metrics import append_csv, confusion_figure, loss_figure, write_csv
 from engine.mlflow_logger import MLflowLogger
@@ -83,11 +84,12 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
         log_dir = run_dir / "tensorboard"
-        old = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
+        _check_writable(log_dir)
+        old = sorted(log_dir.glob("events.out.tfevents.*"))
         step, mid_epoch = progress.global_step, progress.step_in_epoch > 0
         purge = (step if mid_epoch else step + 1) if step else None
         if old and purge is not None:
-            _wait_past(old[-1])
+            _sort_after(old[-1])
         self.writer = SummaryWriter(str(log_dir), purge_step=purge, flush_secs=flush_secs)
         if mid_epoch and progress.losses and step % log_every == 0:
             self.log_step(step, float(progress.losses[-1]))
@@ -123,16 +125,34 @@ class TensorBoardLogger(Logger):
         self.writer.close()
 
 
-def _wait_past(newest: Path) -> None:
+def _check_writable(log_dir: Path) -> None:
+    """The event file is written by the writer's thread, which would print its own traceback
+    for a folder it cannot write: a plain file or a read-only folder is refused here."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=log_dir).close()
+    except OSError as err:
+        what = "not a folder" if log_dir.exists() and not log_dir.is_dir() else err.strerror
+        raise UserError(f"{log_dir}: {what}; logger=tensorboard expected a folder it can "
+                        f"write its event files to") from None
+
+
+def _sort_after(newest: Path) -> None:
     """TensorBoard reads a folder's event files in name order, and the name starts with the
     creation time in whole seconds (then host and pid): the resumed run's file must sort after
-    the killed run's for its purge to apply to them."""
-    try:
-        stamp = int(newest.name.split(".")[3])
-    except (IndexError, ValueError):
+    the killed run's for its purge to apply to them. A killed run of this very second is
+    waited out (at most 2 s); a name from the future (a clock set back, a copied file) is not:
+    said in one line."""
+    stamp = newest.name.split(".")[3]  # events.out.tfevents.STAMP.host.pid...
+    ahead = int(stamp) + 1 - time.time() if stamp.isdigit() else 0
+    if f"{int(time.time()):010d}" > stamp:
         return
-    while int(time.time()) <= stamp:
-        time.sleep(0.05)
+    if 0 < ahead <= 2:
+        time.sleep(ahead)
+    else:
+        print(f"warning: {newest}: its name (a time from the future?) sorts after this "
+              f"run's new event file; TensorBoard reads it last, so it may show the steps "
+              f"after the checkpoint twice")
 
 
 class Loggers:
@@ -182,28 +202,45 @@ def _close_all(loggers: list[Logger], status: str) -> None:
 def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any
                  ) -> Loggers:
     """The trackers `logger=` chose (metrics.csv always), opened to continue `resumed`'s run.
-    Rank 0 only; no trackers but metrics.csv under trainer.fast_dev_run (nothing is kept)."""
+    Rank 0 only (on_main: one that cannot start stops every rank); no trackers but metrics.csv
+    under trainer.fast_dev_run (nothing is kept)."""
     carried = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
-    if not is_main():
-        return Loggers([], carried)
+    opened: list[Logger] = []
+    on_main(_open_trackers, cfg, run_dir, progress, carried, opened)
+    return Loggers(opened, carried)
+
+
+def _open_trackers(cfg: DictConfig, run_dir: Path, progress: Any, carried: dict[str, str],
+                   opened: list[Logger]) -> None:
+    """Into `opened`: first the trackers that may refuse to start (a store, server or folder
+    they cannot use), then metrics.csv (rewritten only once they did); a failure closes again
+    those already open."""
     chosen = check_logger_config(cfg.get("logger"))
-    loggers: list[Logger] = [CSVLogger(run_dir, progress.history)]
-    if cfg.trainer.fast_dev_run:
-        return Loggers(loggers, carried)
+    try:
+        if not cfg.trainer.fast_dev_run:
+            _open_chosen(cfg, chosen, run_dir, progress, carried, opened)
+        opened.insert(0, CSVLogger(run_dir, progress.history))
+    except BaseException:
+        _close_all(opened, "FAILED")
+        opened.clear()
+        raise
+
+
+def _open_chosen(cfg: DictConfig, chosen: dict[str, dict], run_dir: Path, progress: Any,
+                 carried: dict[str, str], opened: list[Logger]) -> None:
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if "tensorboard" in chosen:
-        loggers.append(TensorBoardLogger(run_dir, config, progress,
-                                         int(chosen["tensorboard"].get("flush_secs", 30)),
-                                         int(cfg.trainer.log_every_n_steps)))
+        opened.append(TensorBoardLogger(run_dir, config, progress,
+                                        int(chosen["tensorboard"].get("flush_secs", 30)),
+                                        int(cfg.trainer.log_every_n_steps)))
     if "mlflow" in chosen:
         settings = chosen["mlflow"]
         root = Path(str(cfg.checkpoint.root))
-        loggers.append(MLflowLogger(
+        opened.append(MLflowLogger(
             tracking_uri=str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
             experiment=str(settings.get("experiment_name") or cfg.run_name or cfg.name),
             run_name=_relative(run_dir, root), config=config, progress=progress,
             run_id=carried.get("mlflow_run_id"), artifacts=bool(settings.get("artifacts", True))))
-    return Loggers(loggers, carried)
 
 
 def _same_run(cfg: DictConfig, run_dir: Path) -> bool:

@@ -11,11 +11,14 @@ it, and says so), and epochs <= E that the store lacks are filled in from the hi
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 PARAM_BATCH, PARAM_LENGTH = 100, 6000  # MLflow's limits: params per call, value length
 
@@ -32,15 +35,19 @@ class MLflowLogger:
         except ImportError:
             raise UserError("logger=mlflow: mlflow is not installed; pip install -e "
                             "'.[mlflow]'") from None
-        for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db"):
+        for name in ("alembic", "mlflow.store.db"):
             logging.getLogger(name).setLevel(logging.WARNING)  # table creation chatter
+        # It logs, with a traceback, the error it then raises to us: said here in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.artifacts, self.epoch = artifacts, progress.epoch
         self.db = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith(
             "sqlite:///") else None
-        if self.db is not None:
-            self.db.parent.mkdir(parents=True, exist_ok=True)
-        self.client, self.failed = MlflowClient(tracking_uri), False
+        self.failed = False
         try:
+            with _first_use(self.db):
+                self.client = MlflowClient(tracking_uri)
+            with _quick_http():  # the start-up probe: a server that is not there
+                self.client.search_experiments(max_results=1)
             run = self._reopen(run_id) if run_id else None
             if run is None:
                 run = self.client.create_run(self._experiment(experiment), run_name=run_name)
@@ -51,8 +58,9 @@ class MLflowLogger:
             if run_id or progress.history:
                 self._sync_history(progress.history)
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
-            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: "
-                            f"{_first_line(err)}") from None
+            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; "
+                            f"expected an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a "
+                            f"reachable MLflow server (http://HOST:PORT)") from None
         print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
 
     def _reopen(self, run_id: str) -> Any:
@@ -130,28 +138,20 @@ class MLflowLogger:
         pass
 
     def log_epoch(self, row: dict) -> None:
-        """A server gone mid-run stops the tracking, not the training: the next resume=auto
-        fills in the epochs it missed (_sync_history)."""
         from mlflow.entities import Metric
 
-        if self.failed:
-            return
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
                    if k not in ("epoch", "step")]
-        try:
-            self.client.log_batch(self.run_id, metrics=metrics)
-        except Exception as err:  # noqa: BLE001
-            self.failed = True
-            print(f"warning: mlflow: {_first_line(err)}; training goes on without MLflow "
-                  f"(resume=auto fills in the missing epochs)", flush=True)
+        self._guarded(lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
         """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
+        self._guarded(lambda: self._finish(run_dir, history, metrics))
+
+    def _finish(self, run_dir: Path, history: list[dict], metrics: dict) -> None:
         from mlflow.entities import Metric
 
-        if self.failed:
-            return
         logged = self.client.get_run(self.run_id).data.metrics
         now, step = int(time.time() * 1000), int(history[-1]["epoch"]) if history else 0
         tests = [Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -167,11 +167,73 @@ class MLflowLogger:
             self.client.log_artifacts(self.run_id, str(run_dir / "export"), "export")
 
     def close(self, status: str) -> None:
-        if not self.failed:
-            self.client.set_terminated(self.run_id, status)
+        self._guarded(lambda: self.client.set_terminated(self.run_id, status))
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        """A server gone or a disk full mid-run stops the tracking, not the training: one
+        warning line, then nothing more is sent; the next resume=auto fills in the epochs it
+        missed (_sync_history)."""
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001
+            self.failed = True
+            print(f"warning: mlflow: {_reason(err)}; training goes on without MLflow "
+                  f"(resume=auto fills in the missing epochs)", flush=True)
 
     def state_dict(self) -> dict[str, str]:
         return {"mlflow_run_id": self.run_id}
+
+
+@contextmanager
+def _first_use(db: Path | None) -> Iterator[None]:
+    """MLflow creates a new SQLite store's tables on first use (and upgrades an old one's):
+    two runs starting at once on a new file both try, and one fails (a table or column that
+    already exists, a migration step done twice). An exclusive flock on `<db>.lock` makes
+    them take turns; the second finds the tables made."""
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; concurrent first use is up to the user
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # closing the file releases it
+        yield
+
+
+@contextmanager
+def _quick_http() -> Iterator[None]:
+    """MLflow retries a request that finds no server for about 4 minutes (7 retries, the wait
+    doubling from 2 s) before it says so: the first request, at start-up, gets one try of at
+    most 5 s, unless the environment sets these. Later requests keep MLflow's retries."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    added = [key for key in quick if key not in os.environ]
+    os.environ.update({key: quick[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, in one line: the innermost OS or database error under the wrappers of
+    MLflow, requests, urllib3 and SQLAlchemy (the refused connection, SQLite's 'database or
+    disk is full'), else the first sentence of the error's first line."""
+    found, inner = None, err
+    for _ in range(20):
+        if inner is None:
+            break
+        if isinstance(getattr(inner, "orig", None), Exception):  # SQLAlchemy's DBAPIError
+            found = inner.orig
+        found = inner if isinstance(inner, OSError) else found
+        inner = inner.__cause__ or inner.__context__
+    return first_line(found, 120) if found else first_line(err, 120).split(". ")[0]
 
 
 def _delete_steps_after(store: Any, run_id: str, epoch: int) -> None:
@@ -191,10 +253,6 @@ def _delete_steps_after(store: Any, run_id: str, epoch: int) -> None:
             session.add(SqlLatestMetric(run_uuid=run_id, key=key, value=last.value,
                                         timestamp=last.timestamp, step=last.step,
                                         is_nan=last.is_nan))
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
