@@ -85,10 +85,14 @@ def fit(cfg: DictConfig) -> dict:
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
     stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
     ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
-    accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
     # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
     # a resumed run continues the same tracker run (engine/loggers.py)
     loggers = open_loggers(cfg, run_dir, resumed, progress)
+    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
+    complete = bool(resumed) and (progress.epoch >= cfg.trainer.epochs or stopped)
+    # config.yaml: only now, with the checkpoint restored and the trackers open; a run that
+    # trains nothing more keeps its own
+    accept_run(run_dir, cfg, resumed, trains=not complete)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
@@ -144,8 +148,7 @@ def fit(cfg: DictConfig) -> dict:
         return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
                           ctx, only_missing=only_missing)
 
-    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
-    if resumed and (progress.epoch >= epochs or stopped):
+    if complete:
         print(f"run {run_dir} is already complete ({progress.epoch} epochs"
               + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
               + ("early_stopping.patience" if stopped else "trainer.epochs")

@@ -39,8 +39,9 @@ class MLflowLogger:
             "sqlite:///") else None
         if self.db is not None:
             self.db.parent.mkdir(parents=True, exist_ok=True)
-        self.client, self.failed = MlflowClient(tracking_uri), False
+        self.failed = False
         try:
+            self.client = MlflowClient(tracking_uri)  # a file that is no database fails here
             run = self._reopen(run_id) if run_id else None
             if run is None:
                 run = self.client.create_run(self._experiment(experiment), run_name=run_name)
