@@ -24,7 +24,7 @@ from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
 from engine.cluster import register as register_launchers
-from engine.config import build, check_monitor, validate_train
+from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
 from engine.ema import make_ema
@@ -264,6 +264,7 @@ def fit(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @cli_errors
 def main(cfg: DictConfig):
+    paths_from_start_dir(cfg)  # hydra.job.chdir=true: paths relative to where it was started
     return train(cfg)
 
 
