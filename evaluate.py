@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from engine.batches import Batches
 from engine.cli import run_main
-from engine.config import validate_inference
+from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import cli_errors
 from engine.inference import load_for_inference, loss_for
 from engine.metrics import confusion_figure, regression_figure
@@ -111,6 +111,7 @@ def _cat(batches) -> tuple[torch.Tensor, torch.Tensor]:
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 @cli_errors
 def main(cfg: DictConfig):
+    paths_from_start_dir(cfg)  # hydra.job.chdir=true: paths relative to where it was started
     return evaluate(cfg)
 
 

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from engine.cli import run_main
-from engine.config import validate_inference
+from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import UserError, cli_errors
 from engine.inference import load_for_inference
 from engine.outputs import check_output, is_predictions_csv
@@ -97,6 +97,7 @@ def _check_features(model: torch.nn.Module, inputs: torch.Tensor, source: Path) 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 @cli_errors
 def main(cfg: DictConfig):
+    paths_from_start_dir(cfg)  # hydra.job.chdir=true: paths relative to where it was started
     return predict(cfg)
 
 

@@ -24,7 +24,7 @@ from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
 from engine.cluster import register as register_launchers
-from engine.config import build, check_monitor, validate_train
+from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
 from engine.ema import make_ema
@@ -89,7 +89,11 @@ def fit(cfg: DictConfig) -> dict:
     # a resumed run continues the same tracker run (engine/loggers.py); one that cannot start
     # stops the run before config.yaml is written
     loggers = open_loggers(cfg, run_dir, resumed, progress)
-    accept_run(run_dir, cfg, resumed)  # config.yaml: only now, with the checkpoint restored
+    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
+    complete = bool(resumed) and (progress.epoch >= cfg.trainer.epochs or stopped)
+    # config.yaml: only now, with the checkpoint restored and the trackers open; a run that
+    # trains nothing more keeps its own
+    accept_run(run_dir, cfg, resumed, trains=not complete)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what gets saved: never the compiled or DDP wrapper
@@ -145,8 +149,7 @@ def fit(cfg: DictConfig) -> dict:
         return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
                           ctx, only_missing=only_missing)
 
-    stopped = stopper is not None and stopper.stopped  # early stopping ended it before
-    if resumed and (progress.epoch >= epochs or stopped):
+    if complete:
         print(f"run {run_dir} is already complete ({progress.epoch} epochs"
               + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
               + ("early_stopping.patience" if stopped else "trainer.epochs")
@@ -262,6 +265,7 @@ def fit(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @cli_errors
 def main(cfg: DictConfig):
+    paths_from_start_dir(cfg)  # hydra.job.chdir=true: paths relative to where it was started
     return train(cfg)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
 
 from data.base import DataModule, seeded_split
-from data.images import IMAGE_SUFFIXES, image_transform, load_images, read_image
+from data.images import IMAGE_SUFFIXES, image_transform, load_images, naming, read_image
 from engine.errors import UserError
 
 
@@ -48,7 +49,7 @@ class ImageFolderData(DataModule):
             for file in found:
                 _check_header(file)
         try:
-            full = ImageFolder(str(self.root), transform=self.transform, loader=_load_image,
+            full = ImageFolder(str(self.root), loader=partial(_load_image, self.transform),
                                is_valid_file=_is_image_file)
         except (FileNotFoundError, OSError) as err:
             raise UserError(f"data.root={self.root}: {str(err).splitlines()[0]}") from None
@@ -88,8 +89,10 @@ def _is_image_file(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _load_image(path: str):
-    """ImageFolder's loader, failing with the file's name (a truncated body is only seen
-    here, when the pixels are decoded)."""
-    return read_image(Path(path))
+def _load_image(transform, path: str) -> torch.Tensor:
+    """ImageFolder's loader and transform, failing with the file's name (a truncated body is
+    only seen here, when the pixels are decoded; a pixel range the transform refuses too)."""
+    image = read_image(Path(path))
+    with naming(path):
+        return transform(image)
 

@@ -8,6 +8,8 @@ refused with its name: never silently skipped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,6 +143,19 @@ def read_image(file: Path):
                         f"{': ' + first[:150] if first else ''})") from None
 
 
+@contextmanager
+def naming(file: Path | str) -> Iterator[None]:
+    """A conversion of `file`'s image that fails (a pixel range or mode it cannot take) is
+    one line naming the file: in training (data/image_folder.py) as in predict."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{file}: {err}") from None
+    except Exception as err:  # a mode the conversion cannot handle
+        raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
+                        f"{str(err).strip()[:150]})") from None
+
+
 def load_images(path: Path, transform, invert: bool = False,
                 dark_background: bool = False) -> tuple[list[str], torch.Tensor]:
     """All images or a clear error naming the first unreadable file: never a partial batch.
@@ -153,18 +168,13 @@ def load_images(path: Path, transform, invert: bool = False,
     names, tensors, light = [], [], 0
     for file in list_images(path):
         image = read_image(file)
-        try:
+        with naming(file):
             light += dark_background and _light_border(_gray(image))
             if invert:
                 from PIL import ImageOps
 
                 image = ImageOps.invert(_rgb(image) if image.mode != "L" else image)
             tensors.append(transform(image))
-        except UserError as err:
-            raise UserError(f"{file}: {err}") from None
-        except Exception as err:  # a mode the conversion cannot handle
-            raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
-                            f"{str(err).strip()[:150]})") from None
         names.append(str(file))
     if dark_background and not invert and light > len(names) / 2:
         import sys

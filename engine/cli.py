@@ -41,6 +41,8 @@ from engine.config import (
 from engine.errors import EXIT_BAD_INPUT, UserError, raise_compose_errors
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+SHELL_COMPLETION_FLAGS = ("-sc", "--shell-completion")
+COMPLETION_COMMANDS = ("install", "uninstall", "query")
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, TypeError)
 
 
@@ -48,6 +50,9 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
     """Call a script's `@hydra.main` function; a config that does not compose ends in one
     line on stderr and exit code 2."""
     argv = sys.argv[1:]
+    if any(a in SHELL_COMPLETION_FLAGS for a in argv) and not _full_errors(argv):
+        _shell_completion(main, argv)
+        return
     if _left_to_hydra(argv):
         main()
         return
@@ -77,9 +82,37 @@ def _task_ran(err: BaseException) -> bool:
 
 
 def _left_to_hydra(argv: list[str]) -> bool:
-    return (any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv)
-            or os.environ.get("HYDRA_FULL_ERROR") == "1"
-            or "debug=true" in map(str.lower, argv))
+    return any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv) or \
+        _full_errors(argv)
+
+
+def _full_errors(argv: list[str]) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in map(str.lower, argv)
+
+
+def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
+    """Hydra's --shell-completion needs exactly one of install=, uninstall=, query= with a
+    shell it knows; otherwise (and on a failed query) it raises a traceback: one line here."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.completion_plugin import CompletionPlugin
+
+    shells = sorted(plugin.provides() for plugin in Plugins.instance().discover(CompletionPlugin))
+    args = [a for a in argv if a not in SHELL_COMPLETION_FLAGS]
+    commands = [a.partition("=") for a in args if a.partition("=")[0] in COMPLETION_COMMANDS]
+    problem = None
+    if len(commands) != 1 or commands[0][2] not in shells:
+        problem = "expected one of install=SHELL, uninstall=SHELL or query=SHELL"
+    else:
+        raise_compose_errors()  # Hydra raises instead of printing a traceback
+        try:
+            main()
+        except Exception as err:  # noqa: BLE001 - e.g. query=bash outside a shell's completion
+            problem = f"failed ({type(err).__name__}: {str(err).strip()[:80]})"
+    if problem:
+        print(f"error: --shell-completion {' '.join(args) or '(nothing)'}: {problem} "
+              f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:

@@ -12,8 +12,10 @@ Four layers, all before a file is written:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     InterpolationResolutionError,
@@ -37,8 +39,8 @@ from engine.target_checks import (
 
 __all__ = ["METRICS", "SAFE_TARGET_MODULES", "build", "check_limits", "check_loaded_targets",
            "check_monitor", "check_schema", "check_target_kind", "check_target_section",
-           "did_you_mean", "locate", "resolve_all", "run_dir_for", "schema_error",
-           "validate_inference", "validate_train"]
+           "did_you_mean", "from_start_dir", "locate", "paths_from_start_dir", "resolve_all",
+           "run_dir_for", "schema_error", "validate_inference", "validate_train"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -267,3 +269,32 @@ def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
     if not run_dir.resolve().is_relative_to(root.resolve()):
         raise UserError(f"{key}={name!r}: resolves outside checkpoint.root={root}")
     return run_dir
+
+
+# Config keys naming files or folders (train, evaluate, predict): given relative to the folder
+# the command was started in.
+PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", "data.path",
+             "data.root")
+
+
+def from_start_dir(path: str) -> str:
+    """`path` relative to the folder the command was started in: with hydra.job.chdir=true
+    the job runs in Hydra's output folder, so a relative path is joined to the start folder
+    (Hydra's runtime.cwd, as hydra.utils.to_absolute_path); otherwise unchanged."""
+    try:
+        start = HydraConfig.get().runtime.cwd
+    except ValueError:  # not under @hydra.main (tests compose configs directly)
+        return path
+    if os.path.isabs(path) or Path(start).resolve() == Path.cwd().resolve():
+        return path
+    return os.path.join(start, path)
+
+
+def paths_from_start_dir(cfg: DictConfig) -> None:
+    """Every PATH_KEYS value of `cfg` through `from_start_dir` (a no-op without chdir)."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, str) and value and not (key == "resume" and value == "auto"):
+            moved = from_start_dir(value)
+            if moved != value:
+                OmegaConf.update(cfg, key, moved, merge=False)

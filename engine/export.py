@@ -12,10 +12,8 @@ with the data config inside; predict.py/evaluate.py take `ckpt=.../model.pt2` al
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 import yaml
 
 from engine.checkpoint.load import inference_weights, load_checkpoint
-from engine.errors import UserError, one_line, user_error_in
+from engine.errors import one_line, user_error_in
 from engine.export_read import CONFIG, PT2, WEIGHTS, quiet_torch
 from engine.outputs import check_export_dir, write_atomic
 from engine.target_checks import saved_sections
@@ -33,26 +31,16 @@ KEPT = ("data", "model", "loss", "seed")
 
 
 def export(state_dict: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path) -> Path:
-    """Write both files, each atomically (temporary file + rename), never into a run folder's
-    own files; a read-only or full disk is one line naming the file."""
-    from safetensors.torch import save_file  # lazy: safetensors costs start-up time
+    """Write both files, each atomically (temporary file + rename, with the umask's mode like
+    every other output), never into a run folder's own files; a read-only or full disk is
+    one line naming the file."""
+    from safetensors.torch import save  # lazy: safetensors costs start-up time
 
     check_export_dir(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     keep = {k: config[k] for k in KEPT if k in config}
-    tmp = out_dir / f".{WEIGHTS}.{os.getpid()}.tmp"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"format": "pt", "config": json.dumps(keep)})
-        os.replace(tmp, out_dir / WEIGHTS)
-    except Exception as err:  # an OSError, or safetensors' own error wrapping one
-        io = re.search(r"I/O error: (.*?)(?: \(os error \d+\)|$)", str(err))
-        if not isinstance(err, OSError) and io is None:
-            raise
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = err.strerror if isinstance(err, OSError) else io.group(1)
-        raise UserError(f"{out_dir / WEIGHTS}: cannot write ({reason})") from None
+    weights = save(tensors, metadata={"format": "pt", "config": json.dumps(keep)})
+    write_atomic(out_dir / WEIGHTS, lambda out: out.write(weights), binary=True)
     write_atomic(out_dir / CONFIG, lambda out: out.write(yaml.safe_dump(keep, sort_keys=False)))
     return out_dir
 

@@ -188,15 +188,18 @@ def _weights_mode(cfg: DictConfig, run_dir: Path, existing: list[str]) -> bool:
     return True
 
 
-def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None) -> None:
+def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None,
+               trains: bool = True) -> None:
     """The run is accepted (its checkpoint restored): only now does the folder change.
     config.yaml is written atomically on rank 0 and records the values that run (optimizer
     overrides applied on resume included); a resume refused for weights or state that do not
-    fit leaves the run folder as it was."""
+    fit leaves the run folder as it was, and so does one that trains nothing (`trains`
+    false: the run is complete), for its config.yaml."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
 
     def on_rank0() -> None:
-        write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
+        if trains or not (run_dir / "config.yaml").exists():
+            write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
         _bring_best_along(run_dir, resumed)
 
     on_main(on_rank0)

@@ -28,7 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import run_dir_for
+from engine.config import from_start_dir, run_dir_for
 from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, one_line
 from engine.outputs import write_atomic
 from engine.run import run_name_for
@@ -48,7 +48,8 @@ def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
     saved = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(hydra_cfg)
     try:
-        return run_dir_for(job_cfg.checkpoint.root, run_name_for(job_cfg, hydra_cfg.hydra))
+        root = from_start_dir(str(job_cfg.checkpoint.root))  # hydra.job.chdir=true
+        return run_dir_for(root, run_name_for(job_cfg, hydra_cfg.hydra))
     finally:
         HydraConfig.instance().cfg = saved
 
@@ -82,6 +83,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        if config.hydra.job.chdir:  # the jobs run inside their folders: keep to this one
+            self.sweep_dir = self.sweep_dir.absolute()
         self.sweep = sweep_id(list(config.hydra.overrides.task))
         self.monitor = str(config.checkpoint.monitor)
         self.mode = str(config.checkpoint.mode)

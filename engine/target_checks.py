@@ -9,12 +9,13 @@ and type hints are the schema.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from hydra.utils import instantiate
@@ -185,8 +186,10 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 
 def build(section: Any, key: str, source: Path | str | None = None) -> Any:
-    """hydra.utils.instantiate, turning a constructor's bad-input error (which Hydra wraps in
-    InstantiationException) back into its one-line UserError.
+    """hydra.utils.instantiate, with anything the `_target_` raises as one line naming the key
+    and target: a constructor's own UserError as it is, any other exception too (the config,
+    typed or read from a file, chose what to call; debug=true shows the traceback). A
+    `_partial_` target (optimizer, scheduler) is checked alike when it is called.
 
     `source`: the file `section` was read from. Then the node about to be instantiated is
     checked as a file's config (check_loaded_targets) and instantiated as the plain dict
@@ -197,24 +200,43 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
             if isinstance(section, (DictConfig, ListConfig)) else section
         check_loaded_targets(plain, source, key)
         section = plain
+    target = section.get("_target_") if hasattr(section, "get") else None
     try:
-        return instantiate(section)
-    except UserError:
-        raise
+        built = instantiate(section)
     except Exception as err:
-        cause = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-            if isinstance(cause, UserError):
-                raise cause from None
-        # A constructor refusing its arguments is bad input; from a file's config (source)
-        # anything a constructor raises is, since the file chose the arguments.
-        if source is None and not isinstance(err.__cause__, (ValueError, TypeError,
-                                                             RuntimeError, OverflowError)):
-            raise
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        _raise_build_error(err, key, target, source)
+    if isinstance(built, functools.partial):
+        return functools.partial(_call_built, built, key, target, source)
+    if key == "model" and not isinstance(built, torch.nn.Module) or \
+            key == "loss" and not callable(built):
+        kind = "a torch.nn.Module" if key == "model" else "something callable (a loss module)"
         where = f"{source}: " if source else ""
-        raise UserError(f"{where}could not build {key} from its config ({first})") from None
+        raise UserError(f"{where}{key}._target_={target}: built a {type(built).__name__}; "
+                        f"expected {kind}")
+    return built
+
+
+def _call_built(built: functools.partial, key: str, target: Any, source: Any, *args: Any,
+                **kwargs: Any) -> Any:
+    try:
+        return built(*args, **kwargs)
+    except Exception as err:
+        _raise_build_error(err, key, target, source)
+
+
+def _raise_build_error(err: Exception, key: str, target: Any, source: Any) -> NoReturn:
+    """The UserError behind `err` (Hydra wraps a constructor's in InstantiationException), or
+    one naming the key, the target and the innermost exception (chained: debug=true shows
+    where it came from)."""
+    cause = err
+    while not isinstance(cause, UserError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        raise cause from None
+    first = str(cause).strip().splitlines()[0][:150] if str(cause).strip() else ""
+    where = f"{source}: " if source else ""
+    raise UserError(f"{where}could not build {key} from {key}._target_={target} "
+                    f"({type(cause).__name__}{': ' + first if first else ''})") from err
 
 
 # Hydra's special keys a file's config may hold besides `_target_`; `_partial_` is refused

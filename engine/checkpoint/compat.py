@@ -183,9 +183,11 @@ def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sour
                         f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}")
 
 
+# Keys that change what is printed, logged or where, not the weights: no warning on resume.
 _IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
                     "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
-                    "weights_key", "trainer.model_summary"}
+                    "weights_key", "trainer.model_summary", "trainer.print_every_s",
+                    "trainer.log_every_n_steps"}
 _IGNORED_SECTIONS = ("logger.",)  # trackers: what is recorded, not what is trained
 
 
