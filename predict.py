@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from data.base import data_path
 from engine.cli import run_main
 from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import UserError, cli_errors
@@ -30,7 +31,7 @@ def predict(cfg: DictConfig) -> Path:
     output = Path(str(cfg.output))
     if output.suffix.lower() != ".csv":
         raise UserError(f"output={output}: expected a .csv file name")
-    source = Path(str(cfg.input))
+    source = data_path(cfg.input, "input")
     if not source.exists():
         raise UserError(f"input={source}: no such file or folder")
     loaded = load_for_inference(cfg)

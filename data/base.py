@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -69,3 +71,27 @@ def seeded_split(n: int, fractions: list[float], seed: int) -> list[torch.Tensor
         out.append(perm[start:start + size])
         start += size
     return out
+
+
+SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def data_path(path: str | Path, key: str) -> Path:
+    """`path` (given on the command line or stored in a checkpoint's config) checked as data:
+    a regular file or a folder, not under /proc, /sys or /dev, after following symlinks. Read
+    as a CSV, /proc/self/environ is the environment; a FIFO or /dev/zero never ends. A missing
+    path passes: the caller says what belongs there."""
+    path = Path(str(path))
+    real = Path(os.path.realpath(path))
+    if any(real.is_relative_to(root) for root in SYSTEM_ROOTS):
+        raise UserError(f"{key}={path}: a system path ({real}), not data")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as err:  # a symlink loop, no permission
+        raise UserError(f"{key}={path}: cannot be read ({err.strerror})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError(f"{key}={path}: not a regular file or folder (a pipe, device or "
+                        f"socket)")
+    return path

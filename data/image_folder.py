@@ -1,4 +1,5 @@
-"""A user's folder of class subfolders (torchvision ImageFolder), resized and normalised."""
+"""A user's folder of class subfolders (torchvision ImageFolder), resized and normalised:
+root/<class_name>/<image files>, one level deep."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
+from torchvision.datasets import ImageFolder
 
-from data.base import DataModule, seeded_split
-from data.images import IMAGE_SUFFIXES, image_transform, load_images, naming, read_image
+from data.base import DataModule, data_path, seeded_split
+from data.images import (
+    IMAGE_SUFFIXES,
+    check_decoded_size,
+    image_transform,
+    load_images,
+    naming,
+    read_image,
+)
 from engine.errors import UserError
 
 
@@ -29,8 +38,7 @@ class ImageFolderData(DataModule):
         self.transform = image_transform(image_size, in_channels, mean, std)
 
     def setup(self) -> None:
-        from torchvision.datasets import ImageFolder
-
+        data_path(self.root, "data.root")
         if not self.root.is_dir():
             raise UserError(f"data.root={self.root}: folder not found (expected "
                             f"{self.root}/<class_name>/<image files>)")
@@ -38,21 +46,21 @@ class ImageFolderData(DataModule):
         if not classes:
             raise UserError(f"data.root={self.root}: no class folders (expected "
                             f"{self.root}/<class_name>/<image files>)")
-        files = {d.name: _image_files(d) for d in classes}
-        empty = [name for name, found in files.items() if not found]
+        try:
+            full = _ClassFolders(str(self.root), loader=partial(_load_image, self.transform))
+        except OSError as err:
+            raise UserError(f"data.root={self.root}: {str(err).splitlines()[0]}") from None
+        found = set(full.targets)
+        empty = [name for i, name in enumerate(full.classes) if i not in found]
         if empty:
-            raise UserError(f"data.root={self.root}: class folder(s) {empty} have no images "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UserError(f"data.root={self.root}: class folder(s) {empty[:5]}"
+                            f"{' ...' if len(empty) > 5 else ''} have no images directly "
+                            f"inside ({', '.join(sorted(IMAGE_SUFFIXES))}; subfolders are "
+                            f"not read)")
         # Every file's header, before training starts (a fraction of a millisecond each):
         # a text file named .png or an empty file fails here, not in the middle of epoch 3.
-        for found in files.values():
-            for file in found:
-                _check_header(file)
-        try:
-            full = ImageFolder(str(self.root), loader=partial(_load_image, self.transform),
-                               is_valid_file=_is_image_file)
-        except (FileNotFoundError, OSError) as err:
-            raise UserError(f"data.root={self.root}: {str(err).splitlines()[0]}") from None
+        for file, _ in full.samples:
+            _check_header(Path(file))
         if self.num_classes is not None and self.num_classes != len(full.classes):
             raise UserError(f"data.num_classes={self.num_classes} but {self.root} has "
                             f"{len(full.classes)} class folders {full.classes}")
@@ -68,25 +76,41 @@ class ImageFolderData(DataModule):
         return load_images(path, self.transform, invert=invert)
 
 
+class _ClassFolders(ImageFolder):
+    """torchvision's ImageFolder reading only root/<class>/<image files>: its own walk
+    descends into every subfolder, following symlinks, so a link back up (a/loop -> a) never
+    ended and data.root=/ walked the whole file system."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False) -> list[tuple[str, int]]:
+        return [(str(file), index) for name, index in class_to_idx.items()
+                for file in _image_files(Path(directory) / name)]
+
+
 def _image_files(folder: Path) -> list[Path]:
-    """Image files anywhere under a class folder (ImageFolder also walks subfolders)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                  and p.is_file())
+    """The image files directly in a class folder. One with an image suffix that is no
+    regular file (a dangling or looping symlink, a folder, a pipe, a device) is refused:
+    opening a pipe blocks forever, and skipping a file silently hides a mistake."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: not a regular image file (a broken or looping symlink, "
+                            f"a folder, a pipe or device); remove it")
+    return files
 
 
 def _check_header(file: Path) -> None:
     from PIL import Image
 
     try:
-        with Image.open(file):
-            pass
+        with Image.open(file) as image:
+            check_decoded_size(image, file)
+    except UserError:
+        raise
     except Exception as err:  # UnidentifiedImageError, OSError, ...: a user's file
         raise UserError(f"{file}: not a readable image ({type(err).__name__}); remove it or "
                         f"replace it") from None
-
-
-def _is_image_file(path: str) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _load_image(transform, path: str) -> torch.Tensor:

@@ -18,6 +18,11 @@ from engine.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm"}
+# A small compressed file can decode to gigabytes (a 630 KB float TIFF took 3 GB): the models
+# take inputs of a few hundred pixels at most, so 128 MiB of decoded pixels (a 44-megapixel
+# RGB photo) is plenty; checked from the header, before decoding.
+MAX_DECODED_BYTES = 128 << 20
+MAX_IMAGE_SIZE = 4096  # data.image_size: one 4096x4096 RGB input is 200 MB as float32
 
 
 def image_transform(image_size: int, in_channels: int, mean: list[float] | None = None,
@@ -30,6 +35,8 @@ def image_transform(image_size: int, in_channels: int, mean: list[float] | None 
                         f"3 (RGB) channels")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"data.image_size={image_size!r}: expected an integer >= 1")
+    if image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"data.image_size={image_size}: expected at most {MAX_IMAGE_SIZE}")
     mean = list(mean) if mean is not None else [0.5] * in_channels
     std = list(std) if std is not None else [0.5] * in_channels
     for key, values in (("data.mean", mean), ("data.std", std)):
@@ -70,7 +77,7 @@ def _unit_float(image):
     import numpy as np
     from PIL import Image
 
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.array(image, dtype=np.float32)  # exact for what is accepted (<= 65535)
     if not np.isfinite(pixels).all():
         raise UserError(f"image mode {image.mode}: has NaN or infinite pixel values")
     low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
@@ -81,7 +88,8 @@ def _unit_float(image):
     if low < 0 or scale is None:
         raise UserError(f"image mode {image.mode}: pixel values from {low:g} to {high:g} are "
                         f"not supported (expected 0..65535, or 0..1 for float images)")
-    return Image.fromarray((pixels / scale).astype(np.float32))  # mode F
+    pixels /= np.float32(scale)  # in place: float32 division rounds as float64's would
+    return Image.fromarray(pixels)  # mode F
 
 
 def _rgb(image):
@@ -133,8 +141,11 @@ def read_image(file: Path):
         raise UserError(f"{file}: not a readable image file (missing or not a regular file)")
     try:
         with Image.open(file) as image:
+            check_decoded_size(image, file)
             image.load()
             return image.copy()
+    except UserError:
+        raise
     except UnidentifiedImageError:
         raise UserError(f"{file}: not an image (unknown format)") from None
     except Exception as err:
@@ -154,6 +165,19 @@ def naming(file: Path | str) -> Iterator[None]:
     except Exception as err:  # a mode the conversion cannot handle
         raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
                         f"{str(err).strip()[:150]})") from None
+
+
+def check_decoded_size(image, file: Path) -> None:
+    """An opened (not yet decoded) image whose pixels would take more than MAX_DECODED_BYTES
+    is refused, naming the file."""
+    from PIL import ImageMode
+
+    mode = ImageMode.getmode(image.mode)
+    size = image.width * image.height * len(mode.bands) * int(mode.typestr[-1])
+    if size > MAX_DECODED_BYTES:
+        raise UserError(f"{file}: a {image.width}x{image.height} {image.mode} image decodes to "
+                        f"{size / 2**20:.0f} MiB; at most {MAX_DECODED_BYTES >> 20} MiB is read "
+                        f"(make it smaller)")
 
 
 def load_images(path: Path, transform, invert: bool = False,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from data.base import DataModule, seeded_split
+from data.base import DataModule, data_path, seeded_split
 from data.tabular import read_numeric_columns
 from engine.batches import TensorSplit
 from engine.errors import UserError
@@ -34,6 +34,7 @@ class QuadraticCSVData(DataModule):
         self.train_fraction, self.val_fraction = train_fraction, val_fraction
 
     def setup(self) -> None:
+        data_path(self.path, "data.path")
         cols = read_numeric_columns(self.path, [self.x_column, self.y_column])
         x, y = quadratic_features(cols[self.x_column]), cols[self.y_column].unsqueeze(1)
         _check_squares(x, self.path, self.x_column)

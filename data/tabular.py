@@ -6,9 +6,12 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, quote
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# A line of a CSV of numbers is short; pandas spent minutes (and memory) on a 1 GiB single
+# line, so longer lines are refused first, reading the file a block at a time.
+MAX_LINE_BYTES = 1 << 20
 
 
 def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torch.Tensor]:
@@ -24,13 +27,14 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
     if not path.is_file():
         raise UserError(f"{path}: is not a file (expected a CSV file with columns {columns})")
     try:
+        _check_line_lengths(path)
         # dtype=str: read the text as it is, so a bad cell can be quoted in the error.
         frame = pd.read_csv(path, skipinitialspace=True, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: CSV file is empty (expected columns {columns})") from None
     except pd.errors.ParserError as err:  # ragged rows: "Expected 2 fields in line 4, saw 3"
         first = str(err).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")
-        raise UserError(f"{path}: not a well-formed CSV ({first})") from None
+        raise UserError(f"{path}: not a well-formed CSV ({first[:100]})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file (undecodable bytes)") from None
     except OSError as err:
@@ -38,7 +42,10 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+        found = [quote(c, 20) for c in frame.columns[:5]]  # the header may be anything
+        if len(frame.columns) > 5:
+            found.append(f"... {len(frame.columns) - 5} more")
+        raise UserError(f"{path}: missing column(s) {missing}; found [{', '.join(found)}]")
     if frame.empty:
         raise UserError(f"{path}: CSV has a header but no data rows")
     out = {}
@@ -50,13 +57,31 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             cell = text.iloc[row]
-            what = "an empty cell (or a short row)" if cell == "" else repr(cell)
+            what = "an empty cell (or a short row)" if cell == "" else quote(cell)
             limit = " within float32 range (|x| <= 3.4e38)" if values.iloc[row] == values.iloc[
                 row] and abs(values.iloc[row]) < float("inf") else ""
             raise UserError(f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
                             f"{col!r}: expected a finite number{limit}, got {what}")
         out[col] = torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
     return out
+
+
+def _check_line_lengths(path: Path) -> None:
+    """Refuse a line longer than MAX_LINE_BYTES, in blocks of that size (bounded memory, and
+    a 1 GiB single line is refused after 2 MiB). A line inside one block is shorter than a
+    block, so only the lines that cross a block's start need measuring."""
+    line, last_newline, offset = 1, -1, 0
+    with open(path, "rb") as file:
+        while block := file.read(MAX_LINE_BYTES):
+            first = block.find(b"\n")
+            end = offset + (first if first >= 0 else len(block))  # where that line ends
+            if end - last_newline - 1 > MAX_LINE_BYTES:
+                raise UserError(f"{path}: line {line} is longer than "
+                                f"{MAX_LINE_BYTES >> 20} MiB; not a CSV of numbers")
+            if first >= 0:
+                line += block.count(b"\n")
+                last_newline = offset + block.rfind(b"\n")
+            offset += len(block)
 
 
 def _line_of(path: Path, row: int) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from data.base import DataModule, seeded_split
+from data.base import DataModule, data_path, seeded_split
 from data.images import image_transform, load_images
 from engine.errors import UserError
 
@@ -47,6 +47,7 @@ class TorchvisionData(DataModule):
     def _load(self, train: bool):
         from torchvision import datasets
 
+        data_path(self.root, "data.root")
         cls = getattr(datasets, self.dataset)
         if not self.check_integrity and hasattr(cls, "_check_integrity"):
             # CIFAR's md5 check of the official files; off only for hand-made files in tests.

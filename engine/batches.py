@@ -7,7 +7,9 @@ DataLoader's RandomSampler draws from the global RNG instead, which is why it is
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing.util  # registers its exit handler before ours (below)
 import os
 import signal
 import sys
@@ -65,6 +67,24 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     if MASKABLE:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     release_inherited_lock()
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit, multiprocessing's own handler SIGTERMs daemonic children (DataLoader workers)
+    and then joins them with no timeout; ours ignore SIGTERM (above), so a loader still open
+    when the program ends (after a worker's error or a stop mid-epoch the iterator lives on in
+    the traceback) hung the exit forever. Registered after that handler (atexit runs the
+    last registered first), this SIGKILLs them: they hold nothing worth saving.
+    Chosen over closing each iterator (torch has no public close) because it covers every
+    way out: a UserError, Interrupted, a bug's traceback."""
+    if hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report them as crashed
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 class Batches:

@@ -69,6 +69,8 @@ def validate_train(cfg: DictConfig) -> None:
     positive_int(ckpt.keep_last, "checkpoint.keep_last")
     positive_int(trainer.log_every_n_steps, "trainer.log_every_n_steps")
     positive_int(cfg.data.get("batch_size"), "data.batch_size")
+    positive_int(trainer.global_batch_size, "trainer.global_batch_size", allow_none=True,
+                 maximum=MAX_BATCH)
     lr = cfg.optimizer.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise UserError(f"optimizer.lr={lr!r}: expected a number > 0")
@@ -211,10 +213,7 @@ def check_limits(cfg: DictConfig) -> None:
     scheduler = cfg.get("scheduler")
     if isinstance(scheduler, DictConfig):
         for key in ("step_size", "T_max"):
-            value = scheduler.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise UserError(f"scheduler.{key}={value!r}: expected an integer >= 1")
+            positive_int(scheduler.get(key), f"scheduler.{key}", allow_none=True)
         for key in ("gamma", "eta_min"):
             value = scheduler.get(key)
             if value is not None and not (finite(value) and value >= 0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import reprlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -155,3 +156,12 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     raised while parsing a file, whose full text may be pages long."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def quote(text: str, limit: int = 40) -> str:
+    """Text from a user's file, quoted in an error message: repr'd and cut to about `limit`
+    characters (its start and end), never the whole of it; a header line of a 'CSV' may be
+    a whole file, such as /proc/self/environ."""
+    short = reprlib.Repr()
+    short.maxstring = limit
+    return short.repr(str(text))

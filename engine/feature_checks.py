@@ -13,12 +13,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from engine.config_schema import METRICS
 from engine.errors import UserError
 
+# The largest count a config may give: beyond it a value still fits a Python int but not the
+# C integers torch converts it to ("Overflow when unpacking long long" as a traceback).
+MAX_COUNT = 2**31 - 1
 
-def positive_int(value: Any, key: str, allow_none: bool = False) -> None:
+
+def positive_int(value: Any, key: str, allow_none: bool = False,
+                 maximum: int = MAX_COUNT) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{key}={value!r}: expected an integer >= 1")
+    if value > maximum:
+        raise UserError(f"{key}={value}: expected at most {maximum}")
 
 
 def finite(value: Any) -> bool:
@@ -44,6 +51,8 @@ def check_trainer_features(cfg: DictConfig) -> None:
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int)
                                or warmup < 0):
         raise UserError(f"scheduler.warmup_epochs={warmup!r}: expected an integer >= 0")
+    if warmup is not None and warmup > MAX_COUNT:
+        raise UserError(f"scheduler.warmup_epochs={warmup}: expected at most {MAX_COUNT}")
     if floor is not None and not (finite(floor) and 0 <= floor <= cfg.optimizer.lr):
         raise UserError(f"scheduler.min_lr={floor!r}: expected a number >= 0 and <= "
                         f"optimizer.lr ({cfg.optimizer.lr})")
@@ -59,10 +68,10 @@ def check_trainer_features(cfg: DictConfig) -> None:
     for key in ("limit_train_batches", "limit_val_batches", "overfit_batches"):
         value = trainer.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and value >= 1 or isinstance(value, float)
+                                      and 1 <= value <= MAX_COUNT or isinstance(value, float)
                                       and 0 < value <= 1):
-            raise UserError(f"trainer.{key}={value!r}: expected batches (an integer >= 1), "
-                            f"a fraction in (0, 1], or null")
+            raise UserError(f"trainer.{key}={value!r}: expected batches (an integer from 1 to "
+                            f"{MAX_COUNT}), a fraction in (0, 1], or null")
     stopping = cfg.get("early_stopping") or {}
     positive_int(stopping.get("patience"), "early_stopping.patience", allow_none=True)
     if stopping.get("patience") is not None:
