@@ -2,27 +2,20 @@
 reads the same without it.
 
   * `EarlyWriteback`: torch.save's output starts reaching the disk while it is still pickling.
-  * `verify`: every zip record's CRC-32, from a memory map (torch.load checks none).
+  * `verify`: every zip record's CRC-32 (torch.load checks none), by zipfile's own testzip.
   * `Snapshot` + `BackgroundWriter`: checkpoint.async=true copies the state into reused CPU
     buffers and writes the file in a thread, one write in flight at a time.
-
-Measured for `verify` on a 200 MB checkpoint (2 shared cores): 0.06-0.09 s here against
-0.08-0.10 s for zipfile's own `ZipFile.testzip()` (which copies each record through Python),
-0.32 s vs 0.43 s for 1 GiB.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
-import mmap
 import os
-import struct
 import sys
 import threading
 import weakref
 import zipfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -74,45 +67,12 @@ def verify(path: Path) -> None:
     """Check every record's CRC-32 (a flipped bit anywhere in the payload is caught); a
     truncated file fails earlier, when its zip directory is missing."""
     try:
-        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
-            bad = _first_bad_record(handle, archive)
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
     except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
         raise UserError(f"{path}: not a complete checkpoint file ({first_line(err)})") from None
     if bad is not None:
         raise UserError(f"{path}: corrupted checkpoint (checksum mismatch in record {bad})")
-
-
-def _first_bad_record(handle, archive: zipfile.ZipFile) -> str | None:
-    """archive.testzip() without its copies (0.32 s instead of 0.43 s for 1 GiB here):
-    torch.save stores records uncompressed, so each one's CRC-32 is computed by zlib straight
-    from a memory map of the file. The offsets come from zipfile's parsing of the central
-    directory (zip64 included)."""
-    size = os.fstat(handle.fileno()).st_size
-    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            for info in archive.infolist():
-                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-                    try:  # not written by torch.save: let zipfile decompress and check it
-                        with archive.open(info) as member:
-                            while member.read(1 << 20):
-                                pass
-                    except zipfile.BadZipFile:
-                        return info.filename
-                    continue
-                header = bytes(view[info.header_offset:info.header_offset + 30])
-                if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                    raise zipfile.BadZipFile(f"bad local header of record {info.filename}")
-                name_length, extra_length = struct.unpack("<HH", header[26:30])
-                start = info.header_offset + 30 + name_length + extra_length
-                end = start + info.compress_size
-                if end > size:
-                    raise zipfile.BadZipFile(f"record {info.filename} is truncated")
-                if zlib.crc32(view[start:end]) != info.CRC:
-                    return info.filename
-        finally:
-            view.release()
-    return None
 
 
 # ------------------------------------------------------------------- background writes
