@@ -38,7 +38,7 @@ from engine.config import (
     validate_inference,
     validate_train,
 )
-from engine.errors import EXIT_BAD_INPUT, UserError, raise_compose_errors
+from engine.errors import EXIT_BAD_INPUT, UserError, compose_errors_raised
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SHELL_COMPLETION_FLAGS = ("-sc", "--shell-completion")
@@ -60,9 +60,9 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
         check_command_line(config_name, argv)  # every job, before the first one starts
         main()
         return
-    raise_compose_errors()
     try:
-        main()
+        with compose_errors_raised():
+            main()
     except COMPOSE_ERRORS as err:
         if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
             raise
@@ -103,9 +103,9 @@ def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
     if len(commands) != 1 or commands[0][2] not in shells:
         problem = "expected one of install=SHELL, uninstall=SHELL or query=SHELL"
     else:
-        raise_compose_errors()  # Hydra raises instead of printing a traceback
         try:
-            main()
+            with compose_errors_raised():  # Hydra raises instead of printing a traceback
+                main()
         except Exception as err:  # noqa: BLE001 - e.g. query=bash outside a shell's completion
             problem = f"failed ({type(err).__name__}: {str(err).strip()[:80]})"
     if problem:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import reprlib
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -49,14 +50,19 @@ class Interrupted(Exception):  # noqa: N818 - it is a control-flow signal, not a
 _hydra_raises_until_task = False
 
 
-def raise_compose_errors() -> None:
+@contextlib.contextmanager
+def compose_errors_raised() -> Iterator[None]:
     """Until the task starts, Hydra raises what fails (a config that does not compose)
     instead of printing it, so that engine.cli.run_main can say it in one line. From the
-    task on (cli_errors), Hydra reports as usual."""
+    task on (cli_errors), and whatever way the block ends, Hydra reports as usual again."""
     global _hydra_raises_until_task
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         os.environ["HYDRA_FULL_ERROR"] = "1"  # read by Hydra when an exception reaches it
         _hydra_raises_until_task = True
+    try:
+        yield
+    finally:
+        _task_started()
 
 
 def _task_started() -> None:
