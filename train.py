@@ -25,19 +25,22 @@ from engine.checkpoint.state import build_checkpoint, check_finite, restore_chec
 from engine.cli import run_main
 from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
-from engine.debug import fast_dev_run
-from engine.early_stopping import make_early_stopping
-from engine.ema import make_ema
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
 from engine.loggers import open_loggers
 from engine.metrics import evaluate_all, plot_losses
 from engine.optuna_sweeper import register as register_optuna_sweeper
-from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
-from engine.schedules import build_scheduler, window_length
-from engine.summary import model_summary
+from engine.training import (
+    EMA,
+    EarlyStopping,
+    StopSignal,
+    build_scheduler,
+    fast_dev_run,
+    model_summary,
+    window_length,
+)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -83,8 +86,20 @@ def fit(cfg: DictConfig) -> dict:
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
-    stopper = make_early_stopping(cfg, resumed)  # None: early_stopping.patience=null
-    ema = make_ema(cfg, model, resumed, progress.global_step)  # None: trainer.ema_decay=null
+    # The stateful trainer features, None when off; an exact resume restores them (Fabric
+    # style: checkpoint key -> part with state_dict/load_state_dict), resume_mode=weights not.
+    stopping, decay = cfg.early_stopping, cfg.trainer.ema_decay
+    stopper = None if stopping.patience is None else EarlyStopping(
+        stopping.patience, stopping.monitor, cfg.checkpoint.mode, stopping.min_delta)
+    ema = None if decay is None else EMA(model, decay, cfg.trainer.channels_last)
+    features = {"early_stopping": stopper, "ema_state_dict": ema}
+    for key, part in features.items():
+        if part is None or resumed is None or cfg.resume_mode != "exact":
+            continue
+        if isinstance(resumed.get(key), dict):
+            part.load_state_dict(resumed[key])
+        elif ddp.is_main():
+            print(f"resume: the checkpoint has no {key}; it starts afresh")
     # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
     # a resumed run continues the same tracker run (engine/loggers.py); one that cannot start
     # stops the run before config.yaml is written
@@ -122,10 +137,8 @@ def fit(cfg: DictConfig) -> dict:
 
     def checkpoint() -> dict:
         state = build_checkpoint(config, raw_model, optimizer, scheduler, scaler, progress)
-        if ema is not None:
-            state["ema_state_dict"] = ema.state_dict()
-        if stopper is not None:
-            state["early_stopping"] = stopper.state_dict()
+        state.update({key: part.state_dict() for key, part in features.items()
+                      if part is not None})
         if loggers.state_dict():
             state["loggers"] = loggers.state_dict()  # e.g. the MLflow run id
         return state

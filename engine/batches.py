@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.errors import UserError
-from engine.preempt import preempt_signal
+from engine.errors import UserError, preempt_signal
 from engine.runlock import release_inherited_lock
 
 
@@ -59,7 +58,7 @@ MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process g
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave the stop to the main process (engine/preempt.py): a worker
+    """DataLoader workers leave the stop to the main process (engine/training.py): a worker
     killed by a scheduler's SIGTERM to the process group would crash the main process before
     it could save. Also drops the worker's copy of the run-folder lock (engine/runlock.py)."""
     for sig in STOP_SIGNALS:

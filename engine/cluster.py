@@ -5,7 +5,7 @@ hydra-submitit-launcher runs each job as `launcher(overrides, ...)` in a submiti
 whose SIGUSR2 handler (the notice SLURM sends `signal_delay_s` before a time limit) calls
 `launcher.checkpoint(...)`, pickles the DelayedSubmission it returns as the job and requeues
 it - at once, in the middle of a training step. Here the training loop's own handler
-(engine/preempt.py) takes the signal instead: it finishes the step, saves and exits with code
+(engine/training.py) takes the signal instead: it finishes the step, saves and exits with code
 3; only then does `__call__` hand the signal to submitit's handler, so the job is requeued
 with a checkpoint on disk. `checkpoint()` adds `resume=auto`, so the requeued job continues
 the run exactly; a job that SLURM itself requeued (preemption, node failure: its
@@ -38,8 +38,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher,
 )
 
-from engine import preempt
-from engine.errors import EXIT_INTERRUPTED
+from engine import training
+from engine.errors import EXIT_INTERRUPTED, preempt_signal
 
 RESUME = "resume=auto"
 PLUGIN_MODULE = "hydra_plugins.torch_template_submitit"
@@ -75,9 +75,9 @@ class _Requeue(BaseSubmititLauncher):
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # SLURM requeued it
             sweep_overrides = with_resume_auto(sweep_overrides)
-        notice = preempt.preempt_signal()
+        notice = preempt_signal()
         submitit_handler = signal.getsignal(notice) if notice is not None else None
-        preempt.received.clear()
+        training.received.clear()
         try:
             return super().__call__(sweep_overrides, *args, **kwargs)
         except SystemExit as stop:
@@ -99,7 +99,7 @@ def should_requeue(stop: SystemExit, notice: Any, submitit_handler: Any) -> bool
     """Requeue after a training loop saved and stopped (exit code 3) on the preemption
     notice, when submitit's handler is there to do it."""
     return (stop.code == EXIT_INTERRUPTED and notice is not None
-            and notice in preempt.received and callable(submitit_handler))
+            and notice in training.received and callable(submitit_handler))
 
 
 class RequeueLocalLauncher(_Requeue, LocalLauncher):

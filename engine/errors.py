@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import reprlib
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -20,6 +21,15 @@ EXIT_INTERNAL = 1  # a bug: full traceback
 EXIT_BAD_INPUT = 2  # bad config, data file or checkpoint: one line, nothing written
 EXIT_INTERRUPTED = 3  # SIGINT/SIGTERM/max_time: checkpoint saved, rerun with resume=auto
 EXIT_ABORTED = 130  # second SIGINT: stopped at once, nothing saved for the current step
+
+
+def preempt_signal() -> signal.Signals | None:
+    """The scheduler's notice before a time limit, which also stops a run with
+    EXIT_INTERRUPTED: SIGUSR2, or the one SUBMITIT_PREEMPT_SIGNAL names, as submitit reads it
+    (None without SIGUSR2). Here, not in engine/training.py (which imports engine/batches.py),
+    because engine/batches.py's workers must ignore it."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", getattr(signal, "SIGUSR2", None))
 
 
 # What a multirun job that failed on bad input returns instead of exiting (exit code 2 would

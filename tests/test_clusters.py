@@ -17,7 +17,7 @@ from conftest import REPO, run_script, train_run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from engine import preempt
+from engine import training
 from engine.cluster import (
     PLUGIN_MODULE,
     RequeueLocalLauncher,
@@ -28,7 +28,7 @@ from engine.cluster import (
 )
 from engine.distributed import adopt_scheduler_env, first_host
 from engine.errors import EXIT_INTERRUPTED
-from engine.preempt import StopSignal
+from engine.training import StopSignal
 from tests.faults import fault_env
 from tests.resume_helpers import assert_same_run
 
@@ -114,7 +114,7 @@ def _run_stopped(monkeypatch, sig, code, restart_count=None):
 def test_preemption_notice_saves_then_hands_over_to_submitits_requeue(monkeypatch):
     seen = _run_stopped(monkeypatch, signal.SIGUSR2, EXIT_INTERRUPTED)
     assert seen["requeued"] == signal.SIGUSR2
-    assert preempt.received == {signal.SIGUSR2}
+    assert training.received == {signal.SIGUSR2}
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, EXIT_INTERRUPTED),
@@ -137,7 +137,7 @@ def test_sigusr2_stops_training_like_sigterm():
     stop = StopSignal()
     try:
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert stop.reason == "SIGUSR2" and signal.SIGUSR2 in preempt.received
+        assert stop.reason == "SIGUSR2" and signal.SIGUSR2 in training.received
     finally:
         stop.restore()
 

@@ -7,7 +7,7 @@ import torch
 from conftest import compose, run_script
 from hydra.utils import instantiate
 
-from engine.schedules import build_scheduler
+from engine.training import build_scheduler
 
 EXPERIMENTS = ["linear_regression", "quadratic_csv", "digits_cnn", "vgg16_cifar10"]
 

@@ -11,7 +11,7 @@ from conftest import compose
 from torch import nn
 
 from engine.batches import TensorSplit
-from engine.summary import MAX_ROWS, layer_rows, model_summary, parameter_counts, size_mib
+from engine.training import MAX_ROWS, layer_rows, model_summary, parameter_counts, size_mib
 from models.small_cnn import SmallCNN
 from models.vgg16 import build_vgg16
 from train import train

@@ -16,9 +16,8 @@ import train as train_module
 from engine.batches import Batches
 from engine.checkpoint.load import load_checkpoint
 from engine.config import build
-from engine.early_stopping import EarlyStopping
-from engine.ema import EMA
 from engine.errors import UserError
+from engine.training import EMA, EarlyStopping
 from evaluate import evaluate
 from tests.faults import fault_env
 from tests.forkrun import ForkServer

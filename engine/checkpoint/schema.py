@@ -197,7 +197,7 @@ def _check_tensors(value: dict) -> str | None:
 
 
 def _check_early_stopping(value: Any, state: dict) -> str | None:
-    """engine/early_stopping.py's counter: monitor, best value so far, epochs without gain."""
+    """engine/training.py's EarlyStopping: monitor, best value so far, epochs without gain."""
     if value is None:
         return None
     monitor, best, wait = value.get("monitor"), value.get("best"), value.get("wait")

@@ -1,0 +1,300 @@
+"""The trainer features of train.py's loop: lr schedules and accumulation windows, EMA of the
+weights, early stopping, `fast_dev_run`, the graceful stop (signals, max_time), the model
+summary. EMA and EarlyStopping are built from the config and keep their state by Fabric's
+state_dict()/load_state_dict(). Value ranges: engine/feature_checks.py, before the run."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from engine import distributed as ddp
+from engine.batches import Split, TensorSplit
+from engine.checkpoint.load import load_model_state
+from engine.config import build
+from engine.errors import EXIT_ABORTED, first_line, preempt_signal
+
+# ------------------------------------------------------------------ schedules, accumulation
+# Schedule lengths stay in epochs: with scheduler.interval=step these keys of the shipped
+# schedulers are scaled by optimizer steps per epoch (the curve gets smooth, not shorter).
+EPOCH_KEYS = ("T_max", "step_size", "warmup_epochs", "epochs")
+
+
+class WarmupCosine:
+    """lr factor at schedule step t: (t+1)/(warmup+1) while t < warmup, then cosine from 1 to
+    `floor` at step `total`. An object, not a function, so LambdaLR saves its settings in the
+    checkpoint (a resume with another trainer.epochs is refused, as for cosine's T_max)."""
+
+    def __init__(self, warmup: int, total: int, floor: float) -> None:
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup:
+            return (t + 1) / (self.warmup + 1)
+        progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_epochs: int = 5,
+                  min_lr: float = 0.0, epochs: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    """configs/scheduler/warmup_cosine.yaml: linear warm-up, then cosine decay to `min_lr`."""
+    floor = min_lr / optimizer.param_groups[0]["lr"]  # lr > 0: engine/config.py
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_epochs, epochs, floor))
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, batches: int
+                    ) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
+    """(scheduler or None, True when it steps per optimizer step: scheduler.interval=step).
+    `batches`: training batches per epoch on this rank."""
+    section = cfg.get("scheduler")
+    if not section:
+        return None, False
+    section = OmegaConf.create(OmegaConf.to_container(section, resolve=True))
+    with open_dict(section):
+        per_step = section.pop("interval", "epoch") == "step"
+        steps = math.ceil(batches / int(cfg.trainer.get("accumulate_grad_batches", 1)))
+        section.update({key: section[key] * steps for key in EPOCH_KEYS
+                        if per_step and isinstance(section.get(key), int)})
+    return build(section, "scheduler")(optimizer), per_step
+
+
+def window_length(batch: int, batches: int, size: int) -> int:
+    """Batches in the accumulation window holding `batch` (1-based) of an epoch of `batches`:
+    `size`, or fewer for the epoch's last window when `size` does not divide the epoch."""
+    return min(size, batches - (batch - 1) // size * size)
+
+
+# ------------------------------------------------------------------- stateful features
+class EMA:
+    """`trainer.ema_decay`: ema = decay * ema + (1 - decay) * weights after each optimizer
+    step (the first copies them), buffers too, with torch's AveragedModel. Checkpoints keep the
+    raw weights (training resumes from them) and these under `ema_state_dict`; validation,
+    best.pt, test, evaluate/predict and export use these (checkpoint.load.inference_weights)."""
+
+    def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                      use_buffers=True)
+        if channels_last:  # as train.py trains the model
+            self.module.to(memory_format=torch.channels_last)
+
+    @property
+    def module(self) -> nn.Module:  # the averaged model, what validation runs
+        return self.averaged.module
+
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_model_state(self.module, state, "checkpoint ema_state_dict")
+        self.averaged.n_averaged.fill_(1)  # only 0 (copy, not average) matters; saved after a step
+
+
+class EarlyStopping:
+    """`early_stopping.patience`: stop once `monitor` has not improved by more than
+    `min_delta` for `patience` epochs in a row (Lightning's rule). Its counter is in the
+    checkpoint, so a resumed run stops at the epoch an uninterrupted one does."""
+
+    def __init__(self, patience: int, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+        # str(): the config's Choice enums; the state must be plain to load weights_only
+        self.patience, self.monitor, self.mode = patience, str(monitor), str(mode)
+        self.min_delta, self.wait = min_delta, 0  # wait: epochs since the last improvement
+        self.best: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.wait >= self.patience
+
+    def update(self, row: dict[str, Any]) -> bool:
+        """Record an epoch's metrics row; True when the run should stop now."""
+        value = float(row[self.monitor])
+        if self.best is None:
+            better = math.isfinite(value)
+        elif self.mode == "min":
+            better = value < self.best - self.min_delta
+        else:
+            better = value > self.best + self.min_delta
+        self.best, self.wait = (value, 0) if better else (self.best, self.wait + 1)
+        return self.stopped
+
+    @property
+    def reason(self) -> str:
+        best = "none" if self.best is None else f"{self.best:.4g}"
+        return (f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} "
+                f"for {self.wait} epochs (patience {self.patience}, best {best})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("monitor") != self.monitor:  # another metric: its counter does not apply
+            if ddp.is_main():
+                print(f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
+                      f"counter is for {state.get('monitor')}); its count starts again")
+            return
+        self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+
+
+# ------------------------------------------------------------------------- debug runs
+def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
+    """`trainer.fast_dev_run=true` (Lightning's name): `fit` one epoch of one train and one val
+    batch in a scratch checkpoint root, removed after: nothing written. Returns its row."""
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    with tempfile.TemporaryDirectory(prefix="fast_dev_run-") as scratch, open_dict(cfg):
+        for key, value in {"checkpoint.root": scratch, "resume": None, "trainer.epochs": 1,
+                           "trainer.max_time": None, "trainer.limit_train_batches": 1,
+                           "trainer.limit_val_batches": 1, "trainer.overfit_batches": None,
+                           "checkpoint.every_n_steps": None, "checkpoint.async": False,
+                           "checkpoint.export": False, "early_stopping.patience": None}.items():
+            OmegaConf.update(cfg, key, value)
+        row = fit(cfg)
+        if ddp.is_distributed():  # every rank done before rank 0 removes the folder
+            torch.distributed.barrier()
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.endswith("loss"))
+    print(f"fast_dev_run: one train batch and one val batch ran ({losses}); nothing was written")
+    return row
+
+
+# ---------------------------------------------------------------------- graceful stop
+# The signals that stopped a training loop of this process: the submitit launcher
+# (engine/cluster.py) requeues after the preemption notice, not after SIGTERM or Ctrl-C.
+received: set[signal.Signals] = set()
+
+
+class StopSignal:
+    """SIGTERM (schedulers), SIGINT (Ctrl-C) or the preemption notice (errors.preempt_signal)
+    sets `reason`; the loop finishes the step, saves and exits with EXIT_INTERRUPTED. A second
+    SIGINT aborts at once, as Ctrl-C pressed twice should. `max_time`: seconds of wall clock."""
+
+    def __init__(self, max_time: float | None = None) -> None:
+        self.reason: str | None = None
+        self.deadline = time.monotonic() + max_time if max_time else None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in dict.fromkeys(
+            (signal.SIGINT, signal.SIGTERM, preempt_signal())) if sig is not None}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            print("\nsecond SIGINT: aborting without saving", file=sys.stderr, flush=True)
+            os._exit(EXIT_ABORTED)
+        received.add(signal.Signals(signum))
+        self.reason = signal.Signals(signum).name
+        print(f"\n{self.reason}: finishing the current step, then saving a checkpoint "
+              f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def out_of_time(self, reserve: float) -> bool:
+        """True once the wall-clock budget minus `reserve` seconds (a save) is spent."""
+        if self.deadline is not None and time.monotonic() + reserve >= self.deadline:
+            self.reason = "trainer.max_time"
+        return self.reason == "trainer.max_time"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------- model summary
+MAX_ROWS = 30  # big models (VGG16: ~40 leaf calls): the first and last MAX_ROWS // 2
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters; a parameter shared by two modules counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def size_mib(model: nn.Module) -> float:
+    """Memory of the parameters and buffers (what a checkpoint of the weights holds)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _shape(output: Any) -> str:
+    if isinstance(output, torch.Tensor):
+        return str(list(output.shape))
+    if isinstance(output, dict):
+        return ", ".join(f"{k}: {_shape(v)}" for k, v in output.items()) or "-"
+    if isinstance(output, (tuple, list)):
+        return ", ".join(_shape(o) for o in output) or "-"
+    return type(output).__name__
+
+
+def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, str, str]]:
+    """(name, type, output shape, params) per leaf call in order, by forward hooks (no
+    torchinfo); "(reused)" for a module called again, shape "-" for one never called. Eval,
+    no grad, forked RNG, train flags put back: a run with the summary is bitwise one without."""
+    leaves = {name: m for name, m in model.named_modules() if not any(m.children())}
+    rows: list[tuple[str, str, str, str]] = []
+    called: set[str] = set()
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+            params = sum(p.numel() for p in module.parameters())
+            rows.append((name, type(module).__name__, _shape(output),
+                         "(reused)" if name in called else f"{params:,}"))
+            called.add(name)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in leaves.items()]
+    modes = {m: m.training for m in model.modules()}
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():  # each module's own flag (frozen BN stays)
+            module.training = training
+    rows += [(name, type(m).__name__, "-", f"{sum(p.numel() for p in m.parameters()):,}")
+             for name, m in leaves.items() if name not in called]
+    return rows
+
+
+def _table(rows: list[tuple[str, str, str, str]], max_rows: int) -> list[str]:
+    if len(rows) > max_rows:
+        half = max_rows // 2
+        rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] \
+            + rows[-half:]
+    header = ("layer", "type", "output shape", "params")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    return ["  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)),
+                              r[3].rjust(widths[3])]).rstrip() for r in [header, *rows]]
+
+
+def model_summary(model: nn.Module, split: Split, device: torch.device,
+                  max_rows: int = MAX_ROWS) -> str:
+    """What train.py prints at the start (`trainer.model_summary`): parameter counts, size,
+    and the layer table for the first two samples of `split`."""
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return (f"model {type(model).__name__}: lazy (uninitialised) parameters; no summary "
+                f"before the first batch (trainer.model_summary=false hides this line)")
+    total, trainable = parameter_counts(model)
+    lines = [f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable, "
+             f"{total - trainable:,} frozen), {size_mib(model):.2f} MiB with buffers"]
+    try:
+        with torch.random.fork_rng(devices=[]):  # a Dataset drawing in __getitem__
+            inputs = (split.x[:2] if isinstance(split, TensorSplit) else torch.stack(
+                [torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))])).to(device)
+        rows = layer_rows(model, inputs)
+    except Exception as err:  # the summary never decides whether a run starts
+        lines.append(f"  (no layer table: the forward of a sample batch failed: "
+                     f"{first_line(err)})")
+    else:
+        lines += [f"  layers for an input batch of shape {list(inputs.shape)}:",
+                  *_table(rows, max_rows)]
+    return "\n".join(lines)
