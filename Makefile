@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make train` and `make test`. Both create .venv if missing.
+# make test: the fast tier (not slow, 2 workers); make test-full: everything (what .ci/run runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test test-full bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,10 @@ train: $(STAMP)
 	$(PY) train.py resume=auto $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+
+test-full: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(ARGS)

@@ -83,3 +83,12 @@ def points(tmp_path) -> Path:
     path = tmp_path / "points.csv"
     path.write_text("x\n0.1\n0.5\n0.9\n")
     return path
+
+
+# The longest single tests start first, so that with `pytest -n 2` (make test-full) the other
+# worker works through the rest meanwhile instead of both waiting on them at the end.
+LONGEST_FIRST = ("test_readme.py::test_readme_runs_in_order", "test_cli_vgg16_one_step_at_32px")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_FIRST))

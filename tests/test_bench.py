@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from tests.faults import fault_env
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_every_item_and_writes_results(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/bench.py", "--quick", "--out",
                              str(tmp_path)], cwd=REPO, capture_output=True, text=True,

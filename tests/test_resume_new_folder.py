@@ -5,10 +5,12 @@ epoch comes along as the new folder's best.pt, so the final export and
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_resume_into_a_new_folder_writes_its_own_best(tmp_path):
     run_script("train.py", "trainer.epochs=2", "checkpoint.every_n_epochs=1", root=tmp_path)
     source = tmp_path / "linear_regression" / "epoch_0002.pt"

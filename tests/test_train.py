@@ -55,8 +55,8 @@ def test_new_run_over_existing_checkpoints_is_refused(train_cfg, tmp_path):
     assert before == after
 
 
-@pytest.mark.parametrize("experiment,stop,total", [("digits_cnn", 2, 4),
-                                                   ("quadratic_csv", 3, 7)])
+@pytest.mark.parametrize("experiment,stop,total", [
+    pytest.param("digits_cnn", 2, 4, marks=pytest.mark.slow), ("quadratic_csv", 3, 7)])
 def test_resume_after_epoch_k_reproduces_the_uninterrupted_run(train_cfg, tmp_path,
                                                                experiment, stop, total):
     common = [f"experiment={experiment}", "checkpoint.every_n_epochs=1", "scheduler=step",
@@ -84,6 +84,7 @@ def test_resume_of_a_finished_run_does_nothing(train_cfg, tmp_path, capsys):
     assert (tmp_path / "linear_regression/last.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_digits_from_the_checkpoint_alone(train_cfg, tmp_path):
     from PIL import Image
 

@@ -158,6 +158,7 @@ def test_resume_from_a_tutorial_general_checkpoint(tmp_path, style):
     assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["lr"] == 0.01
 
 
+@pytest.mark.slow
 def test_failed_resume_of_a_tutorial_file_leaves_no_config(tmp_path):
     net = Net()  # tutorial 000's model: not the quadratic model's weights
     optimizer = optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
@@ -236,7 +237,8 @@ def _perfect_line_model() -> LinearRegressionModel:
     return model
 
 
-@pytest.mark.parametrize("kind", ["state_dict", "general", "export", "multi"])
+@pytest.mark.parametrize("kind", ["state_dict", *(pytest.param(kind, marks=pytest.mark.slow)
+                                                 for kind in ("general", "export", "multi"))])
 def test_warm_start_from_initial_weights(tmp_path, kind):
     """weights=FILE starts a NEW run from the file's weights: with a near-zero lr the first
     epoch's loss is that of y = 0.7x + 0.3 exactly, not of a random model."""
@@ -300,6 +302,7 @@ def test_warm_start_strict_false_skips_a_new_head(tmp_path):
                               atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_several_models_in_one_file(tmp_path, points):
     """Tutorial 004's multi-model file: refused without weights_key (naming the models),
     each model picked by weights_key in all three scripts."""
@@ -383,6 +386,7 @@ def pt2_run(tmp_path_factory) -> Path:
     return root / "lin"
 
 
+@pytest.mark.slow
 def test_pt2_export_predicts_without_model_config(pt2_run, tmp_path, points):
     shipped = tmp_path / "shipped" / "model.pt2"  # the file alone: no class, no config.yaml
     shipped.parent.mkdir()
