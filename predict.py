@@ -22,8 +22,8 @@ from data.base import data_path
 from engine.cli import run_main
 from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import UserError, cli_errors
-from engine.inference import load_for_inference
-from engine.outputs import check_output, is_predictions_csv
+from engine.metrics import load_for_inference
+from engine.outputs import check_output, is_predictions_csv, write_atomic
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -66,17 +66,7 @@ def predict(cfg: DictConfig) -> Path:
         header = ["input", *[f"feature_{i}" for i in range(inputs.shape[1])], "prediction"]
         rows = [[n, *[f"{float(v):.6g}" for v in x], f"{float(p[0]):.6g}"]
                 for n, x, p in zip(names, inputs, predictions, strict=True)]
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:  # all rows to a temporary file, then one rename: never a partial CSV
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(header)
-            writer.writerows(rows)
-        tmp.replace(output)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"output={output}: cannot write ({err.strerror or err})") from None
+    write_atomic(output, lambda out: csv.writer(out).writerows([header, *rows]))  # never partial
     print(f"wrote {len(rows)} predictions to {output}")
     return output
 

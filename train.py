@@ -26,9 +26,8 @@ from engine.cli import run_main
 from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
-from engine.finish import finish_run
 from engine.loggers import open_loggers
-from engine.metrics import evaluate_all, plot_losses
+from engine.metrics import evaluate, finish_run, plot_losses
 from engine.optuna_sweeper import register as register_optuna_sweeper
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
@@ -228,7 +227,7 @@ def fit(cfg: DictConfig) -> dict:
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
-        val = evaluate_all(eval_model, val_batches, loss_fn, classification, ctx)
+        val = evaluate(eval_model, val_batches, loss_fn, classification, ctx, all_ranks=True)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
             raise UserError(f"non-finite validation loss at epoch {epoch}, step "
                             f"{progress.global_step}; lower optimizer.lr; the last good "

@@ -1,40 +1,95 @@
-"""Metrics: evaluation (over every rank under torchrun), metrics.csv (one row per epoch) and
-the plots (matplotlib is imported only when a plot is made: it costs start-up time)."""
+"""Evaluation (one `evaluate` for validation, the end-of-run test and evaluate.py),
+metrics.csv, the plots, the end-of-run outputs, and rebuilding a model for evaluate/predict.
+matplotlib is imported only when a plot is made: it costs start-up time."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from engine.distributed import all_sum, broadcast_from_main, is_distributed, rank_zero_only, unwrap
+from engine import distributed as ddp
+from engine.batches import Batches
+from engine.checkpoint.load import (
+    inference_weights,
+    load_checkpoint,
+    load_model_state,
+    load_state_dict_file,
+)
 from engine.errors import UserError
+from engine.export import export_checkpoint
+from engine.export_read import CONFIG, is_export, load_export, load_pt2
 from engine.outputs import write_atomic
+from engine.runtime import resolve_device
+from engine.target_checks import build, saved_sections
 
 
-@rank_zero_only
+# ------------------------------------------------------------------------ evaluation
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: Any, loss_fn: Any, classification: bool,
+             autocast_ctx: Any = None, *, all_ranks: bool = False, confusion: bool = False,
+             outputs: bool = False) -> dict[str, Any]:
+    """`loss`, `acc` (a classifier) and `samples` of a split; sums stay on the device until
+    the end. all_ranks: each rank's `distributed.shard`, summed over ranks (the plain module
+    runs: no collective in the loop, shards may differ in length). confusion: also
+    `confusion_matrix` (counts[true][predicted]); outputs: also `outputs` (float, CPU)."""
+    if all_ranks and ddp.is_distributed():
+        model = ddp.unwrap(model)
+        ddp.broadcast_from_main(model.buffers())  # BatchNorm statistics: rank 0's, as saved
+    model.eval()
+    losses, hits, pairs, kept, n = [], [], [], [], 0
+    for x, y in batches:
+        with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
+            out = model(x)
+            losses.append(loss_fn(out, y).float() * len(y))
+        if classification:
+            predicted, classes = out.argmax(1), out.shape[1]
+            hits.append((predicted == y).sum())
+        if confusion:
+            pairs.append(torch.bincount(y * classes + predicted, minlength=classes ** 2))
+        if outputs:
+            kept.append(out.float().cpu())
+        n += len(y)
+    loss_sum = torch.stack(losses).sum().item() if losses else 0.0
+    hit_sum = torch.stack(hits).sum().item() if hits else 0
+    if all_ranks:
+        loss_sum, hit_sum, n = ddp.all_sum([loss_sum, hit_sum, n])
+    result: dict[str, Any] = {"loss": loss_sum / n if n else float("nan"), "samples": int(n)}
+    if classification:
+        result["acc"] = hit_sum / n if n else float("nan")
+    if pairs:
+        result["confusion_matrix"] = torch.stack(pairs).sum(0).view(classes, classes).tolist()
+    if outputs:
+        result["outputs"] = torch.cat(kept) if kept else torch.empty(0)
+    return result
+
+
+# -------------------------------------------------------------------- metrics.csv
+@ddp.rank_zero_only
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rewrite the whole file from the checkpoint's history (atomic): after a resume the CSV
-    holds exactly the epochs the model state has seen, none duplicated, none missing."""
+    """Rewrite the whole file from the run's history (atomic): after a resume the CSV holds
+    exactly the epochs the model state has seen, none duplicated, none missing."""
     def write(out) -> None:
         if rows:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 
-    write_atomic(path, write)  # a full disk: one line, no temporary left
+    write_atomic(path, write)
 
 
-@rank_zero_only
+@ddp.rank_zero_only
 def append_csv(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(row))
-    if new:
+    if not path.exists() or path.stat().st_size == 0:
         writer.writeheader()
     writer.writerow(row)
     try:
@@ -45,13 +100,9 @@ def append_csv(path: Path, row: dict) -> None:
 
 
 def read_history(path: Path, epoch: int) -> list[dict]:
-    """The rows of metrics.csv for epochs 1..`epoch` (the history of a checkpoint at `epoch`).
-
-    Checkpoints do not carry the history (it would make every save grow with the run's
-    length): metrics.csv is the history. A row is appended before the checkpoint of its epoch
-    is written, so the file has at least the checkpoint's epochs; later rows (of epochs the
-    resumed run recomputes) are dropped. Values are read back as int/float, so rewriting
-    them with write_csv gives the same bytes."""
+    """The rows of metrics.csv for epochs 1..`epoch`: a checkpoint's history (not in it: every
+    save would grow with the run). Rows after `epoch` (epochs a resume recomputes) are dropped;
+    values are read back as int/float, so write_csv rewrites the same bytes."""
     if not path.is_file():
         return []
     with open(path, newline="") as rows:
@@ -68,37 +119,36 @@ def read_history(path: Path, epoch: int) -> list[dict]:
     return history
 
 
-@rank_zero_only
-def plot_losses(rows: list[dict], path: Path) -> None:
-    """Train and validation loss per epoch, as PNG (written atomically: a kill mid-write
-    never leaves a torn file that a later resume would take as done)."""
+# -------------------------------------------------------------------------- plots
+def _pyplot():
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig = loss_figure(rows)
+
+def save_figure(fig, path: Path) -> Path:
+    """PNG, written atomically (a kill mid-write never leaves a torn file), then closed."""
     try:
-        write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
+        return write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100),
+                            binary=True)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
+
+
+@ddp.rank_zero_only
+def plot_losses(rows: list[dict], path: Path) -> None:
+    save_figure(loss_figure(rows), path)
 
 
 def loss_figure(rows: list[dict]):
-    """The loss-curve figure (open, for tests to inspect before it is saved)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Train and validation loss per epoch (open, for tests to inspect)."""
     epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
     ax.plot(epochs, [r["val_loss"] for r in rows], label="val loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log" if min(r["val_loss"] for r in rows) > 0 else "linear")
-    ax.set_title(f"training and validation loss ({len(rows)} epochs)")
+    ax.set(xlabel="epoch", ylabel="loss", title=f"training and validation loss ({len(rows)} "
+           f"epochs)", yscale="log" if min(r["val_loss"] for r in rows) > 0 else "linear")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -108,41 +158,29 @@ def loss_figure(rows: list[dict]):
 def regression_figure(train: tuple[torch.Tensor, torch.Tensor],
                       test: tuple[torch.Tensor, torch.Tensor], predictions: torch.Tensor,
                       split: str = "test"):
-    """The workflow tutorial's plot_predictions: train and `split` points and the model's
-    predictions against the last feature column (x). The data points are drawn above the
-    prediction markers, so a good fit does not hide them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """The workflow tutorial's plot_predictions against the last feature column (x); the
+    data points are drawn above the predictions, so a good fit does not hide them."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data",
                zorder=2)
     ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5,
                label="predictions", zorder=3)
     ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data",
                zorder=4)
-    ax.set_xlabel("x (input feature)")
-    ax.set_ylabel("y (target / prediction)")
-    ax.set_title(f"predictions on the {split} split")
+    ax.set(xlabel="x (input feature)", ylabel="y (target / prediction)",
+           title=f"predictions on the {split} split")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None):
+def confusion_figure(matrix: torch.Tensor):
     """Confusion matrix with every class labelled and each count readable (white on dark)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     classes = matrix.shape[0]
-    names = class_names or [str(i) for i in range(classes)]
+    names = [str(i) for i in range(classes)]
     size = max(5.0, 0.6 * classes + 1.5)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = _pyplot().subplots(figsize=(size, size))
     ax.imshow(matrix.numpy(), cmap="Blues")
     ax.set_xticks(range(classes), names, rotation=90 if max(map(len, names)) > 3 else 0)
     ax.set_yticks(range(classes), names)
@@ -151,61 +189,139 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str] | None = None)
         for j in range(classes):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=10,
                     color="white" if float(matrix[i, j]) > dark else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
     total = float(matrix.sum())
-    ax.set_title(f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}")
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}")
     fig.tight_layout()
     return fig
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches, loss_fn, classification: bool,
-             autocast_ctx=None, confusion: bool = False) -> dict[str, Any]:
-    """Mean loss (and accuracy) over a split; sums stay on the device, read once at the end.
-    confusion=True (a classifier): also `confusion_matrix`, counts[true][predicted]."""
-    model.eval()
-    total = correct = counts = None
-    n = 0
-    for x, y in batches:
-        with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
-            out = model(x)
-            loss = loss_fn(out, y).float() * len(y)
-        total = loss if total is None else total + loss
-        if classification:
-            predicted = out.argmax(1)
-            hits = (predicted == y).sum()
-            correct = hits if correct is None else correct + hits
-            if confusion:
-                classes = out.shape[1]
-                pairs = torch.bincount(y * classes + predicted, minlength=classes * classes)
-                counts = pairs if counts is None else counts + pairs
-        n += len(y)
-    if total is None:
-        return {"loss": float("nan")}
-    result: dict[str, Any] = {"loss": total.item() / n}
-    if classification:
-        result["acc"] = correct.item() / n
-    if counts is not None:
-        side = int(round(len(counts) ** 0.5))
-        result["confusion_matrix"] = counts.reshape(side, side).tolist()
+# ----------------------------------------------------------------- the end of a run
+def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
+               device: torch.device, history: list[dict], ctx: Any = None,
+               only_missing: bool = False) -> dict[str, Any]:
+    """loss_curve.png, test_metrics.json (best.pt on the test split) and export/; again, with
+    only_missing, on `resume=auto` of a complete run: a stop after the last checkpoint (kill,
+    Ctrl-C, full disk) is made good then. Loads best.pt into `model`; returns its metrics.
+    torchrun: rank 0 does it all; the barrier: a rank leaving right after a broadcast
+    sometimes aborted in gloo's teardown."""
+    result = ddp.on_main(_finish, cfg, run_dir, model, data, loss_fn, device, history, ctx,
+                         only_missing)
+    if ddp.is_distributed():
+        torch.distributed.barrier()
     return result
 
 
-def evaluate_all(model: torch.nn.Module, batches: Any, loss_fn: Any, classification: bool,
-                 autocast_ctx: Any = None) -> dict[str, float]:
-    """`evaluate` over every rank's `distributed.shard` of the split, summed and divided
-    once: the same numbers one process gets on the whole split. Runs the plain module, so no
-    collective happens inside the loop and shards may differ in length."""
-    if not is_distributed():
-        return evaluate(model, batches, loss_fn, classification, autocast_ctx)
-    module = unwrap(model)
-    broadcast_from_main(module.buffers())  # BatchNorm statistics: rank 0's, the ones it saves
-    local = evaluate(module, batches, loss_fn, classification, autocast_ctx)
-    n = batches.samples()  # this rank's samples (trainer.limit_val_batches may cut them)
-    loss_sum, hits, total = all_sum([local["loss"] * n if n else 0.0,
-                                     local.get("acc", 0.0) * n if n else 0.0, float(n)])
-    result = {"loss": loss_sum / total if total else float("nan")}
-    if classification:
-        result["acc"] = hits / total if total else float("nan")
-    return result
+def _finish(cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missing) -> dict:
+    plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json",
+                                      run_dir / "export")
+    # A run continued in a new folder from another run's checkpoint has no best.pt of its own
+    # until an epoch beats the best it inherited: then its newest checkpoint stands in.
+    best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    made = []
+    if history and not (only_missing and plot.exists()):
+        plot_losses(history, plot)
+        made.append(plot.name)
+    if only_missing and metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+    else:  # best.pt on the test split: the split no choice of the run has seen
+        state = load_checkpoint(best, "cpu")
+        load_model_state(ddp.unwrap(model), inference_weights(state), best)  # EMA when kept
+        split, classification = data.split("test"), data.task == "classification"
+        result = evaluate(ddp.unwrap(model), Batches(split, data.batch_size, device,
+                                                     num_workers=data.num_workers),
+                          loss_fn, classification, ctx, confusion=classification)
+        metrics = {f"test_{k}": result[k] for k in ("loss", "acc") if k in result}
+        metrics.update(epoch=int(state["epoch"]), samples=len(split), checkpoint=str(best),
+                       **{k: result[k] for k in ("confusion_matrix",) if k in result})
+        write_atomic(metrics_path, lambda out: out.write(json.dumps(metrics, indent=2) + "\n"))
+        print(f"test ({best.name}, epoch {metrics['epoch']}): " + "  ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_")))
+        made.append(metrics_path.name)
+    exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
+    if cfg.checkpoint.export and not (only_missing and exported):
+        pt2 = cfg.checkpoint.get("export_pt2")  # + model.pt2 (torch.export): seconds to trace
+        example = next(iter(Batches(data.split("val"), 2, device)))[0][:2] if pt2 else None
+        exported = export_checkpoint(best, export_dir, model if pt2 else None, example)
+        print(f"exported best weights to {exported}")
+        made.append(f"{export_dir.name}/")
+    if only_missing and made:
+        print(f"made the missing end-of-run output: {', '.join(made)}")
+    return metrics
+
+
+# ------------------------------------------------- rebuilding a model (evaluate/predict)
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    data: Any  # a data.base.DataModule
+    config: DictConfig  # data/model/loss sections used
+    source: Path
+    device: torch.device
+    trusted: set[str]  # sections from the command line; the others are the file's: checked
+
+    def build(self, key: str) -> Any:
+        return build(self.config[key], key, None if key in self.trusted else self.source)
+
+    def loss(self) -> torch.nn.Module:
+        if self.config.get("loss") is not None:
+            return self.build("loss")
+        return torch.nn.CrossEntropyLoss() if self.data.task == "classification" \
+            else torch.nn.MSELoss()
+
+
+def load_for_inference(cfg: DictConfig) -> Loaded:
+    """The model and data module of ckpt=PATH (a train.py checkpoint: its config says how to
+    build them), ckpt=DIR or .pt2 (an export), or weights=PATH (a bare state_dict, with
+    model=... data=... from the command line)."""
+    device = resolve_device(cfg.get("device", "auto"))
+    ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
+    program, trusted = None, set()  # trusted: sections from the command line, not the file
+    if bool(ckpt) == bool(weights):
+        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
+                        "or weights=PATH (a bare state_dict, with model=... data=...)")
+    if ckpt:
+        source = Path(str(ckpt))
+        if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
+            (program, saved), state = load_pt2(source), None
+        elif is_export(source):
+            saved, state = load_export(source)
+        elif source.is_dir():
+            raise UserError(f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
+                            f"expected a checkpoint file (.pt) or an export folder")
+        else:
+            checkpoint = load_checkpoint(source, "cpu")
+            saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
+        # The file's config names the classes to build: only project/torch.nn ones.
+        config = saved_sections(saved, source, ("data",) if program is not None
+                                else ("data", "model"))  # .pt2: no model section
+        # A command-line data choice wins (evaluate on another dataset or a moved root).
+        if cfg.get("data") is not None:
+            config.data = OmegaConf.to_container(cfg.data, resolve=True)
+            trusted = {"data"}
+    else:
+        source = Path(str(weights))
+        if cfg.get("model") is None or cfg.get("data") is None:
+            raise UserError(f"weights={source}: name the architecture and data too, e.g. "
+                            f"model=small_cnn data=digits")
+        config = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True)
+                                   if cfg.get(k) is not None else None
+                                   for k in ("data", "model", "loss")})
+        state, trusted = None, {"data", "model", "loss"}
+    if cfg.get("batch_size"):
+        config.data.batch_size = int(cfg.batch_size)
+    loaded = Loaded(None, None, config, source, device, trusted)
+    loaded.data = loaded.build("data")
+    if program is not None:
+        loaded.model = program.to(device)  # exported in eval mode; .eval() is not supported
+        return loaded
+    if "weights" in config.model:  # never re-import pretrained weights over trained ones
+        config.model.weights = None
+    model = loaded.build("model")
+    strict = bool(cfg.get("strict", True))
+    if state is not None:
+        load_model_state(model, state, source, strict=strict)
+    else:
+        load_state_dict_file(model, source, strict=strict, key=cfg.get("weights_key"))
+    loaded.model = model.to(device).eval()
+    return loaded

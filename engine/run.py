@@ -90,7 +90,7 @@ def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
     """The inherited best epoch's checkpoint becomes this folder's best.pt when it is at hand
     (the resumed file itself, or epoch_N.pt beside it), so `evaluate.py ckpt=NEW/best.pt`
     works even when no later epoch beats it; otherwise best.pt comes with the first better
-    epoch, and the end of the run uses last.pt in its place (engine/finish.py)."""
+    epoch, and the end of the run uses last.pt in its place (engine/metrics.py)."""
     source = (resumed or {}).get("best_from")
     best_epoch = ((resumed or {}).get("best") or {}).get("epoch")
     if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():

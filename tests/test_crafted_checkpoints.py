@@ -145,7 +145,7 @@ def resume_path(path: Path, root: Path) -> None:
 
 
 def evaluate_path(path: Path, root: Path) -> None:
-    from engine.inference import load_for_inference
+    from engine.metrics import load_for_inference
 
     cfg = OmegaConf.create({"ckpt": str(path), "weights": None, "device": "cpu"})
     load_for_inference(cfg)
@@ -305,7 +305,7 @@ def test_abstract_data_module_in_export_config_is_refused(trained_run, tmp_path)
         config[key] = {"_target_": "data.base.DataModule", "batch_size": 8}
         (out / "config.yaml").write_text(yaml.safe_dump(config))
         cfg = OmegaConf.create({"ckpt": str(out), "weights": None, "device": "cpu"})
-        from engine.inference import load_for_inference
+        from engine.metrics import load_for_inference
 
         with pytest.raises(UserError) as info:
             load_for_inference(cfg)

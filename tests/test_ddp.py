@@ -198,7 +198,7 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
     from engine.batches import Batches, TensorSplit
     from engine.checkpoint.state import Progress, build_checkpoint, restore_checkpoint
     from engine.errors import UserError
-    from engine.metrics import evaluate, evaluate_all
+    from engine.metrics import evaluate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -271,7 +271,7 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
         whole = evaluate(net, Batches(split, 4, torch.device("cpu")), loss, True)
         part = ddp.shard(split)
         assert len(part) == (6 if rank == 0 else 5)
-        sharded = evaluate_all(net, Batches(part, 4, torch.device("cpu")), loss, True)
+        sharded = evaluate(net, Batches(part, 4, torch.device("cpu")), loss, True, all_ranks=True)
         assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-6)
         assert sharded["acc"] == pytest.approx(whole["acc"], rel=1e-12)
     finally:

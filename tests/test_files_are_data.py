@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from engine.checkpoint.load import load_checkpoint, load_export_model, load_state_dict_file
 from engine.errors import UserError
 from engine.export import export_checkpoint, export_pt2
-from engine.inference import load_for_inference
+from engine.metrics import load_for_inference
 from engine.target_checks import build
 
 SEED = 20261206

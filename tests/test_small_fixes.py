@@ -264,6 +264,6 @@ def test_a_bug_in_the_training_loop_is_still_a_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("val_loss")
 
-    monkeypatch.setattr(train_script, "evaluate_all", broken)
+    monkeypatch.setattr(train_script, "evaluate", broken)
     with pytest.raises(KeyError):
         train_run(tmp_path, "trainer.epochs=1")
