@@ -228,7 +228,6 @@ def test_trusted_command_line_still_resolves(run, tmp_path):
     assert loaded.data.batch_size == 16
 
 
-@pytest.mark.slow
 def test_scripts_refuse_a_crafted_file_in_one_line(run, tmp_path):
     """As a user runs them: every script that reads a file exits 2 with one line, and the
     marker never appears. Subprocesses in parallel (they wait on start-up)."""

@@ -53,7 +53,6 @@ def quad_run(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------ 1. DataLoader worker errors
 
-@pytest.mark.slow
 def test_a_worker_error_exits_promptly(tmp_path):
     """A truncated PNG seen by a DataLoader worker: one line and exit 2, not a hang (workers
     ignore SIGTERM, which is what Python's exit sends them)."""
