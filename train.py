@@ -155,6 +155,8 @@ def fit(cfg: DictConfig) -> dict:
             plotted, plotted_at = len(progress.history), time.perf_counter()
         if stop.reason:  # the process exits next: with checkpoint.async the file must be done
             ddp.on_main(saver.wait)
+        # the trackers get the values a checkpoint holds once it is written (async: the last's)
+        loggers.saved(durable=bool(stop.reason) or not saver.background)
         return path
 
     def finish(only_missing: bool = False) -> dict:
@@ -242,7 +244,7 @@ def fit(cfg: DictConfig) -> dict:
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
         stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
-        loggers.log_epoch(row)  # metrics.csv, trackers: before the checkpoint (resume reads it)
+        loggers.log_epoch(row)  # metrics.csv now (resume reads it); trackers after the save
         ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
         periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
         if periodic or stop.reason:  # a stop during validation saves here

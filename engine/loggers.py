@@ -1,286 +1,357 @@
 """Experiment tracking (configs/logger/): metrics.csv always, TensorBoard and MLflow when
-chosen (`logger=[csv,tensorboard,mlflow]`). One class per tracker behind one small interface
-(`Logger`); `Loggers` hands each call to all of them, so train.py calls it in four places.
-Only rank 0 tracks under torchrun (the other ranks get an empty `Loggers`).
+chosen (`logger=[csv,tensorboard,mlflow]`); rank 0 only under torchrun.
 
-A resumed run continues the same tracker run, no step twice, none missing, also after a
-kill -9 past the last checkpoint: metrics.csv is rewritten from the checkpoint's history,
-TensorBoard purges what came after the checkpoint (`purge_step`), MLflow reopens the run whose
-id the checkpoint holds (`loggers` key) and drops the values logged after its epoch
-(engine/mlflow_logger.py)."""
+Trackers get a value only once a checkpoint holding it is written (`Loggers.saved`): a killed
+run's tracker never holds what its resume trains again, so a resume deletes nothing and goes on
+logging in the same tracker run (the MLflow run id is the checkpoint's `loggers` key)."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.distributed import on_main
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from engine.metrics import append_csv, confusion_figure, loss_figure, write_csv
-from engine.mlflow_logger import MLflowLogger
 
 KNOWN = {"csv": (), "tensorboard": ("flush_secs",),
          "mlflow": ("tracking_uri", "experiment_name", "artifacts")}
+PARAM_LENGTH = 6000  # MLflow's limit (log_batch splits long lists itself)
+QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+FOLDER_TAG = "run_folder"  # MLflow tag: finds a run whose process died before any value
 
 
-class Logger:
-    """What every tracker may do; the defaults do nothing."""
+class TensorBoardLogger:
+    """Event files in <run>/tensorboard/ (x axis: global step), made at the first send. A
+    resumed writer hides steps after its checkpoint (`purge_step`): only a resume from an
+    earlier checkpoint than the last finds any."""
 
-    wants_steps = False  # log_step is called (one host sync every trainer.log_every_n_steps)
+    def __init__(self, run_dir: Path, config: dict, history: list[dict], step: int,
+                 flush_secs: int) -> None:
+        self.dir, self.writer = run_dir / "tensorboard", None
+        try:  # refused here in one line: the writer's thread would print a traceback
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.dir).close()
+        except OSError as err:
+            what = "not a folder" if self.dir.exists() and not self.dir.is_dir() else err.strerror
+            raise UserError(f"{self.dir}: {what}; logger=tensorboard expected a folder it can "
+                            f"write its event files to") from None
+        self.new = not any(self.dir.glob("events.out.tfevents.*"))
+        self.config, self.history, self.step, self.flush = config, list(history), step, flush_secs
 
-    def log_step(self, step: int, loss: float) -> None:
-        """The training loss of optimizer step `step`."""
+    def send(self, entries: list[dict]) -> None:
+        """Epoch rows and {step, train_loss_step} entries, each at its global step."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
-    def log_epoch(self, row: dict) -> None:
-        """One epoch's metrics row (epoch, step, train_loss, val_loss, [val_acc,] lr), logged
-        before the epoch's checkpoint is written."""
-
-    def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
-        """The end of a complete run: figures, test metrics, artifacts. `again`: resume=auto
-        of a run that was already complete (log only what may be missing)."""
-
-    def close(self, status: str) -> None:
-        """Flush and release; status FINISHED, or KILLED when the run stops before its end."""
-
-    def state_dict(self) -> dict[str, str]:
-        """What a resumed run needs to continue this tracker's run (kept in the checkpoint)."""
-        return {}
-
-
-class CSVLogger(Logger):
-    """<run>/metrics.csv: rewritten from the checkpoint's history at start (exactly the epochs
-    the model has seen), one appended row per epoch (resume reads it back)."""
-
-    def __init__(self, run_dir: Path, history: list[dict]) -> None:
-        self.path = run_dir / "metrics.csv"
-        write_csv(self.path, history)
-
-    def log_epoch(self, row: dict) -> None:
-        append_csv(self.path, row)
-
-
-class TensorBoardLogger(Logger):
-    """Event files in <run>/tensorboard/, x axis the global step: train_loss_step every
-    trainer.log_every_n_steps, the epoch rows at the epoch's last step, the config as text,
-    the loss curve and test metrics at the end.
-
-    Resume at global step G: the new writer's `purge_step` hides every event at a step >= it
-    that the killed process wrote. An epoch-end checkpoint holds everything up to step G
-    (purge from G + 1); a mid-epoch one holds the losses up to G but not the epoch's row,
-    which a killed run may have logged at G itself (a checkpoint on the epoch's last batch):
-    purge from G and log step G's loss again from the checkpoint."""
-
-    wants_steps = True
-
-    def __init__(self, run_dir: Path, config: dict, progress: Any, flush_secs: int,
-                 log_every: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
-
-        log_dir = run_dir / "tensorboard"
-        _check_writable(log_dir)
-        old = sorted(log_dir.glob("events.out.tfevents.*"))
-        step, mid_epoch = progress.global_step, progress.step_in_epoch > 0
-        purge = (step if mid_epoch else step + 1) if step else None
-        if old and purge is not None:
-            _sort_after(old[-1])
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge, flush_secs=flush_secs)
-        if mid_epoch and progress.losses and step % log_every == 0:
-            self.log_step(step, float(progress.losses[-1]))
-        if not old:  # a new run (or the first with tensorboard): config, earlier epochs
-            text = OmegaConf.to_yaml(config).replace("\n", "\n    ")
-            self.writer.add_text("config", "    " + text, step)
-            for row in progress.history:
-                self.log_epoch(row)
+            self.writer = SummaryWriter(str(self.dir), flush_secs=self.flush,
+                                        purge_step=self.step + 1 if not self.new else None)
+            if self.new:  # a new run (or the first with tensorboard): config, earlier epochs
+                text = OmegaConf.to_yaml(self.config).replace("\n", "\n    ")
+                self.writer.add_text("config", "    " + text, self.step)
+                entries = self.history + entries
+        for entry in entries:
+            for key, value in entry.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, entry["step"])
         self.writer.flush()
-
-    def log_step(self, step: int, loss: float) -> None:
-        self.writer.add_scalar("train_loss_step", loss, step)
-
-    def log_epoch(self, row: dict) -> None:
-        for key, value in row.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, row["step"])
-        self.writer.flush()  # a kill -9 loses at most the steps of one epoch
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
         if again or not history:  # logged by the run that completed it
             return
         step = history[-1]["step"]
-        for key, value in metrics.items():
-            if key.startswith("test_"):
-                self.writer.add_scalar(key, value, step)
+        self.send([{"step": step, **{k: v for k, v in metrics.items() if k.startswith("test_")}}])
         self.writer.add_figure("loss_curve", loss_figure(history), step)  # closes the figure
         if metrics.get("confusion_matrix"):  # a classifier: best.pt on the test split
             matrix = torch.tensor(metrics["confusion_matrix"])
             self.writer.add_figure("test_confusion_matrix", confusion_figure(matrix), step)
 
     def close(self, status: str) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def _check_writable(log_dir: Path) -> None:
-    """The event file is written by the writer's thread, which would print its own traceback
-    for a folder it cannot write: a plain file or a read-only folder is refused here."""
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=log_dir).close()
-    except OSError as err:
-        what = "not a folder" if log_dir.exists() and not log_dir.is_dir() else err.strerror
-        raise UserError(f"{log_dir}: {what}; logger=tensorboard expected a folder it can "
-                        f"write its event files to") from None
+class MLflowLogger:
+    """One MLflow run per training run, opened at start so that its id is in the first
+    checkpoint; one of this folder that never got a value (killed before that) is taken again.
+    A resume reopens it and logs the checkpoint's epochs it lacks (tracking failed mid-run),
+    unless it holds later ones (a resume from an earlier checkpoint: MLflow cannot delete)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path, run_name: str,
+                 config: dict, history: list[dict], run_id: str | None,
+                 artifacts: bool) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient  # installed: check_logger_config
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # table creation chatter
+        # It logs, with a traceback, the errors it then raises to us: said in one line.
+        logging.getLogger("mlflow.store.db").setLevel(logging.CRITICAL)
+        self.artifacts, self.failed = artifacts, False
+        self.db = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith(
+            "sqlite:///") else None
+        try:
+            # MLflow creates a new SQLite store's tables on first use: two runs doing it at
+            # once clash (a table that already exists); a flock on <db>.lock takes turns.
+            if self.db is not None:
+                self.db.parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{self.db}.lock", "a") if self.db else nullcontext() as lock:
+                if lock and os.name != "nt":  # Windows: no flock; up to the user
+                    import fcntl
+
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # closing the file releases it
+                self.client = MlflowClient(tracking_uri)
+            # The start-up probe: MLflow retries a server that is not there for 4 minutes;
+            # this gets one try of 5 s (unless set). patch.dict undoes it; later calls retry.
+            with patch.dict(os.environ, {k: v for k, v in QUICK.items() if k not in os.environ}):
+                self.client.search_experiments(max_results=1)
+            run = self._open_run(run_id, history[-1]["epoch"] if history else 0, experiment,
+                                 run_name, str(run_dir.resolve()))
+            self.run_id, have = run.info.run_id, self._steps(run)
+            if run.info.status != "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            # Params cannot change within a run: a resume keeps them and names those changed.
+            flat = {k: str(v)[:PARAM_LENGTH] for k, v in _flatten(config).items()}
+            changed = [k for k, v in flat.items() if run.data.params.get(k, v) != v]
+            self.client.log_batch(self.run_id, params=[
+                Param(k, v) for k, v in flat.items() if k not in run.data.params])
+            self._log_rows([{k: v for k, v in row.items() if k in ("epoch", "step")
+                             or row["epoch"] not in have.get(k, ())} for row in history])
+        except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
+            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; "
+                            f"expected an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a "
+                            f"reachable MLflow server (http://HOST:PORT)") from None
+        print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
+        if changed:
+            print(f"mlflow: params keep their first values; changed on resume: "
+                  f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}")
+
+    def _steps(self, run: Any) -> dict[str, set[int]]:
+        return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)}
+                for key in run.data.metrics}
+
+    def _open_run(self, run_id: str | None, epoch: int, experiment: str, run_name: str,
+                  folder: str) -> Any:
+        """The checkpoint's run, else this folder's run that never got a value, else new."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException:
+                run = None
+            if run is None or run.info.lifecycle_stage == "deleted":
+                why = "is not in this store (or deleted)"
+            elif any(step > epoch for steps in self._steps(run).values() for step in steps):
+                why = f"holds epochs after this checkpoint's epoch {epoch}"
+            else:
+                return run
+            print(f"mlflow: run {run_id} of the checkpoint {why}; starting a new MLflow run "
+                  f"with the history so far")
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        # A SQLite store keeps the artifacts beside it, not in ./mlruns of the working folder.
+        where = self.db and (self.db.parent / "mlartifacts" / experiment.replace("/", "_"))
+        try:
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=where and where.resolve().as_uri())
+        except MlflowException:  # another job of a sweep created it just now
+            experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        for run in self.client.search_runs([experiment_id], "attributes.status != 'FINISHED'",
+                                           max_results=1000):
+            if run.data.tags.get(FOLDER_TAG) == folder and not run.data.metrics:
+                return run
+        return self.client.create_run(experiment_id, run_name=run_name,
+                                      tags={FOLDER_TAG: folder})
+
+    def _log_rows(self, rows: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in rows
+                   for k, v in row.items() if k not in ("epoch", "step")]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def send(self, entries: list[dict]) -> None:
+        """The epoch rows among `entries` (not the step losses)."""
+        self._guarded(lambda: self._log_rows([e for e in entries if "epoch" in e]))
+
+    def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
+        """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
+        def finish() -> None:
+            logged = self.client.get_run(self.run_id).data.metrics
+            self._log_rows([{"epoch": history[-1]["epoch"] if history else 0, **{
+                k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged}}])
+            best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else \
+                run_dir / "last.pt"
+            if self.artifacts and best.is_file():
+                self.client.log_artifact(self.run_id, str(best.resolve()))
+            if self.artifacts and (run_dir / "export").is_dir():
+                self.client.log_artifacts(self.run_id, str(run_dir / "export"), "export")
+
+        self._guarded(finish)
+
+    def close(self, status: str) -> None:
+        self._guarded(lambda: self.client.set_terminated(self.run_id, status))
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        """A server gone or a disk full mid-run stops the tracking, not the training."""
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001
+            self.failed = True
+            print(f"warning: mlflow: {_reason(err)}; training goes on without MLflow "
+                  f"(resume=auto fills in the missing epochs)", flush=True)
 
 
-def _sort_after(newest: Path) -> None:
-    """TensorBoard reads a folder's event files in name order, and the name starts with the
-    creation time in whole seconds (then host and pid): the resumed run's file must sort after
-    the killed run's for its purge to apply to them. A killed run of this very second is
-    waited out (at most 2 s); a name from the future (a clock set back, a copied file) is not:
-    said in one line."""
-    stamp = newest.name.split(".")[3]  # events.out.tfevents.STAMP.host.pid...
-    ahead = int(stamp) + 1 - time.time() if stamp.isdigit() else 0
-    if f"{int(time.time()):010d}" > stamp:
-        return
-    if 0 < ahead <= 2:
-        time.sleep(ahead)
-    else:
-        print(f"warning: {newest}: its name (a time from the future?) sorts after this "
-              f"run's new event file; TensorBoard reads it last, so it may show the steps "
-              f"after the checkpoint twice")
+def _reason(err: BaseException) -> str:
+    """One line: the innermost OS or database error under MLflow's, requests' and
+    SQLAlchemy's wrappers, else the first sentence of the error."""
+    found, inner, depth = None, err, 0
+    while inner is not None and (depth := depth + 1) < 20:
+        if isinstance(getattr(inner, "orig", None), Exception):  # SQLAlchemy's DBAPIError
+            found = inner.orig
+        found = inner if isinstance(inner, OSError) else found
+        inner = inner.__cause__ or inner.__context__
+    return first_line(found, 120) if found else first_line(err, 120).split(". ")[0]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value
+                    else {f"{prefix}{key}": value})
+    return flat
 
 
 class Loggers:
-    """Every chosen tracker (metrics.csv first); each call goes to all of them."""
+    """metrics.csv, written at once (a resume reads the history from it), and the chosen
+    trackers, whose values wait in memory until a checkpoint holding them is written."""
 
-    def __init__(self, loggers: list[Logger], carried: dict[str, str] | None = None) -> None:
-        self.loggers, self.carried = loggers, dict(carried or {})
-        self.wants_steps = any(logger.wants_steps for logger in loggers)
-        self._closer = weakref.finalize(self, _close_all, list(loggers), "KILLED")
+    def __init__(self, csv: Path, trackers: list[Any], carried: dict[str, str]) -> None:
+        self.csv, self.trackers, self.carried = csv, trackers, carried
+        self.steps = any(isinstance(tracker, TensorBoardLogger) for tracker in trackers)
+        self.pending: list[dict] = []  # epoch rows and {step, train_loss_step}, in order
+        self.held = 0  # pending[:held]: in the checkpoint being written (checkpoint.async)
+        self._closer = weakref.finalize(self, _close_all, list(trackers), "KILLED")
 
     def log_step(self, step: int, loss: torch.Tensor) -> None:
-        if self.wants_steps:  # the host sync only when a tracker takes the value
-            value = float(loss)
-            for logger in self.loggers:
-                if logger.wants_steps:
-                    logger.log_step(step, value)
+        if self.steps:  # train.py has just synced (check_finite): float() costs nothing
+            self.pending.append({"step": step, "train_loss_step": float(loss)})
 
     def log_epoch(self, row: dict) -> None:
-        for logger in self.loggers:
-            logger.log_epoch(row)
+        append_csv(self.csv, row)
+        self.pending.append(row)  # dropped at the save when there are no trackers
+
+    def saved(self, durable: bool = True) -> None:
+        """A checkpoint holding every value so far was saved: they go to the trackers. Not
+        `durable` (checkpoint.async, still being written): those of the save before, which
+        is complete now (a save waits for the previous write)."""
+        upto = len(self.pending) if durable else self.held
+        ready, self.pending = self.pending[:upto], self.pending[upto:]
+        self.held = len(self.pending)
+        for tracker in self.trackers if ready else []:
+            tracker.send(ready)
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict,
                again: bool = False) -> None:
-        """The end of the run: each tracker's end-of-run output, then all are closed."""
-        for logger in self.loggers:
-            logger.finish(run_dir, history, metrics, again)
+        """After the last write: the values left, each tracker's end of run, then close."""
+        self.saved()
+        for tracker in self.trackers:
+            tracker.finish(run_dir, history, metrics, again)
         self.close("FINISHED")
 
     def close(self, status: str = "KILLED") -> None:
         self._closer.detach()
-        _close_all(self.loggers, status)
+        _close_all(self.trackers, status)
 
     def state_dict(self) -> dict[str, str]:
-        """The `loggers` checkpoint key; a resumed checkpoint's entries are kept even when
-        their tracker is not chosen this time (choosing it again continues its run)."""
-        state = dict(self.carried)
-        for logger in self.loggers:
-            state.update(logger.state_dict())
-        return state
+        """The `loggers` key; a resumed one's entries stay when their tracker is not chosen
+        this time (choosing it again continues its run)."""
+        mlflow = [t.run_id for t in self.trackers if isinstance(t, MLflowLogger)]
+        return {**self.carried, **({"mlflow_run_id": mlflow[0]} if mlflow else {})}
 
 
-def _close_all(loggers: list[Logger], status: str) -> None:
-    for logger in loggers:
-        logger.close(status)
+def _close_all(trackers: list[Any], status: str) -> None:
+    for tracker in trackers:
+        tracker.close(status)
 
 
 def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any
                  ) -> Loggers:
-    """The trackers `logger=` chose (metrics.csv always), opened to continue `resumed`'s run.
-    Rank 0 only (on_main: one that cannot start stops every rank); no trackers but metrics.csv
-    under trainer.fast_dev_run (nothing is kept)."""
+    """The trackers `logger=` chose, opened to continue `resumed`'s run (rank 0: on_main,
+    where one that cannot start stops every rank), then metrics.csv is rewritten from the
+    history; none but metrics.csv under trainer.fast_dev_run (nothing is kept)."""
     carried = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
-    opened: list[Logger] = []
-    on_main(_open_trackers, cfg, run_dir, progress, carried, opened)
-    return Loggers(opened, carried)
+    chosen = {} if cfg.trainer.fast_dev_run else check_logger_config(cfg.get("logger"))
+    opened: list[Any] = []
 
+    def open_all() -> None:
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        try:
+            if "tensorboard" in chosen:
+                opened.append(TensorBoardLogger(
+                    run_dir, config, progress.history, progress.global_step,
+                    int(chosen["tensorboard"].get("flush_secs", 30))))
+            if "mlflow" in chosen:
+                settings, root = chosen["mlflow"], Path(str(cfg.checkpoint.root)).resolve()
+                name = run_dir.resolve().relative_to(root) if run_dir.resolve(
+                    ).is_relative_to(root) else run_dir.name
+                opened.append(MLflowLogger(
+                    str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
+                    str(settings.get("experiment_name") or cfg.run_name or cfg.name),
+                    run_dir, str(name), config, progress.history,
+                    carried.get("mlflow_run_id"), bool(settings.get("artifacts", True))))
+            write_csv(run_dir / "metrics.csv", progress.history)
+        except BaseException:
+            _close_all(opened, "FAILED")
+            opened.clear()
+            raise
 
-def _open_trackers(cfg: DictConfig, run_dir: Path, progress: Any, carried: dict[str, str],
-                   opened: list[Logger]) -> None:
-    """Into `opened`: first the trackers that may refuse to start (a store, server or folder
-    they cannot use), then metrics.csv (rewritten only once they did); a failure closes again
-    those already open."""
-    chosen = check_logger_config(cfg.get("logger"))
-    try:
-        if not cfg.trainer.fast_dev_run:
-            _open_chosen(cfg, chosen, run_dir, progress, carried, opened)
-        opened.insert(0, CSVLogger(run_dir, progress.history))
-    except BaseException:
-        _close_all(opened, "FAILED")
-        opened.clear()
-        raise
-
-
-def _open_chosen(cfg: DictConfig, chosen: dict[str, dict], run_dir: Path, progress: Any,
-                 carried: dict[str, str], opened: list[Logger]) -> None:
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if "tensorboard" in chosen:
-        opened.append(TensorBoardLogger(run_dir, config, progress,
-                                        int(chosen["tensorboard"].get("flush_secs", 30)),
-                                        int(cfg.trainer.log_every_n_steps)))
-    if "mlflow" in chosen:
-        settings = chosen["mlflow"]
-        root = Path(str(cfg.checkpoint.root))
-        opened.append(MLflowLogger(
-            tracking_uri=str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
-            experiment=str(settings.get("experiment_name") or cfg.run_name or cfg.name),
-            run_name=_relative(run_dir, root), config=config, progress=progress,
-            run_id=carried.get("mlflow_run_id"), artifacts=bool(settings.get("artifacts", True))))
+    on_main(open_all)
+    return Loggers(run_dir / "metrics.csv", opened, dict(carried))
 
 
 def _same_run(cfg: DictConfig, run_dir: Path) -> bool:
-    """Does this resume continue the checkpoint's own run? A checkpoint of another folder
-    (resume=PATH with a new run_name: a branch) or resume_mode=weights starts new tracker runs
-    (the history so far copied in): continuing the old one would delete its later epochs."""
-    if str(cfg.get("resume_mode", "exact")) != "exact" or cfg.resume is None:
-        return False
-    return str(cfg.resume) == "auto" or \
-        Path(str(cfg.resume)).resolve().parent == run_dir.resolve()
+    """A branch into another folder or resume_mode=weights starts new tracker runs."""
+    return str(cfg.get("resume_mode", "exact")) == "exact" and cfg.resume is not None and (
+        str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve())
 
 
 def check_logger_config(section: Any) -> dict[str, dict]:
     """`logger`: a mapping of tracker name to its settings, names and keys from KNOWN."""
-    if section is None:
-        return {}
-    section = OmegaConf.to_container(section, resolve=True) if isinstance(
-        section, DictConfig) else section
-    if not isinstance(section, dict):
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    if not isinstance(section or {}, dict):
         raise UserError(f"logger={section!r}: expected a mapping; choose trackers with "
                         f"logger=[csv,tensorboard,mlflow]")
-    for name, settings in section.items():
+    chosen = {name: settings or {} for name, settings in (section or {}).items()}
+    for name, settings in chosen.items():
         if name not in KNOWN:
             raise UserError(f"logger.{name}: unknown tracker; expected csv, tensorboard or "
                             f"mlflow (logger=[csv,tensorboard])")
-        extra = [k for k in settings or {} if k not in KNOWN[name]] if isinstance(
-            settings or {}, dict) else ["(expected a mapping)"]
+        extra = [k for k in settings if k not in KNOWN[name]] if isinstance(
+            settings, dict) else ["(expected a mapping)"]
         if extra:
-            raise UserError(f"logger.{name}.{extra[0] if extra else ''}: unknown key; valid "
-                            f"keys: {', '.join(KNOWN[name]) or 'none'}")
-    flush = (section.get("tensorboard") or {}).get("flush_secs", 30)
-    if not isinstance(flush, int) or isinstance(flush, bool) or flush < 1:
+            raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: "
+                            f"{', '.join(KNOWN[name]) or 'none'}")
+    flush = chosen.get("tensorboard", {}).get("flush_secs", 30)
+    if type(flush) is not int or flush < 1:
         raise UserError(f"logger.tensorboard.flush_secs={flush!r}: expected whole seconds >= 1")
-    if "mlflow" in section and importlib.util.find_spec("mlflow") is None:
+    if "mlflow" in chosen and importlib.util.find_spec("mlflow") is None:
         raise UserError("logger=mlflow: mlflow is not installed; pip install -e '.[mlflow]'")
-    return {name: settings or {} for name, settings in section.items()}
-
-
-def _relative(run_dir: Path, root: Path) -> str:
-    try:
-        return str(run_dir.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return run_dir.name
+    return chosen

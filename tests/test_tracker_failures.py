@@ -1,9 +1,8 @@
-"""Trackers that cannot start or keep going (engine/loggers.py, engine/mlflow_logger.py): an
-MLflow store or server it cannot use, a TensorBoard folder it cannot write, are one line and
-exit 2 with the run folder untouched (config.yaml, checkpoints, metrics.csv); no server is
-waited for minutes; two runs may create a new mlflow.db at once; a disk filling mid-run is
-one warning line (tracking stops, training goes on); an event file named with a future time
-is not waited for."""
+"""Trackers that cannot start or keep going (engine/loggers.py): an MLflow store or server it
+cannot use, a TensorBoard folder it cannot write, are one line and exit 2 with the run folder
+untouched (config.yaml, checkpoints, metrics.csv); no server is waited for minutes; two runs
+may create a new mlflow.db at once; a disk filling mid-run is one warning line (tracking
+stops, training goes on); an event file named with a future time is not waited for."""
 
 from __future__ import annotations
 
@@ -17,17 +16,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, run_script, train_run
 from helpers import deadline, raises_user_error, snapshot
 
-from engine.loggers import TensorBoardLogger
+from engine.loggers import MLflowLogger, TensorBoardLogger
 from tests.faults.sitecustomize import install
 
 mlflow = pytest.importorskip("mlflow")
-from engine.mlflow_logger import MLflowLogger  # noqa: E402 - after the importorskip
 
 EMPTY = hashlib.sha256(b"").hexdigest()
 NEVER_SET = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -41,13 +38,8 @@ def _mlflow_defaults(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _progress(step: int = 0, epoch: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(epoch=epoch, global_step=step, step_in_epoch=0, losses=[],
-                           history=[])
-
-
 def _open_mlflow(uri: str) -> MLflowLogger:
-    return MLflowLogger(uri, "e", "r", {"a": 1}, _progress(), None, artifacts=False)
+    return MLflowLogger(uri, "e", Path("r"), "r", {"a": 1}, [], None, artifacts=False)
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -125,15 +117,16 @@ def test_no_server_is_one_line_in_seconds(listening):
 CHILD = """
 import sys, time, os
 from pathlib import Path
-from types import SimpleNamespace
-from engine.mlflow_logger import MLflowLogger
+from engine.loggers import MLflowLogger
 go = Path(sys.argv[1])
 (go.parent / f"ready.{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.005)
 for db in sys.argv[2:]:
-    MLflowLogger(f"sqlite:///{db}", "e", "r", {"a": 1}, SimpleNamespace(epoch=0, history=[]),
-                 None, artifacts=False).close("FINISHED")
+    logger = MLflowLogger(f"sqlite:///{db}", "e", Path(f"r{os.getpid()}"), "r", {"a": 1}, [],
+                          None, artifacts=False)
+    logger.send([{"epoch": 1, "step": 4, "val_loss": 0.5}])
+    logger.close("FINISHED")
 """
 
 
@@ -179,11 +172,11 @@ def test_a_disk_filling_mid_run_is_one_warning_line(tmp_path, capsys):
     capsys.readouterr()
     rng = random.Random(0)
     for epoch in range(1, 1000):
-        logger.log_epoch({"epoch": epoch, "step": epoch, "train_loss": rng.random(),
-                          "val_loss": rng.random(), "lr": 0.1})
+        logger.send([{"epoch": epoch, "step": epoch, "train_loss": rng.random(),
+                      "val_loss": rng.random(), "lr": 0.1}])
         if logger.failed:
             break
-    logger.log_epoch({"epoch": epoch + 1, "step": epoch + 1, "train_loss": 0.5})
+    logger.send([{"epoch": epoch + 1, "step": epoch + 1, "train_loss": 0.5}])
     logger.finish(tmp_path, [{"epoch": epoch + 1}], {"test_loss": 0.5}, again=False)
     logger.close("FINISHED")
     out, err = capsys.readouterr()
@@ -196,7 +189,7 @@ def test_a_disk_filling_mid_run_is_one_warning_line(tmp_path, capsys):
 
 
 def _open_tensorboard(run_dir: Path, step: int = 0) -> TensorBoardLogger:
-    return TensorBoardLogger(run_dir, {"a": 1}, _progress(step), flush_secs=30, log_every=1)
+    return TensorBoardLogger(run_dir, {"a": 1}, [], step, flush_secs=30)
 
 
 def _stamps(seed: int, count: int) -> list[int]:
@@ -208,27 +201,34 @@ def _stamps(seed: int, count: int) -> list[int]:
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("stamp", [99999999999, *_stamps(0, 3)])
+def _steps(folder: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return sorted(e.step for e in events.Scalars("train_loss_step"))
+
+
+@pytest.mark.parametrize("stamp", [99999999999, *_stamps(0, 3), "next second"])
 def test_an_event_file_named_in_the_future_is_not_waited_for(tmp_path, capsys, stamp):
+    """A killed run's event file (steps 1-4) whose name sorts after the resume's (a future
+    time, or the same second): never waited for, and each step shows once whichever file
+    TensorBoard reads first."""
+    stamp = int(time.time()) + 1 if stamp == "next second" else stamp
+    killed = _open_tensorboard(tmp_path / "killed")
+    killed.send([{"step": step, "train_loss_step": 1.0} for step in range(1, 5)])
+    killed.close("KILLED")
     folder = tmp_path / "tensorboard"
     folder.mkdir()
-    future = folder / f"events.out.tfevents.{stamp}.host.1.0"
-    future.write_bytes(b"")
+    (tmp_path / "killed" / "tensorboard").iterdir().__next__().rename(
+        folder / f"events.out.tfevents.{stamp}.zzz.99999.0")
+    capsys.readouterr()
     with deadline(10):  # a hang guard: it used to sleep until that time
-        _open_tensorboard(tmp_path, step=4).close("FINISHED")
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"warning: {future}:"), lines
-
-
-def test_a_resume_in_the_same_second_sorts_after_the_killed_runs_file(tmp_path):
-    """The purge applies to the files TensorBoard reads before it: waited out, seconds."""
-    folder = tmp_path / "tensorboard"
-    folder.mkdir()
-    killed = folder / f"events.out.tfevents.{int(time.time()) + 1}.zzz.99999.0"
-    killed.write_bytes(b"")
-    with deadline(10):
-        _open_tensorboard(tmp_path, step=4).close("FINISHED")
-    assert sorted(p.name for p in folder.iterdir())[0] == killed.name
+        resumed = _open_tensorboard(tmp_path, step=4)
+        resumed.send([{"step": step, "train_loss_step": 0.5} for step in range(5, 9)])
+        resumed.close("FINISHED")
+    assert capsys.readouterr().out == ""
+    assert _steps(folder) == list(range(1, 9))
 
 
 def test_a_tensorboard_path_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Experiment tracking (configs/logger/, engine/loggers.py): the group composes one or several
-trackers, and a run SIGKILLed after logging past its last checkpoint, then resumed, shows each
-step once in TensorBoard (purge_step) and one value per epoch in the same MLflow run."""
+trackers; a run SIGKILLed after training past its last checkpoint (or before its first) has
+given the trackers only what its checkpoint holds, and once resumed shows each step once in
+TensorBoard and one value per epoch in the same MLflow run."""
 
 from __future__ import annotations
 
@@ -85,10 +86,13 @@ def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path
     assert killed.returncode == -9, killed.stderr
     run_dir = tmp_path / "r"
     before = _scalars(run_dir / "tensorboard")
-    # the killed run had logged an epoch that its last checkpoint does not hold
-    done_epochs = (kill_at // STEPS_PER_EPOCH)
+    # the killed run trained past its last checkpoint, and logged exactly what that holds
+    assert len(_csv_rows(run_dir)) == kill_at // STEPS_PER_EPOCH
+    held = torch.load(run_dir / "last.pt", weights_only=True)
+    assert held["global_step"] < kill_at
     assert [s for s, _ in before["val_loss"]] == [
-        e * STEPS_PER_EPOCH for e in range(1, done_epochs + 1)]
+        e * STEPS_PER_EPOCH for e in range(1, held["epoch"] + 1)]
+    assert [s for s, _ in before["train_loss_step"]] == list(range(1, held["global_step"] + 1))
     resumed = server.run(*RUN, save, "logger=tensorboard", "logger.tensorboard.flush_secs=5",
                          "resume=auto", root=tmp_path)
     assert "differs from the checkpoint" not in resumed.stderr  # trackers change no training
@@ -115,8 +119,9 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
     run_dir = tmp_path / "r"
     run_id = torch.load(run_dir / "epoch_0002.pt", weights_only=True)["loggers"]["mlflow_run_id"]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    # the killed run logged epoch 3 after its last checkpoint (epoch 2)
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    # the killed run trained epoch 3 after its last checkpoint (epoch 2), and did not log it
+    assert len(_csv_rows(run_dir)) == 3
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
 
     server.run(*RUN, *extra, "resume=auto", root=tmp_path)
     assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {
@@ -148,6 +153,40 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
     assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [
         1, 2, 3]
     assert len(client.get_metric_history(run_id, "val_loss")) == EPOCHS
+
+
+@pytest.mark.slow
+def test_a_kill_before_the_first_checkpoint_leaves_no_tracker_values(server, tmp_path):
+    """resume=auto starts over when there is no checkpoint: TensorBoard shows each step once,
+    and MLflow has one run (the killed process's, taken again) with one value per epoch."""
+    mlflow = pytest.importorskip("mlflow")
+    extra = ("logger=[csv,tensorboard,mlflow]",)  # the first checkpoint: epoch 6, the last
+    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=10"),
+                        check=False)
+    assert killed.returncode == -9, killed.stderr
+    run_dir = tmp_path / "r"
+    assert not list(run_dir.glob("*.pt")) and len(_csv_rows(run_dir)) == 2
+    assert not list((run_dir / "tensorboard").iterdir())  # no event file yet
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    assert run.data.metrics == {}
+
+    server.run(*RUN, *extra, "resume=auto", root=tmp_path)
+    scalars = _scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH
+                                                                    + 1))
+    assert [s for s, _ in scalars["val_loss"]] == [e * STEPS_PER_EPOCH
+                                                   for e in range(1, EPOCHS + 1)]
+    [after] = client.search_runs([run.info.experiment_id])
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {
+        "mlflow_run_id": run.info.run_id}
+    rows = _csv_rows(run_dir)
+    for key in ("train_loss", "val_loss", "lr"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(
+            run.info.run_id, key))
+        assert [step for step, _ in history] == list(range(1, EPOCHS + 1)), key
+        assert [v for _, v in history] == pytest.approx([float(r[key]) for r in rows])
 
 
 @pytest.mark.slow
