@@ -23,7 +23,6 @@ from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
-from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.debug import fast_dev_run
 from engine.early_stopping import make_early_stopping
@@ -32,7 +31,6 @@ from engine.errors import Interrupted, UserError, cli_errors
 from engine.finish import finish_run
 from engine.loggers import open_loggers
 from engine.metrics import evaluate_all, plot_losses
-from engine.optuna_sweeper import register as register_optuna_sweeper
 from engine.preempt import StopSignal
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
@@ -270,6 +268,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    register_optuna_sweeper()  # hydra/sweeper=optuna (the hparams_search presets)
-    register_launchers()  # hydra/launcher=submitit_local|slurm: requeue on preemption
     run_main(main, "train")  # an override that does not compose: one line, exit 2

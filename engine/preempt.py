@@ -4,7 +4,7 @@ Schedulers (SLURM, Kubernetes) send SIGTERM before killing a job; Ctrl-C sends S
 A second SIGINT aborts at once, as users expect from Ctrl-C pressed twice. SIGUSR2 is the
 notice SLURM sends `signal_delay_s` before a time limit (submitit's `--signal`; the variable
 SUBMITIT_PREEMPT_SIGNAL names another one): after the save, the submitit launcher
-(engine/cluster.py) finds it in `received` and requeues the job with resume=auto.
+(hydra_plugins/torch_template/launchers.py) finds it in `received`, requeues with resume=auto.
 """
 
 from __future__ import annotations
