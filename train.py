@@ -23,12 +23,10 @@ from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
-from engine.cluster import register as register_launchers
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
-from engine.optuna_sweeper import register as register_optuna_sweeper
 from engine.run import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
 from engine.training import (
@@ -284,6 +282,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    register_optuna_sweeper()  # hydra/sweeper=optuna (the hparams_search presets)
-    register_launchers()  # hydra/launcher=submitit_local|slurm: requeue on preemption
     run_main(main, "train")  # an override that does not compose: one line, exit 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "data", "models")
+PACKAGES = ("engine", "data", "models", "hydra_plugins")
 SCRIPTS = ("train", "evaluate", "predict")
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""Clusters without a cluster: the SLURM/submitit launchers (engine/cluster.py),
+"""Clusters without a cluster: the SLURM/submitit launchers
+(hydra_plugins/torch_template/launchers.py),
 the preemption notice (SIGUSR2) -> save -> requeue with resume=auto, and the SLURM/submitit
 task variables that put a multi-task job on the torchrun code path.
 
@@ -18,23 +19,22 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from engine import training
-from engine.cluster import (
-    PLUGIN_MODULE,
-    RequeueLocalLauncher,
-    RequeueSlurmLauncher,
-    picklable_modules,
-    register,
-    with_resume_auto,
-)
 from engine.distributed import adopt_scheduler_env, first_host
 from engine.errors import EXIT_INTERRUPTED
 from engine.training import StopSignal
+from hydra_plugins.torch_template.launchers import (
+    RequeueLocalLauncher,
+    RequeueSlurmLauncher,
+    picklable_modules,
+    with_resume_auto,
+)
 from tests.faults import fault_env
 from tests.resume_helpers import assert_same_run
 
+PLUGIN_MODULE = "hydra_plugins.torch_template.launchers"
+
 
 def _launcher_cfg(*overrides: str):
-    register()  # as train.py does before Hydra composes
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

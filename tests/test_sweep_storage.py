@@ -1,7 +1,8 @@
-"""The Optuna sweeper's storage is a file, never code (engine/optuna_sweeper.py): a stored
-trial's params become a job's overrides only inside the declared search space, and a corrupt
-or foreign optuna.db, a changed search space or a second sweep of the same storage end in one
-line, exit 2, with no trial left RUNNING and the storage's bytes untouched.
+"""The Optuna sweeper's storage is a file, never code
+(hydra_plugins/torch_template/optuna_sweeper.py): a stored trial's params become a job's
+overrides only inside the declared search space, and a corrupt or foreign optuna.db, a changed
+search space or a second sweep of the same storage end in one line, exit 2, with no trial
+left RUNNING and the storage's bytes untouched.
 
 The crafted storages are made with Optuna's public API (create_trial, add_trial,
 enqueue_trial) by a seeded generator, and run through the sweeper in-process with a launcher
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from engine.optuna_sweeper import OptunaSweeper, checked_params
+from hydra_plugins.torch_template.optuna_sweeper import OptunaSweeper, checked_params
 from tests.helpers import assert_one_line, deadline, raises_user_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

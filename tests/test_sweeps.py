@@ -1,5 +1,6 @@
-"""Sweeps (-m): the multirun summary (engine/sweep_summary.py) and the Optuna sweeper
-(engine/optuna_sweeper.py) whose SQLite study a re-run of the same command continues."""
+"""Sweeps (-m): the multirun summary (engine/sweeps.py) and the Optuna sweeper
+(hydra_plugins/torch_template/optuna_sweeper.py) whose SQLite study a re-run of the same
+command continues."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import compose, run_script
 from omegaconf import OmegaConf
 
-from engine.sweep_summary import SweepSummary, best_of, sweep_id
+from engine.sweeps import SweepSummary, best_of, sweep_id
 from tests.faults import fault_env
 
 FAST = ("trainer.model_summary=false", "checkpoint.export=false", "checkpoint.every_n_epochs=1")
@@ -42,9 +43,6 @@ def test_train_yaml_registers_the_summary_callback_and_presets_compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from engine.optuna_sweeper import register
-
-    register()  # train.py does this before Hydra starts
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path("configs").resolve()),
@@ -53,8 +51,8 @@ def test_train_yaml_registers_the_summary_callback_and_presets_compose():
                                 return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "engine.sweep_summary.SweepSummary"
-    assert cfg.hydra.sweeper._target_ == "hydra_plugins.torch_template_optuna.OptunaSweeper"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "engine.sweeps.SweepSummary"
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.torch_template.optuna_sweeper.OptunaSweeper"
     assert "optimizer.lr" in cfg.hydra.sweeper.params and cfg.checkpoint.mode == "max"
     assert OmegaConf.select(cfg, "data._target_") == "data.digits.DigitsData"
     assert compose("train").checkpoint.monitor == "val_loss"  # no preset: no change
@@ -159,7 +157,7 @@ def test_optuna_objective_fails_a_diverged_trial_and_reads_the_best_value(tmp_pa
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     from engine.errors import failed_job
-    from engine.optuna_sweeper import OptunaSweeper, _distribution
+    from hydra_plugins.torch_template.optuna_sweeper import OptunaSweeper, _distribution
 
     sweeper = OptunaSweeper()
     diverged = JobReturn(status=JobStatus.COMPLETED)

@@ -1,28 +1,16 @@
-"""A Hydra Sweeper running an Optuna study that survives a crash (hparams_search presets).
+"""`hydra/sweeper=optuna` (the hparams_search presets): an Optuna study that survives a crash.
 
-Why not hydra-optuna-sweeper: its 1.3.0 pins optuna<3, and on SQLAlchemy 2 its SQLite storage
-fails (AssertionError in get_current_version); in memory a study cannot be continued.
-
-The study is stored in SQLite (default <sweep dir>/optuna.db) and loaded if it exists, so the
-same command re-run after a crash or Ctrl-C continues it: finished trials are kept, a trial
-left RUNNING is run again with its own parameters and resume=auto (each trial has its own run
-folder, named by its overrides), which continues its run from the newest checkpoint, and then
-told its value. `n_trials` counts all finished trials of the study, of every run of the
-command. The objective is the best value of checkpoint.monitor in the trial's metrics.csv
-(the value best.pt was kept for); a trial that failed (a diverged loss: exit-2 user error, or
-a bug) is told FAIL and the study goes on. One sweep process per storage at a time (a flock on
-`<storage file>.lock`, engine/runlock.py). The storage is data, never code: a stored trial's
-params become overrides only inside the declared search space (`checked_params`), so a crafted
-optuna.db can set no other key (`_target_`) and no other value (`${oc.create:...}`).
-
-Hydra instantiates sweepers only from the `hydra_plugins` package: `register()` (train.py
-calls it before Hydra starts) registers the class under that name and its config as the
-`hydra/sweeper` option `optuna`.
+Not hydra-optuna-sweeper: 1.3.0 pins optuna<3 and its SQLite storage fails on SQLAlchemy 2.
+The study is stored in SQLite (default <sweep dir>/optuna.db) and loaded if it exists: the
+same command re-run after a crash runs a trial left RUNNING again with its own params and
+resume=auto (its run folder is named by its overrides); `n_trials` counts the finished trials
+of every run. The objective is the trial run's best checkpoint.monitor value; a failed trial is
+told FAIL and the study goes on. One sweep per storage (a flock on `<storage file>.lock`). The
+storage is data, never code: a stored trial's params become overrides only inside the declared
+search space (`checked_params`), so optuna.db can set no other key and no `${oc.create:...}`.
 """
-
-from __future__ import annotations
-
-import math
+# No `from __future__ import annotations` here: Hydra's plugin scan runs a plugin module before
+# it is in sys.modules, where dataclasses look string annotations up.
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,21 +20,19 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, UserError, first_line, one_line
+from engine.errors import EXIT_BAD_INPUT, UserError, first_line, one_line
 from engine.runlock import lock_file, unlock_file
-from engine.sweep_summary import best_of, job_run_dir
-
-PLUGIN_MODULE = "hydra_plugins.torch_template_optuna"
+from engine.sweeps import best_of, job_error, job_run_dir
 
 
 @dataclass
 class OptunaSweeperConf:
-    _target_: str = f"{PLUGIN_MODULE}.OptunaSweeper"
+    _target_: str = f"{__name__}.OptunaSweeper"
     n_trials: int = 20  # finished trials of the study in all (re-runs count what is done)
     direction: str | None = None  # minimize | maximize; null: from checkpoint.mode
     study_name: str | None = None  # null: the sweep folder's name
@@ -57,15 +43,15 @@ class OptunaSweeperConf:
     params: dict[str, str] = field(default_factory=dict)
 
 
+ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf,
+                             provider="torch_template")
+
+
 class OptunaSweeper(Sweeper):
     """Ask the study for a trial, launch it as one job, tell it the job's result."""
 
-    def __init__(self, n_trials: int = 20, direction: str | None = None,
-                 study_name: str | None = None, storage: str | None = None,
-                 seed: int | None = None, params: Any = None) -> None:
-        self.n_trials, self.direction, self.study_name = int(n_trials), direction, study_name
-        self.storage, self.seed = storage, seed
-        self.params = {str(k): str(v) for k, v in (params or {}).items()}
+    def __init__(self, **options: Any) -> None:
+        self.options = OptunaSweeperConf(**options)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -83,7 +69,7 @@ class OptunaSweeper(Sweeper):
     def _sweep(self, arguments: list[str]) -> list[Any]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
+        storage = self.options.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         db = _sqlite_file(storage)
         lock = Path(f"{db}.lock") if db else sweep_dir / "optuna.lock"
         lock_file(lock, f"{storage} is in use by another sweep ({{holder}}); wait for it to "
@@ -100,15 +86,16 @@ class OptunaSweeper(Sweeper):
         from optuna.trial import TrialState
         from sqlalchemy.exc import SQLAlchemyError
 
+        opt = self.options
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        space = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
-        fixed = [a for a in arguments if a.split("=")[0] not in self.params]
+        space = parser.parse_overrides([f"{k}={v}" for k, v in opt.params.items()])
+        distributions = {o.get_key_element(): _distribution(o) for o in space}
+        fixed = [a for a in arguments if a.split("=")[0] not in opt.params]
         if not any(a.split("=")[0] == "resume" for a in fixed):
             fixed.append("resume=auto")  # a re-run trial continues its run folder
-        distributions = {o.get_key_element(): _distribution(o) for o in space}
         mode = str(self.config.checkpoint.mode)
-        direction = self.direction or ("maximize" if mode == "max" else "minimize")
-        name = self.study_name or sweep_dir.name
+        direction = opt.direction or ("maximize" if mode == "max" else "minimize")
+        name = opt.study_name or sweep_dir.name
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction=direction,
@@ -122,56 +109,44 @@ class OptunaSweeper(Sweeper):
             raise UserError(f"{storage}: study {name!r} is to {' and '.join(directions)}"
                             f", not {direction} (checkpoint.mode={mode}); pick another "
                             f"hydra.sweeper.study_name")
-        for stored in trials:  # all of them, before a trial is asked for (and left RUNNING)
-            checked_params(stored, distributions, storage)
+        # every stored trial, before a trial is asked for (and left RUNNING)
+        checked = {t.number: checked_params(t, distributions, storage) for t in trials}
         # A re-run seeds on from the trials so far: seed 42 again would sample the same points.
         study.sampler = optuna.samplers.TPESampler(
-            seed=None if self.seed is None else self.seed + len(trials))
-        finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-        done = sum(t.state in finished for t in trials)
+            seed=None if opt.seed is None else opt.seed + len(trials))
+        done = sum(t.state.is_finished() for t in trials)
         stale = [t for t in trials if t.state == TrialState.RUNNING]
-        print(f"optuna: study {name!r} in {storage}: {done} of {self.n_trials} trials done"
+        print(f"optuna: study {name!r} in {storage}: {done} of {opt.n_trials} trials done"
               + (f", continuing {len(stale)} interrupted" if stale else ""), flush=True)
         returns = []
-        while done < self.n_trials:
+        for _ in range(done, opt.n_trials):
             if stale:  # left RUNNING by a crash: run it again, its run folder resumes
                 trial = stale.pop(0)
-                values = checked_params(trial, distributions, storage)
+                values = checked[trial.number]
             else:
                 trial = study.ask(distributions)
                 values = trial.params
             overrides = fixed + [f"{k}={_value(v)}" for k, v in values.items()]
             [ret] = self.launcher.launch([overrides], initial_job_idx=trial.number)
             value = self._objective(ret)
-            if value is None:
-                study.tell(trial.number, state=TrialState.FAIL)
-            else:
-                study.tell(trial.number, value)
+            study.tell(trial.number, value, state=TrialState.FAIL if value is None else None)
             returns.append(ret)
-            done += 1
-        self._report(study, name)
+        try:
+            best = study.best_trial
+            shown = " ".join(f"{k}={_value(v)}" for k, v in best.params.items())
+            print(f"optuna: best trial {best.number}: value {best.value:.6g} with {shown}",
+                  flush=True)
+        except ValueError:  # no trial completed
+            print(f"optuna: study {name!r}: no trial completed", file=sys.stderr)
         return [returns]
 
     def _objective(self, ret: JobReturn) -> float | None:
         """Best monitored value of the job's run (what best.pt was kept for); None: failed."""
-        result = ret._return_value
-        if ret.status != JobStatus.COMPLETED or (isinstance(result, dict) and JOB_FAILED in result):
+        if job_error(ret) is not None:
             return None
         cfg = ret.cfg
-        value, _ = best_of(job_run_dir(cfg, ret.hydra_cfg), str(cfg.checkpoint.monitor),
-                           str(cfg.checkpoint.mode))
-        return value if value is not None and math.isfinite(value) else None
-
-    @staticmethod
-    def _report(study: Any, name: str) -> None:
-        try:
-            best = study.best_trial
-        except ValueError:  # no trial completed
-            print(f"optuna: study {name!r}: no trial completed", file=sys.stderr)
-            return
-        shown = " ".join(f"{k}={_value(v)}" for k, v in best.params.items())
-        print(f"optuna: best trial {best.number}: value {best.value:.6g} with {shown}",
-              flush=True)
+        return best_of(job_run_dir(cfg, ret.hydra_cfg), str(cfg.checkpoint.monitor),
+                       str(cfg.checkpoint.mode))[0]
 
 
 def _value(value: Any) -> str:
@@ -183,8 +158,8 @@ _MISSING = "(missing)"
 
 def checked_params(trial: Any, space: dict[str, Any], storage: str) -> dict[str, Any]:
     """A stored trial's params as the sweep's own values (a declared choice, a number in
-    range), or a UserError: they become a job's overrides, so a crafted storage must not set
-    other keys or values. An enqueued (WAITING) trial's fixed params are checked alike."""
+    range), or a UserError: they become a job's overrides. An enqueued (WAITING) trial's fixed
+    params are checked alike."""
     from optuna.trial import TrialState
 
     if trial.state == TrialState.WAITING:  # study.ask() takes its fixed params as they are
@@ -208,11 +183,7 @@ def checked_params(trial: Any, space: dict[str, Any], storage: str) -> dict[str,
 
 def _own_value(value: Any, stored: Any, dist: Any) -> Any:
     """The value `dist` gives for a stored one; ValueError saying why it is outside."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        IntDistribution,
-        check_distribution_compatibility,
-    )
+    from optuna import distributions as od
 
     if dist is None:
         raise ValueError("not a key of hydra.sweeper.params")
@@ -222,10 +193,10 @@ def _own_value(value: Any, stored: Any, dist: Any) -> Any:
         raise ValueError("an interpolation")
     if stored is not None:
         try:
-            check_distribution_compatibility(stored, dist)
+            od.check_distribution_compatibility(stored, dist)
         except ValueError:
             raise ValueError(f"stored with another distribution than {dist}") from None
-    if isinstance(dist, CategoricalDistribution):  # the declared choice, not the stored one
+    if isinstance(dist, od.CategoricalDistribution):  # the declared choice, not the stored one
         try:
             return dist.choices[int(dist.to_internal_repr(value))]
         except ValueError:
@@ -234,7 +205,7 @@ def _own_value(value: Any, stored: Any, dist: Any) -> Any:
         raise ValueError(f"not a number in {dist}")
     if not dist._contains(dist.to_internal_repr(value)):
         raise ValueError(f"outside {dist}")
-    return int(value) if isinstance(dist, IntDistribution) else float(value)
+    return int(value) if isinstance(dist, od.IntDistribution) else float(value)
 
 
 def _cap(text: str, limit: int = 80) -> str:
@@ -286,32 +257,16 @@ def _check_sqlite(path: Path, storage: str) -> None:
 
 def _distribution(override: Override) -> Any:
     """An Optuna distribution for one hydra.sweeper.params entry."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna import distributions as od
 
-    value, key = override.value(), override.get_key_element()
-    if isinstance(value, ChoiceSweep):
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=lambda x: x)))
-    if isinstance(value, RangeSweep):
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=lambda x: x)))
+    value = override.value()
+    if isinstance(value, (ChoiceSweep, RangeSweep)):
+        return od.CategoricalDistribution(list(override.sweep_iterator(transformer=lambda x: x)))
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(int(value.start), int(value.end), log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
-    raise UserError(f"hydra.sweeper.params.{key}={override.input_line!r}: expected "
-                    f"interval(a,b), tag(log,interval(a,b)), choice(...) or range(...)")
-
-
-def register() -> None:
-    """Make `hydra/sweeper=optuna` known to Hydra (call before @hydra.main runs)."""
-    module = sys.modules.setdefault(PLUGIN_MODULE, type(sys)(PLUGIN_MODULE))
-    if not hasattr(module, "OptunaSweeper"):
-        plugin = type("OptunaSweeper", (OptunaSweeper,), {"__module__": PLUGIN_MODULE})
-        module.OptunaSweeper = plugin
-        Plugins.instance().register(plugin)
-    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf,
-                                 provider="torch-hydra-template")
+            return od.IntDistribution(int(value.start), int(value.end), log=log)
+        return od.FloatDistribution(float(value.start), float(value.end), log=log)
+    raise UserError(f"hydra.sweeper.params.{override.get_key_element()}="
+                    f"{override.input_line!r}: expected interval(a,b), tag(log,interval(a,b)), "
+                    f"choice(...) or range(...)")

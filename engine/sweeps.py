@@ -1,14 +1,10 @@
-"""The summary of a multirun (-m) sweep: a Hydra Callback (hydra.callbacks in train.yaml).
+"""Multirun (-m) sweeps: the summary callback (hydra.callbacks in train.yaml) and what the
+Optuna sweeper (hydra_plugins/torch_template/) shares with it: a job's run folder and best value.
 
-Each job leaves a record in <sweep dir>/.sweep_jobs/ (status "running" at its start, "ok" or
-"failed" at its end: a job killed or stopped in between stays "running" and is reported as
-"interrupted"). After each job, at the sweep's end, and when the sweep stops early (run_main),
-the records of this sweep (the same command re-run counts as the same sweep) become:
-
-    <sweep dir>/summary.csv   one row per job: overrides, status, best monitored value and
-                              epoch (metrics.csv), test metrics (test_metrics.json), best.pt
-    <sweep dir>/summary.md    the same, sorted by the monitored value (checkpoint.mode)
-    <sweep dir>/summary.png   the monitored value per job
+Each job leaves a record in <sweep dir>/.sweep_jobs/ ("running" at its start, "ok" or "failed"
+at its end; one still "running" when the sweep is over was interrupted). After each job, at the
+end and when the sweep stops early, this sweep's records (a re-run of the same command is the
+same sweep) become summary.csv, summary.md (sorted by checkpoint.monitor) and summary.png.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import hashlib
 import io
 import json
 import math
-import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +39,14 @@ def sweep_id(overrides: list[str]) -> str:
     return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:12]
 
 
+def job_error(ret: JobReturn) -> str | None:
+    """Why a job failed (a user error it handed back, or a bug Hydra caught); None if ok."""
+    result = ret._return_value
+    if ret.status != JobStatus.COMPLETED:
+        return f"{type(result).__name__}: {one_line(result)}"
+    return str(result[JOB_FAILED]) if isinstance(result, dict) and JOB_FAILED in result else None
+
+
 def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
     """A job's run folder, computed as the job did (its own hydra config resolves `name`)."""
     saved = HydraConfig.instance().cfg
@@ -55,7 +59,7 @@ def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
 
 
 def best_of(run_dir: Path, monitor: str, mode: str) -> tuple[float | None, int | None]:
-    """(best value of `monitor`, its epoch) in the run's metrics.csv; (None, None) if none."""
+    """(best finite value of `monitor`, its epoch) in the run's metrics.csv; (None, None)."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
         return None, None
@@ -73,7 +77,7 @@ def best_of(run_dir: Path, monitor: str, mode: str) -> tuple[float | None, int |
 
 
 class SweepSummary(Callback):
-    """Records each job of a multirun and writes the sweep's summary (module docstring)."""
+    """Records each job of a multirun and writes the sweep's summary."""
 
     def __init__(self, plot: bool = True) -> None:
         self.plot = plot
@@ -95,8 +99,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.ended = True
         rows = self.write(final=True)
-        failed = [r for r in rows if r["status"] != "ok"]
-        if failed and self.basic:  # as a single failed run: exit 2 (after every job ran)
+        if self.basic and any(r["status"] != "ok" for r in rows):  # exit 2 as a failed run
             raise SystemExit(EXIT_BAD_INPUT)
 
     def _stopped_early(self) -> None:
@@ -107,41 +110,29 @@ class SweepSummary(Callback):
         if self.sweep_dir is None:  # a single run
             return
         job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-        run_dir = job_run_dir(job_cfg, config)
-        self._record(config, {"status": "running", "run_dir": str(run_dir),
+        self._record(config, {"status": "running", "run_dir": str(job_run_dir(job_cfg, config)),
                               "monitor": str(config.checkpoint.monitor),
-                              "mode": str(config.checkpoint.mode), "started": time.time()})
+                              "mode": str(config.checkpoint.mode)})
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.sweep_dir is None:
             return
-        result = job_return._return_value
-        if job_return.status == JobStatus.COMPLETED and not (
-                isinstance(result, dict) and JOB_FAILED in result):
-            update = {"status": "ok"}
-        elif job_return.status == JobStatus.COMPLETED:
-            update = {"status": "failed", "error": str(result[JOB_FAILED])}
-        else:  # a bug: Hydra caught the exception
-            update = {"status": "failed", "error": f"{type(result).__name__}: "
-                                                   f"{one_line(result)}"}
-        self._record(config, update)
+        error = job_error(job_return)
+        self._record(config, {"status": "ok"} if error is None else
+                     {"status": "failed", "error": error})
         self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
-        if self.sweep_dir is None:
-            return
         key = run_name_for(config, config.hydra).rpartition("/")[2]
-        path = self.sweep_dir / RECORDS / f"{key}.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
-        if update.get("status") == "running":
-            record = {}  # a job run again starts afresh
+        path = self.sweep_dir / RECORDS / f"{key}.json"  # a job run again starts afresh:
+        fresh = update["status"] == "running" or not path.is_file()
+        record = {} if fresh else json.loads(path.read_text())
         record.update(update, sweep=self.sweep, job=key,
                       overrides=list(config.hydra.overrides.task))
         write_atomic(path, lambda out: out.write(json.dumps(record, indent=1) + "\n"))
 
     def rows(self, final: bool) -> list[dict]:
         """This sweep's jobs; a "running" job is "interrupted" once the sweep is over."""
-        assert self.sweep_dir is not None
         rows = []
         for path in sorted((self.sweep_dir / RECORDS).glob("*.json")):
             try:
@@ -151,20 +142,16 @@ class SweepSummary(Callback):
             if record.get("sweep") != self.sweep:
                 continue
             status = record.get("status", "failed")
-            if status == "running" and final:
-                status = "interrupted"
+            status = "interrupted" if final and status == "running" else status
             run_dir = Path(record.get("run_dir", ""))
             best, epoch = best_of(run_dir, record.get("monitor", self.monitor),
                                   record.get("mode", self.mode))
             row = {"job": record.get("job"), "overrides": " ".join(record.get("overrides", [])),
                    "status": status, f"best_{self.monitor}": best, "best_epoch": epoch}
-            tests = run_dir / "test_metrics.json"
-            if status == "ok" and tests.is_file():
-                try:
-                    row.update({k: v for k, v in json.loads(tests.read_text()).items()
-                                if k.startswith("test_")})
-                except ValueError:
-                    pass
+            if status == "ok":
+                with suppress(OSError, ValueError):  # no test_metrics.json, or a broken one
+                    tests = json.loads((run_dir / "test_metrics.json").read_text())
+                    row.update({k: v for k, v in tests.items() if k.startswith("test_")})
             best_pt = run_dir / "best.pt"
             row["best_pt"] = str(best_pt) if best_pt.is_file() else ""
             row["error"] = record.get("error", "")
@@ -199,11 +186,9 @@ class SweepSummary(Callback):
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return ""
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value).replace("|", "\\|")
+    return "" if value is None else str(value).replace("|", "\\|")
 
 
 def _markdown(rows: list[dict], columns: list[str], key: str, mode: str) -> str:
