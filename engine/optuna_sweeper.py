@@ -11,7 +11,7 @@ told its value. `n_trials` counts all finished trials of the study, of every run
 command. The objective is the best value of checkpoint.monitor in the trial's metrics.csv
 (the value best.pt was kept for); a trial that failed (a diverged loss: exit-2 user error, or
 a bug) is told FAIL and the study goes on. One sweep process per storage at a time (a flock on
-`<storage file>.lock`, engine/runlock.py). The storage is data, never code: a stored trial's
+`<storage file>.lock`, engine/run_dir.py). The storage is data, never code: a stored trial's
 params become overrides only inside the declared search space (`checked_params`), so a crafted
 optuna.db can set no other key (`_target_`) and no other value (`${oc.create:...}`).
 
@@ -38,7 +38,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, UserError, first_line, one_line
-from engine.runlock import lock_file, unlock_file
+from engine.run_dir import lock_file, unlock_file
 from engine.sweep_summary import best_of, job_run_dir
 
 PLUGIN_MODULE = "hydra_plugins.torch_template_optuna"
