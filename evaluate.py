@@ -20,7 +20,7 @@ from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import cli_errors
 from engine.metrics import confusion_figure, load_for_inference, regression_figure, save_figure
 from engine.metrics import evaluate as evaluate_split
-from engine.outputs import check_output, is_eval_json, is_png, write_atomic
+from engine.run_dir import check_output, is_eval_json, is_png, write_atomic
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -23,7 +23,7 @@ from engine.cli import run_main
 from engine.config import paths_from_start_dir, validate_inference
 from engine.errors import UserError, cli_errors
 from engine.metrics import load_for_inference
-from engine.outputs import check_output, is_predictions_csv, write_atomic
+from engine.run_dir import check_output, is_predictions_csv, write_atomic
 
 
 def predict(cfg: DictConfig) -> Path:

@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
-from engine.checkpoint.load import load_state_dict_file
+from engine.checkpoint.load import load_checkpoint, load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
 from engine.cli import run_main
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
-from engine.run import accept_run, open_run
+from engine.run_dir import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
 from engine.training import (
     EMA,
@@ -79,7 +79,7 @@ def fit(cfg: DictConfig) -> dict:
     scheduler, step_lr = build_scheduler(cfg, optimizer, len(train_batches))  # step_lr: per step
 
     # Only now, with data and model known to build, touch the run directory.
-    run_dir, saver, resumed = open_run(cfg, device)
+    run_dir, saver, resumed = open_run(cfg, device, load_checkpoint)
 
     progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?

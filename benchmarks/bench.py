@@ -15,7 +15,7 @@ to bench-results/ (git-ignored).
    with the same index batching, model, data, batch size and seed. The two run in lockstep,
    one step each in turn, and end with bit-identical weights (checked).
 2. epoch time of the same template loop vs a DataLoader(TensorDataset) loop (in lockstep too).
-3. checkpoint write throughput of engine.saver.atomic_save vs a raw sequential write of
+3. checkpoint write throughput of engine.run_dir.atomic_save vs a raw sequential write of
    the same number of bytes to the same disk, both fsynced.
 4. checkpoint.async=true: how long save() blocks training, as a fraction of a synchronous save.
 5. restore of a checkpoint (load_checkpoint + restore_checkpoint, the resume path) vs a raw
@@ -511,7 +511,7 @@ def drop_cache(path: Path) -> None:
 def bench_checkpoints(items: set[str], quick: bool, reps: int, scratch: Path) -> list[Row]:
     from engine.checkpoint.load import load_checkpoint
     from engine.checkpoint.state import restore_checkpoint
-    from engine.saver import Saver, atomic_save
+    from engine.run_dir import CheckpointSaver, atomic_save
 
     folder = scratch / "ckpt"
     folder.mkdir(parents=True, exist_ok=True)
@@ -550,8 +550,8 @@ def bench_checkpoints(items: set[str], quick: bool, reps: int, scratch: Path) ->
             a_all=runs["template"], b_all=runs["raw"], ratio_all=ratios))
 
     if "4" in items:
-        sync_saver = Saver(folder / "sync", keep_last=1)
-        async_saver = Saver(folder / "async", keep_last=1, background=True)
+        sync_saver = CheckpointSaver(folder / "sync", keep_last=1)
+        async_saver = CheckpointSaver(folder / "async", keep_last=1, background=True)
         for saver in (sync_saver, async_saver):
             saver.run_dir.mkdir(exist_ok=True)
         start = perf()

@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.errors import UserError, preempt_signal
-from engine.runlock import release_inherited_lock
 
 
 @dataclass
@@ -60,12 +59,11 @@ MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process g
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave the stop to the main process (engine/training.py): a worker
     killed by a scheduler's SIGTERM to the process group would crash the main process before
-    it could save. Also drops the worker's copy of the run-folder lock (engine/runlock.py)."""
+    it could save. (Its copy of the run-folder lock is dropped at fork: engine/run_dir.py.)"""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if MASKABLE:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    release_inherited_lock()
 
 
 def _kill_workers_at_exit() -> None:

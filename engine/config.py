@@ -27,6 +27,7 @@ from engine.config_schema import METRICS, check_schema, did_you_mean, schema_err
 from engine.errors import UserError
 from engine.feature_checks import check_trainer_features, finite, positive_int
 from engine.loggers import check_logger_config
+from engine.run_dir import run_dir_for
 from engine.runtime import max_workers, resolve_device
 from engine.target_checks import (
     SAFE_TARGET_MODULES,
@@ -40,7 +41,7 @@ from engine.target_checks import (
 __all__ = ["METRICS", "SAFE_TARGET_MODULES", "build", "check_limits", "check_loaded_targets",
            "check_monitor", "check_schema", "check_target_kind", "check_target_section",
            "did_you_mean", "from_start_dir", "locate", "paths_from_start_dir", "resolve_all",
-           "run_dir_for", "schema_error", "validate_inference", "validate_train"]
+           "schema_error", "validate_inference", "validate_train"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -254,20 +255,6 @@ def _check_fractions(section: DictConfig, key: str) -> None:
     if "train_fraction" not in fractions and held_out >= 1:
         raise UserError(f"{key}: {' + '.join(f'{k}' for k in fractions)} = {held_out:g} "
                         f"leaves no training data; expected a sum < 1")
-
-
-def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
-    """<root>/<run_name>, refusing names that would leave the checkpoint root."""
-    name = str(run_name)
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts or name.startswith("~"):
-        raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root "
-                        f"(no '..', no absolute path)")
-    root = Path(root)
-    run_dir = root / name
-    if not run_dir.resolve().is_relative_to(root.resolve()):
-        raise UserError(f"{key}={name!r}: resolves outside checkpoint.root={root}")
-    return run_dir
 
 
 # Config keys naming files or folders (train, evaluate, predict): given relative to the folder

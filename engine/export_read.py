@@ -27,7 +27,7 @@ import yaml
 
 from engine.checkpoint.limits import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, TooBig, expanded_size
 from engine.errors import UserError
-from engine.fast_io import verify
+from engine.run_dir import verify
 from engine.target_checks import check_loaded_targets
 
 WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"

@@ -26,7 +26,7 @@ from engine.checkpoint.load import (
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.export_read import CONFIG, is_export, load_export, load_pt2
-from engine.outputs import write_atomic
+from engine.run_dir import write_atomic
 from engine.runtime import resolve_device
 from engine.target_checks import build, saved_sections
 
@@ -97,26 +97,6 @@ def append_csv(path: Path, row: dict) -> None:
             out.write(buffer.getvalue())
     except OSError as err:  # resume=auto rewrites the file from the checkpoint's history
         raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
-
-
-def read_history(path: Path, epoch: int) -> list[dict]:
-    """The rows of metrics.csv for epochs 1..`epoch`: a checkpoint's history (not in it: every
-    save would grow with the run). Rows after `epoch` (epochs a resume recomputes) are dropped;
-    values are read back as int/float, so write_csv rewrites the same bytes."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as rows:
-        history = []
-        for row in csv.DictReader(rows):
-            try:
-                parsed = {k: int(v) if k in ("epoch", "step") else float(v)
-                          for k, v in row.items()}
-            except (TypeError, ValueError):
-                break  # a torn or foreign row: keep what came before it
-            if parsed.get("epoch") != len(history) + 1 or parsed["epoch"] > epoch:
-                break
-            history.append(parsed)
-    return history
 
 
 # -------------------------------------------------------------------------- plots

@@ -24,10 +24,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import from_start_dir, run_dir_for
+from engine.config import from_start_dir
 from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, one_line
-from engine.outputs import write_atomic
-from engine.run import run_name_for
+from engine.run_dir import run_dir_for, run_name_for, write_atomic
 
 RECORDS = ".sweep_jobs"
 # Overrides that do not make another sweep (re-running with resume=auto continues this one).

@@ -171,7 +171,8 @@ def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
 
 # ---------------------------------------------------------------------- graceful stop
 # The signals that stopped a training loop of this process: the submitit launcher
-# (engine/cluster.py) requeues after the preemption notice, not after SIGTERM or Ctrl-C.
+# (hydra_plugins/torch_template/launchers.py) requeues after the preemption notice, not
+# after SIGTERM or Ctrl-C.
 received: set[signal.Signals] = set()
 
 

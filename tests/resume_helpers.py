@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.fast_io import verify
+from engine.run_dir import verify
 from tests.forkrun import ForkServer
 
 # What an interrupted-and-resumed run must have exactly as the uninterrupted one.

@@ -13,11 +13,10 @@ import pytest
 import torch
 from conftest import REPO, compose
 
-import engine.saver
+import engine.run_dir
 from engine.checkpoint.load import load_checkpoint
 from engine.errors import UserError
-from engine.fast_io import verify
-from engine.saver import CheckpointWriteError, Saver, atomic_save
+from engine.run_dir import CheckpointSaver, CheckpointWriteError, atomic_save, verify
 
 
 def _state() -> tuple[torch.nn.Module, dict]:
@@ -35,10 +34,10 @@ def _state() -> tuple[torch.nn.Module, dict]:
     return model, state
 
 
-def _saver(tmp_path, name: str, background: bool, keep_last: int = 3) -> Saver:
+def _saver(tmp_path, name: str, background: bool, keep_last: int = 3) -> CheckpointSaver:
     run_dir = tmp_path / name
     run_dir.mkdir()
-    return Saver(run_dir, keep_last, background=background)
+    return CheckpointSaver(run_dir, keep_last, background=background)
 
 
 def test_async_file_is_byte_identical_to_a_sync_save(tmp_path):
@@ -65,13 +64,13 @@ def test_state_is_snapshotted_when_save_returns(tmp_path, monkeypatch):
     model, state = _state()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     release = threading.Event()
-    real_save = engine.saver.atomic_save
+    real_save = engine.run_dir.atomic_save
 
     def held_save(state, path):
         assert release.wait(30)
         real_save(state, path)
 
-    monkeypatch.setattr(engine.saver, "atomic_save", held_save)
+    monkeypatch.setattr(engine.run_dir, "atomic_save", held_save)
     saver = _saver(tmp_path, "run", True)
     saver.save(state, "step_00000001.pt")
     with torch.no_grad():
@@ -86,7 +85,7 @@ def test_state_is_snapshotted_when_save_returns(tmp_path, monkeypatch):
 def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
     active, peak, order = 0, 0, []
     lock = threading.Lock()
-    real_save = engine.saver.atomic_save
+    real_save = engine.run_dir.atomic_save
 
     def slow_save(state, path):
         nonlocal active, peak
@@ -99,7 +98,7 @@ def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
             active -= 1
         order.append(f"wrote {path.name}")
 
-    monkeypatch.setattr(engine.saver, "atomic_save", slow_save)
+    monkeypatch.setattr(engine.run_dir, "atomic_save", slow_save)
     _, state = _state()
     saver = _saver(tmp_path, "run", True, keep_last=2)
     for step in (1, 2, 3):
@@ -126,17 +125,17 @@ def test_failed_background_write_raises_at_next_save_and_keeps_old_files(tmp_pat
         raise CheckpointWriteError(f"{path}: checkpoint write failed (No space left on "
                                    f"device); the previous checkpoints are intact")
 
-    monkeypatch.setattr(engine.saver, "atomic_save", full_disk)
+    monkeypatch.setattr(engine.run_dir, "atomic_save", full_disk)
     saver.save(state, "epoch_0002.pt")  # returns: the failure happens in the background
     with pytest.raises(CheckpointWriteError, match="epoch_0002.pt.*background write"):
         saver.save(state, "epoch_0003.pt")
     assert (saver.run_dir / "epoch_0001.pt").read_bytes() == before
     assert os.path.samefile(saver.run_dir / "last.pt", saver.run_dir / "epoch_0001.pt")
-    monkeypatch.setattr(engine.saver, "atomic_save", atomic_save)  # disk has room again
+    monkeypatch.setattr(engine.run_dir, "atomic_save", atomic_save)  # disk has room again
     saver.save(state, "epoch_0004.pt")  # the error was reported once; the next save works
     saver.wait()
     assert os.path.samefile(saver.run_dir / "last.pt", saver.run_dir / "epoch_0004.pt")
-    monkeypatch.setattr(engine.saver, "atomic_save", full_disk)
+    monkeypatch.setattr(engine.run_dir, "atomic_save", full_disk)
     saver.save(state, "epoch_0005.pt")
     with pytest.raises(UserError, match="epoch_0005.pt"):
         saver.close()  # the end of training sees it too
@@ -177,7 +176,7 @@ def test_train_async_write_failure_stops_training_with_a_clear_error(tmp_path, m
         raise CheckpointWriteError(f"{path}: checkpoint write failed (No space left on "
                                    f"device); the previous checkpoints are intact")
 
-    monkeypatch.setattr(engine.saver, "atomic_save", full_disk)
+    monkeypatch.setattr(engine.run_dir, "atomic_save", full_disk)
     cfg = compose("train", ["experiment=quadratic_csv", "trainer.epochs=2", "trainer.device=cpu",
                             "checkpoint.every_n_epochs=1", "checkpoint.async=true",
                             f"checkpoint.root={tmp_path}", "run_name=full"])
@@ -209,8 +208,8 @@ EXIT_SCRIPT = """
 import sys, time
 from pathlib import Path
 import torch
-import engine.saver
-from engine.saver import CheckpointWriteError, Saver, atomic_save
+import engine.run_dir
+from engine.run_dir import CheckpointSaver, CheckpointWriteError, atomic_save
 
 def slow_save(state, path):
     time.sleep(1.0)  # still writing when the main thread reaches the end of the script
@@ -218,8 +217,8 @@ def slow_save(state, path):
         raise CheckpointWriteError(f"{path}: checkpoint write failed (disk full)")
     atomic_save(state, path)
 
-engine.saver.atomic_save = slow_save
-saver = Saver(Path(sys.argv[1]), keep_last=2, background=True)
+engine.run_dir.atomic_save = slow_save
+saver = CheckpointSaver(Path(sys.argv[1]), keep_last=2, background=True)
 saver.save({"model_state_dict": {"w": torch.ones(1000)}}, "epoch_0001.pt")
 print("main thread done", flush=True)
 """

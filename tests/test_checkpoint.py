@@ -9,9 +9,8 @@ import textwrap
 import torch
 
 from engine.checkpoint.load import load_checkpoint
-from engine.run_folder import prune
+from engine.run_dir import atomic_link, atomic_save, prune
 from engine.runtime import rng_state, set_rng_state
-from engine.saver import atomic_link, atomic_save
 
 
 def _state() -> dict:

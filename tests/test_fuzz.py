@@ -24,8 +24,7 @@ from engine.checkpoint.schema import CHECKPOINT_TYPES
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.export_read import load_export
-from engine.fast_io import verify
-from engine.run_folder import find_latest
+from engine.run_dir import find_latest, verify
 
 SEED = 20240611
 # Seeded cases each test runs at least (each test checks its own share): 550 in all.
@@ -291,7 +290,7 @@ def test_find_latest_picks_the_newest_readable_and_sets_the_rest_aside(original,
         names_before = {p.name for p in folder.iterdir()}
         with deadline(), warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            found = find_latest(folder)
+            found = find_latest(folder, load_checkpoint)
         label = f"case {case}: good {steps}, bad {sorted((p.name, k) for p, k in bad.items())}"
         if newest_good is None:
             assert found is None, label

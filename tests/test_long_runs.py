@@ -32,11 +32,11 @@ def test_checkpoint_writes_do_not_grow_with_the_run(tmp_path, monkeypatch):
     """Before: best.pt (with the whole history) was rewritten at every improving epoch, so
     a run of N epochs wrote ~N files of growing size. Now: only the periodic saves write
     (best.pt with them), and a checkpoint is the same size at epoch 10 and at epoch 60."""
-    import engine.saver
+    import engine.run_dir
 
     writes = []
-    real = engine.saver.atomic_save
-    monkeypatch.setattr(engine.saver, "atomic_save",
+    real = engine.run_dir.atomic_save
+    monkeypatch.setattr(engine.run_dir, "atomic_save",
                         lambda state, path: (writes.append(path.name), real(state, path)))
     _train(tmp_path, ["trainer.epochs=60", "checkpoint.every_n_epochs=10",
                                "checkpoint.keep_last=10", "run_name=sizes"])

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint.load import load_checkpoint
 from engine.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
-from engine.metrics import read_history
-from engine.run_folder import LINKS, PERIODIC, find_latest
+from engine.run_dir import LINKS, PERIODIC, find_latest, read_history
 from tests.conftest import run_script
 from tests.faults import fault_env
 from tests.resume_helpers import (
@@ -171,7 +171,7 @@ def test_mid_epoch_resume_from_every_n_steps_checkpoint(server, root, baseline):
     state = load(run_dir / f"step_{step:08d}.pt")  # the newest every_n_steps=3 save
     assert step == (epoch * 10) // 3 * 3 and state["epoch"] == epoch - 1
     assert state["step_in_epoch"] == len(state["epoch_step_losses"]) == (step % 10 or 10)
-    assert "history" not in state  # metrics.csv is the history (engine.metrics.read_history)
+    assert "history" not in state  # metrics.csv is the history (engine.run_dir.read_history)
     assert (run_dir / "metrics.csv").read_text().count("\n") == epoch + 1  # header + rows
 
     result = server.run(*args, "resume=auto", root=root)
@@ -319,7 +319,7 @@ def test_a_nan_model_is_never_written(tmp_path):
 
 
 def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(tmp_path):
-    from engine.saver import atomic_save
+    from engine.run_dir import atomic_save
 
     def state(step: int) -> dict:
         return {"model_state_dict": {"w": torch.ones(3) * step}, "epoch": 0,
@@ -334,7 +334,7 @@ def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(t
 
     with pytest.warns(UserWarning, match=r"step_00000006\.pt: .*kept it as "
                                          r"step_00000006\.pt\.corrupt\.1"):
-        path, found = find_latest(tmp_path)
+        path, found = find_latest(tmp_path, load_checkpoint)
     assert path.name == "step_00000003.pt" and found["global_step"] == 3
     assert (tmp_path / "step_00000006.pt.corrupt").read_text() == "set aside earlier"
     assert (tmp_path / "notes.pt").exists() and (tmp_path / "weights.pt").exists()

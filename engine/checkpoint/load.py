@@ -20,7 +20,7 @@ from engine.checkpoint.limits import check_structure
 from engine.checkpoint.schema import check_checkpoint
 from engine.errors import UserError, first_line
 from engine.export_read import CONFIG, WEIGHTS, is_export, load_export
-from engine.fast_io import verify
+from engine.run_dir import verify
 from engine.target_checks import build, plain_problem, saved_sections
 
 

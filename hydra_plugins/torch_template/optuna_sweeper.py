@@ -26,7 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from engine.errors import EXIT_BAD_INPUT, UserError, first_line, one_line
-from engine.runlock import lock_file, unlock_file
+from engine.run_dir import lock_file, unlock_file
 from engine.sweeps import best_of, job_error, job_run_dir
 
 

@@ -1,0 +1,699 @@
+"""A run folder and everything that writes to it.
+
+    checkpoints/RUN_NAME/   .lock (flock: one training process at a time)
+        epoch_NNNN.pt, step_NNNNNNNN.pt  periodic checkpoints (the newest checkpoint.keep_last)
+        last.pt, best.pt                 hard links to periodic files (or copies)
+        .NAME.PID.tmp, NAME.corrupt[.N]  a write in progress; a damaged file set aside
+        metrics.csv, config.yaml, loss_curve.png, test_metrics.json, export/
+
+Every file is written under a temporary name and renamed over its name: a kill or a full disk
+leaves the old file or the new one, never a part, and one line of error. Reading a checkpoint
+is passed in (`load`), because the checkpoint code writes its exports through this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import csv
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import warnings
+import weakref
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from engine import distributed as ddp
+from engine.errors import UserError, first_line
+
+PERIODIC = re.compile(r"^(epoch_\d+|step_\d+)\.pt$")
+LINKS = ("last.pt", "best.pt")
+RUN_FILES = re.compile(r"^(epoch_\d+|step_\d+|last|best)\.pt$|^metrics\.csv$")
+LOCK_NAME = ".lock"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+Loader = Callable[[Any, Any], dict]  # (path, map_location) -> a verified checkpoint
+
+
+# --------------------------------------------------------------------------- names
+def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
+    """`run_name` (default: `name`), plus the job's overrides in a multirun, so each job of a
+    sweep gets its own folder. `hydra_cfg`: a finished job's (default: the running job's)."""
+    base = str(cfg.run_name or cfg.name)
+    try:
+        hydra_cfg = HydraConfig.get() if hydra_cfg is None else hydra_cfg
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
+            return f"{base}/{job or hydra_cfg.job.num}"
+    except ValueError:  # not under @hydra.main (tests compose configs directly)
+        pass
+    return base
+
+
+def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
+    """<root>/<run_name>, refusing names that would leave the checkpoint root."""
+    name = str(run_name)
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or name.startswith("~"):
+        raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root "
+                        f"(no '..', no absolute path)")
+    run_dir = Path(root) / name
+    if not run_dir.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{key}={name!r}: resolves outside checkpoint.root={root}")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- lock
+# Hand-written, not filelock: the refusal names the holding pid, and forked workers drop their
+# copy. A killed run's flock goes with its last descriptor, so nothing stale is ever left; the
+# file stays (deleting it would let a third process lock a new file the second never sees).
+_held: dict[str, int] = {}  # lock file -> descriptor: a second train() in this process reuses it
+
+
+def lock_file(path: Path, busy: str) -> None:
+    """Hold an exclusive flock on `path` for the rest of this process, or refuse with the one
+    line `busy` ({holder}: 'pid N' of the process that holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one process at a time is then up to the user
+        return
+    key = str(path.parent.resolve() / path.name)
+    if key in _held:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise UserError(f"{path}: cannot open the lock file ({err.strerror or err})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:  # busy, or a file system without flock (some network mounts)
+        holder = _holder(fd) if isinstance(err, BlockingIOError) else None
+        os.close(fd)
+        raise UserError(busy.replace("{holder}", holder) if holder else
+                        f"{path}: cannot lock it ({err.strerror or err})") from None
+    _held[key] = fd
+
+
+def unlock_file(path: Path) -> None:
+    """Release `lock_file(path)` (nothing if this process does not hold it)."""
+    fd = _held.pop(str(path.parent.resolve() / path.name), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """'pid N' holding the flock on `fd`'s file, from the kernel's table (Linux /proc/locks)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError), open("/proc/locks") as table:
+        for fields in map(str.split, table):  # "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+                return f"pid {fields[4]}"
+    return "pid unknown"
+
+
+def _lock_run(run_dir: Path) -> None:
+    lock_file(run_dir / LOCK_NAME, f"{run_dir} is in use by another training process "
+              "({holder}); wait for it to finish or stop it, or pick another run_name=")
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): one outliving a killed run must not lock it."""
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+# ------------------------------------------------------- where the scripts may write
+def _replace(path: Path, write: Callable[[IO], object], binary: bool, durable: bool) -> None:
+    """Write through `write(handle)` into a temporary file, rename it over `path`: `path` is
+    the old complete file or the new one. On failure the temporary goes and the OSError is
+    raised (torch's zip writer reports ENOSPC/EIO as a RuntimeError with it as its context)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", newline="") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise  # a bug, not the disk
+        raise cause from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[IO], object], binary: bool = False) -> Path:
+    """A small output (metrics, plots, predictions, config.yaml); a failure is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, write, binary, durable=False)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
+    return path
+
+
+def check_output(path: Path, own_kind: Callable[[Path], bool], what: str,
+                 reads: tuple[Path | None, ...] = (), name: str | None = None) -> None:
+    """evaluate.py / predict.py replace an existing file only when it is their own kind of
+    output (by content: a renamed checkpoint is still a checkpoint), never one being read."""
+    name = name or f"output={path}"
+    for source in reads:
+        if source is not None and path.exists() and source.exists() \
+                and os.path.samefile(path, source):
+            raise UserError(f"{name}: is the same file as {source}, which is being read; choose "
+                            f"another output=")
+    if path.is_dir():
+        raise UserError(f"{name}: is a folder; expected a file name")
+    if path.exists() and not own_kind(path):
+        raise UserError(f"{name}: exists and is not {what}; refusing to overwrite it (a "
+                        f"checkpoint, export, metrics.csv or config.yaml is never "
+                        f"overwritten); choose another output=")
+
+
+def is_eval_json(path: Path) -> bool:
+    """evaluate.py's metrics JSON: an object with `samples` and `source` keys."""
+    try:
+        data = json.loads(path.read_bytes()) if path.stat().st_size < 1 << 20 else None
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"samples", "source"} <= data.keys()
+
+
+def is_predictions_csv(path: Path) -> bool:
+    """predict.py's CSV: the header's first column is `input`."""
+    with open(path, "rb") as handle:
+        return handle.readline(4096).split(b",")[0].strip() == b"input"
+
+
+def is_png(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(PNG_MAGIC)) == PNG_MAGIC
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """An export folder is new, empty or an earlier export: never a run folder, nor a folder
+    with another config.yaml."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; expected an export folder")
+    if not out_dir.is_dir():
+        return
+    run_files = sorted(p.name for p in out_dir.iterdir() if RUN_FILES.match(p.name))
+    if run_files:
+        raise UserError(f"{out_dir}: is a run folder ({', '.join(run_files[:3])}); export "
+                        f"into a folder of its own, e.g. {out_dir / 'export'}")
+    if (out_dir / "config.yaml").exists() and not (out_dir / "model.safetensors").is_file():
+        raise UserError(f"{out_dir}: has a config.yaml that is not an export's; refusing to "
+                        f"overwrite it; choose another folder")
+
+
+# ------------------------------------------------------------------ checkpoint files
+class CheckpointWriteError(UserError):
+    """The disk refused a write; the previous checkpoints are untouched."""
+
+
+class EarlyWriteback:
+    """torch.save's file, starting the disk every 32 MiB: Linux holds up to ~10% of RAM of
+    dirty data, so the disk would idle while torch.save pickles and checksums; fadvise starts
+    each chunk's writeback at once (README, benchmark 3). The fsync still makes it durable."""
+
+    CHUNK = 32 << 20
+
+    def __init__(self, out) -> None:
+        self.out, self.written, self.started = out, 0, 0
+        self.advise = getattr(os, "posix_fadvise", None)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.CHUNK):  # a 400 MiB record goes in chunks
+            self.written += self.out.write(view[start:start + self.CHUNK])
+            if self.advise is not None and self.written - self.started >= self.CHUNK:
+                self.out.flush()
+                try:
+                    self.advise(self.out.fileno(), self.started, self.written - self.started,
+                                os.POSIX_FADV_DONTNEED)
+                except OSError:  # only a hint; some file systems refuse it
+                    self.advise = None
+                self.started = self.written
+        return len(view)
+
+    def __getattr__(self, name: str):
+        return getattr(self.out, name)
+
+
+def atomic_save(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename over `path`, fsync the folder."""
+    try:
+        _replace(path, lambda raw: torch.save(state, EarlyWriteback(raw)), True, durable=True)
+    except OSError as err:
+        raise CheckpointWriteError(
+            f"{path}: checkpoint write failed ({err.strerror or err}); the previous "
+            f"checkpoints in {path.parent} are intact") from None
+
+
+def atomic_link(source: Path, link: Path) -> None:
+    """Point `link` (last.pt, best.pt) at the complete file `source`: a hard link, which keeps
+    its data after retention deletes `source`, or a copy where there are no hard links."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, link)
+        _fsync_dir(link.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{link}: could not update ({err.strerror or err}); "
+                                   f"{source} is intact") from None
+
+
+def verify(path: Path) -> None:
+    """Every zip record's CRC-32 (torch.load checks none); a truncated file fails earlier, its
+    zip directory missing."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
+        raise UserError(f"{path}: not a complete checkpoint file ({first_line(err)})") from None
+    if bad is not None:
+        raise UserError(f"{path}: corrupted checkpoint (checksum mismatch in record {bad})")
+
+
+class Snapshot:
+    """Copies a state's tensors into CPU buffers reused from one save to the next (a fresh
+    1 GiB allocation costs several times the copy). Storage by storage, so views and tied
+    weights still share one storage: the file holds the same records as a synchronous save."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def take(self, state: Any) -> Any:
+        copies: dict[tuple[str, int], torch.UntypedStorage] = {}
+        used: list[torch.UntypedStorage] = []
+        cuda = False
+
+        def storage_copy(source: torch.UntypedStorage) -> torch.UntypedStorage:
+            nonlocal cuda
+            # tensors sharing a storage share its copy; empty storages are never shared
+            key = (str(source.device), source.data_ptr() or -len(used) - 1)
+            if key not in copies:
+                buffer = self.buffers[len(used)] if len(used) < len(self.buffers) else None
+                on_gpu = source.device.type == "cuda"
+                if buffer is None or buffer.nbytes() != source.nbytes():
+                    buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
+                                         pin_memory=on_gpu).untyped_storage()
+                buffer.copy_(source, non_blocking=on_gpu)
+                cuda = cuda or on_gpu
+                copies[key] = buffer
+                used.append(buffer)
+            return copies[key]
+
+        def walk(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                if type(obj) is not torch.Tensor or obj.layout != torch.strided \
+                        or obj.is_quantized:  # rare kinds: a plain deep copy
+                    return copy.deepcopy(obj.detach()).cpu()
+                out = torch.empty(0, dtype=obj.dtype).set_(
+                    storage_copy(obj.untyped_storage()), obj.storage_offset(), obj.size(),
+                    obj.stride())
+                return out.requires_grad_(obj.requires_grad)
+            if isinstance(obj, dict):
+                out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
+                out.update((key, walk(value)) for key, value in obj.items())
+                if getattr(obj, "__dict__", None) and hasattr(out, "__dict__"):  # `_metadata`
+                    out.__dict__.update(copy.deepcopy(obj.__dict__))
+                return out
+            if isinstance(obj, list):
+                return [walk(v) for v in obj]
+            if isinstance(obj, tuple):
+                items = [walk(v) for v in obj]
+                return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+            if obj is None or type(obj) in (int, float, str, bool):
+                return obj
+            return copy.deepcopy(obj)
+
+        result = walk(state)
+        if cuda:
+            torch.cuda.synchronize()
+        self.buffers = used
+        return result
+
+
+def prune(run_dir: Path, saved: list[str], keep_last: int) -> list[str]:
+    """Delete the periodic files this run wrote beyond the newest `keep_last`; return the rest."""
+    keep = saved[-keep_last:]
+    for name in saved[:-keep_last]:
+        if name not in keep and _retainable(run_dir, name):
+            (run_dir / name).unlink(missing_ok=True)
+    return keep
+
+
+def _retainable(run_dir: Path, name: Any) -> bool:
+    """Only a periodic name (no path parts) of a regular file is ever deleted, whatever a
+    (crafted) checkpoint's saved_files says; a link would point elsewhere."""
+    return isinstance(name, str) and bool(PERIODIC.match(name)) \
+        and not (run_dir / name).is_symlink()
+
+
+class CheckpointSaver:
+    """Writes epoch_NNNN.pt / step_NNNNNNNN.pt, points last.pt (and best.pt) at it, prunes, in
+    that order (crash safety). `saved`, kept in each checkpoint, lists the periodic files this
+    run wrote: retention never deletes one it did not write.
+
+    background=True (checkpoint.async): save() snapshots the state and returns; a thread
+    writes it, one write in flight at most; its error raises at the next save(), wait() or
+    close(), or is printed at exit. Rank 0 only: train.py calls it through `ddp.on_main`."""
+
+    def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None,
+                 background: bool = False) -> None:
+        self.run_dir, self.keep_last = run_dir, keep_last
+        names = list(saved) if isinstance(saved, (list, tuple)) else []
+        self.saved = [n for n in names if _retainable(run_dir, n)]
+        if len(self.saved) < len(names):
+            ignored = next(n for n in names if n not in self.saved)
+            print(f"warning: {run_dir}: the checkpoint's saved_files lists "
+                  f"{len(names) - len(self.saved)} name(s) that are not this run's periodic "
+                  f"checkpoints, e.g. {ignored!r}; retention ignores them and never deletes "
+                  f"them", file=sys.stderr)
+        self.last_seconds = 0.0  # the latest save's duration, for trainer.max_time
+        self.background = background  # checkpoint.async: a save is durable only later
+        self._snapshot = Snapshot() if background else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._best: dict[str, Any] | None = None  # best state not written yet (save_best_only)
+        if background:
+            _LIVE.add(self)
+
+    def save(self, state: dict[str, Any], name: str, best: bool = False) -> Path:
+        start = time.monotonic()
+        self.wait()  # at most one write in flight; a failed background write raises here
+        path = self.run_dir / name
+        if name not in self.saved:
+            self.saved.append(name)
+        state["saved_files"] = saved = list(self.saved)
+        self.saved = saved[-self.keep_last:]  # what prune() keeps once the file is durable
+        pending, self._best = (None if best else self._best), None
+        if self._snapshot is None:
+            self._write(state, path, best, saved, start, pending)
+        else:
+            args = (self._snapshot.take(state), path, best, saved, start, pending)
+            self._thread = threading.Thread(target=self._write_in_background, args=args,
+                                            name="checkpoint-writer", daemon=False)
+            self._thread.start()  # not a daemon: the process never exits with a write half done
+        return path
+
+    def save_best_only(self, state: dict[str, Any]) -> None:
+        """best.pt of an epoch that is not a periodic save: a CPU copy, written just before the
+        next save (not a file per improving epoch). Exact: a kill before then loses only epochs
+        that the resumed run recomputes bit for bit, best.pt included."""
+        state["saved_files"] = list(self.saved)
+        # the config and versions are the same objects at every save: shared, not copied
+        shared = {k: state[k] for k in ("config", "versions") if k in state}
+        copied = Snapshot().take({k: v for k, v in state.items() if k not in shared})
+        self._best = {k: shared[k] if k in shared else copied[k] for k in state}
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is durable; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if isinstance(error, CheckpointWriteError):
+            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)"
+                                       ) from None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Wait for the last write; free the buffers and the folder (for a later train())."""
+        try:
+            self.wait()
+        finally:
+            self._snapshot = Snapshot() if self._snapshot is not None else None
+            _LIVE.discard(self)
+            unlock_file(self.run_dir / LOCK_NAME)
+
+    def _write_in_background(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as err:  # kept for the main thread, raised by wait()
+            self._error = err
+
+    def _write(self, state: dict[str, Any], path: Path, best: bool, saved: list[str],
+               start: float, pending_best: dict[str, Any] | None) -> None:
+        if pending_best is not None:  # first: a resume from `path` must find its best.pt
+            atomic_save(pending_best, self.run_dir / "best.pt")
+        atomic_save(state, path)
+        atomic_link(path, self.run_dir / "last.pt")
+        if best:
+            atomic_link(path, self.run_dir / "best.pt")
+        prune(self.run_dir, saved, self.keep_last)
+        self.last_seconds = time.monotonic() - start
+
+
+_LIVE: weakref.WeakSet[CheckpointSaver] = weakref.WeakSet()  # background savers, seen at exit
+
+
+@atexit.register
+def _report_unseen_errors() -> None:
+    for saver in list(_LIVE):
+        try:
+            saver.wait()
+        except BaseException as err:  # noqa: BLE001 - reporting at exit is all we can do
+            print(f"error: {err}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------- find latest
+def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = "cpu"
+                ) -> tuple[Path, dict] | None:
+    """The newest checkpoint of `run_dir` that `load` accepts; a newer one it refuses is set
+    aside with a warning. Only names train.py writes are candidates, each file once (links
+    share an inode) under its periodic name."""
+    if not run_dir.is_dir():
+        return None
+    groups: dict[int, list[Path]] = {}
+    for path in sorted(run_dir.glob("*.pt"), key=lambda p: (not PERIODIC.match(p.name), p.name)):
+        if path.is_file() and (PERIODIC.match(path.name) or path.name in LINKS):
+            groups.setdefault(path.stat().st_ino, []).append(path)
+    candidates = []
+    for paths in groups.values():
+        try:  # a cheap read of the progress counters; full verification below
+            head = _head(paths[0])
+            candidates.append(((int(head.get("global_step", 0)), int(head.get("epoch", 0))),
+                               paths))
+        except Exception as err:  # any unreadable file is set aside, not fatal
+            try:  # the zip check names the problem better (truncated, checksum)
+                verify(paths[0])
+                why = f"unreadable ({type(err).__name__}: {first_line(err, 160)})"
+            except UserError as bad:
+                why = str(bad).removeprefix(f"{paths[0]}: ")
+            _set_aside(paths, why)
+    for _, paths in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            return paths[0], load(paths[0], map_location)
+        except UserError as err:
+            _set_aside(paths, str(err).removeprefix(f"{paths[0]}: "))
+    return None
+
+
+def _head(path: Path) -> Any:
+    """A checkpoint memory-mapped: its counters are read, its tensors are not."""
+    return torch.load(path, map_location="cpu", weights_only=True,
+                      mmap=zipfile.is_zipfile(path))
+
+
+def _set_aside(paths: list[Path], why: str) -> None:
+    """Rename a bad file (and its links) to NAME.corrupt, NAME.corrupt.1, ...: kept for
+    inspection, never overwritten, no longer a resume candidate."""
+    moved = []
+    for path in paths:
+        aside, n = path.with_name(path.name + ".corrupt"), 0
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.corrupt.{n}")
+        try:
+            os.replace(path, aside)
+        except OSError as err:  # a read-only folder: say what was wrong with the file too
+            raise UserError(f"{path}: {why}; cannot set it aside as {aside.name} "
+                            f"({err.strerror or err})") from None
+        moved.append(aside.name)
+    links = f" (and its links {', '.join(moved[1:])})" if len(moved) > 1 else ""
+    warnings.warn(f"skipped {paths[0]}: {why}; kept it as {moved[0]}{links}", stacklevel=3)
+
+
+# -------------------------------------------------------------- opening a run
+def open_run(cfg: DictConfig, device: torch.device, load: Loader
+             ) -> tuple[Path, CheckpointSaver, dict | None]:
+    """The run folder (locked), its saver and the checkpoint to resume from (resume=auto /
+    PATH / null). Rank 0 decides; the other ranks get its answer and read the same file."""
+    opened: list[Any] = []
+
+    def on_rank0() -> tuple[Path, str | None]:
+        opened.extend(_open(cfg, device, load))
+        return opened[0], opened[3]
+
+    run_dir, source = ddp.on_main(on_rank0)
+    if opened:
+        saver, resumed = opened[1], opened[2]
+    else:
+        try:
+            resumed = with_history(load(source, device), source) if source else None
+        except UserError as err:
+            raise UserError(f"rank {ddp.rank()}: {err} (with several nodes, checkpoint.root "
+                            f"must be on a file system every node shares)") from None
+        saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last)
+    if resumed and str(cfg.resume) != "auto" and \
+            Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
+        # another folder's run keeps its best value, as an uninterrupted run would (exact
+        # resume); accept_run brings that epoch's file along
+        resumed["best_from"] = str(cfg.resume)
+    return run_dir, saver, resumed
+
+
+def _open(cfg: DictConfig, device: torch.device, load: Loader
+          ) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
+    run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
+    try:
+        if run_dir.is_dir():  # before reading or cleaning anything in it
+            _lock_run(run_dir)
+        existing = sorted(p.name for p in run_dir.glob("*.pt"))
+        # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
+        weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
+        if weights_mode and (cfg.resume is None or str(cfg.resume) == "auto"):
+            raise UserError("resume_mode=weights: name the checkpoint to start from with "
+                            "resume=PATH (and a new run_name=)")
+        if weights_mode and existing:
+            raise UserError(f"resume_mode=weights starts a new run, but {run_dir} already has "
+                            f"checkpoints; set run_name=NEW_NAME")
+        resumed = source = None
+        if cfg.resume is None:
+            if existing:
+                raise UserError(f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
+                                f"{' ...' if len(existing) > 4 else ''}); continue it with "
+                                f"resume=auto or start another with run_name=NEW_NAME")
+        elif str(cfg.resume) == "auto":
+            for tmp in run_dir.glob(".*.tmp"):  # half-written by a process that died mid-save
+                tmp.unlink(missing_ok=True)
+            found = find_latest(run_dir, load, device)
+            if found is None:
+                print(f"resume=auto: no checkpoint in {run_dir}, starting a new run")
+            else:
+                print(f"resuming from {found[0]}")
+                source, resumed = str(found[0]), with_history(found[1], str(found[0]))
+        else:
+            path = Path(str(cfg.resume))
+            source, resumed = str(path), with_history(load(path, device), str(path))
+            if existing and path.resolve().parent != run_dir.resolve():
+                raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
+                                f"run; set run_name=NEW_NAME to continue {path} there")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _lock_run(run_dir)  # a new folder is locked once it exists (no-op if held)
+    except BaseException:  # refused: an in-process caller may go on, a later run must not wait
+        unlock_file(run_dir / LOCK_NAME)
+        raise
+    saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last,
+                            None if weights_mode else (resumed or {}).get("saved_files"),
+                            background=bool(cfg.checkpoint.get("async", False)))
+    weakref.finalize(saver, unlock_file, run_dir / LOCK_NAME)  # however train() ends
+    return run_dir, saver, resumed, source
+
+
+def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None,
+               trains: bool = True) -> None:
+    """The run is accepted (its checkpoint restored): only now does the folder change. A
+    refused resume leaves it as it was, and so does a complete run (`trains` false) for its
+    config.yaml, which records the values that ran (resume overrides included)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+
+    def on_rank0() -> None:
+        if trains or not (run_dir / "config.yaml").exists():
+            write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
+        _bring_best_along(run_dir, resumed)
+
+    ddp.on_main(on_rank0)
+
+
+def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
+    """The inherited best epoch's file (the resumed one, or epoch_N.pt beside it) becomes
+    best.pt, so `evaluate.py ckpt=NEW/best.pt` works before a later epoch beats it; if it is
+    gone, the end of the run uses last.pt in its place (engine/metrics.py)."""
+    source = (resumed or {}).get("best_from")
+    best_epoch = ((resumed or {}).get("best") or {}).get("epoch")
+    if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
+        return
+    for candidate in (Path(source), Path(source).parent / f"epoch_{best_epoch:04d}.pt"):
+        try:
+            head = _head(candidate)
+        except Exception:  # missing or unreadable: try the next
+            continue
+        if isinstance(head, dict) and head.get("epoch") == best_epoch and \
+                not head.get("step_in_epoch"):
+            atomic_link(candidate, run_dir / "best.pt")
+            print(f"best.pt: {candidate} (the best epoch so far, {best_epoch})")
+            return
+
+
+def with_history(state: dict, source: str | None) -> dict:
+    """A checkpoint's metrics rows, from the metrics.csv beside it (this format does not carry
+    them; older files and other programs' keep what they have)."""
+    if "history" in state or "format_version" not in state or source is None:
+        return state
+    csv_path = Path(source).parent / "metrics.csv"
+    history = read_history(csv_path, int(state["epoch"]))
+    if len(history) < int(state["epoch"]) and ddp.is_main():
+        print(f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
+              f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those")
+    return {**state, "history": history}
+
+
+def read_history(path: Path, epoch: int) -> list[dict]:
+    """metrics.csv's rows for epochs 1..`epoch` (later rows: epochs a resume recomputes), read
+    back as int/float so that rewriting them gives the same bytes."""
+    if not path.is_file():
+        return []
+    history: list[dict] = []
+    with open(path, newline="") as rows:
+        for row in csv.DictReader(rows):
+            try:
+                parsed = {k: int(v) if k in ("epoch", "step") else float(v)
+                          for k, v in row.items()}
+            except (TypeError, ValueError):
+                break  # a torn or foreign row: keep what came before it
+            if parsed.get("epoch") != len(history) + 1 or parsed["epoch"] > epoch:
+                break
+            history.append(parsed)
+    return history
