@@ -2,7 +2,6 @@
 reads the same without it.
 
   * `EarlyWriteback`: torch.save's output starts reaching the disk while it is still pickling.
-  * `verify`: every zip record's CRC-32 (torch.load checks none), by zipfile's own testzip.
   * `Snapshot` + `BackgroundWriter`: checkpoint.async=true copies the state into reused CPU
     buffers and writes the file in a thread, one write in flight at a time.
 """
@@ -15,15 +14,11 @@ import os
 import sys
 import threading
 import weakref
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.errors import UserError, first_line
 
 WRITEBACK_BYTES = 32 << 20
 class EarlyWriteback:
@@ -59,20 +54,6 @@ class EarlyWriteback:
 
     def __getattr__(self, name: str):
         return getattr(self.out, name)
-
-
-# ------------------------------------------------------------------------ CRC verification
-
-def verify(path: Path) -> None:
-    """Check every record's CRC-32 (a flipped bit anywhere in the payload is caught); a
-    truncated file fails earlier, when its zip directory is missing."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception as err:  # a damaged header raises BadZipFile, NotImplementedError, ...
-        raise UserError(f"{path}: not a complete checkpoint file ({first_line(err)})") from None
-    if bad is not None:
-        raise UserError(f"{path}: corrupted checkpoint (checksum mismatch in record {bad})")
 
 
 # ------------------------------------------------------------------- background writes

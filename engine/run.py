@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from engine.checkpoint.load import load_checkpoint, load_file
+from engine.checkpoint import load_checkpoint, load_file
 from engine.config import run_dir_for
 from engine.distributed import is_distributed, is_main, on_main, rank
 from engine.errors import UserError

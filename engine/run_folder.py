@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint, verify
 from engine.errors import UserError
-from engine.fast_io import verify
 
 PERIODIC = re.compile(r"^(epoch_\d+|step_\d+)\.pt$")
 TMP_SUFFIX = ".tmp"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import verify
 from engine.errors import UserError
-from engine.fast_io import verify
 from tests.forkrun import ForkServer
 
 # What an interrupted-and-resumed run must have exactly as the uninterrupted one.

@@ -14,9 +14,8 @@ import torch
 from conftest import REPO, compose
 
 import engine.saver
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint, verify
 from engine.errors import UserError
-from engine.fast_io import verify
 from engine.saver import CheckpointWriteError, Saver, atomic_save
 
 
