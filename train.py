@@ -20,8 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
-from engine.checkpoint.load import load_checkpoint, load_state_dict_file
-from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
+from engine.checkpoint import (
+    build_checkpoint,
+    check_finite,
+    load_checkpoint,
+    load_state_dict_file,
+    restore_checkpoint,
+)
 from engine.cli import run_main
 from engine.config import build, check_monitor, paths_from_start_dir, validate_train
 from engine.errors import Interrupted, UserError, cli_errors
@@ -81,26 +86,20 @@ def fit(cfg: DictConfig) -> dict:
     # Only now, with data and model known to build, touch the run directory.
     run_dir, saver, resumed = open_run(cfg, device, load_checkpoint)
 
-    progress = restore_checkpoint(resumed, model, optimizer, scheduler, scaler, cfg, data)
-    train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
-    # The stateful trainer features, None when off; an exact resume restores them (Fabric
-    # style: checkpoint key -> part with state_dict/load_state_dict), resume_mode=weights not.
+    # The run's stateful parts (Fabric style: each with state_dict/load_state_dict, saved
+    # under its key in engine.checkpoint.PARTS); trainer features are None when off.
     stopping, decay = cfg.early_stopping, cfg.trainer.ema_decay
     stopper = None if stopping.patience is None else EarlyStopping(
         stopping.patience, stopping.monitor, cfg.checkpoint.mode, stopping.min_delta)
     ema = None if decay is None else EMA(model, decay, cfg.trainer.channels_last)
-    features = {"early_stopping": stopper, "ema_state_dict": ema}
-    for key, part in features.items():
-        if part is None or resumed is None or cfg.resume_mode != "exact":
-            continue
-        if isinstance(resumed.get(key), dict):
-            part.load_state_dict(resumed[key])
-        elif ddp.is_main():
-            print(f"resume: the checkpoint has no {key}; it starts afresh")
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+             "ema": ema, "early_stopping": stopper}
+    progress = restore_checkpoint(resumed, state, cfg, data)
+    train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
     # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
-    # a resumed run continues the same tracker run (engine/loggers.py); one that cannot start
-    # stops the run before config.yaml is written
-    loggers = open_loggers(cfg, run_dir, resumed, progress)
+    # a resumed run continues the same tracker run (engine/loggers.py: its ids are read back
+    # from `resumed`); one that cannot start stops the run before config.yaml is written
+    state["loggers"] = loggers = open_loggers(cfg, run_dir, resumed, progress)
     stopped = stopper is not None and stopper.stopped  # early stopping ended it before
     complete = bool(resumed) and (progress.epoch >= cfg.trainer.epochs or stopped)
     # config.yaml: only now, with the checkpoint restored and the trackers open; a run that
@@ -133,13 +132,7 @@ def fit(cfg: DictConfig) -> dict:
     plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
-        state = build_checkpoint(config, raw_model, optimizer, scheduler, scaler, progress)
-        state.update({key: part.state_dict() for key, part in features.items()
-                      if part is not None})
-        if loggers.state_dict():
-            state["loggers"] = loggers.state_dict()  # e.g. the MLflow run id
-        return state
-
+        return build_checkpoint(state, progress, config)
     def save(name: str, best: bool = False) -> Path:
         nonlocal plotted, plotted_at
         check_finite(progress)

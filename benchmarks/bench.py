@@ -431,7 +431,7 @@ def batches_only(work: Workload, root: Path) -> Row:
 def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
     """A realistic training checkpoint (build_checkpoint of VGG16 + SGD momentum, as in
     experiment=vgg16_cifar10), and a factory for a fresh model/optimizer to restore into."""
-    from engine.checkpoint.state import Progress, build_checkpoint
+    from engine.checkpoint import Progress, build_checkpoint
 
     cfg = compose_train(["experiment=vgg16_cifar10", "trainer.device=cpu"])
 
@@ -458,7 +458,8 @@ def checkpoint_state(quick: bool) -> tuple[dict, Any, Callable[[], tuple]]:
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as train.py
-    state = build_checkpoint(config, model, optimizer, None, scaler, progress)
+    state = build_checkpoint({"model": model, "optimizer": optimizer, "scheduler": None,
+                              "scaler": scaler}, progress, config)
     return state, cfg, fresh
 
 
@@ -509,8 +510,7 @@ def drop_cache(path: Path) -> None:
 
 
 def bench_checkpoints(items: set[str], quick: bool, reps: int, scratch: Path) -> list[Row]:
-    from engine.checkpoint.load import load_checkpoint
-    from engine.checkpoint.state import restore_checkpoint
+    from engine.checkpoint import load_checkpoint, restore_checkpoint
     from engine.run_dir import CheckpointSaver, atomic_save
 
     folder = scratch / "ckpt"
@@ -596,7 +596,8 @@ def bench_checkpoints(items: set[str], quick: bool, reps: int, scratch: Path) ->
                     drop_cache(template_file)
                 start = perf()
                 loaded = load_checkpoint(template_file, "cpu")
-                restore_checkpoint(loaded, model, optimizer, None, scaler, cfg, None)
+                restore_checkpoint(loaded, {"model": model, "optimizer": optimizer,
+                                            "scaler": scaler}, cfg, None)
                 return perf() - start
             return run
 

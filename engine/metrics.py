@@ -17,15 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as ddp
 from engine.batches import Batches
-from engine.checkpoint.load import (
+from engine.checkpoint import (
+    CONFIG,
     inference_weights,
+    is_export,
     load_checkpoint,
+    load_export,
     load_model_state,
+    load_pt2,
     load_state_dict_file,
 )
 from engine.errors import UserError
 from engine.export import export_checkpoint
-from engine.export_read import CONFIG, is_export, load_export, load_pt2
 from engine.run_dir import write_atomic
 from engine.runtime import resolve_device
 from engine.target_checks import build, saved_sections

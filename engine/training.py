@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine import distributed as ddp
 from engine.batches import Split, TensorSplit
-from engine.checkpoint.load import load_model_state
+from engine.checkpoint import load_model_state
 from engine.config import build
 from engine.errors import EXIT_ABORTED, first_line, preempt_signal
 
@@ -81,7 +81,7 @@ class EMA:
     """`trainer.ema_decay`: ema = decay * ema + (1 - decay) * weights after each optimizer
     step (the first copies them), buffers too, with torch's AveragedModel. Checkpoints keep the
     raw weights (training resumes from them) and these under `ema_state_dict`; validation,
-    best.pt, test, evaluate/predict and export use these (checkpoint.load.inference_weights)."""
+    best.pt, test, evaluate/predict and export use these (checkpoint.inference_weights)."""
 
     def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),

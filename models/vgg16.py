@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint.load import load_state_dict_file
+from engine.checkpoint import load_state_dict_file
 
 
 def build_vgg16(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, compose
 
 import engine.run_dir
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.errors import UserError
 from engine.run_dir import CheckpointSaver, CheckpointWriteError, atomic_save, verify
 

@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.run_dir import atomic_link, atomic_save, prune
 from engine.runtime import rng_state, set_rng_state
 

@@ -21,7 +21,7 @@ from conftest import compose, run_script, train_run
 from helpers import assert_one_line, deadline
 from omegaconf import OmegaConf
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.errors import UserError
 
 SEED = 20261125
@@ -128,7 +128,7 @@ _BUILT: dict = {}
 def resume_path(path: Path, root: Path) -> None:
     """What train.py does with a checkpoint: load it, restore model/optimizer/RNG/progress,
     rewrite metrics.csv from its history."""
-    from engine.checkpoint.state import restore_checkpoint
+    from engine.checkpoint import restore_checkpoint
     from engine.config import build
     from engine.metrics import write_csv
 
@@ -140,7 +140,8 @@ def resume_path(path: Path, root: Path) -> None:
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = load_checkpoint(path)
-    progress = restore_checkpoint(state, model, optimizer, None, scaler, cfg, data)
+    progress = restore_checkpoint(state, {"model": model, "optimizer": optimizer, "scheduler": None,
+                                          "scaler": scaler}, cfg, data)
     write_csv(path.with_name("metrics.csv"), progress.history)
 
 

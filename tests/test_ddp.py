@@ -196,7 +196,7 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
 
     from engine import distributed as ddp
     from engine.batches import Batches, TensorSplit
-    from engine.checkpoint.state import Progress, build_checkpoint, restore_checkpoint
+    from engine.checkpoint import Progress, build_checkpoint, restore_checkpoint
     from engine.errors import UserError
     from engine.metrics import evaluate
 
@@ -235,13 +235,14 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
         torch.manual_seed(100 + rank)
         progress = Progress(epoch=1, step_in_epoch=1, global_step=6,
                             losses=[torch.tensor(rank + 1.0)])
-        state = build_checkpoint(cfg, model, optimizer, None, scaler, progress)
+        parts = {"model": model, "optimizer": optimizer, "scheduler": None, "scaler": scaler}
+        state = build_checkpoint(parts, progress, cfg)
         expected = torch.rand(3)
         path = Path(tmp) / "ckpt.pt"
         ddp.on_main(lambda: torch.save(state, path))
         loaded = torch.load(path, weights_only=True)
         torch.manual_seed(999)
-        restored = restore_checkpoint(loaded, model, optimizer, None, scaler, cfg, None)
+        restored = restore_checkpoint(loaded, parts, cfg, None)
         assert torch.equal(torch.rand(3), expected)
         assert [float(x) for x in restored.losses] == [rank + 1.0]
         assert restored.step_in_epoch == 1
@@ -253,7 +254,7 @@ def _helper_checks(rank: int, store: str, tmp: str) -> None:
         mine = torch.get_rng_state()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            restored = restore_checkpoint(one, model, optimizer, None, scaler, cfg, None)
+            restored = restore_checkpoint(one, parts, cfg, None)
         said = [str(w.message) for w in seen if "process(es)" in str(w.message)]
         assert (len(said) == 1 and "restarts from its first batch" in said[0]) if rank == 0 \
             else not said

@@ -27,7 +27,7 @@ from conftest import REPO, run_script
 from helpers import assert_one_line, deadline
 from omegaconf import OmegaConf
 
-from engine.checkpoint.load import load_checkpoint, load_export_model, load_state_dict_file
+from engine.checkpoint import load_checkpoint, load_export_model, load_state_dict_file
 from engine.errors import UserError
 from engine.export import export_checkpoint, export_pt2
 from engine.metrics import load_for_inference

@@ -19,12 +19,17 @@ import pytest
 import torch
 from helpers import assert_one_line, deadline, write_malicious
 
-from engine.checkpoint.load import load_checkpoint, load_file, load_model_state
-from engine.checkpoint.schema import CHECKPOINT_TYPES
+from engine.checkpoint import (
+    SCHEMA,
+    load_checkpoint,
+    load_export,
+    load_file,
+    load_model_state,
+    verify,
+)
 from engine.errors import UserError
 from engine.export import export_checkpoint
-from engine.export_read import load_export
-from engine.run_dir import find_latest, verify
+from engine.run_dir import find_latest
 
 SEED = 20240611
 # Seeded cases each test runs at least (each test checks its own share): 550 in all.
@@ -183,14 +188,14 @@ WRONG_VALUES = [None, "text", 1.5, 3, True, [1, 2], {"a": 1}, torch.zeros(2)]
 
 
 def _allowed(key: str, value) -> bool:
-    kinds = CHECKPOINT_TYPES.get(key, ())
+    kinds = SCHEMA[key][0]
     return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def test_checkpoint_keys_of_the_wrong_type(original, tmp_path):
     path = tmp_path / "typed.pt"
     cases = 0
-    for key in ["model_state_dict", *CHECKPOINT_TYPES]:
+    for key in SCHEMA:
         for value in WRONG_VALUES:
             if key != "model_state_dict" and _allowed(key, value):
                 continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose, run_script
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 
 TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001",
                 "trainer.device=cpu"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
 from engine.run_dir import LINKS, PERIODIC, find_latest, read_history
 from tests.conftest import run_script
@@ -306,7 +306,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_good_checkpoints(server,
 def test_a_nan_model_is_never_written(tmp_path):
     from omegaconf import OmegaConf
 
-    from engine.checkpoint.state import Progress, build_checkpoint
+    from engine.checkpoint import Progress, build_checkpoint
 
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -314,8 +314,9 @@ def test_a_nan_model_is_never_written(tmp_path):
     cfg = OmegaConf.create({"checkpoint": {"monitor": "val_loss"}})
     progress = Progress(epoch=2, step_in_epoch=3, global_step=23)
     with pytest.raises(UserError, match=r"non-finite weights \[bias\] at epoch 3, step 23"):
-        build_checkpoint(cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
-                         torch.amp.GradScaler("cpu", enabled=False), progress)
+        build_checkpoint({"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                          "scheduler": None, "scaler": torch.amp.GradScaler("cpu", enabled=False)},
+                         progress, cfg)
 
 
 def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(tmp_path):

@@ -140,8 +140,8 @@ def test_evaluate_and_predict_accept_an_export(trained_run, tmp_path, points):
 
 def test_export_of_any_checkpoint(trained_run, tmp_path):
     """`python -m engine.export CKPT [OUT]`'s function: default folder next to the file."""
+    from engine.checkpoint import load_export
     from engine.export import export_checkpoint
-    from engine.export_read import load_export
 
     out = export_checkpoint(trained_run / "epoch_0001.pt")
     assert out == trained_run / "epoch_0001"
@@ -192,7 +192,7 @@ def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "strict=false loaded 8 of 10 tensors" in err and "fc3.weight" in err
 
-    from engine.checkpoint.load import load_state_dict_file
+    from engine.checkpoint import load_state_dict_file
 
     target = SmallCNN(1, 8, 10)
     problems = load_state_dict_file(target, cnn, strict=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose
 
-from engine.checkpoint.schema import check_checkpoint
+from engine.checkpoint import check_checkpoint
 from engine.errors import UserError
 from engine.loggers import check_logger_config
 from tests.faults import fault_env

@@ -13,7 +13,7 @@ import torch
 from conftest import compose
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from engine.checkpoint.state import Progress, check_finite
+from engine.checkpoint import Progress, check_finite
 from engine.config import validate_train
 from engine.errors import EXIT_INTERRUPTED, UserError
 from tests.forkrun import ForkServer

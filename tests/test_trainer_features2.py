@@ -14,7 +14,7 @@ from conftest import compose
 
 import train as train_module
 from engine.batches import Batches
-from engine.checkpoint.load import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.config import build
 from engine.errors import UserError
 from engine.training import EMA, EarlyStopping

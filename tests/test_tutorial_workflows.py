@@ -212,7 +212,7 @@ def test_tutorial_004_the_model_class_loads_into_small_cnn(tmp_path):
     model = TheModelClass()
     torch.save(model.state_dict(), tmp_path / "model.pth")
     ours = SmallCNN(in_channels=3, image_size=32, num_classes=10)
-    from engine.checkpoint.load import load_state_dict_file
+    from engine.checkpoint import load_state_dict_file
 
     assert load_state_dict_file(ours, tmp_path / "model.pth") == []  # strict: every key
     images = torch.rand(4, 3, 32, 32)
@@ -413,7 +413,7 @@ def _tampered(source: Path, out: Path, edit) -> Path:
 def test_pt2_that_could_run_code_is_refused(pt2_run, tmp_path):
     """torch.export.load hands shape formulas to sympy (eval), unpickles `use_pickle`
     records and loads AOTInductor libraries: such files are refused before it runs."""
-    from engine.export_read import load_pt2
+    from engine.checkpoint import load_pt2
 
     source = pt2_run / "export" / "model.pt2"
     marker = tmp_path / "MARKER"
