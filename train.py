@@ -22,9 +22,9 @@ from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
 from engine.checkpoint.load import load_state_dict_file
 from engine.checkpoint.state import build_checkpoint, check_finite, restore_checkpoint
-from engine.cli import run_main
+from engine.cli import run_main, validate_train
 from engine.cluster import register as register_launchers
-from engine.config import build, check_monitor, paths_from_start_dir, validate_train
+from engine.config import build, check_monitor, paths_from_start_dir
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses

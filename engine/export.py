@@ -22,10 +22,10 @@ import torch
 import yaml
 
 from engine.checkpoint.load import inference_weights, load_checkpoint
+from engine.config import saved_sections
 from engine.errors import one_line, user_error_in
 from engine.export_read import CONFIG, PT2, WEIGHTS, quiet_torch
 from engine.outputs import check_export_dir, write_atomic
-from engine.target_checks import saved_sections
 
 KEPT = ("data", "model", "loss", "seed")
 

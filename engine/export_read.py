@@ -26,9 +26,9 @@ import torch
 import yaml
 
 from engine.checkpoint.limits import MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, TooBig, expanded_size
+from engine.config import check_loaded_targets
 from engine.errors import UserError
 from engine.fast_io import verify
-from engine.target_checks import check_loaded_targets
 
 WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"
 

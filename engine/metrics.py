@@ -23,12 +23,12 @@ from engine.checkpoint.load import (
     load_model_state,
     load_state_dict_file,
 )
+from engine.config import build, saved_sections
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.export_read import CONFIG, is_export, load_export, load_pt2
 from engine.outputs import write_atomic
 from engine.runtime import resolve_device
-from engine.target_checks import build, saved_sections
 
 
 # ------------------------------------------------------------------------ evaluation

@@ -18,10 +18,10 @@ from torch import nn
 from engine.checkpoint import TUTORIAL_KEYS
 from engine.checkpoint.limits import check_structure
 from engine.checkpoint.schema import check_checkpoint
+from engine.config import build, plain_problem, saved_sections
 from engine.errors import UserError, first_line
 from engine.export_read import CONFIG, WEIGHTS, is_export, load_export
 from engine.fast_io import verify
-from engine.target_checks import build, plain_problem, saved_sections
 
 
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from engine.config import plain_problem
 from engine.errors import UserError
-from engine.target_checks import plain_problem
 
 # Types of a training checkpoint's keys (what train.py writes); None allowed where noted.
 # `loss` may be a tensor: the tutorials save the last batch's loss tensor (read as a float).
