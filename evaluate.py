@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from engine.batches import Batches
-from engine.cli import run_main
-from engine.config import paths_from_start_dir, validate_inference
+from engine.cli import run_main, validate_inference
+from engine.config import paths_from_start_dir
 from engine.errors import cli_errors
 from engine.metrics import confusion_figure, load_for_inference, regression_figure, save_figure
 from engine.metrics import evaluate as evaluate_split

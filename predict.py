@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig
 
 from data.base import data_path
-from engine.cli import run_main
-from engine.config import paths_from_start_dir, validate_inference
+from engine.cli import run_main, validate_inference
+from engine.config import paths_from_start_dir
 from engine.errors import UserError, cli_errors
 from engine.metrics import load_for_inference
 from engine.run_dir import check_output, is_predictions_csv, write_atomic

@@ -27,8 +27,8 @@ from engine.checkpoint import (
     load_state_dict_file,
     restore_checkpoint,
 )
-from engine.cli import run_main
-from engine.config import build, check_monitor, paths_from_start_dir, validate_train
+from engine.cli import run_main, validate_train
+from engine.config import build, check_monitor, paths_from_start_dir
 from engine.errors import Interrupted, UserError, cli_errors
 from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses

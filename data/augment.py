@@ -20,8 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from engine.batches import Split, TensorSplit
+from engine.config import is_transform_class, locate
 from engine.errors import UserError
-from engine.target_checks import is_transform_class, locate
 
 KEY = "data.augment"
 TRANSFORMS = "torchvision.transforms.v2."

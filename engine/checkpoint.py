@@ -64,6 +64,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from engine.batches import batches_per_epoch
+from engine.config import build, check_loaded_targets, plain_problem, saved_sections
 from engine.distributed import (
     FollowerError,
     any_rank,
@@ -76,7 +77,6 @@ from engine.distributed import (
 from engine.errors import UserError, first_line
 from engine.run_dir import verify  # the CRC check; run_dir's find-latest uses it too
 from engine.runtime import rng_state, set_rng_state
-from engine.target_checks import build, check_loaded_targets, plain_problem, saved_sections
 
 FORMAT_VERSION = 1
 # A run's stateful parts (each with state_dict()/load_state_dict()) -> their key.

@@ -1,19 +1,16 @@
-"""Command-line overrides that do not compose: one line naming the override and what is
-valid, exit code 2 (Hydra itself prints a multi-line message and exits 1).
-
-`run_main` starts a script's `@hydra.main` function. A single run composes its config once,
-inside Hydra: Hydra is asked to raise a composition error instead of printing it (until the
-task starts, engine.errors), and only then is the config composed again, piece by piece, to
-name the culprit. A multirun (-m) composes and checks every job before the first one starts.
-Flags other than -m/--multirun (--help, --cfg, --config-dir, ...) are left to Hydra, and so is
-everything with debug=true or HYDRA_FULL_ERROR=1 (Hydra's full messages).
-"""
+"""The command line: `run_main` starts a script's `@hydra.main` function; an override that does
+not compose is one line naming it and what is valid, exit 2 (Hydra: many lines, exit 1). A
+single run composes once, inside Hydra (asked to raise, engine.errors); only a failure is
+composed again, piece by piece, to name the culprit. A multirun checks every job first. Other
+flags (--help, --cfg, ...), debug=true and HYDRA_FULL_ERROR=1 are left to Hydra.
+`validate_train`/`validate_inference`: each script's checks before any work starts."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -22,28 +19,62 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    OmegaConfBaseException,
-    ValidationError,
-)
+from omegaconf import errors as oe
 
 from engine.config import (
     CONFIG_DIR,
+    check_config,
+    check_limits,
+    check_required_sections,
     config_groups,
     did_you_mean,
     group_options,
     schema_error,
-    validate_inference,
-    validate_train,
 )
-from engine.errors import EXIT_BAD_INPUT, UserError, compose_errors_raised
+from engine.errors import EXIT_BAD_INPUT, UserError, compose_errors_raised, first_line
+from engine.loggers import check_logger_config
+from engine.run_dir import run_dir_for
+from engine.runtime import resolve_device
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SHELL_COMPLETION_FLAGS = ("-sc", "--shell-completion")
 COMPLETION_COMMANDS = ("install", "uninstall", "query")
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, TypeError)
+COMPOSE_ERRORS = (HydraException, oe.OmegaConfBaseException, ValueError, TypeError)
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Everything train.py needs to know is right, before it opens the run folder."""
+    check_required_sections(cfg)
+    check_config(cfg, "train")
+    check_limits(cfg, required=("data.batch_size", "optimizer.lr"))
+    check_logger_config(cfg.get("logger"))  # logger=: known trackers and keys
+    resolve_device(cfg.trainer.device)
+    if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
+        raise UserError(f"weights={cfg.weights} starts a new run and resume={cfg.resume} "
+                        f"continues one: give only one of them")
+    root = Path(str(cfg.checkpoint.root))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"checkpoint.root={root}: exists and is not a folder")
+    run_dir_for(root, cfg.name, key="name") if cfg.run_name is None else \
+        run_dir_for(root, cfg.run_name)
+
+
+def validate_inference(cfg: DictConfig, script: str) -> None:
+    """evaluate.py / predict.py: the same kind of checks on their own keys."""
+    if bool(cfg.get("ckpt")) == bool(cfg.get("weights")):
+        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
+                        "or weights=PATH (a bare state_dict, with model=... data=...)")
+    if cfg.get("weights") and (cfg.get("model") is None or cfg.get("data") is None):
+        raise UserError(f"weights={cfg.weights}: name the architecture and data too, e.g. "
+                        f"model=small_cnn data=digits")
+    check_config(cfg, script)
+    check_limits(cfg)
+    try:
+        resolve_device(cfg.get("device", "auto"))
+    except UserError as err:  # resolve_device names train.py's key
+        raise UserError(str(err).replace("trainer.device", "device")) from None
+    if cfg.get("output") is not None and Path(str(cfg.output)).is_dir():
+        raise UserError(f"output={cfg.output}: is a folder; expected a file name")
 
 
 def run_main(main: Callable[[], Any], config_name: str) -> None:
@@ -52,33 +83,29 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
     argv = sys.argv[1:]
     if any(a in SHELL_COMPLETION_FLAGS for a in argv) and not _full_errors(argv):
         _shell_completion(main, argv)
-        return
-    if _left_to_hydra(argv):
+    elif _left_to_hydra(argv):
         main()
-        return
-    if any(a in MULTIRUN_FLAGS for a in argv):
+    elif any(a in MULTIRUN_FLAGS for a in argv):
         check_command_line(config_name, argv)  # every job, before the first one starts
         main()
-        return
-    try:
-        with compose_errors_raised():
-            main()
-    except COMPOSE_ERRORS as err:
-        if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
-            raise
-        print(f"error: {explain(err, config_name, argv)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    else:
+        try:
+            with compose_errors_raised():
+                main()
+        except COMPOSE_ERRORS as err:
+            if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
+                raise
+            print(f"error: {explain(err, config_name, argv)}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
 
 
 def _task_ran(err: BaseException) -> bool:
-    """Did `err` come from the task rather than from composing? Hydra's own test: its
-    `run_job` is on the way (as in hydra._internal.utils.run_and_report)."""
+    """Did `err` come from the task, not from composing? Hydra's own test: its `run_job` is on
+    the way (as in hydra._internal.utils.run_and_report)."""
     tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "run_job":
-            return True
+    while tb is not None and tb.tb_frame.f_code.co_name != "run_job":
         tb = tb.tb_next
-    return False
+    return tb is not None
 
 
 def _left_to_hydra(argv: list[str]) -> bool:
@@ -91,8 +118,8 @@ def _full_errors(argv: list[str]) -> bool:
 
 
 def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
-    """Hydra's --shell-completion needs exactly one of install=, uninstall=, query= with a
-    shell it knows; otherwise (and on a failed query) it raises a traceback: one line here."""
+    """Hydra's --shell-completion needs one of install=, uninstall=, query= with a shell it
+    knows, or raises a traceback (as on a failed query): one line here."""
     from hydra.core.plugins import Plugins
     from hydra.plugins.completion_plugin import CompletionPlugin
 
@@ -116,29 +143,22 @@ def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:
-    """Exit 2 with one line if the overrides in `argv` (default sys.argv[1:]) do not compose
-    or fail the script's checks, for every job of a multirun. With debug=true or
-    HYDRA_FULL_ERROR=1 it checks nothing: Hydra's full message is shown instead."""
+    """Exit 2 with one line if the overrides in `argv` (default sys.argv[1:]) do not compose or
+    fail the script's checks, for every job of a multirun; nothing with Hydra's full errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if _left_to_hydra(argv):
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
-        multirun = any(a in MULTIRUN_FLAGS for a in argv)
-        for combination in _combinations(overrides, multirun):
-            _validate(config_name, compose_checked(config_name, combination))
+        for combination in _combinations(overrides, len(overrides) < len(argv)):
+            cfg = compose_checked(config_name, combination)
+            if config_name == "train":
+                validate_train(cfg)
+            elif config_name in ("evaluate", "predict"):
+                validate_inference(cfg, config_name)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-
-
-def _validate(config_name: str, cfg: DictConfig) -> None:
-    """The script's own checks (engine/config.py), so every job of a multirun is checked
-    before the first one starts."""
-    if config_name == "train":
-        validate_train(cfg)
-    elif config_name in ("evaluate", "predict"):
-        validate_inference(cfg, config_name)
 
 
 def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -149,47 +169,21 @@ def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
         raise UserError(explain(err, config_name, list(overrides))) from None
 
 
-def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
-    """One line for a config that did not compose with these overrides; composes again, part
-    by part, where Hydra's message does not name the override or the valid choices."""
-    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
-    if isinstance(err, (HydraException, OmegaConfBaseException)):
-        return _explain(err, config_name, overrides)
-    return _culprit(config_name, overrides, err)  # `=5`, `data=[1,2]`: Hydra's own bugs
-
-
-def _culprit(config_name: str, overrides: list[str], err: Exception) -> str:
-    """Name the override that Hydra failed on with a plain exception (it does not say)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    for override in overrides:
-        try:
-            _compose(config_name, [override])
-        except Exception:  # noqa: BLE001 - this one fails alone: it is the culprit
-            key, _, value = override.partition("=")
-            if key.lstrip("+~") in config_groups():
-                options = ", ".join(group_options(key.lstrip("+~")))
-                return (f"{override}: {value!r} is not one of the {key.lstrip('+~')} "
-                        f"choices; valid options: {options}")
-            return f"{override}: cannot apply this override ({first})"
-    return f"{' '.join(overrides)}: cannot apply these overrides ({first})"
-
-
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides),
                       return_hydra_config=True)
-    # As under @hydra.main: `${hydra:runtime.choices.data}` (train.yaml's `name`) resolves.
-    HydraConfig.instance().set_config(cfg)
+    HydraConfig.instance().set_config(cfg)  # as under @hydra.main: `${hydra:...}` resolves
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """A multirun sweep (`optimizer.lr=0.1,0.01`, `model=a,b`): every value of every swept
-    key is checked once, with the other sweeps at their first value."""
+    """A multirun sweep (`optimizer.lr=0.1,0.01`, `model=a,b`): every value of every swept key,
+    once, with the other sweeps at their first value."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
@@ -207,31 +201,31 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
         else:
             choices.append([text])
     first = [options[0] for options in choices]
-    out = [first]
-    for index, options in enumerate(choices):
-        for option in options[1:]:
-            out.append(first[:index] + [option] + first[index + 1:])
-    return out
+    return [first] + [first[:index] + [option] + first[index + 1:]
+                      for index, options in enumerate(choices) for option in options[1:]]
 
 
-def _explain(err: Exception, config_name: str, overrides: list[str]) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
+    """One line for a config that did not compose with these overrides; composes again, part
+    by part, where Hydra's message does not name the override or the valid choices."""
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    first = first_line(err, 1000)
+    if not isinstance(err, (HydraException, oe.OmegaConfBaseException)):
+        return _culprit(config_name, overrides, first)  # `=5`, `data=[1,2]`: Hydra's bugs
     if isinstance(err, MissingConfigException):
-        missing = str(err.missing_cfg_file or "")
-        group, _, choice = missing.rpartition("/")
+        group, _, choice = str(err.missing_cfg_file or "").rpartition("/")
         options = list(err.options or []) or group_options(group)
         if group and options:
-            hint = did_you_mean(choice, options)
-            return (f"{group}={choice}: unknown {group} choice{hint}; valid options: "
-                    f"{', '.join(options)}")
+            return (f"{group}={choice}: unknown {group} choice{did_you_mean(choice, options)}; "
+                    f"valid options: {', '.join(options)}")
         return first
     if isinstance(err, OverrideParseException):
         return f"{err.override}: cannot parse this override ({err.message.splitlines()[0]})"
     cause = err.__cause__
-    full_key = getattr(cause, "full_key", None)
-    if full_key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-        return _unknown_key(str(full_key), config_name, overrides)
-    if isinstance(cause, ValidationError):  # a value of the wrong type for the schema
+    if getattr(cause, "full_key", None) and isinstance(cause, (oe.ConfigAttributeError,
+                                                                oe.ConfigKeyError)):
+        return _unknown_key(str(cause.full_key), config_name, overrides)
+    if isinstance(cause, oe.ValidationError):  # a value of the wrong type for the schema
         return schema_error(cause)
     if first.startswith("Ambiguous value for argument"):
         text = first.split("'")[1] if "'" in first else first
@@ -250,16 +244,31 @@ def _explain(err: Exception, config_name: str, overrides: list[str]) -> str:
     return f"{first} ({detail})" if detail else first
 
 
+def _culprit(config_name: str, overrides: list[str], first: str) -> str:
+    """The override Hydra failed on with a plain exception (it does not say which)."""
+    for override in overrides:
+        try:
+            _compose(config_name, [override])
+        except Exception:  # noqa: BLE001 - this one fails alone: it is the culprit
+            key, _, value = override.partition("=")
+            group = key.lstrip("+~")
+            if group in config_groups():
+                return (f"{override}: {value!r} is not one of the {group} choices; valid "
+                        f"options: {', '.join(group_options(group))}")
+            return f"{override}: cannot apply this override ({first})"
+    return f"{' '.join(overrides)}: cannot apply these overrides ({first})"
+
+
 def _unknown_key(full_key: str, config_name: str, overrides: list[str]) -> str:
-    """`trainer.epoch`: list the valid keys of `trainer` as composed with the same group
-    choices (so `model.foo` lists the chosen model's keys)."""
+    """`trainer.epoch`: the valid keys of `trainer` as composed with the same group choices
+    (so `model.foo` lists the chosen model's keys)."""
     offending = next((o for o in overrides if o.lstrip("+~").split("=")[0] == full_key
                       or o.lstrip("+~").split("=")[0].startswith(full_key + ".")), full_key)
     parent, _, name = full_key.rpartition(".")
     groups = set(config_groups())
-    choices = [o for o in overrides if o.split("=")[0].lstrip("+~") in groups]
     try:
-        base = _compose(config_name, choices)
+        base = _compose(config_name, [o for o in overrides
+                                      if o.split("=")[0].lstrip("+~") in groups])
     except Exception:
         base = _compose(config_name, [])
     node = OmegaConf.select(base, parent) if parent else base
@@ -267,9 +276,8 @@ def _unknown_key(full_key: str, config_name: str, overrides: list[str]) -> str:
     if group in groups and (not parent and group not in base or parent and node is None):
         return (f"{offending}: no {group} config is selected; choose one first with "
                 f"{group}=NAME ({', '.join(group_options(group))})")
-    where = parent or "the config"
     if not isinstance(node, DictConfig):
         return f"{offending}: unknown key {full_key!r}"
     valid = [str(k) for k in node if not str(k).startswith("_")]
-    return (f"{offending}: unknown key {name!r} in {where}{did_you_mean(name, valid)}; "
-            f"valid keys: {', '.join(valid)}")
+    return (f"{offending}: unknown key {name!r} in {parent or 'the config'}"
+            f"{did_you_mean(name, valid)}; valid keys: {', '.join(valid)}")

@@ -1,130 +1,305 @@
-"""Checks on the composed config, run before any work starts: one clear line per mistake.
-
-Four layers, all before a file is written:
-  1. key names and types of the fixed sections (top level, trainer, checkpoint): Hydra, while
-     composing, against the structured configs of engine/config_schema.py; `check_schema`
-     repeats it for keys added with `+key=value` (Hydra's append lets any key in);
-  2. every interpolation resolves and no `???` is left (`resolve_all`);
-  3. each `_target_` section (data, model, loss, optimizer, scheduler) against the
-     constructor it names (engine/target_checks.py);
-  4. value ranges (epochs >= 1, lr > 0, known device, ...).
-"""
+"""The config: its typed schema (dataclasses in Hydra's ConfigStore, named first in each
+script's defaults list), the range of every value (one table), each `_target_` section against
+the constructor it names (its schema: a new data module or model needs none of its own), what a
+config read from a file may hold (README "Security"), and `build`."""
 
 from __future__ import annotations
 
+import difflib
+import enum
+import functools
+import importlib
+import inspect
+import math
 import os
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
 
+import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import (
-    InterpolationResolutionError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-)
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import errors as oe
 
-from engine.config_schema import METRICS, check_schema, did_you_mean, schema_error
-from engine.errors import UserError
-from engine.feature_checks import check_trainer_features, finite, positive_int
-from engine.loggers import check_logger_config
-from engine.run_dir import run_dir_for
-from engine.runtime import max_workers, resolve_device
-from engine.target_checks import (
-    SAFE_TARGET_MODULES,
-    build,
-    check_loaded_targets,
-    check_target_kind,
-    check_target_section,
-    locate,
-)
-
-__all__ = ["METRICS", "SAFE_TARGET_MODULES", "build", "check_limits", "check_loaded_targets",
-           "check_monitor", "check_schema", "check_target_kind", "check_target_section",
-           "did_you_mean", "from_start_dir", "locate", "paths_from_start_dir", "resolve_all",
-           "schema_error", "validate_inference", "validate_train"]
+from engine.errors import UserError, first_line
+from engine.runtime import PRECISIONS, max_workers
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
 REQUIRED_SECTIONS = ("trainer", "checkpoint", "data", "model", "loss", "optimizer")
-# Bounds on what a config may ask for: values of the right type that would still overflow,
-# divide by zero, or exhaust the machine.
-MAX_SEED = 2**32 - 1  # NumPy's seed range; the batch order multiplies the seed further
+# Values of the right type that would still overflow torch's C integers, NumPy's seed range
+# or the machine: one line instead of a traceback.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
 MAX_BATCH = 1 << 24
 MAX_LR = 1e6
 
+# ------------------------------------------------------------------------------ the schema
 
-def validate_train(cfg: DictConfig) -> None:
-    """Everything train.py needs to know is right before it opens the run directory."""
-    check_required_sections(cfg)
-    check_schema(cfg, "train")
-    resolve_all(cfg)
-    for key in TARGET_SECTIONS:
-        if cfg.get(key) is not None:
-            check_target_section(cfg[key], key)
-    check_limits(cfg)
-    check_logger_config(cfg.get("logger"))  # logger=: known trackers and keys
-    trainer, ckpt = cfg.trainer, cfg.checkpoint
-    positive_int(trainer.epochs, "trainer.epochs")
-    positive_int(ckpt.every_n_epochs, "checkpoint.every_n_epochs")
-    positive_int(ckpt.every_n_steps, "checkpoint.every_n_steps", allow_none=True)
-    positive_int(ckpt.keep_last, "checkpoint.keep_last")
-    positive_int(trainer.log_every_n_steps, "trainer.log_every_n_steps")
-    positive_int(cfg.data.get("batch_size"), "data.batch_size")
-    positive_int(trainer.global_batch_size, "trainer.global_batch_size", allow_none=True,
-                 maximum=MAX_BATCH)
-    lr = cfg.optimizer.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-        raise UserError(f"optimizer.lr={lr!r}: expected a number > 0")
-    if cfg.optimizer.get("nesterov") is True and not cfg.optimizer.get("momentum", 0) > 0:
+
+class Choice(str, enum.Enum):
+    """A key with fixed values (OmegaConf 2.3 has no Literal), a str that compares and formats
+    as its text; configs written to files use `enum_to_str=True`."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def _missing_(cls, value: object) -> Choice | None:  # `trainer.precision=32`: an int
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls.__members__.get(str(value))
+        return None
+
+
+def _choice(name: str, values: tuple[str, ...]) -> type[Choice]:
+    return Choice(name, [(value, value) for value in values])
+
+
+# Metrics train.py logs per epoch, by task: the choices for checkpoint.monitor.
+METRICS = {"regression": ("val_loss", "train_loss"),
+           "classification": ("val_loss", "val_acc", "train_loss")}
+Precision = _choice("Precision", PRECISIONS)
+Monitor = _choice("Monitor", ("val_loss", "val_acc", "train_loss"))
+Mode = _choice("Mode", ("min", "max"))
+ResumeMode = _choice("ResumeMode", ("exact", "weights"))
+Split = _choice("Split", ("train", "val", "test"))
+
+# Values and their documentation are in configs/*.yaml: these classes say which keys exist and
+# of what type (no defaults: the YAML fills them).
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int
+    device: str  # auto | cpu | cuda | cuda:N | mps: engine.runtime.resolve_device
+    precision: Precision  # type: ignore[valid-type]
+    channels_last: bool
+    compile: bool
+    deterministic: bool
+    max_time: float | None
+    log_every_n_steps: int
+    print_every_s: float
+    global_batch_size: int | None
+    grad_clip_norm: float | None
+    accumulate_grad_batches: int
+    model_summary: bool
+    ema_decay: float | None
+    fast_dev_run: bool
+    limit_train_batches: Any  # batches (int) or a fraction (float): OmegaConf has no int|float
+    limit_val_batches: Any
+    overfit_batches: Any
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None
+    monitor: Monitor  # type: ignore[valid-type]
+    min_delta: float
+
+
+# `checkpoint.async` is a Python keyword, which no class body or make_dataclass can declare:
+# the class is made from its annotations, and dataclass() generates no code that spells it.
+CheckpointConfig = dataclass(init=False, repr=False, eq=False)(type("CheckpointConfig", (), {
+    "__annotations__": {"root": str, "every_n_epochs": int, "every_n_steps": int | None,
+                        "keep_last": int, "monitor": Monitor, "mode": Mode, "async": bool,
+                        "export": bool, "export_pt2": bool}}))
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    run_name: str | None
+    resume: str | None  # null | auto | a path
+    weights: str | None
+    strict: bool | None
+    weights_key: str | None
+    resume_mode: ResumeMode  # type: ignore[valid-type]
+    seed: int
+    debug: bool
+    trainer: TrainerConfig
+    early_stopping: EarlyStoppingConfig
+    checkpoint: CheckpointConfig  # type: ignore[valid-type]
+    data: Any = None  # the `_target_` sections
+    model: Any = None
+    loss: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    logger: Any = None  # trackers: engine.loggers.check_logger_config
+
+
+@dataclass(kw_only=True)
+class InferenceConfig:
+    ckpt: str | None
+    weights: str | None
+    strict: bool
+    weights_key: str | None
+    device: str
+    seed: int
+    debug: bool
+    data: Any = None
+    model: Any = None
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(InferenceConfig):
+    split: Split  # type: ignore[valid-type]
+    batch_size: int | None
+    output: str | None
+    loss: Any = None
+
+
+@dataclass(kw_only=True)
+class PredictConfig(InferenceConfig):
+    input: str
+    output: str
+    batch_size: int
+    invert: bool
+
+
+SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
+for _script, _schema in SCHEMAS.items():
+    ConfigStore.instance().store(name=f"{_script}_schema", node=_schema)
+
+
+# --------------------------------------------------------------- ranges: each key, once
+
+
+class Range(NamedTuple):
+    """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
+    unbounded for a number; a str: the key whose value bounds it."""
+
+    kind: type
+    low: float
+    high: float | str | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""
+
+
+def ranges() -> dict[str, Range]:
+    """The range of every value a script may be given (its type: the schema, or the hints of
+    the constructor a `_target_` section names)."""
+    return {
+        "seed": Range(int, 0, MAX_SEED),
+        "batch_size": Range(int, 1, MAX_BATCH),  # evaluate.py, predict.py
+        "trainer.epochs": Range(int, 1),
+        "trainer.max_time": Range(float, 0, open_low=True, note=" (seconds) or null"),
+        "trainer.log_every_n_steps": Range(int, 1),
+        "trainer.print_every_s": Range(float, 0, note=" (seconds)"),
+        "trainer.global_batch_size": Range(int, 1, MAX_BATCH),
+        "trainer.grad_clip_norm": Range(float, 0, open_low=True, note=" or null (off)"),
+        "trainer.accumulate_grad_batches": Range(int, 1),
+        "trainer.ema_decay": Range(float, 0, 1, True, True, " (e.g. 0.999), or null"),
+        "early_stopping.patience": Range(int, 1),
+        "early_stopping.min_delta": Range(float, 0),
+        "checkpoint.every_n_epochs": Range(int, 1),
+        "checkpoint.every_n_steps": Range(int, 1),
+        "checkpoint.keep_last": Range(int, 1),
+        "data.batch_size": Range(int, 1, MAX_BATCH),
+        "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this "
+                                                              "machine)"),
+        "data.num_classes": Range(int, 1, 1_000_000),
+        "optimizer.lr": Range(float, 0, MAX_LR, open_low=True),
+        "optimizer.momentum": Range(float, 0, MAX_LR),
+        "optimizer.weight_decay": Range(float, 0, MAX_LR),
+        "optimizer.eps": Range(float, 0, open_low=True, note=", e.g. 1e-8"),
+        "scheduler.step_size": Range(int, 1),
+        "scheduler.T_max": Range(int, 1),
+        "scheduler.gamma": Range(float, 0),
+        "scheduler.eta_min": Range(float, 0),
+        "scheduler.warmup_epochs": Range(int, 0),
+        "scheduler.min_lr": Range(float, 0, "optimizer.lr"),
+    }
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
+    high, shown = rule.high, None
+    if isinstance(high, str):
+        shown, high = f"{high} ({OmegaConf.select(cfg, high)})", OmegaConf.select(cfg, high)
+    if rule.kind is int:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        high = MAX_COUNT if high is None else high
+        if whole and rule.low <= value <= high:
+            return
+        if whole and value > high:
+            raise UserError(f"{key}={value}: expected at most {high}{rule.note}")
+        raise UserError(f"{key}={value!r}: expected an integer >= {rule.low}")
+    high = math.inf if high is None else high
+    if finite(value) and (value > rule.low if rule.open_low else value >= rule.low) and \
+            (value < high if rule.open_high else value <= high):
+        return
+    text = f"a number {'>' if rule.open_low else '>='} {rule.low:g}"
+    if high != math.inf:
+        text += f" and {'<' if rule.open_high else '<='} {shown or format(high, 'g')}"
+    raise UserError(f"{key}={value!r}: expected {text}{rule.note}")
+
+
+def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
+    """Every value of `cfg` against its range (null or absent passes unless `required`: the
+    schema or the constructor's hints decide), the values that must agree, and that `data` and
+    `model` name the right kind of object."""
+    get = functools.partial(OmegaConf.select, cfg, default=None)
+    rules, data = ranges(), cfg.get("data")
+    fractions = {str(k): v for k, v in data.items() if str(k).endswith("_fraction")} \
+        if isinstance(data, DictConfig) else {}
+    for name in fractions:  # shares of the data set: 0 < train < 1, 0 <= the others < 1
+        rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True,
+                                      " (a fraction)")
+    for key, rule in rules.items():
+        value = get(key)
+        if value is not None or key in required:
+            check_range(cfg, key, value, rule)
+    held_out = sum(v for k, v in fractions.items() if k != "train_fraction")
+    if "train_fraction" not in fractions and held_out >= 1:
+        raise UserError(f"data: {' + '.join(fractions)} = {held_out:g} leaves no training "
+                        f"data; expected a sum < 1")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches",
+                "trainer.overfit_batches"):
+        value = get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 1 <= value <= MAX_COUNT or isinstance(value, float)
+                                      and 0 < value <= 1):
+            raise UserError(f"{key}={value!r}: expected batches (an integer from 1 to "
+                            f"{MAX_COUNT}), a fraction in (0, 1], or null")
+    betas = get("optimizer.betas")
+    if betas is not None and not (isinstance(betas, (ListConfig, list)) and len(betas) == 2
+                                  and all(finite(b) and 0 <= b < 1 for b in betas)):
+        shown = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
+        raise UserError(f"optimizer.betas={shown!r}: expected two numbers >= 0 and < 1, "
+                        f"e.g. [0.9,0.999]")
+    if get("optimizer.nesterov") is True and not (get("optimizer.momentum") or 0) > 0:
         raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0")
-    _check_fractions(cfg.data, "data")
-    if trainer.max_time is not None and not trainer.max_time > 0:
-        raise UserError(f"trainer.max_time={trainer.max_time!r}: expected seconds > 0 or null")
-    if not trainer.print_every_s >= 0:
-        raise UserError(f"trainer.print_every_s={trainer.print_every_s!r}: expected seconds "
-                        f">= 0")
-    resolve_device(trainer.device)
-    check_trainer_features(cfg)
-    _check_weights_keys(cfg)
-    if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
-        raise UserError(f"weights={cfg.weights} starts a new run and resume={cfg.resume} "
-                        f"continues one: give only one of them")
-    root = Path(str(ckpt.root))
-    if root.exists() and not root.is_dir():
-        raise UserError(f"checkpoint.root={root}: exists and is not a folder")
-    if cfg.run_name is None:
-        run_dir_for(root, cfg.name, key="name")
-    else:
-        run_dir_for(root, cfg.run_name)
+    if str(interval := get("scheduler.interval") or "epoch") not in ("epoch", "step"):
+        raise UserError(f"scheduler.interval={interval!r}: expected epoch or step")
+    if cfg.get("weights_key") is not None and not cfg.get("weights"):
+        raise UserError(f"weights_key={cfg.weights_key}: only used with weights=PATH (a file "
+                        f"with several models)")
+    for key in ("data", "model"):
+        if isinstance(cfg.get(key), DictConfig):
+            check_target_kind(cfg[key], key)
 
 
-def validate_inference(cfg: DictConfig, script: str) -> None:
-    """evaluate.py / predict.py: the same kind of checks on their own keys."""
-    ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
-    if bool(ckpt) == bool(weights):
-        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
-                        "or weights=PATH (a bare state_dict, with model=... data=...)")
-    if weights and (cfg.get("model") is None or cfg.get("data") is None):
-        raise UserError(f"weights={weights}: name the architecture and data too, e.g. "
-                        f"model=small_cnn data=digits")
-    check_schema(cfg, script)
-    resolve_all(cfg)
-    for key in TARGET_SECTIONS:
-        if cfg.get(key) is not None:
-            check_target_section(cfg[key], key)
-    _check_weights_keys(cfg)
-    positive_int(cfg.get("batch_size"), "batch_size", allow_none=script == "evaluate")
-    check_limits(cfg)
-    try:
-        resolve_device(cfg.get("device", "auto"))
-    except UserError as err:  # resolve_device names train.py's key
-        raise UserError(str(err).replace("trainer.device", "device")) from None
-    output = cfg.get("output")
-    if output is not None and Path(str(output)).is_dir():
-        raise UserError(f"output={output}: is a folder; expected a file name")
+def check_monitor(cfg: DictConfig, task: str) -> None:
+    """checkpoint.monitor (and early_stopping.monitor, when on) must be a metric this task logs
+    (val_acc only for classifiers)."""
+    stopping = cfg.get("early_stopping") or {}
+    for key, monitor in (("checkpoint.monitor", cfg.checkpoint.monitor),
+                         ("early_stopping.monitor", stopping.get("monitor")
+                          if stopping.get("patience") is not None else None)):
+        if monitor is not None and str(monitor) not in METRICS[task]:
+            raise UserError(f"{key}={str(monitor)!r}: a {task} run logs {list(METRICS[task])}")
 
 
-# ------------------------------------------------------------ sections and groups
+# ------------------------------------------------------------- sections, keys and types
 
 def config_groups() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -139,134 +314,396 @@ def check_required_sections(cfg: DictConfig) -> None:
     """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
     for key in REQUIRED_SECTIONS:
         if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
-            group = key in config_groups()
-            how = f"pick one with {key}=NAME ({', '.join(group_options(key))})" if group \
-                else "do not delete it"
+            how = f"pick one with {key}=NAME ({', '.join(group_options(key))})" \
+                if key in config_groups() else "do not delete it"
             raise UserError(f"{key}: a required section is missing or null; {how}")
-    for key in TARGET_SECTIONS:
-        section = cfg.get(key)
-        if isinstance(section, DictConfig) and len(section) and "_target_" not in section:
-            raise UserError(f"{key}: the section has no _target_ (was its group deleted with "
-                            f"~{key}?); pick one with {key}=NAME "
-                            f"({', '.join(group_options(key))})")
 
 
-# ------------------------------------------------------------------------ 2. resolution
-
-def resolve_all(cfg: DictConfig) -> None:
-    """Every `${...}` resolves and no `???` is left, or one line naming the key."""
+def check_config(cfg: DictConfig, script: str) -> None:
+    """Every `${...}` resolves and no `???` is left; keys and types against the script's schema
+    (Hydra checked every override but `+key=value`), merged as plain containers (a typed node
+    would bring its extra keys along); each `_target_` section against what it names."""
     try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), resolved)
+    except oe.MissingMandatoryValue as err:
         key = _full_key(err)
         raise UserError(f"{key}: a value is required (the config has ???); pass "
                         f"{key}=VALUE") from None
-    except InterpolationResolutionError as err:
+    except oe.InterpolationResolutionError as err:
         key = _full_key(err)
-        first = str(err).strip().splitlines()[0]
-        hint = ""
-        if key.startswith("model."):
-            hint = "; the model does not fit this data: pick a matching data=/model= or " \
-                   "experiment="
-        raise UserError(f"{key}: {first}{hint}") from None
-    except OmegaConfBaseException as err:
-        raise UserError(f"{_full_key(err)}: {str(err).strip().splitlines()[0]}") from None
+        hint = "; the model does not fit this data: pick a matching data=/model= or " \
+               "experiment=" if key.startswith("model.") else ""
+        raise UserError(f"{key}: {first_line(err)}{hint}") from None
+    except oe.OmegaConfBaseException as err:
+        raise UserError(schema_error(err)) from None
+    for key in TARGET_SECTIONS:
+        if cfg.get(key) is not None:
+            check_target_section(cfg[key], key)
 
 
 def _full_key(err: Exception) -> str:
     return str(getattr(err, "full_key", None) or "config")
 
 
-# ------------------------------------------------------------------------ 4. value ranges
-
-def check_limits(cfg: DictConfig) -> None:
-    """Ranges of the keys every script shares: seed, batch size, workers, classes,
-    learning rate, scheduler periods; and that `data`/`model` name the right kind of
-    object. Only keys present are checked."""
-    seed = cfg.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed <= MAX_SEED):
-        raise UserError(f"seed={seed!r}: expected an integer from 0 to {MAX_SEED}")
-    data = cfg.get("data")
-    if isinstance(data, DictConfig):
-        batch = data.get("batch_size")
-        if isinstance(batch, int) and not isinstance(batch, bool) and batch > MAX_BATCH:
-            raise UserError(f"data.batch_size={batch}: expected at most {MAX_BATCH}")
-        workers = data.get("num_workers")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                    or not 0 <= workers <= max_workers()):
-            raise UserError(f"data.num_workers={workers!r}: expected an integer from 0 to "
-                            f"{max_workers()} (4 per CPU core of this machine)")
-        classes = data.get("num_classes")
-        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
-                                    or not 1 <= classes <= 1_000_000):
-            raise UserError(f"data.num_classes={classes!r}: expected an integer from 1 to "
-                            f"1000000")
-    optimizer = cfg.get("optimizer")
-    if isinstance(optimizer, DictConfig):
-        lr = optimizer.get("lr")
-        if lr is not None and not (finite(lr) and 0 < lr <= MAX_LR):
-            raise UserError(f"optimizer.lr={lr!r}: expected a number > 0 and <= {MAX_LR:g}")
-        for key in ("momentum", "weight_decay"):
-            value = optimizer.get(key)
-            if value is not None and not (finite(value) and 0 <= value <= MAX_LR):
-                raise UserError(f"optimizer.{key}={value!r}: expected a finite number >= 0")
-    scheduler = cfg.get("scheduler")
-    if isinstance(scheduler, DictConfig):
-        for key in ("step_size", "T_max"):
-            positive_int(scheduler.get(key), f"scheduler.{key}", allow_none=True)
-        for key in ("gamma", "eta_min"):
-            value = scheduler.get(key)
-            if value is not None and not (finite(value) and value >= 0):
-                raise UserError(f"scheduler.{key}={value!r}: expected a finite number >= 0")
-    for key in ("data", "model"):
-        if isinstance(cfg.get(key), DictConfig):
-            check_target_kind(cfg[key], key)
+def schema_error(err: oe.OmegaConfBaseException) -> str:
+    """OmegaConf's refusal of a key or value as one line: the key, the value, what is
+    expected (the valid keys, for an unknown one)."""
+    key = _full_key(err)
+    parent, _, name = key.rpartition(".")
+    owner = getattr(err, "object_type", None)  # the dataclass that holds the key
+    if is_dataclass(owner) and isinstance(err, oe.ValidationError):
+        hint = typing.get_type_hints(owner).get(name, Any)
+        return f"{key}={err.value!r}: expected {describe(hint)}"
+    if is_dataclass(owner) and isinstance(err, (oe.ConfigKeyError, oe.ConfigAttributeError)):
+        valid = [f.name for f in fields(owner)]
+        return (f"{key}: unknown key in {parent or 'the config'}{did_you_mean(name, valid)}; "
+                f"valid keys: {', '.join(valid)}")
+    return f"{key}: {first_line(err)}"
 
 
-def check_monitor(cfg: DictConfig, task: str) -> None:
-    """checkpoint.monitor must be a metric this task logs (val_acc only for classifiers)."""
-    valid = METRICS.get(task)
-    stopping = cfg.get("early_stopping") or {}
-    for key, monitor in (("checkpoint.monitor", cfg.checkpoint.monitor),
-                         ("early_stopping.monitor", stopping.get("monitor")
-                          if stopping.get("patience") is not None else None)):
-        if valid is not None and monitor is not None and str(monitor) not in valid:
-            raise UserError(f"{key}={str(monitor)!r}: a {task} run logs {list(valid)}")
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_weights_keys(cfg: DictConfig) -> None:
-    """weights_key= only means something with weights=."""
-    key = cfg.get("weights_key")
-    if key is not None and not cfg.get("weights"):
-        raise UserError(f"weights_key={key}: only used with weights=PATH (a file with several "
-                        f"models)")
+def describe(hint: Any) -> str:
+    """A type hint in words ('an integer', 'min or max'); '' for what no config value can be
+    (a tensor, an optimizer)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+             Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
+             type(None): "null", typing.Any: "any value"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, dict):
+        return names[origin]
+    if inspect.isclass(hint) and issubclass(hint, enum.Enum):
+        values = [str(member.value) for member in hint]
+        return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
+    if is_dataclass(hint):
+        return f"a section with keys {', '.join(f.name for f in fields(hint))}"
+    return ""
 
 
-def _check_fractions(section: DictConfig, key: str) -> None:
-    """`*_fraction` data keys are shares of the data set: 0 < train < 1, 0 <= others < 1."""
-    fractions = {k: v for k, v in section.items() if str(k).endswith("_fraction")}
-    for name, value in fractions.items():
-        low_ok = value > 0 if name == "train_fraction" else value >= 0
-        if not (isinstance(value, (int, float)) and low_ok and value < 1):
-            raise UserError(f"{key}.{name}={value!r}: expected a fraction "
-                            f"{'>' if name == 'train_fraction' else '>='} 0 and < 1")
-    held_out = sum(v for k, v in fractions.items() if k != "train_fraction")
-    if "train_fraction" not in fractions and held_out >= 1:
-        raise UserError(f"{key}: {' + '.join(f'{k}' for k in fractions)} = {held_out:g} "
-                        f"leaves no training data; expected a sum < 1")
+# ------------------------------------------------------------------- `_target_` sections
+
+# Keys of a `_target_` section that train.py reads itself (removed before instantiate).
+TRAINER_KEYS = {"scheduler": ("interval",)}
 
 
-# Config keys naming files or folders (train, evaluate, predict): given relative to the folder
-# the command was started in.
+def locate(path: str) -> Any:
+    """What a dotted `_target_` names, found as hydra.utils.get_object does (without its error
+    logging, which would print a second, multi-line message)."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name):
+                raise  # the module exists but one of its own imports is missing
+            continue
+        for attribute in parts[cut:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r}")
+
+
+def is_transform_class(obj: Any) -> bool:
+    """A torchvision.transforms.v2 transform class (what data.augment may name), read from the
+    class's bases so that checking a config does not import torchvision."""
+    return inspect.isclass(obj) and (obj.__module__ or "").startswith(
+        "torchvision.transforms.v2") and any(
+        base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
+        for base in obj.__mro__)
+
+
+def is_data_module(obj: Any) -> bool:
+    """A class with `setup()` and `split(name)`: all the engine needs from data/."""
+    return inspect.isclass(obj) and all(callable(getattr(obj, name, None))
+                                        for name in ("setup", "split"))
+
+
+def check_target_kind(section: DictConfig, key: str, source: str = "") -> None:
+    """`data` names a concrete data module; `model` an nn.Module class or a builder function."""
+    target = section.get("_target_")
+    try:
+        obj = locate(str(target)) if target is not None else None
+    except Exception:  # check_target_section reports import errors
+        return
+    where = f"{source}: " if source else ""
+    if key == "data" and obj is not None and (not is_data_module(obj)
+                                              or inspect.isabstract(obj)):
+        raise UserError(f"{where}data._target_={target}: expected a data module (a subclass "
+                        f"of data.base.DataModule that implements setup())")
+    if key == "model" and obj is not None and (
+            inspect.isclass(obj) and not issubclass(obj, torch.nn.Module)
+            or not callable(obj) or is_data_module(obj)):
+        raise UserError(f"{where}model._target_={target}: expected a torch.nn.Module class or "
+                        f"a function that builds one")
+
+
+def check_target_section(section: Any, key: str) -> None:
+    """A `_target_` section against the signature of what it names: unknown keys, and wrong
+    types read from the constructor's type hints."""
+    if not isinstance(section, DictConfig):
+        raise UserError(f"{key}={section!r}: expected a section (pick one with {key}=NAME)")
+    target = section.get("_target_")
+    if target is None and len(section):
+        raise UserError(f"{key}: the section has no _target_ (was its group deleted with "
+                        f"~{key}?); pick one with {key}=NAME ({', '.join(group_options(key))})")
+    if target is None:
+        return
+    try:
+        obj = locate(str(target))
+    except Exception as err:  # ImportError, AttributeError, errors raised by the import
+        raise UserError(f"{key}._target_={target!r}: cannot be imported "
+                        f"({first_line(err)})") from None
+    params, open_ended = _parameters(obj)
+    for name, value in OmegaConf.to_container(section, resolve=True).items():
+        if str(name).startswith("_") or name in TRAINER_KEYS.get(key, ()):
+            continue
+        if name not in params:
+            if open_ended:
+                continue
+            # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
+            hint = f"; set for another optimizer? drop it with ~{key}.{name}" \
+                if key == "optimizer" else ""
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: "
+                            f"{', '.join(params)}{hint}")
+        if params[name] is not None and _matches(value, params[name]) is False:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{key}.{name}={shown}: expected {describe(params[name])}")
+
+
+def _parameters(obj: Any) -> tuple[dict[str, Any], bool]:
+    """The keyword parameters of a function or constructor with their type hints (None: no
+    hint), following `**kwargs` into the base classes' __init__; True if still open-ended."""
+    functions = [cls.__init__ for cls in obj.__mro__ if cls is not object
+                 and "__init__" in vars(cls)] if inspect.isclass(obj) else [obj]
+    params: dict[str, Any] = {}
+    for function in functions:
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):
+            return params, True
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception:  # unresolvable annotations: check names only
+            hints = {}
+        for name, param in signature.parameters.items():
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and name != "self":
+                params.setdefault(name, hints.get(name))
+        if all(p.kind is not p.VAR_KEYWORD for p in signature.parameters.values()):
+            return params, False
+    return params, True
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Does a plain config value fit a type hint? None when the hint is not understood."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any or hint is object:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        results = [_matches(value, arg) for arg in typing.get_args(hint)]
+        return True if True in results else None if None in results else False
+    if hint in (type(None), bool):
+        return value is None if hint is type(None) else isinstance(value, bool)
+    if hint in (int, float, str, Path):
+        kinds = {int: int, float: (int, float)}.get(hint, (str, int, float))
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if inspect.isclass(hint):  # a tensor, an optimizer, ...: never a plain config value
+        return False if value is not None else None
+    return None
+
+
+def build(section: Any, key: str, source: Path | str | None = None) -> Any:
+    """hydra.utils.instantiate, anything the target raises as one line naming the key and the
+    target (debug=true shows the traceback); a `_partial_` (optimizer, scheduler) alike when
+    called. With `source` (the file `section` was read from) the node is checked as a file's
+    config and instantiated as the plain dict that was checked, so nothing the check did not
+    see (an interpolation against a parent node, a key added later) reaches instantiate."""
+    if source is not None:
+        plain = OmegaConf.to_container(section, resolve=False) \
+            if isinstance(section, (DictConfig, ListConfig)) else section
+        check_loaded_targets(plain, source, key)
+        section = plain
+    target = section.get("_target_") if hasattr(section, "get") else None
+    try:
+        built = instantiate(section)
+    except Exception as err:
+        _raise_build_error(err, key, target, source)
+    if isinstance(built, functools.partial):
+        return functools.partial(_call_built, built, key, target, source)
+    if key == "model" and not isinstance(built, torch.nn.Module) or \
+            key == "loss" and not callable(built):
+        kind = "a torch.nn.Module" if key == "model" else "something callable (a loss module)"
+        raise UserError(f"{f'{source}: ' if source else ''}{key}._target_={target}: built a "
+                        f"{type(built).__name__}; expected {kind}")
+    return built
+
+
+def _call_built(built: functools.partial, key: str, target: Any, source: Any, *args: Any,
+                **kwargs: Any) -> Any:
+    try:
+        return built(*args, **kwargs)
+    except Exception as err:
+        _raise_build_error(err, key, target, source)
+
+
+def _raise_build_error(err: Exception, key: str, target: Any, source: Any) -> NoReturn:
+    """The UserError behind `err` (Hydra wraps a constructor's), or one naming the key, the
+    target and the innermost exception (chained: debug=true shows where it came from)."""
+    cause = err
+    while not isinstance(cause, UserError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, UserError):
+        raise cause from None
+    first = str(cause).strip().splitlines()[0][:150] if str(cause).strip() else ""
+    raise UserError(f"{f'{source}: ' if source else ''}could not build {key} from "
+                    f"{key}._target_={target} ({type(cause).__name__}"
+                    f"{': ' + first if first else ''})") from err
+
+
+# ------------------------------------------------------- a file's config (README Security)
+
+# What a config read from a file (checkpoint, export) may name in `_target_`: instantiate calls
+# whatever the string names, so a downloaded file could otherwise run os.system.
+SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.", "torchvision.transforms.v2.")
+# `_convert_` values a file may use; `_partial_` is refused (a file describes objects to
+# build, not factories to call later with other arguments).
+FILE_CONVERT_MODES = ("none", "partial", "object", "all")
+
+
+def plain_problem(value: Any, where: str = "") -> str | None:
+    """What keeps `value` (read from a file) from being plain config data, or None: text keys,
+    str/int/float/bool/None leaves, no `${` anywhere (OmegaConf would resolve it: oc.create
+    builds unchecked nodes, oc.env reads the environment; a checkpoint's config was stored
+    resolved). The value itself is never quoted: it comes from the file."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'top level'}: key {str(key)[:40]!r} is not text"
+            if "${" in key:
+                return f"{where or 'top level'}: a key holds an interpolation (${{...}})"
+            problem = plain_problem(child, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for index, child in enumerate(value):
+            problem = plain_problem(child, f"{where}[{index}]")
+            if problem:
+                return problem
+    elif isinstance(value, str):
+        if "${" in value:
+            return f"{where}: holds an interpolation (${{...}})"
+    elif not (value is None or isinstance(value, (int, float, bool))):
+        return f"{where}: a {type(value).__name__} is not a config value"
+    return None
+
+
+def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
+    """A config read from a file (checkpoint, export, .pt2) is plain data, its `_target_`s name
+    only project data modules and models and torch.nn modules, and of Hydra's other special
+    keys it uses `_args_`, `_convert_` and `_recursive_` only. One line naming the key."""
+    if isinstance(config, (DictConfig, ListConfig)):
+        config = OmegaConf.to_container(config, resolve=False)
+    problem = plain_problem(config, where)
+    if problem:
+        raise UserError(f"{source}: refused {problem}: a file's config must be plain data "
+                        f"(interpolations are resolved only in configs/ and on the command "
+                        f"line)")
+    _check_special_keys(config, source, where)
+
+
+def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if "_target_" in config and not _safe_target(target):
+            shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
+            raise UserError(f"{source}: refused {where}._target_={shown}: a file's config "
+                            f"may only name data.*, models.*, torch.nn or "
+                            f"torchvision.transforms.v2 classes")
+        if config.get("_partial_", False) is not False:
+            raise UserError(f"{source}: refused {where}._partial_: a file's config builds "
+                            f"objects, not partial functions")
+        if "_convert_" in config and config["_convert_"] not in FILE_CONVERT_MODES:
+            raise UserError(f"{source}: refused {where}._convert_: expected one of "
+                            f"{', '.join(FILE_CONVERT_MODES)}")
+        if "_recursive_" in config and not isinstance(config["_recursive_"], bool):
+            raise UserError(f"{source}: refused {where}._recursive_: expected true or false")
+        if "_args_" in config and not isinstance(config["_args_"], list):
+            raise UserError(f"{source}: refused {where}._args_: expected a list")
+        for key, value in config.items():
+            _check_special_keys(value, source, f"{where}.{key}")
+    elif isinstance(config, list):
+        for index, value in enumerate(config):
+            _check_special_keys(value, source, f"{where}[{index}]")
+
+
+def _safe_target(target: Any) -> bool:
+    if not isinstance(target, str) or not target.startswith(SAFE_TARGET_MODULES):
+        return False
+    try:
+        obj = locate(target)
+    except Exception:  # what cannot be shown safe is refused
+        return False
+    module = getattr(obj, "__module__", "") or ""
+    if inspect.isclass(obj):
+        if is_data_module(obj):
+            return module.startswith("data.")
+        if target.startswith("torchvision.transforms.v2."):  # data.augment
+            return is_transform_class(obj)
+        return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
+    return inspect.isfunction(obj) and module.startswith("models.")
+
+
+def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")
+                   ) -> DictConfig:
+    """The data/model/loss/seed sections of a config read from a file, checked as a file's
+    config and against the signatures of what they name: what evaluate.py, predict.py and
+    engine.export accept, the same for all three."""
+    if not isinstance(saved, dict) or any(key not in saved for key in need):
+        raise UserError(f"{source}: no usable saved config ({'/'.join(need)}); evaluate it "
+                        f"with weights={source} model=... data=...")
+    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed")}
+    for key in need:
+        if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
+            raise UserError(f"{source}: saved config: {key} has no _target_ naming what to "
+                            f"build")
+    check_loaded_targets(kept, source)
+    try:
+        config = OmegaConf.create(kept)
+        for key in ("data", "model", "loss"):
+            if config.get(key) is not None:
+                check_target_section(config[key], key)
+                if key != "loss":
+                    check_target_kind(config[key], key)
+    except UserError as err:
+        raise UserError(f"{source}: saved config: {err}") from None
+    except Exception as err:  # omegaconf's errors on odd keys/values: one line
+        raise UserError(f"{source}: unusable config ({str(err).splitlines()[0][:200]})"
+                        ) from None
+    return config
+
+
+# ---------------------------------------------------------------------------------- paths
+
+# Keys naming files or folders (train, evaluate, predict): relative to the start folder.
 PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", "data.path",
              "data.root")
 
 
 def from_start_dir(path: str) -> str:
-    """`path` relative to the folder the command was started in: with hydra.job.chdir=true
-    the job runs in Hydra's output folder, so a relative path is joined to the start folder
-    (Hydra's runtime.cwd, as hydra.utils.to_absolute_path); otherwise unchanged."""
+    """`path` relative to the folder the command started in: with hydra.job.chdir=true the job
+    runs in Hydra's output folder (as hydra.utils.to_absolute_path); otherwise unchanged."""
     try:
         start = HydraConfig.get().runtime.cwd
     except ValueError:  # not under @hydra.main (tests compose configs directly)

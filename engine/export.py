@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from engine.checkpoint import CONFIG, PT2, WEIGHTS, inference_weights, load_checkpoint, quiet_torch
+from engine.config import saved_sections
 from engine.errors import first_line, one_line, user_error_in
 from engine.run_dir import check_export_dir, write_atomic
-from engine.target_checks import saved_sections
 
 KEPT = ("data", "model", "loss", "seed")
 

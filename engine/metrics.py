@@ -27,11 +27,11 @@ from engine.checkpoint import (
     load_pt2,
     load_state_dict_file,
 )
+from engine.config import build, saved_sections
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.run_dir import write_atomic
 from engine.runtime import resolve_device
-from engine.target_checks import build, saved_sections
 
 
 # ------------------------------------------------------------------------ evaluation

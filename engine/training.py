@@ -1,7 +1,7 @@
 """The trainer features of train.py's loop: lr schedules and accumulation windows, EMA of the
 weights, early stopping, `fast_dev_run`, the graceful stop (signals, max_time), the model
 summary. EMA and EarlyStopping are built from the config and keep their state by Fabric's
-state_dict()/load_state_dict(). Value ranges: engine/feature_checks.py, before the run."""
+state_dict()/load_state_dict(). Value ranges: engine/config.py, before the run."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-import engine.config_schema  # noqa: F401 - registers the schemas the configs name
+import engine.config  # noqa: F401 - registers the schemas the configs name
 
 REPO = Path(__file__).resolve().parents[1]
 

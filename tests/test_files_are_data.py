@@ -28,10 +28,10 @@ from helpers import assert_one_line, deadline
 from omegaconf import OmegaConf
 
 from engine.checkpoint import load_checkpoint, load_export_model, load_state_dict_file
+from engine.config import build
 from engine.errors import UserError
 from engine.export import export_checkpoint, export_pt2
 from engine.metrics import load_for_inference
-from engine.target_checks import build
 
 SEED = 20261206
 SECRET = "s3cr3t-never-printed"  # in the environment of every case: must never be shown

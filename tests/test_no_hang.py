@@ -28,8 +28,8 @@ from data.images import read_image
 from data.quadratic_csv import QuadraticCSVData
 from data.tabular import MAX_LINE_BYTES, read_numeric_columns
 from data.torchvision_sets import TorchvisionData
-from engine.config import validate_train
-from engine.config_schema import TrainConfig
+from engine.cli import validate_train
+from engine.config import TrainConfig
 
 
 def _png(path: Path, rng: np.random.Generator) -> Path:

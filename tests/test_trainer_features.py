@@ -14,7 +14,7 @@ from conftest import compose
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from engine.checkpoint import Progress, check_finite
-from engine.config import validate_train
+from engine.cli import validate_train
 from engine.errors import EXIT_INTERRUPTED, UserError
 from tests.forkrun import ForkServer
 from tests.resume_helpers import assert_same
