@@ -785,6 +785,8 @@ class Run:
     per_epoch: float  # (t(last epoch's line) - t(epoch 1's line)) / (epochs - 1)
     first_loss: float  # epoch 1's train loss
     final_loss: float  # the last epoch's
+    head: float  # process start to epoch 1's line (start-up and the first epoch)
+    tail: float  # the last epoch's line to the exit (test, outputs, shutdown)
 
 
 # "epoch N ... train_loss X": train.py's epoch summary (the first and last epochs always
@@ -818,7 +820,8 @@ def timed_run(args: list[str], env: dict[str, str], epochs: int) -> Run:
     if code != 0 or 1 not in stamps or epochs not in stamps:
         raise RuntimeError(f"{' '.join(args)} exited {code} (epoch lines seen: "
                            f"{sorted(stamps)[-3:]})\n{''.join(tail)[-3000:]}")
-    return Run(wall, (stamps[epochs] - stamps[1]) / (epochs - 1), losses[1], losses[epochs])
+    return Run(wall, (stamps[epochs] - stamps[1]) / (epochs - 1), losses[1], losses[epochs],
+               stamps[1] - start, start + wall - stamps[epochs])
 
 
 @dataclass
@@ -840,6 +843,16 @@ def same_training(template: Run, other: Run) -> bool:
             <= math.log(2))
 
 
+def phases(a: list[Run], b: list[Run], epochs: int) -> str:
+    """Where the time goes: the median of each phase of the processes, A vs B."""
+    parts = []
+    for label, value in (("start to epoch 1's line", lambda r: r.head),
+                         (f"epochs 2-{epochs}", lambda r: r.per_epoch * (epochs - 1)),
+                         ("last epoch's line to exit", lambda r: r.tail)):
+        parts.append(f"{label} {median(map(value, a)):.2f} vs {median(map(value, b)):.2f} s")
+    return "; ".join(parts)
+
+
 def bench_whole_process(items: set[str], quick: bool, reps: int, scratch: Path,
                         threads: int | None) -> list[Row | Skipped]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -854,6 +867,8 @@ def bench_whole_process(items: set[str], quick: bool, reps: int, scratch: Path,
                              epochs=12 if quick else 300, every=2 if quick else 50,
                              goal=None if quick else 1.25)]
     rows: list[Row | Skipped] = []
+    if "9" not in items and not lightning:
+        works = []  # nothing to compare train.py with
     for work in works:
         started = perf()
         label = f"{work.name} {work.epochs} epochs"
@@ -880,7 +895,7 @@ def bench_whole_process(items: set[str], quick: bool, reps: int, scratch: Path,
         runs = alternate(funcs, reps)
         shutil.rmtree(root, ignore_errors=True)
         ran = runs["template"]
-        losses = (f"train.py {ran[0].first_loss:.4g} -> {ran[0].final_loss:.4g}")
+        losses = f"train.py {ran[0].first_loss:.4g} -> {ran[0].final_loss:.4g}"
         for key, item, b_label in (("hand", "9", "hand-written loop"),
                                    ("lightning", "10", "PyTorch Lightning")):
             if key not in runs:
@@ -902,7 +917,9 @@ def bench_whole_process(items: set[str], quick: bool, reps: int, scratch: Path,
                 note=(f"start to exit, alternated: train.py experiment={work.experiment} "
                       f"(checkpoint every {work.every} epoch(s)) vs benchmarks/{script_name} "
                       f"(same data, model, seed, batch size, optimizer, lr and checkpoint "
-                      f"epochs; validation every epoch, a test at the end); {checked}"),
+                      f"epochs; validation every epoch, a test at the end); {checked}; "
+                      f"phases (medians), train.py vs {b_label}: "
+                      f"{phases(ran, other, work.epochs)}"),
                 a_all=[a.wall for a in ran], b_all=[b.wall for b in other], ratio_all=walls))
             rows.append(Row(
                 item, f"per epoch, {label}", "python train.py", b_label,
