@@ -28,6 +28,18 @@ to bench-results/ (git-ignored).
    train.py` vs the tutorial's own script (benchmarks/tutorial_002.py), whole processes; and
    train.py's cost per epoch in a run 4x as long, (T(4N) - T(1)) / (4N - 1) vs
    (T(N) - T(1)) / (N - 1): 1.0 when an epoch costs the same however long the run is.
+9. whole process vs a hand loop: `python train.py experiment=digits_cnn trainer.epochs=8` (a
+   checkpoint every epoch) and `experiment=linear_regression trainer.epochs=300` (every 50, as
+   its config) vs the script a tutorial has you write for the same training (same data,
+   model, loss, optimizer, lr, batch size, seed; DataLoader, validation every epoch,
+   torch.save checkpoints, a test at the end: benchmarks/hand_loop.py), whole processes
+   alternated; and the time per epoch inside them (from epoch 1's line to the last epoch's
+   line of each process's output). Goals: <= 1.10x (digits), <= 1.25x (linear).
+10. vs PyTorch Lightning: the same two workloads as a LightningModule + Trainer
+   (benchmarks/lightning_loop.py: ModelCheckpoint at the same epochs, CSVLogger, no progress
+   bar or model summary), whole process and per epoch, alternated with 9's runs. Needs
+   `pip install -e '.[bench]'` (skipped otherwise). 9 and 10 check that all three trained the
+   same thing (epoch 1's and the final train loss; the notes give them).
 """
 
 from __future__ import annotations
@@ -35,15 +47,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.util
 import io
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -759,6 +776,167 @@ def bench_long_runs(epochs: int, reps: int, scratch: Path, quick: bool = False
     ]
 
 
+# ------------------------------------------- 9-10: whole processes, hand loop, Lightning
+
+@dataclass
+class Run:
+    """One whole training process: wall time, time per epoch inside it, train losses."""
+
+    wall: float
+    per_epoch: float  # (t(last epoch's line) - t(epoch 1's line)) / (epochs - 1)
+    first_loss: float  # epoch 1's train loss
+    final_loss: float  # the last epoch's
+    head: float  # process start to epoch 1's line (start-up and the first epoch)
+    tail: float  # the last epoch's line to the exit (test, outputs, shutdown)
+
+
+# "epoch N ... train_loss X": train.py's epoch summary (the first and last epochs always
+# print) and the reference scripts' lines, each printed (flushed) once the epoch's training,
+# validation and checkpoint are done.
+EPOCH_LINE = re.compile(r"^epoch (\d+)\s.*?\btrain_loss (\S+)")
+
+
+def timed_run(args: list[str], env: dict[str, str], epochs: int) -> Run:
+    """Run a training process to its end; its epoch lines are time-stamped as they arrive."""
+    start = perf()
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(1800, proc.kill)
+    timer.start()
+    stamps: dict[int, float] = {}
+    losses: dict[int, float] = {}
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = perf()
+            tail.append(line)
+            match = EPOCH_LINE.match(line)
+            if match:
+                stamps[int(match[1])], losses[int(match[1])] = now, float(match[2])
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    wall = perf() - start
+    if code != 0 or 1 not in stamps or epochs not in stamps:
+        raise RuntimeError(f"{' '.join(args)} exited {code} (epoch lines seen: "
+                           f"{sorted(stamps)[-3:]})\n{''.join(tail)[-3000:]}")
+    return Run(wall, (stamps[epochs] - stamps[1]) / (epochs - 1), losses[1], losses[epochs],
+               stamps[1] - start, start + wall - stamps[epochs])
+
+
+@dataclass
+class ProcessWorkload:
+    name: str  # as in the table
+    key: str  # benchmarks/workloads.py
+    experiment: str
+    epochs: int
+    every: int  # checkpoint every N epochs, all three
+    goal: float | None  # item 9's whole-process goal (train.py / hand loop)
+
+
+def same_training(template: Run, other: Run) -> bool:
+    """The same data, model, initial weights, loss and optimizer give nearly the same first
+    epoch (only the batch order differs: the template's is its own seeded order, the others'
+    the DataLoader's); after that the runs drift apart, but not by a factor of 2."""
+    return (abs(other.first_loss - template.first_loss) <= 0.1 * abs(template.first_loss)
+            and abs(math.log(max(other.final_loss, 1e-12) / max(template.final_loss, 1e-12)))
+            <= math.log(2))
+
+
+def phases(a: list[Run], b: list[Run], epochs: int) -> str:
+    """Where the time goes: the median of each phase of the processes, A vs B."""
+    parts = []
+    for label, value in (("start to epoch 1's line", lambda r: r.head),
+                         (f"epochs 2-{epochs}", lambda r: r.per_epoch * (epochs - 1)),
+                         ("last epoch's line to exit", lambda r: r.tail)):
+        parts.append(f"{label} {median(map(value, a)):.2f} vs {median(map(value, b)):.2f} s")
+    return "; ".join(parts)
+
+
+def bench_whole_process(items: set[str], quick: bool, reps: int, scratch: Path,
+                        threads: int | None) -> list[Row | Skipped]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TEST_FAULTS", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    lightning = "10" in items and importlib.util.find_spec("lightning") is not None
+    root = scratch / "whole"
+    works = [ProcessWorkload("digits CNN", "digits", "digits_cnn", epochs=3 if quick else 8,
+                             every=1, goal=None if quick else 1.10),
+             ProcessWorkload("linear regression", "linear", "linear_regression",
+                             epochs=12 if quick else 300, every=2 if quick else 50,
+                             goal=None if quick else 1.25)]
+    rows: list[Row | Skipped] = []
+    if "9" not in items and not lightning:
+        works = []  # nothing to compare train.py with
+    for work in works:
+        started = perf()
+        label = f"{work.name} {work.epochs} epochs"
+        overrides = [f"experiment={work.experiment}", f"trainer.epochs={work.epochs}",
+                     f"checkpoint.every_n_epochs={work.every}", "trainer.device=cpu"]
+
+        def template(rep: int, work=work, overrides=overrides) -> Run:
+            return timed_run([sys.executable, str(REPO / "train.py"), *overrides,
+                              f"checkpoint.root={root}", f"run_name={work.key}-{rep}"],
+                             env, work.epochs)
+
+        def script(name: str, work=work) -> Callable[[int], Run]:
+            def run(rep: int) -> Run:
+                return timed_run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"),
+                                  work.key, str(work.epochs), str(work.every),
+                                  str(root / f"{name}-{work.key}-{rep}")], env, work.epochs)
+            return run
+
+        funcs: dict[str, Callable[[int], Run]] = {"template": template}
+        if "9" in items:
+            funcs["hand"] = script("hand_loop")
+        if lightning:
+            funcs["lightning"] = script("lightning_loop")
+        runs = alternate(funcs, reps)
+        shutil.rmtree(root, ignore_errors=True)
+        ran = runs["template"]
+        losses = f"train.py {ran[0].first_loss:.4g} -> {ran[0].final_loss:.4g}"
+        for key, item, b_label in (("hand", "9", "hand-written loop"),
+                                   ("lightning", "10", "PyTorch Lightning")):
+            if key not in runs:
+                continue
+            other = runs[key]
+            matches = all(same_training(a, b) for a, b in zip(ran, other, strict=True))
+            checked = (f"train loss (epoch 1 -> {work.epochs}): {losses}, {b_label} "
+                       f"{other[0].first_loss:.4g} -> {other[0].final_loss:.4g}; "
+                       f"training matches: {'yes' if matches else 'NO'}")
+            walls = [a.wall / b.wall for a, b in zip(ran, other, strict=True)]
+            epochs = [a.per_epoch / b.per_epoch for a, b in zip(ran, other, strict=True)]
+            goal = work.goal if key == "hand" else None
+            script_name = "hand_loop.py" if key == "hand" else "lightning_loop.py"
+            rows.append(Row(
+                item, f"whole process, {label}", "python train.py", b_label,
+                median(a.wall for a in ran), median(b.wall for b in other), "s",
+                median(walls), "A/B", "(none)" if goal is None else f"<= {goal:.2f}",
+                None if goal is None else (median(walls) <= goal and matches), reps,
+                note=(f"start to exit, alternated: train.py experiment={work.experiment} "
+                      f"(checkpoint every {work.every} epoch(s)) vs benchmarks/{script_name} "
+                      f"(same data, model, seed, batch size, optimizer, lr and checkpoint "
+                      f"epochs; validation every epoch, a test at the end); {checked}; "
+                      f"phases (medians), train.py vs {b_label}: "
+                      f"{phases(ran, other, work.epochs)}"),
+                a_all=[a.wall for a in ran], b_all=[b.wall for b in other], ratio_all=walls))
+            rows.append(Row(
+                item, f"per epoch, {label}", "python train.py", b_label,
+                median(a.per_epoch for a in ran), median(b.per_epoch for b in other), "s",
+                median(epochs), "A/B", "(none)", None, reps,
+                note=f"epochs 2-{work.epochs} inside each process (train, validation, "
+                     f"checkpoint), timed by its epoch lines",
+                a_all=[a.per_epoch for a in ran], b_all=[b.per_epoch for b in other],
+                ratio_all=epochs))
+        print(f"  {work.name}: {perf() - started:.0f} s", flush=True)
+    if "10" in items and not lightning:
+        rows.append(Skipped("10", "vs PyTorch Lightning",
+                            "pip install -e '.[bench]' for the Lightning side-by-side"))
+    return rows
+
+
 # -------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -767,10 +945,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="small sizes and one repetition (used by the test suite)")
     parser.add_argument("--reps", type=int, default=None,
                         help="repetitions per figure (default: 3 per training workload, 2 for "
-                             "VGG16, 5 for items 3-6; 1 with --quick)")
+                             "VGG16, 5 for items 3-6, 3 for items 8-10; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for items 1-5 (default: torch's choice)")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8",
+                        help="torch.set_num_threads for items 1-5, OMP_NUM_THREADS of items "
+                             "9-10's processes (default: torch's choice)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10",
                         help="comma-separated items to run, e.g. 3,5")
     parser.add_argument("--long-epochs", type=int, default=None,
                         help="item 8: epochs of the shorter run (default 2500; 25 with "
@@ -837,6 +1016,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_long_runs(args.long_epochs or (25 if args.quick else 2500),
                                     args.reps or (1 if args.quick else 3), scratch,
                                     quick=args.quick)
+        if items & {"9", "10"}:
+            print("items 9-10: whole processes, hand loop, Lightning ...", flush=True)
+            rows += bench_whole_process(items, args.quick, args.reps or (1 if args.quick else 3),
+                                        scratch, args.threads or (1 if args.quick else None))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = perf() - began

@@ -4,6 +4,7 @@ lean: nothing it does not need is imported before its first training step."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -24,7 +25,7 @@ def test_quick_bench_prints_every_item_and_writes_results(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
     rows = data["rows"]
-    assert {row["item"] for row in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
+    assert {row["item"] for row in rows} == {str(i) for i in range(1, 11)}
     measured = [row for row in rows if not row["skipped"]]
     for row in measured:
         assert math.isfinite(row["ratio"]) and row["a"] > 0 and row["b"] > 0, row
@@ -34,6 +35,18 @@ def test_quick_bench_prints_every_item_and_writes_results(tmp_path):
     steps = [row for row in measured if row["item"] == "1"]
     assert len(steps) == 2 and all("same final weights as train.py: yes" in r["note"]
                                    for r in steps)
+    # whole processes: train.py vs the hand-written loop (and Lightning), each trained the same
+    for item in ("9", "10"):
+        whole = [row for row in rows if row["item"] == item]
+        if item == "10" and importlib.util.find_spec("lightning") is None:
+            assert [row["reason"] for row in whole] == [
+                "pip install -e '.[bench]' for the Lightning side-by-side"]
+            continue
+        assert [row["name"] for row in whole] == [
+            "whole process, digits CNN 3 epochs", "per epoch, digits CNN 3 epochs",
+            "whole process, linear regression 12 epochs",
+            "per epoch, linear regression 12 epochs"]
+        assert all("training matches: yes" in row["note"] for row in whole[::2]), whole
     gpu = next(row for row in rows if row["item"] == "7")
     if not data["machine"]["cuda"]:
         assert gpu["skipped"] and gpu["reason"] == "no GPU"
