@@ -192,13 +192,18 @@ def _open_tensorboard(run_dir: Path, step: int = 0) -> TensorBoardLogger:
     return TensorBoardLogger(run_dir, {"a": 1}, [], step, flush_secs=30)
 
 
-def _stamps(seed: int, count: int) -> list[int]:
-    """Times a killed run's event file can be named with that sort after a file made now:
-    later ones (a clock set back, a copied file), and 9-digit ones (TensorBoard compares the
-    names as text)."""
-    rng, now = random.Random(seed), int(time.time())
-    return [rng.choice([rng.randint(now + 3, 10**11 - 1), rng.randint(2 * 10**8, 10**9 - 1)])
-            for _ in range(count)]
+def _stamp(kind: str | int) -> int:
+    """A time a killed run's event file can be named with that sorts after a file made now:
+    a far one, the next second, or a seeded random later one (a clock set back, a copied
+    file) or 9-digit one (TensorBoard compares the names as text). Computed in the test, not
+    at collection: pytest-xdist workers must collect the same test ids."""
+    now = int(time.time())
+    if kind == "far":
+        return 99999999999
+    if kind == "next second":
+        return now + 1
+    rng = random.Random(kind)
+    return rng.choice([rng.randint(now + 3, 10**11 - 1), rng.randint(2 * 10**8, 10**9 - 1)])
 
 
 def _steps(folder: Path) -> list[int]:
@@ -209,12 +214,12 @@ def _steps(folder: Path) -> list[int]:
     return sorted(e.step for e in events.Scalars("train_loss_step"))
 
 
-@pytest.mark.parametrize("stamp", [99999999999, *_stamps(0, 3), "next second"])
-def test_an_event_file_named_in_the_future_is_not_waited_for(tmp_path, capsys, stamp):
+@pytest.mark.parametrize("kind", ["far", 0, 1, 2, "next second"])
+def test_an_event_file_named_in_the_future_is_not_waited_for(tmp_path, capsys, kind):
     """A killed run's event file (steps 1-4) whose name sorts after the resume's (a future
     time, or the same second): never waited for, and each step shows once whichever file
     TensorBoard reads first."""
-    stamp = int(time.time()) + 1 if stamp == "next second" else stamp
+    stamp = _stamp(kind)
     killed = _open_tensorboard(tmp_path / "killed")
     killed.send([{"step": step, "train_loss_step": 1.0} for step in range(1, 5)])
     killed.close("KILLED")
