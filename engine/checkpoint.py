@@ -124,8 +124,7 @@ _INTS = (torch.int64, torch.int32, *((torch.uint32,) if hasattr(torch, "uint32")
 
 
 def _rng(value: Any, state: dict | None = None) -> str | None:
-    """What engine.runtime.rng_state() writes: Python's and NumPy's Mersenne Twister (624
-    32-bit words; Python's and a position), torch's CPU state, a uint8 state per CUDA device."""
+    """engine.runtime.rng_state(): Python's/NumPy's MT19937 (624 words), torch's, CUDA's."""
     try:
         py, nps, cuda = value["python"], value["numpy"], value.get("cuda")
         problem = (_tensor(py["state"], (625,), _INTS, "python state")
@@ -230,8 +229,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
 
 
 def check_checkpoint(state: dict, path: Path | str) -> None:
-    """Every present key's type, then its shape, size and range; a tutorial's `loss` tensor
-    becomes a float. A crafted or damaged file fails here in one line naming the key."""
+    """Each present key's type, shape and range, one line naming the key; a tensor loss -> float."""
     for key, (kinds, check) in SCHEMA.items():
         value = state.get(key)
         if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
@@ -245,9 +243,8 @@ def check_checkpoint(state: dict, path: Path | str) -> None:
 
 
 # ------------------------------------------------- limits of anything read from a file
-# A weights-only file can describe huge things in a few bytes: a stride-0 tensor of billions
-# of elements, or a list holding the same list twice, 30 levels deep (2**30 elements once
-# walked). Checked on the loaded objects, in time proportional to the file's own size.
+# A few bytes can describe a stride-0 tensor of billions of elements, or a list holding the
+# same list twice 30 levels deep: checked in time proportional to the file's own size.
 MAX_NODES, MAX_DEPTH = 1_000_000, 64  # a whole checkpoint, shared references expanded
 MAX_CONFIG_NODES, MAX_CONFIG_DEPTH = 20_000, 32  # a config: OmegaConf is slow beyond this
 OVERLAP_SLACK = 1 << 20  # bytes a tensor may claim beyond its storage (an expand()ed buffer)
@@ -255,11 +252,10 @@ OVERLAP_SLACK = 1 << 20  # bytes a tensor may claim beyond its storage (an expan
 
 def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
                max_depth: int = MAX_DEPTH, what: str = "") -> None:
-    """Refuse a cycle, deep nesting, more nodes than allowed counting every shared reference
-    as a walk would (measured once per container, so a "billion laughs" costs microseconds),
-    or a tensor claiming more memory than its storage (any copy would materialise it)."""
+    """Refuse a cycle, deep nesting, too many nodes (shared references counted per use,
+    each container measured once), or a tensor claiming more memory than its storage."""
     sizes: dict[int, int] = {}
-    active: set[int] = set()
+    active: set[int] = set()  # containers being walked: seeing one again is a cycle
 
     def refuse(why: str) -> UserError:
         return UserError(f"{source}: refused: {why}")
@@ -299,8 +295,7 @@ def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
 # ----------------------------------------------------------------------------- loading
 def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
               check: bool = True, mmap: bool = True) -> Any:
-    """`torch.load(weights_only=True)` with one-line errors: never runs code from the file,
-    and any failure to parse its bytes is bad input."""
+    """`torch.load(weights_only=True)` (never runs code) with one-line errors."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: checkpoint file not found")
@@ -334,8 +329,7 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
 
 
 def _whole_model_advice(name: str) -> str:
-    """`torch.save(model, PATH)` pickles the model's class (`__main__.Net`): say how to get a
-    weights-only file. Functions (`posix.system`) get none."""
+    """A pickled class (`torch.save(model, PATH)`): how to get a weights-only file."""
     if not name.rsplit(".", 1)[-1][:1].isupper():
         return ""
     return ("; if it is a whole model saved with torch.save(model, PATH), save "
@@ -345,8 +339,7 @@ def _whole_model_advice(name: str) -> str:
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
-    """A training checkpoint, verified and checked key by key before anything uses it. Every
-    key but model_state_dict is optional (tutorial checkpoints have only four)."""
+    """A training checkpoint, verified and checked key by key; only model_state_dict is needed."""
     state = load_file(path, map_location)
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: not a training checkpoint (expected a dict with keys "
@@ -367,8 +360,7 @@ def inference_weights(state: dict[str, Any]) -> Any:
 
 def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
                          key: str | None = None) -> list[str]:
-    """Load weights into `model` from a bare state_dict, a checkpoint, an export folder, or
-    the entry `key` of a file with several models (tutorial `{'modelA_state_dict': ...}`)."""
+    """Weights into `model` from a state_dict, a checkpoint, an export folder or file[key]."""
     path = Path(path)
     if is_export(path):
         if key is not None:
@@ -383,8 +375,7 @@ def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
 
 
 def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> Any:
-    """The model weights in a loaded file: the file itself, its `model_state_dict`, or
-    `obj[key]`. Several models and no `key`: refused with their names, never guessed."""
+    """The file itself, its `model_state_dict`, or `obj[key]`; several models: never guessed."""
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
                         f"{type(obj).__name__}")
@@ -410,8 +401,7 @@ def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> Any:
 
 def load_model_state(model: nn.Module, state: Any, source: Path | str,
                      strict: bool = True) -> list[str]:
-    """load_state_dict with a one-line error listing missing/unexpected keys and shape
-    mismatches. strict=False loads what matches, and reports and returns what did not."""
+    """load_state_dict naming every misfit key in one line; strict=False loads what fits."""
     problem = _tensors(state)
     if problem:
         raise UserError(f"{source}: state_dict {problem}")
@@ -488,8 +478,7 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def load_export_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
-    """(model with its trained weights, config) of an export folder, for your own code, built
-    from exactly the checked config: a crafted config.yaml cannot run code."""
+    """(trained model, config) of an export folder, built from the checked config."""
     path = Path(path)
     config, state = load_export(path)
     model = build(saved_sections(config, path / CONFIG).model, "model", path / CONFIG)
@@ -508,11 +497,9 @@ def quiet_torch():
         logging.disable(logging.NOTSET)
 
 
-# torch.export.load is NOT weights-only: it unpickles some records (`use_pickle` weights and
-# constants, custom objects, a weights_only=False fallback for sample inputs), may load
-# AOTInductor libraries, and hands shape expressions to sympy.sympify, which calls `eval`.
-# So only the records torch.export.save writes for a plain model pass, none pickled, sample
-# inputs weights-only, expressions from a small grammar; then the graph: torch operators only.
+# torch.export.load is NOT weights-only: it unpickles some records, may load AOTInductor
+# libraries, and hands shape expressions to sympy (`eval`). Only a plain model's records pass,
+# none pickled, sample inputs weights-only, expressions of a small grammar, torch operators.
 _PT2_RECORDS = re.compile(
     r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
     r"|models/model\.json|data/sample_inputs/model\.pt|extra/[\w.-]+"
@@ -604,8 +591,7 @@ def load_pt2(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 class _Exported(nn.Module):
-    """An exported program whose .eval()/.train() do nothing: it was traced in eval mode,
-    and torch's own module refuses to switch modes."""
+    """An exported program (traced in eval mode) whose .eval()/.train() do nothing."""
 
     def __init__(self, program: nn.Module) -> None:
         super().__init__()
@@ -677,9 +663,7 @@ def check_finite(progress: Progress) -> None:
 
 def build_checkpoint(parts: dict[str, Any], progress: Progress,
                      config: dict | DictConfig) -> dict[str, Any]:
-    """One state_dict() per stateful part (`parts`: name in PARTS -> part; the model never
-    DDP/compile-wrapped), then progress and provenance. `config`: best resolved once by the
-    caller (resolving costs more than a small model's epoch)."""
+    """One state_dict() per part (name in PARTS -> part, never wrapped), progress, provenance."""
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
     state: dict[str, Any] = {}
@@ -719,9 +703,8 @@ def build_checkpoint(parts: dict[str, Any], progress: Progress,
 
 def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: DictConfig,
                        data: Any) -> Progress:
-    """Put a loaded checkpoint back into each stateful part (model first) and the RNGs, after
-    checking that it may resume this config; the Progress to go on from. `checkpoint=None`: a
-    new run. resume_mode=weights: model and optimizer buffers only, a new schedule."""
+    """Check the checkpoint may resume this config, restore each part and the RNGs; the
+    Progress to go on from. resume_mode=weights: model and optimizer buffers only."""
     model, optimizer, scheduler = parts["model"], parts["optimizer"], parts.get("scheduler")
     fingerprint = (run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
                    if data is not None else None)
@@ -731,9 +714,7 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
     weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
     load_model_state(model, state["model_state_dict"], source)  # names the misfit keys
     check_fingerprint(state, fingerprint, source, weights_mode)
-    # A tutorial's general checkpoint (no format_version): its `epoch` is the 0-based index of
-    # the last finished loop (`for epoch in range(N)`; the tutorials resume at epoch + 1).
-    tutorial = "format_version" not in state
+    tutorial = "format_version" not in state  # its `epoch`: the 0-based index of the last loop
     epoch = state.get("epoch", -1) + 1 if tutorial else state.get("epoch", 0)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     fresh_schedule = scheduler.state_dict() if scheduler is not None else None
@@ -793,10 +774,8 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
 
 
 def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any, int]:
-    """(RNG state, epoch step losses, step in epoch) this rank resumes from. Same world size:
-    each rank its own saved share (bit for bit). Another: rank 0 takes the saved RNG state,
-    the others keep their fresh seeds, and a half-done epoch restarts from its first batch
-    (the per-rank slices of its order have changed)."""
+    """(RNG state, epoch step losses, step in epoch) of this rank. Another world size: rank 0
+    takes the saved RNG state, and a half-done epoch restarts (its per-rank slices changed)."""
     saved_world = checkpoint.get("world_size", 1)
     step = checkpoint.get("step_in_epoch", 0)
     shares = checkpoint.get("rank_states")
@@ -825,9 +804,8 @@ def _versions() -> dict[str, str]:
 
 
 # -------------------------------------------------- may this checkpoint resume this run
-# What a run trains on, checked on exact resume (else training would go on silently on other
-# data or another batch order): split sizes and content hashes (large tensors by a fixed
-# strided sample of ~16 MB, image folders by names and sizes), global batch, model shapes.
+# What a run trains on, checked on exact resume: split sizes and content hashes (large tensors
+# by a strided ~16 MB sample, image folders by names and sizes), global batch, model shapes.
 HASHED_BYTES = 16 << 20
 
 
@@ -880,8 +858,7 @@ NEW_SCHEDULE = ("to continue deliberately from its weights and optimizer with a 
 
 
 def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
-    """Refuse an exact resume on other data, another global batch or another model. Files
-    without a fingerprint (older ones, tutorial files) are not checked."""
+    """Refuse an exact resume on other data, global batch or model (no fingerprint: no check)."""
     saved = state.get("fingerprint")
     if not isinstance(saved, dict) or now is None:
         return
@@ -919,10 +896,8 @@ def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: 
 
 
 def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig) -> set[str]:
-    """Run with the config's optimizer/scheduler values where they differ from the file's
-    (`resume=auto optimizer.lr=0.04`), which loading a state would silently bring back; the
-    keys changed. A file without a config is compared by its param_groups. A changed lr
-    rescales the scheduled lr (and base_lrs), so the schedule goes on from where it was."""
+    """The config's optimizer/scheduler values win over the file's (a changed lr rescales the
+    scheduled lr and base_lrs); returns the keys changed."""
     saved = state.get("config")
     changes: list[str] = []
     group0 = optimizer.param_groups[0]
@@ -966,18 +941,15 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
 
 
 def check_optimizer_state(optimizer, source: str) -> None:
-    """Settings of the optimizer's kind, buffers of their parameter's shape: load_state_dict
-    checks neither, and the first step would fail with a traceback."""
+    """Settings of the right kind, buffers of their parameter's shape (load_state_dict doesn't)."""
     for group in optimizer.param_groups:
         for key, default in optimizer.defaults.items():  # lr, momentum, ...: same kind
             value = group.get(key)
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: "
                                 f"expected true or false")
-            if _number(default) and not (
-                    isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
-                    and (not isinstance(value, torch.Tensor) or value.numel() == 1)
-                    and math.isfinite(float(value))):
+            if _number(default) and not ((_number(value) or isinstance(value, torch.Tensor)
+                                          and value.numel() == 1) and math.isfinite(float(value))):
                 raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: "
                                 f"expected a finite number")
         for param in group["params"]:
@@ -1022,9 +994,8 @@ _SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_w
 
 def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, source: str,
                           ignore: set[str] = frozenset()) -> None:
-    """A saved schedule counts epochs or steps (scheduler.interval), and one derived from
-    trainer.epochs (cosine's T_max) keeps its old length: refuse changing either, unless
-    given explicitly on resume (`ignore`, applied)."""
+    """Refuse changing scheduler.interval, or trainer.epochs when the schedule derives from it
+    (cosine's T_max), unless given explicitly on resume (`ignore`)."""
     saved, config = state.get("scheduler_state_dict"), state.get("config") or {}
     if fresh is None or not isinstance(saved, dict):
         return
