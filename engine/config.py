@@ -151,8 +151,7 @@ def ranges() -> dict[str, Range]:
 
 
 def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
@@ -185,8 +184,7 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
     fractions = {str(k): v for k, v in data.items() if str(k).endswith("_fraction")} \
         if isinstance(data, DictConfig) else {}
     for name in fractions:  # shares of the data set: 0 < train < 1, 0 <= the others < 1
-        rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True,
-                                      " (a fraction)")
+        rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True, " (a fraction)")
     for key, rule in rules.items():
         value = get(key)
         if value is not None or key in required:
