@@ -1,7 +1,5 @@
-"""The config: its typed schema (dataclasses in Hydra's ConfigStore, named first in each
-script's defaults list), the range of every value (one table), each `_target_` section against
-the constructor it names (its schema: a new data module or model needs none of its own), what a
-config read from a file may hold (README "Security"), and `build`."""
+"""The config: typed schema (Hydra's ConfigStore), value ranges, `_target_` sections against
+the constructors they name, what a config read from a file may hold (README "Security"), build."""
 
 from __future__ import annotations
 
@@ -40,10 +38,8 @@ MAX_LR = 1e6
 
 # ------------------------------------------------------------------------------ the schema
 
-
 class Choice(str, enum.Enum):
-    """A key with fixed values (OmegaConf 2.3 has no Literal), a str that compares and formats
-    as its text; configs written to files use `enum_to_str=True`."""
+    """A key with fixed values (OmegaConf 2.3 has no Literal), a str that formats as its text."""
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -68,105 +64,46 @@ Mode = _choice("Mode", ("min", "max"))
 ResumeMode = _choice("ResumeMode", ("exact", "weights"))
 Split = _choice("Split", ("train", "val", "test"))
 
-# Values and their documentation are in configs/*.yaml: these classes say which keys exist and
-# of what type (no defaults: the YAML fills them).
+
+def _schema(name: str, hints: dict[str, Any], base: type = object, **defaults: Any) -> type:
+    """A dataclass made from its annotations: `checkpoint.async` is a Python keyword, which no
+    class body or make_dataclass can declare (and no generated __init__/__repr__ can spell)."""
+    return dataclass(init=False, repr=False, eq=False)(
+        type(name, (base,), {"__annotations__": hints, **defaults}))
 
 
-@dataclass
-class TrainerConfig:
-    epochs: int
-    device: str  # auto | cpu | cuda | cuda:N | mps: engine.runtime.resolve_device
-    precision: Precision  # type: ignore[valid-type]
-    channels_last: bool
-    compile: bool
-    deterministic: bool
-    max_time: float | None
-    log_every_n_steps: int
-    print_every_s: float
-    global_batch_size: int | None
-    grad_clip_norm: float | None
-    accumulate_grad_batches: int
-    model_summary: bool
-    ema_decay: float | None
-    fast_dev_run: bool
-    limit_train_batches: Any  # batches (int) or a fraction (float): OmegaConf has no int|float
-    limit_val_batches: Any
-    overfit_batches: Any
-
-
-@dataclass
-class EarlyStoppingConfig:
-    patience: int | None
-    monitor: Monitor  # type: ignore[valid-type]
-    min_delta: float
-
-
-# `checkpoint.async` is a Python keyword, which no class body or make_dataclass can declare:
-# the class is made from its annotations, and dataclass() generates no code that spells it.
-CheckpointConfig = dataclass(init=False, repr=False, eq=False)(type("CheckpointConfig", (), {
-    "__annotations__": {"root": str, "every_n_epochs": int, "every_n_steps": int | None,
-                        "keep_last": int, "monitor": Monitor, "mode": Mode, "async": bool,
-                        "export": bool, "export_pt2": bool}}))
-
-
-@dataclass
-class TrainConfig:
-    name: str
-    run_name: str | None
-    resume: str | None  # null | auto | a path
-    weights: str | None
-    strict: bool | None
-    weights_key: str | None
-    resume_mode: ResumeMode  # type: ignore[valid-type]
-    seed: int
-    debug: bool
-    trainer: TrainerConfig
-    early_stopping: EarlyStoppingConfig
-    checkpoint: CheckpointConfig  # type: ignore[valid-type]
-    data: Any = None  # the `_target_` sections
-    model: Any = None
-    loss: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    logger: Any = None  # trackers: engine.loggers.check_logger_config
-
-
-@dataclass(kw_only=True)
-class InferenceConfig:
-    ckpt: str | None
-    weights: str | None
-    strict: bool
-    weights_key: str | None
-    device: str
-    seed: int
-    debug: bool
-    data: Any = None
-    model: Any = None
-
-
-@dataclass(kw_only=True)
-class EvaluateConfig(InferenceConfig):
-    split: Split  # type: ignore[valid-type]
-    batch_size: int | None
-    output: str | None
-    loss: Any = None
-
-
-@dataclass(kw_only=True)
-class PredictConfig(InferenceConfig):
-    input: str
-    output: str
-    batch_size: int
-    invert: bool
-
-
+# Values and their documentation are in configs/*.yaml: these say which keys exist, of what type.
+TrainerConfig = _schema("TrainerConfig", {
+    "epochs": int, "device": str, "precision": Precision, "channels_last": bool, "compile": bool,
+    "deterministic": bool, "max_time": float | None, "log_every_n_steps": int,
+    "print_every_s": float, "global_batch_size": int | None, "grad_clip_norm": float | None,
+    "accumulate_grad_batches": int, "model_summary": bool, "ema_decay": float | None,
+    "fast_dev_run": bool,  # limits: batches (int) or a fraction (float); OmegaConf has no union
+    "limit_train_batches": Any, "limit_val_batches": Any, "overfit_batches": Any})
+EarlyStoppingConfig = _schema("EarlyStoppingConfig", {
+    "patience": int | None, "monitor": Monitor, "min_delta": float})
+CheckpointConfig = _schema("CheckpointConfig", {
+    "root": str, "every_n_epochs": int, "every_n_steps": int | None, "keep_last": int,
+    "monitor": Monitor, "mode": Mode, "async": bool, "export": bool, "export_pt2": bool})
+_FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
+TrainConfig = _schema("TrainConfig", {
+    "name": str, "run_name": str | None, "resume": str | None, "weights": str | None,
+    "strict": bool | None, "weights_key": str | None, "resume_mode": ResumeMode, "seed": int,
+    "debug": bool, "trainer": TrainerConfig, "early_stopping": EarlyStoppingConfig,
+    "checkpoint": CheckpointConfig, **dict.fromkeys(_FREE, Any)}, **dict.fromkeys(_FREE))
+InferenceConfig = _schema("InferenceConfig", {
+    "ckpt": str | None, "weights": str | None, "strict": bool, "weights_key": str | None,
+    "device": str, "seed": int, "debug": bool, "data": Any, "model": Any}, data=None, model=None)
+EvaluateConfig = _schema("EvaluateConfig", {
+    "split": Split, "batch_size": int | None, "output": str | None, "loss": Any},
+    InferenceConfig, loss=None)
+PredictConfig = _schema("PredictConfig", {
+    "input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig)
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
 for _script, _schema in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema)
 
-
 # --------------------------------------------------------------- ranges: each key, once
-
 
 class Range(NamedTuple):
     """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
@@ -181,8 +118,6 @@ class Range(NamedTuple):
 
 
 def ranges() -> dict[str, Range]:
-    """The range of every value a script may be given (its type: the schema, or the hints of
-    the constructor a `_target_` section names)."""
     return {
         "seed": Range(int, 0, MAX_SEED),
         "batch_size": Range(int, 1, MAX_BATCH),  # evaluate.py, predict.py
@@ -200,8 +135,7 @@ def ranges() -> dict[str, Range]:
         "checkpoint.every_n_steps": Range(int, 1),
         "checkpoint.keep_last": Range(int, 1),
         "data.batch_size": Range(int, 1, MAX_BATCH),
-        "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this "
-                                                              "machine)"),
+        "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this machine)"),
         "data.num_classes": Range(int, 1, 1_000_000),
         "optimizer.lr": Range(float, 0, MAX_LR, open_low=True),
         "optimizer.momentum": Range(float, 0, MAX_LR),
@@ -217,8 +151,7 @@ def ranges() -> dict[str, Range]:
 
 
 def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
@@ -244,16 +177,14 @@ def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
 
 
 def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
-    """Every value of `cfg` against its range (null or absent passes unless `required`: the
-    schema or the constructor's hints decide), the values that must agree, and that `data` and
-    `model` name the right kind of object."""
+    """Every value of `cfg` against its range (null or absent passes unless `required`), the
+    values that must agree, and that `data` and `model` name the right kind of object."""
     get = functools.partial(OmegaConf.select, cfg, default=None)
     rules, data = ranges(), cfg.get("data")
     fractions = {str(k): v for k, v in data.items() if str(k).endswith("_fraction")} \
         if isinstance(data, DictConfig) else {}
     for name in fractions:  # shares of the data set: 0 < train < 1, 0 <= the others < 1
-        rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True,
-                                      " (a fraction)")
+        rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True, " (a fraction)")
     for key, rule in rules.items():
         value = get(key)
         if value is not None or key in required:
@@ -289,8 +220,7 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
 
 
 def check_monitor(cfg: DictConfig, task: str) -> None:
-    """checkpoint.monitor (and early_stopping.monitor, when on) must be a metric this task logs
-    (val_acc only for classifiers)."""
+    """checkpoint.monitor (and early_stopping.monitor, when on): a metric this task logs."""
     stopping = cfg.get("early_stopping") or {}
     for key, monitor in (("checkpoint.monitor", cfg.checkpoint.monitor),
                          ("early_stopping.monitor", stopping.get("monitor")
@@ -320,9 +250,8 @@ def check_required_sections(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig, script: str) -> None:
-    """Every `${...}` resolves and no `???` is left; keys and types against the script's schema
-    (Hydra checked every override but `+key=value`), merged as plain containers (a typed node
-    would bring its extra keys along); each `_target_` section against what it names."""
+    """Every `${...}` resolves, no `???` is left; keys and types against the script's schema
+    (merged as plain containers: a typed node would bring its extra keys); `_target_` sections."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), resolved)
@@ -347,8 +276,7 @@ def _full_key(err: Exception) -> str:
 
 
 def schema_error(err: oe.OmegaConfBaseException) -> str:
-    """OmegaConf's refusal of a key or value as one line: the key, the value, what is
-    expected (the valid keys, for an unknown one)."""
+    """OmegaConf's refusal of a key or value as one line: the key, the value, what is expected."""
     key = _full_key(err)
     parent, _, name = key.rpartition(".")
     owner = getattr(err, "object_type", None)  # the dataclass that holds the key
@@ -368,18 +296,15 @@ def did_you_mean(word: str, options: list[str]) -> str:
 
 
 def describe(hint: Any) -> str:
-    """A type hint in words ('an integer', 'min or max'); '' for what no config value can be
-    (a tensor, an optimizer)."""
+    """A type hint in words ('an integer', 'min or max'); '' for what no config value can be."""
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
              Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
              type(None): "null", typing.Any: "any value"}
-    if hint in names:
-        return names[hint]
-    if origin in (list, tuple, dict):
-        return names[origin]
+    if name := names.get(hint) or names.get(origin):
+        return name
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
         values = [str(member.value) for member in hint]
         return " or ".join([", ".join(values[:-1]), values[-1]] if len(values) > 1 else values)
@@ -395,8 +320,7 @@ TRAINER_KEYS = {"scheduler": ("interval",)}
 
 
 def locate(path: str) -> Any:
-    """What a dotted `_target_` names, found as hydra.utils.get_object does (without its error
-    logging, which would print a second, multi-line message)."""
+    """What a dotted `_target_` names, as hydra.utils.get_object (without its error logging)."""
     parts = path.split(".")
     for cut in range(len(parts), 0, -1):
         module_name = ".".join(parts[:cut])
@@ -413,8 +337,7 @@ def locate(path: str) -> Any:
 
 
 def is_transform_class(obj: Any) -> bool:
-    """A torchvision.transforms.v2 transform class (what data.augment may name), read from the
-    class's bases so that checking a config does not import torchvision."""
+    """A torchvision.transforms.v2 transform class, from its bases (not importing torchvision)."""
     return inspect.isclass(obj) and (obj.__module__ or "").startswith(
         "torchvision.transforms.v2") and any(
         base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
@@ -427,28 +350,26 @@ def is_data_module(obj: Any) -> bool:
                                         for name in ("setup", "split"))
 
 
-def check_target_kind(section: DictConfig, key: str, source: str = "") -> None:
+def check_target_kind(section: DictConfig, key: str) -> None:
     """`data` names a concrete data module; `model` an nn.Module class or a builder function."""
     target = section.get("_target_")
     try:
         obj = locate(str(target)) if target is not None else None
     except Exception:  # check_target_section reports import errors
         return
-    where = f"{source}: " if source else ""
     if key == "data" and obj is not None and (not is_data_module(obj)
                                               or inspect.isabstract(obj)):
-        raise UserError(f"{where}data._target_={target}: expected a data module (a subclass "
+        raise UserError(f"data._target_={target}: expected a data module (a subclass "
                         f"of data.base.DataModule that implements setup())")
     if key == "model" and obj is not None and (
             inspect.isclass(obj) and not issubclass(obj, torch.nn.Module)
             or not callable(obj) or is_data_module(obj)):
-        raise UserError(f"{where}model._target_={target}: expected a torch.nn.Module class or "
+        raise UserError(f"model._target_={target}: expected a torch.nn.Module class or "
                         f"a function that builds one")
 
 
 def check_target_section(section: Any, key: str) -> None:
-    """A `_target_` section against the signature of what it names: unknown keys, and wrong
-    types read from the constructor's type hints."""
+    """A `_target_` section against the signature of what it names: unknown keys, wrong types."""
     if not isinstance(section, DictConfig):
         raise UserError(f"{key}={section!r}: expected a section (pick one with {key}=NAME)")
     target = section.get("_target_")
@@ -480,8 +401,8 @@ def check_target_section(section: Any, key: str) -> None:
 
 
 def _parameters(obj: Any) -> tuple[dict[str, Any], bool]:
-    """The keyword parameters of a function or constructor with their type hints (None: no
-    hint), following `**kwargs` into the base classes' __init__; True if still open-ended."""
+    """Keyword parameters and type hints (None: no hint), following `**kwargs` into the bases'
+    __init__; True if still open-ended."""
     functions = [cls.__init__ for cls in obj.__mro__ if cls is not object
                  and "__init__" in vars(cls)] if inspect.isclass(obj) else [obj]
     params: dict[str, Any] = {}
@@ -525,11 +446,9 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 
 def build(section: Any, key: str, source: Path | str | None = None) -> Any:
-    """hydra.utils.instantiate, anything the target raises as one line naming the key and the
-    target (debug=true shows the traceback); a `_partial_` (optimizer, scheduler) alike when
-    called. With `source` (the file `section` was read from) the node is checked as a file's
-    config and instantiated as the plain dict that was checked, so nothing the check did not
-    see (an interpolation against a parent node, a key added later) reaches instantiate."""
+    """hydra.utils.instantiate, errors (also of a `_partial_` when called) as one line naming
+    key and target. With `source` (the file it was read from) the section is checked as a file's
+    config and the plain dict that was checked is what instantiate sees."""
     if source is not None:
         plain = OmegaConf.to_container(section, resolve=False) \
             if isinstance(section, (DictConfig, ListConfig)) else section
@@ -559,8 +478,7 @@ def _call_built(built: functools.partial, key: str, target: Any, source: Any, *a
 
 
 def _raise_build_error(err: Exception, key: str, target: Any, source: Any) -> NoReturn:
-    """The UserError behind `err` (Hydra wraps a constructor's), or one naming the key, the
-    target and the innermost exception (chained: debug=true shows where it came from)."""
+    """The UserError behind `err` (Hydra wraps it), or one naming key, target and the cause."""
     cause = err
     while not isinstance(cause, UserError) and cause.__cause__ is not None:
         cause = cause.__cause__
@@ -574,32 +492,26 @@ def _raise_build_error(err: Exception, key: str, target: Any, source: Any) -> No
 
 # ------------------------------------------------------- a file's config (README Security)
 
-# What a config read from a file (checkpoint, export) may name in `_target_`: instantiate calls
-# whatever the string names, so a downloaded file could otherwise run os.system.
+# What a file's config may name in `_target_` (a downloaded one could otherwise run os.system).
 SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.", "torchvision.transforms.v2.")
-# `_convert_` values a file may use; `_partial_` is refused (a file describes objects to
-# build, not factories to call later with other arguments).
+# `_convert_` values a file may use; `_partial_` is refused (objects to build, not factories).
 FILE_CONVERT_MODES = ("none", "partial", "object", "all")
 
 
 def plain_problem(value: Any, where: str = "") -> str | None:
-    """What keeps `value` (read from a file) from being plain config data, or None: text keys,
-    str/int/float/bool/None leaves, no `${` anywhere (OmegaConf would resolve it: oc.create
-    builds unchecked nodes, oc.env reads the environment; a checkpoint's config was stored
-    resolved). The value itself is never quoted: it comes from the file."""
+    """What keeps `value` (read from a file) from being plain data, or None: text keys, plain
+    leaves, no `${` (oc.create, oc.env would run). The value is never quoted (the file's)."""
     if isinstance(value, dict):
         for key, child in value.items():
             if not isinstance(key, str):
                 return f"{where or 'top level'}: key {str(key)[:40]!r} is not text"
             if "${" in key:
                 return f"{where or 'top level'}: a key holds an interpolation (${{...}})"
-            problem = plain_problem(child, f"{where}.{key}" if where else key)
-            if problem:
+            if problem := plain_problem(child, f"{where}.{key}" if where else key):
                 return problem
     elif isinstance(value, (list, tuple)):
         for index, child in enumerate(value):
-            problem = plain_problem(child, f"{where}[{index}]")
-            if problem:
+            if problem := plain_problem(child, f"{where}[{index}]"):
                 return problem
     elif isinstance(value, str):
         if "${" in value:
@@ -610,13 +522,11 @@ def plain_problem(value: Any, where: str = "") -> str | None:
 
 
 def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> None:
-    """A config read from a file (checkpoint, export, .pt2) is plain data, its `_target_`s name
-    only project data modules and models and torch.nn modules, and of Hydra's other special
-    keys it uses `_args_`, `_convert_` and `_recursive_` only. One line naming the key."""
+    """A file's config is plain data, its `_target_`s name only data modules, models and torch.nn
+    modules, and of Hydra's other special keys it uses `_args_`, `_convert_`, `_recursive_`."""
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
-    problem = plain_problem(config, where)
-    if problem:
+    if problem := plain_problem(config, where):
         raise UserError(f"{source}: refused {problem}: a file's config must be plain data "
                         f"(interpolations are resolved only in configs/ and on the command "
                         f"line)")
@@ -667,9 +577,7 @@ def _safe_target(target: Any) -> bool:
 
 def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")
                    ) -> DictConfig:
-    """The data/model/loss/seed sections of a config read from a file, checked as a file's
-    config and against the signatures of what they name: what evaluate.py, predict.py and
-    engine.export accept, the same for all three."""
+    """The data/model/loss/seed sections of a file's config, checked (evaluate, predict, export)."""
     if not isinstance(saved, dict) or any(key not in saved for key in need):
         raise UserError(f"{source}: no usable saved config ({'/'.join(need)}); evaluate it "
                         f"with weights={source} model=... data=...")
@@ -702,8 +610,7 @@ PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", 
 
 
 def from_start_dir(path: str) -> str:
-    """`path` relative to the folder the command started in: with hydra.job.chdir=true the job
-    runs in Hydra's output folder (as hydra.utils.to_absolute_path); otherwise unchanged."""
+    """`path` relative to the start folder under hydra.job.chdir=true (to_absolute_path)."""
     try:
         start = HydraConfig.get().runtime.cwd
     except ValueError:  # not under @hydra.main (tests compose configs directly)
