@@ -52,13 +52,11 @@ def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
     """`run_name` (default: `name`), plus the job's overrides in a multirun (a folder per job).
     `hydra_cfg`: a finished job's (default: the running job's)."""
     base = str(cfg.run_name or cfg.name)
-    try:
-        hydra_cfg = HydraConfig.get() if hydra_cfg is None else hydra_cfg
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
-            return f"{base}/{job or hydra_cfg.job.num}"
-    except ValueError:  # not under @hydra.main (tests compose configs directly)
-        pass
+    if hydra_cfg is None and HydraConfig.initialized():  # not when tests compose configs
+        hydra_cfg = HydraConfig.get()
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
+        return f"{base}/{job or hydra_cfg.job.num}"
     return base
 
 
@@ -87,7 +85,7 @@ def lock_file(path: Path, busy: str) -> None:
         import fcntl
     except ImportError:  # Windows: no flock; one process at a time is then up to the user
         return
-    key = _key(path)
+    key = str(path.parent.resolve() / path.name)
     if key in _held:
         return
     try:
@@ -105,13 +103,8 @@ def lock_file(path: Path, busy: str) -> None:
 
 
 def unlock_file(path: Path) -> None:
-    fd = _held.pop(_key(path), None)
-    if fd is not None:
+    if (fd := _held.pop(str(path.parent.resolve() / path.name), None)) is not None:
         os.close(fd)
-
-
-def _key(path: Path) -> str:
-    return str(path.parent.resolve() / path.name)
 
 
 def _holder(fd: int) -> str:
@@ -428,9 +421,9 @@ class CheckpointSaver:
         save; a kill before then loses only epochs a resume recomputes exactly."""
         state["saved_files"] = list(self.saved)
         # the config and versions are the same objects at every save: shared, not copied
-        shared = {k: state[k] for k in ("config", "versions") if k in state}
-        copied = Snapshot().take({k: v for k, v in state.items() if k not in shared})
-        self._best = {k: shared[k] if k in shared else copied[k] for k in state}
+        copied = Snapshot().take({k: v for k, v in state.items()
+                                  if k not in ("config", "versions")})
+        self._best = {k: copied.get(k, v) for k, v in state.items()}
 
     def wait(self) -> None:
         """Block until the background write is durable; raise its error."""
@@ -439,8 +432,7 @@ class CheckpointSaver:
             self._thread = None
         error, self._error = self._error, None
         if isinstance(error, CheckpointWriteError):
-            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)"
-                                       ) from None
+            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)")
         if error is not None:
             raise error
 
