@@ -7,8 +7,8 @@
         metrics.csv, config.yaml, loss_curve.png, test_metrics.json, export/
 
 Every file is written under a temporary name and renamed over its name: a kill or a full disk
-leaves the old file or the new one, never a part, and one line of error. Reading a checkpoint
-is passed in (`load`), because the checkpoint code writes its exports through this module.
+leaves the old file or the new one, never a part. Reading a checkpoint is passed in (`load`):
+engine/checkpoint.py writes its exports through this module.
 """
 
 from __future__ import annotations
@@ -44,22 +44,19 @@ PERIODIC = re.compile(r"^(epoch_\d+|step_\d+)\.pt$")
 LINKS = ("last.pt", "best.pt")
 RUN_FILES = re.compile(r"^(epoch_\d+|step_\d+|last|best)\.pt$|^metrics\.csv$")
 LOCK_NAME = ".lock"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Loader = Callable[[Any, Any], dict]  # (path, map_location) -> a verified checkpoint
 
 
 # --------------------------------------------------------------------------- names
 def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
-    """`run_name` (default: `name`), plus the job's overrides in a multirun, so each job of a
-    sweep gets its own folder. `hydra_cfg`: a finished job's (default: the running job's)."""
+    """`run_name` (default: `name`), plus the job's overrides in a multirun (a folder per job).
+    `hydra_cfg`: a finished job's (default: the running job's)."""
     base = str(cfg.run_name or cfg.name)
-    try:
-        hydra_cfg = HydraConfig.get() if hydra_cfg is None else hydra_cfg
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
-            return f"{base}/{job or hydra_cfg.job.num}"
-    except ValueError:  # not under @hydra.main (tests compose configs directly)
-        pass
+    if hydra_cfg is None and HydraConfig.initialized():  # not when tests compose configs
+        hydra_cfg = HydraConfig.get()
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
+        return f"{base}/{job or hydra_cfg.job.num}"
     return base
 
 
@@ -83,8 +80,7 @@ _held: dict[str, int] = {}  # lock file -> descriptor: a second train() in this 
 
 
 def lock_file(path: Path, busy: str) -> None:
-    """Hold an exclusive flock on `path` for the rest of this process, or refuse with the one
-    line `busy` ({holder}: 'pid N' of the process that holds it)."""
+    """Hold a flock on `path` for this process, or refuse with `busy` ({holder}: 'pid N')."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; one process at a time is then up to the user
@@ -107,14 +103,12 @@ def lock_file(path: Path, busy: str) -> None:
 
 
 def unlock_file(path: Path) -> None:
-    """Release `lock_file(path)` (nothing if this process does not hold it)."""
-    fd = _held.pop(str(path.parent.resolve() / path.name), None)
-    if fd is not None:
+    if (fd := _held.pop(str(path.parent.resolve() / path.name), None)) is not None:
         os.close(fd)
 
 
 def _holder(fd: int) -> str:
-    """'pid N' holding the flock on `fd`'s file, from the kernel's table (Linux /proc/locks)."""
+    """'pid N' holding the flock on `fd`'s file, from Linux's /proc/locks."""
     st = os.fstat(fd)
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     with contextlib.suppress(OSError), open("/proc/locks") as table:
@@ -130,7 +124,7 @@ def _lock_run(run_dir: Path) -> None:
 
 
 def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader worker): one outliving a killed run must not lock it."""
+    """A forked child (DataLoader worker) outliving a killed run must not lock it."""
     for fd in _held.values():
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -143,9 +137,8 @@ if hasattr(os, "register_at_fork"):
 
 # ------------------------------------------------------- where the scripts may write
 def _replace(path: Path, write: Callable[[IO], object], binary: bool, durable: bool) -> None:
-    """Write through `write(handle)` into a temporary file, rename it over `path`: `path` is
-    the old complete file or the new one. On failure the temporary goes and the OSError is
-    raised (torch's zip writer reports ENOSPC/EIO as a RuntimeError with it as its context)."""
+    """`write(handle)` into a temporary file renamed over `path`. On failure the temporary goes
+    and the OSError is raised (torch's zip writer wraps it in a RuntimeError)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", newline="") as handle:
@@ -190,9 +183,8 @@ def check_output(path: Path, own_kind: Callable[[Path], bool], what: str,
     """evaluate.py / predict.py replace an existing file only when it is their own kind of
     output (by content: a renamed checkpoint is still a checkpoint), never one being read."""
     name = name or f"output={path}"
-    for source in reads:
-        if source is not None and path.exists() and source.exists() \
-                and os.path.samefile(path, source):
+    for source in filter(None, reads):
+        if path.exists() and source.exists() and os.path.samefile(path, source):
             raise UserError(f"{name}: is the same file as {source}, which is being read; choose "
                             f"another output=")
     if path.is_dir():
@@ -220,15 +212,14 @@ def is_predictions_csv(path: Path) -> bool:
 
 def is_png(path: Path) -> bool:
     with open(path, "rb") as handle:
-        return handle.read(len(PNG_MAGIC)) == PNG_MAGIC
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def check_export_dir(out_dir: Path) -> None:
-    """An export folder is new, empty or an earlier export: never a run folder, nor a folder
-    with another config.yaml."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a folder; expected an export folder")
+    """An export folder is new, empty or an earlier export: not a run's, nor another config's."""
     if not out_dir.is_dir():
+        if out_dir.exists():
+            raise UserError(f"{out_dir}: exists and is not a folder; expected an export folder")
         return
     run_files = sorted(p.name for p in out_dir.iterdir() if RUN_FILES.match(p.name))
     if run_files:
@@ -241,13 +232,12 @@ def check_export_dir(out_dir: Path) -> None:
 
 # ------------------------------------------------------------------ checkpoint files
 class CheckpointWriteError(UserError):
-    """The disk refused a write; the previous checkpoints are untouched."""
+    """The disk refused a write; the previous checkpoints are intact."""
 
 
 class EarlyWriteback:
-    """torch.save's file, starting the disk every 32 MiB: Linux holds up to ~10% of RAM of
-    dirty data, so the disk would idle while torch.save pickles and checksums; fadvise starts
-    each chunk's writeback at once (README, benchmark 3). The fsync still makes it durable."""
+    """torch.save's file, starting writeback every 32 MiB (fadvise) so the disk does not idle
+    while torch.save pickles (README, benchmark 3). The fsync still makes it durable."""
 
     CHUNK = 32 << 20
 
@@ -284,8 +274,8 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
 
 
 def atomic_link(source: Path, link: Path) -> None:
-    """Point `link` (last.pt, best.pt) at the complete file `source`: a hard link, which keeps
-    its data after retention deletes `source`, or a copy where there are no hard links."""
+    """Point `link` (last.pt, best.pt) at `source`: a hard link (outlives retention deleting
+    `source`), or a copy where there are none."""
     tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -302,8 +292,7 @@ def atomic_link(source: Path, link: Path) -> None:
 
 
 def verify(path: Path) -> None:
-    """Every zip record's CRC-32 (torch.load checks none); a truncated file fails earlier, its
-    zip directory missing."""
+    """Every zip record's CRC-32 (torch.load checks none)."""
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -314,9 +303,9 @@ def verify(path: Path) -> None:
 
 
 class Snapshot:
-    """Copies a state's tensors into CPU buffers reused from one save to the next (a fresh
-    1 GiB allocation costs several times the copy). Storage by storage, so views and tied
-    weights still share one storage: the file holds the same records as a synchronous save."""
+    """Copies a state's tensors into CPU buffers reused between saves (allocating costs more
+    than copying), storage by storage: views and tied weights still share one, so the file
+    holds the same records as a synchronous save."""
 
     def __init__(self) -> None:
         self.buffers: list[torch.UntypedStorage] = []
@@ -324,10 +313,8 @@ class Snapshot:
     def take(self, state: Any) -> Any:
         copies: dict[tuple[str, int], torch.UntypedStorage] = {}
         used: list[torch.UntypedStorage] = []
-        cuda = False
 
         def storage_copy(source: torch.UntypedStorage) -> torch.UntypedStorage:
-            nonlocal cuda
             # tensors sharing a storage share its copy; empty storages are never shared
             key = (str(source.device), source.data_ptr() or -len(used) - 1)
             if key not in copies:
@@ -337,7 +324,6 @@ class Snapshot:
                     buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
                                          pin_memory=on_gpu).untyped_storage()
                 buffer.copy_(source, non_blocking=on_gpu)
-                cuda = cuda or on_gpu
                 copies[key] = buffer
                 used.append(buffer)
             return copies[key]
@@ -367,7 +353,7 @@ class Snapshot:
             return copy.deepcopy(obj)
 
         result = walk(state)
-        if cuda:
+        if torch.cuda.is_initialized():  # the non-blocking copies have landed
             torch.cuda.synchronize()
         self.buffers = used
         return result
@@ -383,32 +369,26 @@ def prune(run_dir: Path, saved: list[str], keep_last: int) -> list[str]:
 
 
 def _retainable(run_dir: Path, name: Any) -> bool:
-    """Only a periodic name (no path parts) of a regular file is ever deleted, whatever a
-    (crafted) checkpoint's saved_files says; a link would point elsewhere."""
+    """Only a periodic name of a non-link is ever deleted, whatever saved_files says."""
     return isinstance(name, str) and bool(PERIODIC.match(name)) \
         and not (run_dir / name).is_symlink()
 
 
 class CheckpointSaver:
-    """Writes epoch_NNNN.pt / step_NNNNNNNN.pt, points last.pt (and best.pt) at it, prunes, in
-    that order (crash safety). `saved`, kept in each checkpoint, lists the periodic files this
-    run wrote: retention never deletes one it did not write.
-
-    background=True (checkpoint.async): save() snapshots the state and returns; a thread
-    writes it, one write in flight at most; its error raises at the next save(), wait() or
-    close(), or is printed at exit. Rank 0 only: train.py calls it through `ddp.on_main`."""
+    """Writes a periodic file, points last.pt (and best.pt) at it, prunes, in that order.
+    `saved` (kept in each checkpoint): the files this run wrote, the only ones it deletes.
+    background=True (checkpoint.async): save() snapshots and returns; one thread write in
+    flight; its error raises at the next save(), wait() or close(), or prints at exit."""
 
     def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None,
                  background: bool = False) -> None:
         self.run_dir, self.keep_last = run_dir, keep_last
         names = list(saved) if isinstance(saved, (list, tuple)) else []
         self.saved = [n for n in names if _retainable(run_dir, n)]
-        if len(self.saved) < len(names):
-            ignored = next(n for n in names if n not in self.saved)
-            print(f"warning: {run_dir}: the checkpoint's saved_files lists "
-                  f"{len(names) - len(self.saved)} name(s) that are not this run's periodic "
-                  f"checkpoints, e.g. {ignored!r}; retention ignores them and never deletes "
-                  f"them", file=sys.stderr)
+        if ignored := [n for n in names if n not in self.saved]:
+            print(f"warning: {run_dir}: the checkpoint's saved_files lists {len(ignored)} name(s) "
+                  f"that are not this run's periodic checkpoints, e.g. {ignored[0]!r}; "
+                  f"retention ignores them and never deletes them", file=sys.stderr)
         self.last_seconds = 0.0  # the latest save's duration, for trainer.max_time
         self.background = background  # checkpoint.async: a save is durable only later
         self._snapshot = Snapshot() if background else None
@@ -437,29 +417,27 @@ class CheckpointSaver:
         return path
 
     def save_best_only(self, state: dict[str, Any]) -> None:
-        """best.pt of an epoch that is not a periodic save: a CPU copy, written just before the
-        next save (not a file per improving epoch). Exact: a kill before then loses only epochs
-        that the resumed run recomputes bit for bit, best.pt included."""
+        """best.pt of an epoch that is not a periodic save: a CPU copy written with the next
+        save; a kill before then loses only epochs a resume recomputes exactly."""
         state["saved_files"] = list(self.saved)
         # the config and versions are the same objects at every save: shared, not copied
-        shared = {k: state[k] for k in ("config", "versions") if k in state}
-        copied = Snapshot().take({k: v for k, v in state.items() if k not in shared})
-        self._best = {k: shared[k] if k in shared else copied[k] for k in state}
+        copied = Snapshot().take({k: v for k, v in state.items()
+                                  if k not in ("config", "versions")})
+        self._best = {k: copied.get(k, v) for k, v in state.items()}
 
     def wait(self) -> None:
-        """Block until the background write (if any) is durable; raise its error if it failed."""
+        """Block until the background write is durable; raise its error."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
         if isinstance(error, CheckpointWriteError):
-            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)"
-                                       ) from None
+            raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)")
         if error is not None:
             raise error
 
     def close(self) -> None:
-        """Wait for the last write; free the buffers and the folder (for a later train())."""
+        """Wait for the last write; free the buffers and the lock (for a later train())."""
         try:
             self.wait()
         finally:
@@ -500,9 +478,8 @@ def _report_unseen_errors() -> None:
 # --------------------------------------------------------------------- find latest
 def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = "cpu"
                 ) -> tuple[Path, dict] | None:
-    """The newest checkpoint of `run_dir` that `load` accepts; a newer one it refuses is set
-    aside with a warning. Only names train.py writes are candidates, each file once (links
-    share an inode) under its periodic name."""
+    """The newest checkpoint of `run_dir` that `load` accepts; newer ones it refuses are set
+    aside. Only names train.py writes, each inode once under its periodic name."""
     if not run_dir.is_dir():
         return None
     groups: dict[int, list[Path]] = {}
@@ -537,8 +514,7 @@ def _head(path: Path) -> Any:
 
 
 def _set_aside(paths: list[Path], why: str) -> None:
-    """Rename a bad file (and its links) to NAME.corrupt, NAME.corrupt.1, ...: kept for
-    inspection, never overwritten, no longer a resume candidate."""
+    """Rename a bad file (and its links) to NAME.corrupt[.N], never overwriting one."""
     moved = []
     for path in paths:
         aside, n = path.with_name(path.name + ".corrupt"), 0
@@ -558,8 +534,8 @@ def _set_aside(paths: list[Path], why: str) -> None:
 # -------------------------------------------------------------- opening a run
 def open_run(cfg: DictConfig, device: torch.device, load: Loader
              ) -> tuple[Path, CheckpointSaver, dict | None]:
-    """The run folder (locked), its saver and the checkpoint to resume from (resume=auto /
-    PATH / null). Rank 0 decides; the other ranks get its answer and read the same file."""
+    """The run folder (locked), its saver and the checkpoint to resume from. Rank 0 decides;
+    the other ranks read the file it names."""
     opened: list[Any] = []
 
     def on_rank0() -> tuple[Path, str | None]:
@@ -578,8 +554,7 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader
         saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last)
     if resumed and str(cfg.resume) != "auto" and \
             Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
-        # another folder's run keeps its best value, as an uninterrupted run would (exact
-        # resume); accept_run brings that epoch's file along
+        # another folder's run keeps its best value (exact resume); accept_run brings its file
         resumed["best_from"] = str(cfg.resume)
     return run_dir, saver, resumed
 
@@ -634,9 +609,8 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader
 
 def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None,
                trains: bool = True) -> None:
-    """The run is accepted (its checkpoint restored): only now does the folder change. A
-    refused resume leaves it as it was, and so does a complete run (`trains` false) for its
-    config.yaml, which records the values that ran (resume overrides included)."""
+    """The checkpoint is restored: only now does the folder change. A complete run (`trains`
+    false) keeps its config.yaml, the values that ran."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
 
     def on_rank0() -> None:
@@ -649,8 +623,7 @@ def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None,
 
 def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
     """The inherited best epoch's file (the resumed one, or epoch_N.pt beside it) becomes
-    best.pt, so `evaluate.py ckpt=NEW/best.pt` works before a later epoch beats it; if it is
-    gone, the end of the run uses last.pt in its place (engine/metrics.py)."""
+    best.pt; if it is gone, the run's end uses last.pt instead (engine/metrics.py)."""
     source = (resumed or {}).get("best_from")
     best_epoch = ((resumed or {}).get("best") or {}).get("epoch")
     if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
@@ -668,8 +641,7 @@ def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
 
 
 def with_history(state: dict, source: str | None) -> dict:
-    """A checkpoint's metrics rows, from the metrics.csv beside it (this format does not carry
-    them; older files and other programs' keep what they have)."""
+    """A checkpoint's metrics rows, from the metrics.csv beside it (older formats carry them)."""
     if "history" in state or "format_version" not in state or source is None:
         return state
     csv_path = Path(source).parent / "metrics.csv"
@@ -681,8 +653,7 @@ def with_history(state: dict, source: str | None) -> dict:
 
 
 def read_history(path: Path, epoch: int) -> list[dict]:
-    """metrics.csv's rows for epochs 1..`epoch` (later rows: epochs a resume recomputes), read
-    back as int/float so that rewriting them gives the same bytes."""
+    """metrics.csv's rows for epochs 1..`epoch`, as int/float: rewritten, the same bytes."""
     if not path.is_file():
         return []
     history: list[dict] = []
