@@ -133,22 +133,27 @@ def fit(cfg: DictConfig) -> dict:
 
     def checkpoint() -> dict:
         return build_checkpoint(state, progress, config)
-    def save(name: str, best: bool = False) -> Path:
-        nonlocal plotted, plotted_at
+    def save(name: str, best: bool = False, final: bool = False) -> Path:
         check_finite(progress)
         # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes
         path = ddp.on_main(saver.save, checkpoint(), name, best=best)
+        after_save(final)
+        return path
+
+    def after_save(final: bool) -> None:
+        """`final`: the ranks agreed to stop (never a rank's own stop.reason, which a signal
+        may set on one rank only: its collective below would wait for ranks that skip it)."""
+        nonlocal plotted, plotted_at
         # The loss curve too, so a stopped or diverged run has one; at most every 30 s, as a
         # plot of a long history costs up to a second.
         if len(progress.history) > plotted and (
-                stop.reason or time.perf_counter() - plotted_at >= 30):
+                final or time.perf_counter() - plotted_at >= 30):
             plot_losses(progress.history, run_dir / "loss_curve.png")
             plotted, plotted_at = len(progress.history), time.perf_counter()
-        if stop.reason:  # the process exits next: with checkpoint.async the file must be done
+        if final:  # the process exits next: with checkpoint.async the file must be done
             ddp.on_main(saver.wait)
         # the trackers get the values a checkpoint holds once it is written (async: the last's)
-        loggers.saved(durable=bool(stop.reason) or not saver.background)
-        return path
+        loggers.saved(durable=final or not saver.background)
 
     def finish(only_missing: bool = False) -> dict:
         return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
@@ -213,7 +218,9 @@ def fit(cfg: DictConfig) -> dict:
             if every_n_steps and progress.global_step % every_n_steps == 0:
                 saved = save(f"step_{progress.global_step:08d}.pt")
             if ddp.should_stop(stop, 2 * saver.last_seconds, progress.global_step, log_every):
-                path = saved or save(f"step_{progress.global_step:08d}.pt")
+                if saved:  # saved before the ranks agreed to stop
+                    after_save(final=True)
+                path = saved or save(f"step_{progress.global_step:08d}.pt", final=True)
                 raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
                                   f"{progress.global_step}; continue with resume=auto")
 
@@ -236,19 +243,20 @@ def fit(cfg: DictConfig) -> dict:
         improved = progress.end_epoch(row, monitor, mode)
         stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
         loggers.log_epoch(row)  # metrics.csv now (resume reads it); trackers after the save
-        ddp.should_stop(stop)  # torchrun: the ranks agree on stop.reason
+        # torchrun: the ranks agree; a signal after this is seen at the next check
+        stop_now = ddp.should_stop(stop)
         periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
-        if periodic or stop.reason:  # a stop during validation saves here
-            save(f"epoch_{epoch:04d}.pt", best=improved)
+        if periodic or stop_now:  # a stop during validation saves here
+            save(f"epoch_{epoch:04d}.pt", best=improved, final=stop_now)
         elif improved:
             ddp.on_main(saver.save_best_only, checkpoint())  # written with the next save
         now = time.perf_counter()
-        if periodic or stop.reason or now - printed >= print_every_s:  # long runs: throttled
+        if periodic or stop_now or now - printed >= print_every_s:  # long runs: throttled
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in row.items())
             print(f"{shown}  ({now - started:.2f}s)", flush=True)
             printed = now
-        if stop.reason:
+        if stop_now:
             raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
                               f"epoch {epoch}; continue with resume=auto")
         if stopping:
