@@ -1,8 +1,8 @@
 """Evaluate a trained model on a split; prints metrics and writes them as JSON with a plot.
 
-    python evaluate.py ckpt=checkpoints/digits_cnn/best.pt
-    python evaluate.py ckpt=checkpoints/linear_regression/best.pt split=val
-    python evaluate.py weights=model_weights.pth model=small_cnn data=digits
+python evaluate.py ckpt=checkpoints/digits_cnn/best.pt
+python evaluate.py ckpt=checkpoints/linear_regression/best.pt split=val
+python evaluate.py weights=model_weights.pth model=small_cnn data=digits
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def evaluate(cfg: DictConfig) -> dict:
     out, plot = _output_paths(cfg, loaded.source, classification)
     batches = Batches(data.split(split), data.batch_size, loaded.device)
     # one pass: the metrics and the plot use the same outputs
-    result = evaluate_split(loaded.model, batches, loaded.loss(), classification,
-                            confusion=classification, outputs=not classification)
+    result = evaluate_split(
+        loaded.model, batches, loaded.loss(), classification, confusion=classification, outputs=not classification
+    )
     metrics = {f"{split}_{k}": result[k] for k in ("loss", "acc") if k in result}
     metrics.update(samples=result["samples"], source=str(loaded.source))
     if classification:
@@ -57,8 +58,7 @@ def _output_paths(cfg: DictConfig, source: Path, classification: bool) -> tuple[
     else:
         stem = source / "eval" if source.is_dir() else source.with_name(source.stem + "_eval")
         out = stem.with_suffix(".json")
-    plot = stem.with_name(stem.name + ("_confusion.png" if classification
-                                       else "_predictions.png"))
+    plot = stem.with_name(stem.name + ("_confusion.png" if classification else "_predictions.png"))
     check_output(out, is_eval_json, "an evaluate.py metrics JSON", reads=(source,))
     check_output(plot, is_png, "a PNG plot", name=f"plot {plot} (beside output=)")
     return out, plot

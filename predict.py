@@ -37,14 +37,16 @@ def predict(cfg: DictConfig) -> Path:
     loaded = load_for_inference(cfg)
     if cfg.get("invert"):
         if loaded.data.task != "classification":
-            raise UserError(f"invert=true: inverts image inputs; {source} is read as CSV "
-                            f"features for a regression model")
+            raise UserError(
+                f"invert=true: inverts image inputs; {source} is read as CSV features for a regression model"
+            )
         names, inputs = loaded.data.predict_inputs(source, invert=True)
     else:
         names, inputs = loaded.data.predict_inputs(source)
     _check_features(loaded.model, inputs, source)
-    check_output(output, is_predictions_csv, "a predict.py CSV",
-                 reads=(source, loaded.source))  # refused before the model runs
+    check_output(
+        output, is_predictions_csv, "a predict.py CSV", reads=(source, loaded.source)
+    )  # refused before the model runs
     outputs = []
     with torch.inference_mode():
         for chunk in inputs.split(int(cfg.batch_size)):
@@ -52,20 +54,22 @@ def predict(cfg: DictConfig) -> Path:
                 outputs.append(loaded.model(chunk.to(loaded.device)).float().cpu())
             except RuntimeError as err:  # a shape the model cannot take
                 first = str(err).strip().splitlines()[0][:200]
-                raise UserError(f"input={source}: inputs of shape {tuple(chunk.shape[1:])} do "
-                                f"not fit the model ({first})") from None
+                raise UserError(
+                    f"input={source}: inputs of shape {tuple(chunk.shape[1:])} do not fit the model ({first})"
+                ) from None
     predictions = torch.cat(outputs)
 
     if loaded.data.task == "classification":
         probabilities = predictions.softmax(1)
         confidence, classes = probabilities.max(1)
         header = ["input", "class", "probability"]
-        rows = [[n, int(c), f"{float(p):.6f}"] for n, c, p in zip(names, classes, confidence,
-                                                                  strict=True)]
+        rows = [[n, int(c), f"{float(p):.6f}"] for n, c, p in zip(names, classes, confidence, strict=True)]
     else:
         header = ["input", *[f"feature_{i}" for i in range(inputs.shape[1])], "prediction"]
-        rows = [[n, *[f"{float(v):.6g}" for v in x], f"{float(p[0]):.6g}"]
-                for n, x, p in zip(names, inputs, predictions, strict=True)]
+        rows = [
+            [n, *[f"{float(v):.6g}" for v in x], f"{float(p[0]):.6g}"]
+            for n, x, p in zip(names, inputs, predictions, strict=True)
+        ]
     write_atomic(output, lambda out: csv.writer(out).writerows([header, *rows]))  # never partial
     print(f"wrote {len(rows)} predictions to {output}")
     return output
@@ -80,9 +84,7 @@ def _check_features(model: torch.nn.Module, inputs: torch.Tensor, source: Path) 
     if expected is None and hasattr(model, "weights") and inputs.dim() == 2:
         expected = model.weights.shape[0]
     if expected is not None and inputs.dim() == 2 and inputs.shape[1] != expected:
-        raise UserError(f"input={source}: rows have {inputs.shape[1]} feature(s), the model "
-                        f"expects {expected}")
-
+        raise UserError(f"input={source}: rows have {inputs.shape[1]} feature(s), the model expects {expected}")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")

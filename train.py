@@ -1,9 +1,9 @@
 """Train a model from Hydra configs.
 
-    python train.py                                   # default experiment (linear regression)
-    python train.py experiment=digits_cnn trainer.epochs=5
-    python train.py experiment=digits_cnn resume=auto # continue the run after a stop
-    python train.py -m optimizer.lr=0.1,0.01          # one run directory per job
+python train.py                                   # default experiment (linear regression)
+python train.py experiment=digits_cnn trainer.epochs=5
+python train.py experiment=digits_cnn resume=auto # continue the run after a stop
+python train.py -m optimizer.lr=0.1,0.01          # one run directory per job
 """
 
 from __future__ import annotations
@@ -20,13 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
-from engine.checkpoint import (
-    build_checkpoint,
-    check_finite,
-    load_checkpoint,
-    load_state_dict_file,
-    restore_checkpoint,
-)
+from engine.checkpoint import build_checkpoint, check_finite, load_checkpoint, load_state_dict_file, restore_checkpoint
 from engine.cli import run_main, validate_train
 from engine.config import build, check_monitor, paths_from_start_dir
 from engine.errors import Interrupted, UserError, cli_errors
@@ -34,15 +28,7 @@ from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
 from engine.run_dir import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
-from engine.training import (
-    EMA,
-    EarlyStopping,
-    StopSignal,
-    build_scheduler,
-    fast_dev_run,
-    model_summary,
-    window_length,
-)
+from engine.training import EMA, EarlyStopping, StopSignal, build_scheduler, fast_dev_run, model_summary, window_length
 
 
 def train(cfg: DictConfig) -> dict:
@@ -63,8 +49,7 @@ def fit(cfg: DictConfig) -> dict:
     check_monitor(cfg, data.task)
     model = build(cfg.model, "model").to(device)
     if cfg.weights:  # warm start: a new run from the weights in a file (strict=false: what fits)
-        load_state_dict_file(model, Path(str(cfg.weights)), cfg.strict is not False,
-                             cfg.weights_key)
+        load_state_dict_file(model, Path(str(cfg.weights)), cfg.strict is not False, cfg.weights_key)
         print(f"initial weights from {cfg.weights}")
     if cfg.trainer.model_summary and ddp.is_main():  # once, rank 0, RNG untouched
         print(model_summary(model, data.split("train"), device))
@@ -75,12 +60,23 @@ def fit(cfg: DictConfig) -> dict:
     loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
     overfit = cfg.trainer.overfit_batches  # debug: train and validate on the same N batches
     train_split = data.split("train") if overfit else augmented_train_split(data, cfg.seed)
-    train_batches = Batches(train_split, data.batch_size, device, shuffle=not overfit,
-                            seed=cfg.seed, limit=overfit or cfg.trainer.limit_train_batches,
-                            **loader_args, **ddp.rank_args())
-    val_batches = train_batches if overfit else Batches(
-        ddp.shard(data.split("val")), data.batch_size, device,
-        limit=cfg.trainer.limit_val_batches, **loader_args)
+    train_batches = Batches(
+        train_split,
+        data.batch_size,
+        device,
+        shuffle=not overfit,
+        seed=cfg.seed,
+        limit=overfit or cfg.trainer.limit_train_batches,
+        **loader_args,
+        **ddp.rank_args(),
+    )
+    val_batches = (
+        train_batches
+        if overfit
+        else Batches(
+            ddp.shard(data.split("val")), data.batch_size, device, limit=cfg.trainer.limit_val_batches, **loader_args
+        )
+    )
     scheduler, step_lr = build_scheduler(cfg, optimizer, len(train_batches))  # step_lr: per step
 
     # Only now, with data and model known to build, touch the run directory.
@@ -89,11 +85,20 @@ def fit(cfg: DictConfig) -> dict:
     # The run's stateful parts (Fabric style: each with state_dict/load_state_dict, saved
     # under its key in engine.checkpoint.PARTS); trainer features are None when off.
     stopping, decay = cfg.early_stopping, cfg.trainer.ema_decay
-    stopper = None if stopping.patience is None else EarlyStopping(
-        stopping.patience, stopping.monitor, cfg.checkpoint.mode, stopping.min_delta)
+    stopper = (
+        None
+        if stopping.patience is None
+        else EarlyStopping(stopping.patience, stopping.monitor, cfg.checkpoint.mode, stopping.min_delta)
+    )
     ema = None if decay is None else EMA(model, decay, cfg.trainer.channels_last)
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
-             "ema": ema, "early_stopping": stopper}
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "ema": ema,
+        "early_stopping": stopper,
+    }
     progress = restore_checkpoint(resumed, state, cfg, data)
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?
     # metrics.csv (exactly the epochs in the state) and logger=tensorboard/mlflow, rank 0 only:
@@ -133,6 +138,7 @@ def fit(cfg: DictConfig) -> dict:
 
     def checkpoint() -> dict:
         return build_checkpoint(state, progress, config)
+
     def save(name: str, best: bool = False, final: bool = False) -> Path:
         check_finite(progress)
         # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes
@@ -146,8 +152,7 @@ def fit(cfg: DictConfig) -> dict:
         nonlocal plotted, plotted_at
         # The loss curve too, so a stopped or diverged run has one; at most every 30 s, as a
         # plot of a long history costs up to a second.
-        if len(progress.history) > plotted and (
-                final or time.perf_counter() - plotted_at >= 30):
+        if len(progress.history) > plotted and (final or time.perf_counter() - plotted_at >= 30):
             plot_losses(progress.history, run_dir / "loss_curve.png")
             plotted, plotted_at = len(progress.history), time.perf_counter()
         if final:  # the process exits next: with checkpoint.async the file must be done
@@ -156,19 +161,25 @@ def fit(cfg: DictConfig) -> dict:
         loggers.saved(durable=final or not saver.background)
 
     def finish(only_missing: bool = False) -> dict:
-        return finish_run(cfg, run_dir, raw_model, data, loss_fn, device, progress.history,
-                          ctx, only_missing=only_missing)
+        return finish_run(
+            cfg, run_dir, raw_model, data, loss_fn, device, progress.history, ctx, only_missing=only_missing
+        )
 
     if complete:
-        print(f"run {run_dir} is already complete ({progress.epoch} epochs"
-              + (f"; {stopper.reason}" if stopped else "") + "); nothing to do. Raise "
-              + ("early_stopping.patience" if stopped else "trainer.epochs")
-              + " to train on, or pick a new run_name=")
+        print(
+            f"run {run_dir} is already complete ({progress.epoch} epochs"
+            + (f"; {stopper.reason}" if stopped else "")
+            + "); nothing to do. Raise "
+            + ("early_stopping.patience" if stopped else "trainer.epochs")
+            + " to train on, or pick a new run_name="
+        )
         # an interruption after the last checkpoint: make the rest
         loggers.finish(run_dir, progress.history, finish(only_missing=True), again=True)
         return progress.history[-1] if progress.history else {}
-    print(f"run directory: {run_dir}" + (f" (resumed at epoch {progress.epoch}, step "
-                                         f"{progress.global_step})" if resumed else ""))
+    print(
+        f"run directory: {run_dir}"
+        + (f" (resumed at epoch {progress.epoch}, step {progress.global_step})" if resumed else "")
+    )
     printed = float("-inf")  # when the last epoch line was printed
     for epoch in range(progress.epoch + 1, epochs + 1):
         started = time.perf_counter()
@@ -177,19 +188,27 @@ def fit(cfg: DictConfig) -> dict:
         if show_bar:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=len(train_batches), initial=progress.step_in_epoch,
-                           desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+            batches = tqdm(
+                batches,
+                total=len(train_batches),
+                initial=progress.step_in_epoch,
+                desc=f"epoch {epoch}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         for x, y in batches:
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             progress.step_in_epoch += 1  # batches; global_step counts optimizer steps
-            last = accumulate == 1 or progress.step_in_epoch % accumulate == 0 \
-                or progress.step_in_epoch == n_batches  # the accumulation window's last batch
+            last = (
+                accumulate == 1 or progress.step_in_epoch % accumulate == 0 or progress.step_in_epoch == n_batches
+            )  # the accumulation window's last batch
             with in_sync if last else no_sync():
                 with ctx():
                     loss = loss_fn(model(x), y)
-                scaled = loss if accumulate == 1 else loss / window_length(
-                    progress.step_in_epoch, n_batches, accumulate)
+                scaled = (
+                    loss if accumulate == 1 else loss / window_length(progress.step_in_epoch, n_batches, accumulate)
+                )
                 (scaler.scale(scaled) if amp else scaled).backward()
             progress.losses.append(loss.detach())
             if not last:  # mid-window: no step, save or stop (checkpoints lie on window ends)
@@ -221,22 +240,25 @@ def fit(cfg: DictConfig) -> dict:
                 if saved:  # saved before the ranks agreed to stop
                     after_save(final=True)
                 path = saved or save(f"step_{progress.global_step:08d}.pt", final=True)
-                raise Interrupted(f"{stop.reason}: saved {path} at epoch {epoch}, step "
-                                  f"{progress.global_step}; continue with resume=auto")
+                raise Interrupted(
+                    f"{stop.reason}: saved {path} at epoch {epoch}, step "
+                    f"{progress.global_step}; continue with resume=auto"
+                )
 
         # End of epoch: metrics, schedule, best/periodic checkpoints, CSV row, summary line.
         check_finite(progress)
         train_loss = ddp.mean_over_ranks(progress.epoch_train_loss(train_batches.batch_sizes()))
         val = evaluate(eval_model, val_batches, loss_fn, classification, ctx, all_ranks=True)
         if val["loss"] != val["loss"] or abs(val["loss"]) == float("inf"):
-            raise UserError(f"non-finite validation loss at epoch {epoch}, step "
-                            f"{progress.global_step}; lower optimizer.lr; the last good "
-                            f"checkpoint is kept")
+            raise UserError(
+                f"non-finite validation loss at epoch {epoch}, step "
+                f"{progress.global_step}; lower optimizer.lr; the last good "
+                f"checkpoint is kept"
+            )
         lr = optimizer.param_groups[0]["lr"]  # interval=step: the epoch's last step's
         if scheduler is not None and not step_lr:
             scheduler.step()
-        row = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss,
-               "val_loss": val["loss"]}
+        row = {"epoch": epoch, "step": progress.global_step, "train_loss": train_loss, "val_loss": val["loss"]}
         if classification:
             row["val_acc"] = val["acc"]
         row["lr"] = lr
@@ -252,13 +274,13 @@ def fit(cfg: DictConfig) -> dict:
             ddp.on_main(saver.save_best_only, checkpoint())  # written with the next save
         now = time.perf_counter()
         if periodic or stop_now or now - printed >= print_every_s:  # long runs: throttled
-            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in row.items())
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
             print(f"{shown}  ({now - started:.2f}s)", flush=True)
             printed = now
         if stop_now:
-            raise Interrupted(f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after "
-                              f"epoch {epoch}; continue with resume=auto")
+            raise Interrupted(
+                f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after epoch {epoch}; continue with resume=auto"
+            )
         if stopping:
             print(f"stopped after epoch {epoch} of {epochs}: {stopper.reason}", flush=True)
             break
@@ -269,9 +291,11 @@ def fit(cfg: DictConfig) -> dict:
         return progress.history[-1]
     # loss curve, best.pt on the test split, export/; trackers: figures, artifacts
     loggers.finish(run_dir, progress.history, finish())
-    print(f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
-          f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"
-          + (", export/" if cfg.checkpoint.export else ""))
+    print(
+        f"done: {run_dir}/last.pt, best.pt (best {monitor} {progress.best_value:.4g} at "
+        f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"
+        + (", export/" if cfg.checkpoint.export else "")
+    )
     return progress.history[-1]
 
 

@@ -53,9 +53,15 @@ for epoch in range(1, EPOCHS + 1):
     train_loss = total / len(train_loader.dataset)
     val = evaluate(val_loader, "val")
     if epoch % EVERY == 0 or epoch == EPOCHS:
-        torch.save({"epoch": epoch, "model_state_dict": model.state_dict(),
-                    "optimizer_state_dict": optimizer.state_dict(), "loss": train_loss},
-                   OUT / f"epoch_{epoch:04d}.pt")
+        torch.save(
+            {
+                "epoch": epoch,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "loss": train_loss,
+            },
+            OUT / f"epoch_{epoch:04d}.pt",
+        )
     print(f"epoch {epoch}  train_loss {train_loss:.4g}  {val}", flush=True)
 
 print(evaluate(test_loader, "test"), flush=True)

@@ -64,11 +64,24 @@ val_loader = DataLoader(work.val, batch_size=work.batch_size)
 test_loader = DataLoader(work.test, batch_size=work.batch_size)
 
 trainer = L.Trainer(
-    accelerator="cpu", devices=1, max_epochs=EPOCHS, default_root_dir=OUT,
-    logger=CSVLogger(OUT), enable_progress_bar=False, enable_model_summary=False,
-    callbacks=[EpochLine(), ModelCheckpoint(
-        dirpath=OUT / "checkpoints", filename="epoch_{epoch:04d}", auto_insert_metric_name=False,
-        every_n_epochs=EVERY, save_top_k=-1)])
+    accelerator="cpu",
+    devices=1,
+    max_epochs=EPOCHS,
+    default_root_dir=OUT,
+    logger=CSVLogger(OUT),
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[
+        EpochLine(),
+        ModelCheckpoint(
+            dirpath=OUT / "checkpoints",
+            filename="epoch_{epoch:04d}",
+            auto_insert_metric_name=False,
+            every_n_epochs=EVERY,
+            save_top_k=-1,
+        ),
+    ],
+)
 trainer.fit(module, train_loader, val_loader)
 tested = trainer.test(module, test_loader, verbose=False)[0]
 print("  ".join(f"{k} {v:.4g}" for k, v in tested.items()), flush=True)

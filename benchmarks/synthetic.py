@@ -13,9 +13,17 @@ class RandomImages(DataModule):
 
     task = "classification"
 
-    def __init__(self, train_size: int = 128, val_size: int = 32, image_size: int = 32,
-                 in_channels: int = 3, num_classes: int = 10, seed: int = 0,
-                 batch_size: int = 32, **loader: object) -> None:
+    def __init__(
+        self,
+        train_size: int = 128,
+        val_size: int = 32,
+        image_size: int = 32,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        seed: int = 0,
+        batch_size: int = 32,
+        **loader: object,
+    ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, **loader)
         self.train_size, self.val_size = train_size, val_size
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes

@@ -68,9 +68,15 @@ for epoch in range(EPOCHS):
         cost += loss
     cost = cost / len(train_dataloader)
     if (epoch + 1) % EVERY == 0:
-        torch.save({"model": "CustomModel", "epoch": epoch,
-                    "model_state_dict": model.state_dict(),
-                    "optimizer_state_dict": optimizer.state_dict(), "cost": cost,
-                    "description": f"CustomModel checkpoint-{checkpoint}"},
-                   OUT / f"checkpoint-{checkpoint}.pt")
+        torch.save(
+            {
+                "model": "CustomModel",
+                "epoch": epoch,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "cost": cost,
+                "description": f"CustomModel checkpoint-{checkpoint}",
+            },
+            OUT / f"checkpoint-{checkpoint}.pt",
+        )
         checkpoint += 1

@@ -78,15 +78,22 @@ def digits() -> Workload:
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # to [-1, 1]
     y = torch.tensor(data.target, dtype=torch.long)
-    train_idx, rest = train_test_split(list(range(len(y))), test_size=0.15 + 0.15,
-                                       stratify=data.target, random_state=SEED)
-    val_idx, test_idx = train_test_split(rest, test_size=0.15 / (0.15 + 0.15),
-                                         stratify=data.target[rest], random_state=SEED)
+    train_idx, rest = train_test_split(
+        list(range(len(y))), test_size=0.15 + 0.15, stratify=data.target, random_state=SEED
+    )
+    val_idx, test_idx = train_test_split(
+        rest, test_size=0.15 / (0.15 + 0.15), stratify=data.target[rest], random_state=SEED
+    )
     return Workload(
-        TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
-        TensorDataset(x[test_idx], y[test_idx]), DigitsCNN(), nn.CrossEntropyLoss(),
+        TensorDataset(x[train_idx], y[train_idx]),
+        TensorDataset(x[val_idx], y[val_idx]),
+        TensorDataset(x[test_idx], y[test_idx]),
+        DigitsCNN(),
+        nn.CrossEntropyLoss(),
         lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        batch_size=32, classification=True)
+        batch_size=32,
+        classification=True,
+    )
 
 
 def linear() -> Workload:
@@ -96,12 +103,17 @@ def linear() -> Workload:
     cut = int(0.8 * len(x))  # the tutorial's ordered split: the first 80% for training
     perm = torch.randperm(cut, generator=torch.Generator().manual_seed(SEED))
     n_val = round(0.2 * cut)  # a seeded 20% of the training part for validation
-    train_idx, val_idx = perm[:cut - n_val], perm[cut - n_val:]
+    train_idx, val_idx = perm[: cut - n_val], perm[cut - n_val :]
     return Workload(
-        TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
-        TensorDataset(x[cut:], y[cut:]), LinearRegressionModel(), nn.L1Loss(),
+        TensorDataset(x[train_idx], y[train_idx]),
+        TensorDataset(x[val_idx], y[val_idx]),
+        TensorDataset(x[cut:], y[cut:]),
+        LinearRegressionModel(),
+        nn.L1Loss(),
         lambda model: torch.optim.SGD(model.parameters(), lr=0.01),
-        batch_size=8, classification=False)
+        batch_size=8,
+        classification=False,
+    )
 
 
 WORKLOADS = {"digits": digits, "linear": linear}

@@ -41,23 +41,29 @@ def check_augment(data_cfg: Any) -> None:
     if entries is None:
         return
     if not isinstance(entries, ListConfig):
-        raise UserError(f"{KEY}={_plain(entries)!r}: expected a list of transforms (entries "
-                        f"with _target_: {TRANSFORMS}NAME), or null")
+        raise UserError(
+            f"{KEY}={_plain(entries)!r}: expected a list of transforms (entries "
+            f"with _target_: {TRANSFORMS}NAME), or null"
+        )
     for i, entry in enumerate(entries):
         key = f"{KEY}[{i}]"
         target = entry.get("_target_") if isinstance(entry, DictConfig) else None
         if not isinstance(target, str):
-            raise UserError(f"{key}={_plain(entry)!r}: expected a transform entry with "
-                            f"_target_: {TRANSFORMS}NAME and its arguments")
+            raise UserError(
+                f"{key}={_plain(entry)!r}: expected a transform entry with _target_: {TRANSFORMS}NAME and its arguments"
+            )
         try:
             obj = locate(target)
         except Exception as err:  # ImportError, AttributeError
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise UserError(f"{key}._target_={target!r}: cannot be imported ({first}); "
-                            f"expected {TRANSFORMS}NAME") from None
+            raise UserError(
+                f"{key}._target_={target!r}: cannot be imported ({first}); expected {TRANSFORMS}NAME"
+            ) from None
         if not is_transform_class(obj):
-            raise UserError(f"{key}._target_={target!r}: expected a {TRANSFORMS}* transform "
-                            f"class, e.g. {TRANSFORMS}RandomHorizontalFlip")
+            raise UserError(
+                f"{key}._target_={target!r}: expected a {TRANSFORMS}* transform "
+                f"class, e.g. {TRANSFORMS}RandomHorizontalFlip"
+            )
         try:
             build_transform(entry)
         except Exception as err:  # unknown or bad arguments (numbers.Number hints: no
@@ -126,13 +132,16 @@ def augmented_train_split(data: Any, seed: int) -> Split:
     sample = split.x[0] if isinstance(split, TensorSplit) else split[0][0]
     shape = list(getattr(sample, "shape", []))
     if len(shape) != 3:
-        raise UserError(f"{KEY}: {type(data).__name__}'s train samples have shape {shape}, not "
-                        f"images (channels, height, width); augmentation is for image data")
+        raise UserError(
+            f"{KEY}: {type(data).__name__}'s train samples have shape {shape}, not "
+            f"images (channels, height, width); augmentation is for image data"
+        )
     augmented = AugmentedSplit(split, compose(entries), seed)
     try:  # one sample now: a transform that cannot take these images fails before the run
         augmented[0]
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise UserError(f"{KEY}: the transforms fail on a train sample of shape {shape} "
-                        f"({type(err).__name__}: {first[:200]})") from None
+        raise UserError(
+            f"{KEY}: the transforms fail on a train sample of shape {shape} ({type(err).__name__}: {first[:200]})"
+        ) from None
     return augmented

@@ -20,8 +20,14 @@ class DataModule(ABC):
     task = "regression"  # or "classification"
     num_classes: int | None = None
 
-    def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool | str = False,
-                 seed: int = 0, augment: list | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool | str = False,
+        seed: int = 0,
+        augment: list | None = None,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -29,8 +35,10 @@ class DataModule(ABC):
         if num_workers > max_workers():  # train.py refused this already (engine.config);
             import sys  # a config saved on a bigger machine is capped here, with a note
 
-            print(f"note: data.num_workers={num_workers} capped to {max_workers()} "
-                  f"(4 per CPU core of this machine)", file=sys.stderr)
+            print(
+                f"note: data.num_workers={num_workers} capped to {max_workers()} (4 per CPU core of this machine)",
+                file=sys.stderr,
+            )
             num_workers = max_workers()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -51,8 +59,7 @@ class DataModule(ABC):
             raise UserError(f"split {name!r} not available; have {sorted(self._splits)}")
         split = self._splits[name]
         if len(split) == 0:
-            raise UserError(f"data: the {name!r} split is empty; use more data or change the "
-                            f"data.*_fraction settings")
+            raise UserError(f"data: the {name!r} split is empty; use more data or change the data.*_fraction settings")
         return split
 
     def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
@@ -68,7 +75,7 @@ def seeded_split(n: int, fractions: list[float], seed: int) -> list[torch.Tensor
     first = n - sum(sizes)
     out, start = [perm[:first]], first
     for size in sizes:
-        out.append(perm[start:start + size])
+        out.append(perm[start : start + size])
         start += size
     return out
 
@@ -92,6 +99,5 @@ def data_path(path: str | Path, key: str) -> Path:
     except OSError as err:  # a symlink loop, no permission
         raise UserError(f"{key}={path}: cannot be read ({err.strerror})") from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise UserError(f"{key}={path}: not a regular file or folder (a pipe, device or "
-                        f"socket)")
+        raise UserError(f"{key}={path}: not a regular file or folder (a pipe, device or socket)")
     return path

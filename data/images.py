@@ -16,8 +16,7 @@ import torch
 
 from engine.errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # A small compressed file can decode to gigabytes (a 630 KB float TIFF took 3 GB): the models
 # take inputs of a few hundred pixels at most, so 128 MiB of decoded pixels (a 44-megapixel
 # RGB photo) is plenty; checked from the header, before decoding.
@@ -25,14 +24,12 @@ MAX_DECODED_BYTES = 128 << 20
 MAX_IMAGE_SIZE = 4096  # data.image_size: one 4096x4096 RGB input is 200 MB as float32
 
 
-def image_transform(image_size: int, in_channels: int, mean: list[float] | None = None,
-                    std: list[float] | None = None):
+def image_transform(image_size: int, in_channels: int, mean: list[float] | None = None, std: list[float] | None = None):
     """PIL image -> normalised (C, H, W) float tensor of the model's size and channel count."""
     from torchvision import transforms
 
     if in_channels not in (1, 3):
-        raise UserError(f"data.in_channels={in_channels!r}: image files give 1 (grayscale) or "
-                        f"3 (RGB) channels")
+        raise UserError(f"data.in_channels={in_channels!r}: image files give 1 (grayscale) or 3 (RGB) channels")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"data.image_size={image_size!r}: expected an integer >= 1")
     if image_size > MAX_IMAGE_SIZE:
@@ -41,18 +38,21 @@ def image_transform(image_size: int, in_channels: int, mean: list[float] | None 
     std = list(std) if std is not None else [0.5] * in_channels
     for key, values in (("data.mean", mean), ("data.std", std)):
         if len(values) != in_channels:
-            raise UserError(f"{key}={values}: expected {in_channels} value(s), one per channel "
-                            f"(data.in_channels={in_channels})")
+            raise UserError(
+                f"{key}={values}: expected {in_channels} value(s), one per channel (data.in_channels={in_channels})"
+            )
     if any(not s > 0 for s in std):
         raise UserError(f"data.std={std}: expected values > 0")
     to_channels = transforms.Lambda(_gray) if in_channels == 1 else transforms.Lambda(_rgb)
-    return transforms.Compose([
-        to_channels,
-        transforms.Resize((image_size, image_size), antialias=True),
-        transforms.ToTensor(),
-        transforms.Lambda(_three_channels if in_channels == 3 else _same),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose(
+        [
+            to_channels,
+            transforms.Resize((image_size, image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Lambda(_three_channels if in_channels == 3 else _same),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 # Modes with more than 8 bits per sample: PIL's convert("L"/"RGB") clips them to 0..255
@@ -86,8 +86,10 @@ def _unit_float(image):
     else:
         scale = 65535.0 if high <= 65535 else None
     if low < 0 or scale is None:
-        raise UserError(f"image mode {image.mode}: pixel values from {low:g} to {high:g} are "
-                        f"not supported (expected 0..65535, or 0..1 for float images)")
+        raise UserError(
+            f"image mode {image.mode}: pixel values from {low:g} to {high:g} are "
+            f"not supported (expected 0..65535, or 0..1 for float images)"
+        )
     pixels /= np.float32(scale)  # in place: float32 division rounds as float64's would
     return Image.fromarray(pixels)  # mode F
 
@@ -123,9 +125,12 @@ def list_images(path: Path) -> list[Path]:
         if others:
             import sys
 
-            print(f"note: {path}: ignored {len(others)} entr{'y' if len(others) == 1 else 'ies'}"
-                  f" without an image suffix: {', '.join(others[:5])}"
-                  f"{' ...' if len(others) > 5 else ''}", file=sys.stderr)
+            print(
+                f"note: {path}: ignored {len(others)} entr{'y' if len(others) == 1 else 'ies'}"
+                f" without an image suffix: {', '.join(others[:5])}"
+                f"{' ...' if len(others) > 5 else ''}",
+                file=sys.stderr,
+            )
         return files
     raise UserError(f"{path}: no such file or folder")
 
@@ -150,8 +155,9 @@ def read_image(file: Path):
         raise UserError(f"{file}: not an image (unknown format)") from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{file}: corrupt or unreadable image ({type(err).__name__}"
-                        f"{': ' + first[:150] if first else ''})") from None
+        raise UserError(
+            f"{file}: corrupt or unreadable image ({type(err).__name__}{': ' + first[:150] if first else ''})"
+        ) from None
 
 
 @contextmanager
@@ -163,8 +169,7 @@ def naming(file: Path | str) -> Iterator[None]:
     except UserError as err:
         raise UserError(f"{file}: {err}") from None
     except Exception as err:  # a mode the conversion cannot handle
-        raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: "
-                        f"{str(err).strip()[:150]})") from None
+        raise UserError(f"{file}: cannot convert this image ({type(err).__name__}: {str(err).strip()[:150]})") from None
 
 
 def check_decoded_size(image, file: Path) -> None:
@@ -175,13 +180,16 @@ def check_decoded_size(image, file: Path) -> None:
     mode = ImageMode.getmode(image.mode)
     size = image.width * image.height * len(mode.bands) * int(mode.typestr[-1])
     if size > MAX_DECODED_BYTES:
-        raise UserError(f"{file}: a {image.width}x{image.height} {image.mode} image decodes to "
-                        f"{size / 2**20:.0f} MiB; at most {MAX_DECODED_BYTES >> 20} MiB is read "
-                        f"(make it smaller)")
+        raise UserError(
+            f"{file}: a {image.width}x{image.height} {image.mode} image decodes to "
+            f"{size / 2**20:.0f} MiB; at most {MAX_DECODED_BYTES >> 20} MiB is read "
+            f"(make it smaller)"
+        )
 
 
-def load_images(path: Path, transform, invert: bool = False,
-                dark_background: bool = False) -> tuple[list[str], torch.Tensor]:
+def load_images(
+    path: Path, transform, invert: bool = False, dark_background: bool = False
+) -> tuple[list[str], torch.Tensor]:
     """All images or a clear error naming the first unreadable file: never a partial batch.
 
     invert: 255 - value before the transform (dark-on-light drawings for a model trained on
@@ -203,9 +211,12 @@ def load_images(path: Path, transform, invert: bool = False,
     if dark_background and not invert and light > len(names) / 2:
         import sys
 
-        print(f"note: {light} of {len(names)} images have a light background, but the model was "
-              f"trained on light strokes on a dark background (white digits on black): pass "
-              f"invert=true if yours are dark on light", file=sys.stderr)
+        print(
+            f"note: {light} of {len(names)} images have a light background, but the model was "
+            f"trained on light strokes on a dark background (white digits on black): pass "
+            f"invert=true if yours are dark on light",
+            file=sys.stderr,
+        )
     return names, torch.stack(tensors)
 
 

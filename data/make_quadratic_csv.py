@@ -1,6 +1,6 @@
 """Regenerate data/quadratic.csv: y = 1.5 x^2 - 0.8 x + 0.2 + noise, seeded.
 
-    python data/make_quadratic_csv.py [--rows 200] [--seed 0] [--out data/quadratic.csv]
+python data/make_quadratic_csv.py [--rows 200] [--seed 0] [--out data/quadratic.csv]
 """
 
 from __future__ import annotations

@@ -19,18 +19,30 @@ def quadratic_features(x: torch.Tensor) -> torch.Tensor:
 class QuadraticCSVData(DataModule):
     task = "regression"
 
-    def __init__(self, path: str = "data/quadratic.csv", x_column: str = "x",
-                 y_column: str = "y", train_fraction: float = 0.8, val_fraction: float = 0.1,
-                 seed: int = 0,
-                 batch_size: int = 16, num_features: int = 2, **loader: object) -> None:
+    def __init__(
+        self,
+        path: str = "data/quadratic.csv",
+        x_column: str = "x",
+        y_column: str = "y",
+        train_fraction: float = 0.8,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_features: int = 2,
+        **loader: object,
+    ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, **loader)
         if num_features != 2:
-            raise UserError(f"data.num_features={num_features!r}: data=quadratic_csv has two "
-                            f"features (x^2, x); keep data.num_features=2")
+            raise UserError(
+                f"data.num_features={num_features!r}: data=quadratic_csv has two "
+                f"features (x^2, x); keep data.num_features=2"
+            )
         self.path, self.x_column, self.y_column = Path(path), x_column, y_column
         if train_fraction + val_fraction >= 1:
-            raise UserError(f"data.train_fraction={train_fraction} + data.val_fraction="
-                            f"{val_fraction} leaves no test data; expected a sum < 1")
+            raise UserError(
+                f"data.train_fraction={train_fraction} + data.val_fraction="
+                f"{val_fraction} leaves no test data; expected a sum < 1"
+            )
         self.train_fraction, self.val_fraction = train_fraction, val_fraction
 
     def setup(self) -> None:
@@ -39,10 +51,12 @@ class QuadraticCSVData(DataModule):
         x, y = quadratic_features(cols[self.x_column]), cols[self.y_column].unsqueeze(1)
         _check_squares(x, self.path, self.x_column)
         test_fraction = 1 - self.train_fraction - self.val_fraction
-        splits = seeded_split(len(x), [self.train_fraction, self.val_fraction, test_fraction],
-                              self.seed)  # three disjoint sets: best.pt is not picked on test
-        self._splits = {name: TensorSplit(x[idx], y[idx])
-                        for name, idx in zip(("train", "val", "test"), splits, strict=True)}
+        splits = seeded_split(
+            len(x), [self.train_fraction, self.val_fraction, test_fraction], self.seed
+        )  # three disjoint sets: best.pt is not picked on test
+        self._splits = {
+            name: TensorSplit(x[idx], y[idx]) for name, idx in zip(("train", "val", "test"), splits, strict=True)
+        }
 
     def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
         cols = read_numeric_columns(path, [self.x_column])
@@ -56,6 +70,8 @@ def _check_squares(features: torch.Tensor, path: Path, column: str) -> None:
     bad = ~torch.isfinite(features).all(dim=1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise UserError(f"{path}: data row {row + 1}, column {column!r}: "
-                        f"{float(features[row, 1]):g} squared overflows float32; expected "
-                        f"|x| <= 1.8e19")
+        raise UserError(
+            f"{path}: data row {row + 1}, column {column!r}: "
+            f"{float(features[row, 1]):g} squared overflows float32; expected "
+            f"|x| <= 1.8e19"
+        )

@@ -58,10 +58,15 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
             row = int(bad.to_numpy().nonzero()[0][0])
             cell = text.iloc[row]
             what = "an empty cell (or a short row)" if cell == "" else quote(cell)
-            limit = " within float32 range (|x| <= 3.4e38)" if values.iloc[row] == values.iloc[
-                row] and abs(values.iloc[row]) < float("inf") else ""
-            raise UserError(f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
-                            f"{col!r}: expected a finite number{limit}, got {what}")
+            limit = (
+                " within float32 range (|x| <= 3.4e38)"
+                if values.iloc[row] == values.iloc[row] and abs(values.iloc[row]) < float("inf")
+                else ""
+            )
+            raise UserError(
+                f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
+                f"{col!r}: expected a finite number{limit}, got {what}"
+            )
         out[col] = torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
     return out
 
@@ -76,8 +81,7 @@ def _check_line_lengths(path: Path) -> None:
             first = block.find(b"\n")
             end = offset + (first if first >= 0 else len(block))  # where that line ends
             if end - last_newline - 1 > MAX_LINE_BYTES:
-                raise UserError(f"{path}: line {line} is longer than "
-                                f"{MAX_LINE_BYTES >> 20} MiB; not a CSV of numbers")
+                raise UserError(f"{path}: line {line} is longer than {MAX_LINE_BYTES >> 20} MiB; not a CSV of numbers")
             if first >= 0:
                 line += block.count(b"\n")
                 last_newline = offset + block.rfind(b"\n")

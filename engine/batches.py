@@ -87,10 +87,20 @@ atexit.register(_kill_workers_at_exit)
 class Batches:
     """Iterable of (inputs, targets) batches on `device` for one split."""
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device, *,
-                 shuffle: bool = False, seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                 limit: int | float | None = None) -> None:
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        limit: int | float | None = None,
+    ) -> None:
         self.split, self.batch_size, self.device = split, batch_size, device
         self.shuffle, self.seed = shuffle, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -99,8 +109,7 @@ class Batches:
         self.per_rank = -(-self.n // world_size)  # ceil: short ranks repeat a few samples
         self.count = batches_per_epoch(self.n, batch_size, world_size)
         if limit is not None:  # trainer.limit_*_batches: an int is batches, a float a fraction
-            self.count = min(self.count, limit if isinstance(limit, int) else max(
-                1, int(self.count * limit)))
+            self.count = min(self.count, limit if isinstance(limit, int) else max(1, int(self.count * limit)))
         if isinstance(split, TensorSplit):
             # Small in-memory data lives on the device once; batches are index_select views.
             self.x = split.x.to(device)
@@ -114,7 +123,7 @@ class Batches:
         full = -(-self.per_rank // self.batch_size)
         sizes = torch.full((full,), self.batch_size)
         sizes[-1] = self.per_rank - self.batch_size * (full - 1)
-        return sizes[:self.count]
+        return sizes[: self.count]
 
     def samples(self) -> int:
         """Samples in one epoch of these batches (all of the split unless limited)."""
@@ -123,10 +132,12 @@ class Batches:
     def check_start(self, start: int) -> None:
         """A resumed epoch's position must lie inside this (possibly limited) epoch."""
         if start > self.count:
-            raise UserError(f"the checkpoint is at batch {start} of its epoch, but an epoch "
-                            f"now has {self.count} batches (trainer.limit_train_batches / "
-                            f"trainer.overfit_batches changed?); resume with the limits it "
-                            f"was saved with")
+            raise UserError(
+                f"the checkpoint is at batch {start} of its epoch, but an epoch "
+                f"now has {self.count} batches (trainer.limit_train_batches / "
+                f"trainer.overfit_batches changed?); resume with the limits it "
+                f"was saved with"
+            )
 
     def indices(self, epoch: int) -> torch.Tensor:
         order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
@@ -134,18 +145,17 @@ class Batches:
             pad = self.per_rank * self.world_size - self.n
             if pad:
                 order = torch.cat([order, order[:pad]])
-            order = order[self.rank::self.world_size]
+            order = order[self.rank :: self.world_size]
         return order
 
-    def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor,
-                                                                         torch.Tensor]]:
+    def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch`, beginning at batch number `start` (none when `start` is past
         the last batch: a resume from a checkpoint saved on the epoch's last step)."""
         if start >= len(self):
             return iter(())
         if hasattr(self.split, "set_epoch"):  # data/augment.py seeds by epoch
             self.split.set_epoch(epoch)
-        order = self.indices(epoch)[start * self.batch_size:self.count * self.batch_size]
+        order = self.indices(epoch)[start * self.batch_size : self.count * self.batch_size]
         if isinstance(self.split, TensorSplit):
             return self._tensor_batches(order.to(self.x.device))
         return self._loader_batches(order)
@@ -163,10 +173,14 @@ class Batches:
         batch_sampler = order.split(self.batch_size)
         # An own generator: the loader must not draw worker seeds from the global RNG, or a
         # mid-epoch resume would shift the dropout stream.
-        loader = DataLoader(self.split, batch_sampler=[b.tolist() for b in batch_sampler],
-                            num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.seed),
-                            worker_init_fn=_init_worker if self.num_workers else None)
+        loader = DataLoader(
+            self.split,
+            batch_sampler=[b.tolist() for b in batch_sampler],
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_init_worker if self.num_workers else None,
+        )
         # The workers are forked with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a
         # Ctrl-C (which reach the whole process group) can never kill one before its
         # worker_init_fn ignores them; the main process, which saves and exits, gets them.
@@ -179,8 +193,7 @@ class Batches:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         non_blocking = self.device.type == "cuda"
         for x, y in batches:
-            yield (x.to(self.device, non_blocking=non_blocking),
-                   y.to(self.device, non_blocking=non_blocking))
+            yield (x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking))
 
 
 def _init_worker(worker_id: int) -> None:

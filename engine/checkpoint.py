@@ -65,24 +65,22 @@ from torch.utils.data import Subset
 
 from engine.batches import batches_per_epoch
 from engine.config import build, check_loaded_targets, plain_problem, saved_sections
-from engine.distributed import (
-    FollowerError,
-    any_rank,
-    gather_to_main,
-    is_distributed,
-    is_main,
-    rank,
-    world_size,
-)
+from engine.distributed import FollowerError, any_rank, gather_to_main, is_distributed, is_main, rank, world_size
 from engine.errors import UserError, first_line
 from engine.run_dir import verify  # the CRC check; run_dir's find-latest uses it too
 from engine.runtime import rng_state, set_rng_state
 
 FORMAT_VERSION = 1
 # A run's stateful parts (each with state_dict()/load_state_dict()) -> their key.
-PARTS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict",
-         "scheduler": "scheduler_state_dict", "scaler": "scaler_state_dict",
-         "ema": "ema_state_dict", "early_stopping": "early_stopping", "loggers": "loggers"}
+PARTS = {
+    "model": "model_state_dict",
+    "optimizer": "optimizer_state_dict",
+    "scheduler": "scheduler_state_dict",
+    "scaler": "scaler_state_dict",
+    "ema": "ema_state_dict",
+    "early_stopping": "early_stopping",
+    "loggers": "loggers",
+}
 WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"  # an export folder's
 
 
@@ -95,12 +93,13 @@ def _brief(value: Any, limit: int = 80) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {str(value.dtype).removeprefix('torch.')} tensor {list(value.shape)}"
     text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _int_in(low: int, high: int) -> Callable[[Any, dict], str | None]:
-    return lambda value, state: (None if low <= value <= high else
-                                 f"expected an integer from {low} to {high}, got {value}")
+    return lambda value, state: (
+        None if low <= value <= high else f"expected an integer from {low} to {high}, got {value}"
+    )
 
 
 def _tensors(value: Any, state: dict | None = None) -> str | None:
@@ -108,8 +107,7 @@ def _tensors(value: Any, state: dict | None = None) -> str | None:
     if not isinstance(value, dict):
         return f"should be a dict of tensors, got {type(value).__name__}"
     bad = [k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    return (f"entry {bad[0]!r} should map a name to a tensor, got "
-            f"{type(value[bad[0]]).__name__}") if bad else None
+    return (f"entry {bad[0]!r} should map a name to a tensor, got {type(value[bad[0]]).__name__}") if bad else None
 
 
 def _tensor(value: Any, shape: tuple[int, ...], dtypes: tuple, what: str) -> str | None:
@@ -127,48 +125,63 @@ def _rng(value: Any, state: dict | None = None) -> str | None:
     """engine.runtime.rng_state(): Python's/NumPy's MT19937 (624 words), torch's, CUDA's."""
     try:
         py, nps, cuda = value["python"], value["numpy"], value.get("cuda")
-        problem = (_tensor(py["state"], (625,), _INTS, "python state")
-                   or _tensor(nps["keys"], (624,), _INTS, "numpy keys")
-                   or _tensor(value["torch"], _TORCH_RNG_SHAPE, (torch.uint8,), "torch state"))
+        problem = (
+            _tensor(py["state"], (625,), _INTS, "python state")
+            or _tensor(nps["keys"], (624,), _INTS, "numpy keys")
+            or _tensor(value["torch"], _TORCH_RNG_SHAPE, (torch.uint8,), "torch state")
+        )
         if problem:
             return problem
         words = py["state"][:624].long(), nps["keys"].long()
-        if any(bool((w < 0).any() or (w >= 2**32).any()) for w in words) \
-                or not 0 <= int(py["state"][624]) <= 624 or py["version"] != 3 \
-                or not (py["gauss"] is None or _number(py["gauss"])) or nps["kind"] != "MT19937" \
-                or not _int(nps["pos"]) or not 0 <= nps["pos"] <= 624 \
-                or nps["has_gauss"] not in (0, 1) or not _int(nps["has_gauss"]) \
-                or not _number(nps["cached_gaussian"]):
+        if (
+            any(bool((w < 0).any() or (w >= 2**32).any()) for w in words)
+            or not 0 <= int(py["state"][624]) <= 624
+            or py["version"] != 3
+            or not (py["gauss"] is None or _number(py["gauss"]))
+            or nps["kind"] != "MT19937"
+            or not _int(nps["pos"])
+            or not 0 <= nps["pos"] <= 624
+            or nps["has_gauss"] not in (0, 1)
+            or not _int(nps["has_gauss"])
+            or not _number(nps["cached_gaussian"])
+        ):
             return "python/numpy generator states are not those of a saved state"
     except (KeyError, TypeError, AttributeError, IndexError):
         return "expected python, numpy and torch generator states"
-    if cuda is not None and (not isinstance(cuda, (list, tuple)) or len(cuda) > 1024 or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
-            and t.numel() <= 1024 for t in cuda)):
+    if cuda is not None and (
+        not isinstance(cuda, (list, tuple))
+        or len(cuda) > 1024
+        or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 1024 for t in cuda
+        )
+    ):
         return "cuda should be a list of per-device uint8 generator states"
     return None
 
 
 def _losses(value: Any, state: dict, what: str = "") -> str | None:
     steps = state.get("step_in_epoch", 0) if _int(state.get("step_in_epoch", 0)) else 0
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 1 \
-            and value.numel() == steps:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 1 and value.numel() == steps:
         return None
-    return (f"{what}should be a float tensor of one loss per batch already trained this "
-            f"epoch (step_in_epoch={steps}), got {_brief(value)}")
+    return (
+        f"{what}should be a float tensor of one loss per batch already trained this "
+        f"epoch (step_in_epoch={steps}), got {_brief(value)}"
+    )
 
 
 def _record(wanted: str, **fields: Callable[[Any], bool]) -> Callable[[Any, dict], str | None]:
     """A small dict of named values, e.g. best = {monitor, value, epoch}; None allowed."""
-    return lambda value, state: None if value is None or all(
-        ok(value.get(k)) for k, ok in fields.items()) else f"expected {wanted}, got {_brief(value)}"
+    return lambda value, state: (
+        None
+        if value is None or all(ok(value.get(k)) for k, ok in fields.items())
+        else f"expected {wanted}, got {_brief(value)}"
+    )
 
 
 def _history(value: Any, state: dict) -> str | None:
     """metrics.csv rows: column name -> number, the same columns in every row."""
     for index, row in enumerate(value):
-        if not isinstance(row, dict) or not all(isinstance(k, str) and _number(v)
-                                                for k, v in row.items()):
+        if not isinstance(row, dict) or not all(isinstance(k, str) and _number(v) for k, v in row.items()):
             return f"entry {index} should map column names to numbers, got {_brief(row)}"
         if list(row) != list(value[0]):
             return f"entry {index} has columns {list(row)}, entry 0 has {list(value[0])}"
@@ -180,9 +193,11 @@ def _rank_states(value: Any, state: dict) -> str | None:
     if value is not None and len(value) != world:
         return f"expected one entry per process (world_size={world}), got {len(value)}"
     for index, share in enumerate(value or []):
-        problem = (f"should be a dict, got {type(share).__name__}"
-                   if not isinstance(share, dict) else _rng(share.get("rng_state"))
-                   or _losses(share.get("epoch_step_losses"), state, "epoch_step_losses "))
+        problem = (
+            f"should be a dict, got {type(share).__name__}"
+            if not isinstance(share, dict)
+            else _rng(share.get("rng_state")) or _losses(share.get("epoch_step_losses"), state, "epoch_step_losses ")
+        )
         if problem:
             return f"entry {index}: {problem}"
     return None
@@ -194,36 +209,70 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "epoch": ((int,), _int_in(0, 10**7)),
     "model_state_dict": ((dict,), _tensors),
     "optimizer_state_dict": ((dict,), None),  # checked against the optimizer on restore
-    "loss": ((int, float, torch.Tensor, _NONE), lambda v, s: None if not isinstance(
-        v, torch.Tensor) or (v.numel() == 1 and v.is_floating_point()) else
-        f"should be a number or a one-element float tensor, got {_brief(v)}"),
+    "loss": (
+        (int, float, torch.Tensor, _NONE),
+        lambda v, s: (
+            None
+            if not isinstance(v, torch.Tensor) or (v.numel() == 1 and v.is_floating_point())
+            else f"should be a number or a one-element float tensor, got {_brief(v)}"
+        ),
+    ),
     "global_step": ((int,), _int_in(0, 10**12)),
     "step_in_epoch": ((int,), _int_in(0, 10**9)),
     "epoch_step_losses": ((torch.Tensor,), _losses),
     "rng_state": ((dict,), _rng),
     "scheduler_state_dict": ((dict, _NONE), None),
     "scaler_state_dict": ((dict, _NONE), None),
-    "best": ((dict, _NONE), _record(
-        "monitor (text), value (a number or None) and epoch (an integer or None)",
-        monitor=lambda v: v is None or isinstance(v, str),
-        value=lambda v: v is None or _number(v), epoch=lambda v: v is None or _int(v))),
+    "best": (
+        (dict, _NONE),
+        _record(
+            "monitor (text), value (a number or None) and epoch (an integer or None)",
+            monitor=lambda v: v is None or isinstance(v, str),
+            value=lambda v: v is None or _number(v),
+            epoch=lambda v: v is None or _int(v),
+        ),
+    ),
     "world_size": ((int,), _int_in(1, 1 << 16)),
     "rank_states": ((list, _NONE), _rank_states),
     "fingerprint": ((dict, _NONE), None),  # its contents: check_fingerprint
     "ema_state_dict": ((dict,), _tensors),
-    "early_stopping": ((dict, _NONE), _record(
-        "monitor (text), best (a number or None) and wait (an integer from 0 to 10000000)",
-        monitor=lambda v: isinstance(v, str), best=lambda v: v is None or _number(v),
-        wait=lambda v: _int(v) and 0 <= v <= 10**7)),
-    "loggers": ((dict,), lambda v, s: None if len(v) <= 16 and all(
-        isinstance(k, str) and k.endswith("_id") and len(k) <= 64 and isinstance(i, str)
-        and 0 < len(i) <= 256 and i.isprintable() for k, i in v.items()) else
-        f"expected names ending in _id -> run ids (text), got {_brief(v)}"),
+    "early_stopping": (
+        (dict, _NONE),
+        _record(
+            "monitor (text), best (a number or None) and wait (an integer from 0 to 10000000)",
+            monitor=lambda v: isinstance(v, str),
+            best=lambda v: v is None or _number(v),
+            wait=lambda v: _int(v) and 0 <= v <= 10**7,
+        ),
+    ),
+    "loggers": (
+        (dict,),
+        lambda v, s: (
+            None
+            if len(v) <= 16
+            and all(
+                isinstance(k, str)
+                and k.endswith("_id")
+                and len(k) <= 64
+                and isinstance(i, str)
+                and 0 < len(i) <= 256
+                and i.isprintable()
+                for k, i in v.items()
+            )
+            else f"expected names ending in _id -> run ids (text), got {_brief(v)}"
+        ),
+    ),
     "config": ((dict,), lambda v, s: plain_problem(v)),  # no `${`, no objects
     "versions": ((dict,), lambda v, s: plain_problem(v)),
     "format_version": ((int,), None),
-    "saved_files": ((list,), lambda v, s: None if len(v) <= 100_000 and all(
-        isinstance(n, str) and len(n) < 4096 for n in v) else "expected a list of file names"),
+    "saved_files": (
+        (list,),
+        lambda v, s: (
+            None
+            if len(v) <= 100_000 and all(isinstance(n, str) and len(n) < 4096 for n in v)
+            else "expected a list of file names"
+        ),
+    ),
     "history": ((list,), _history),
 }
 
@@ -250,8 +299,9 @@ MAX_CONFIG_NODES, MAX_CONFIG_DEPTH = 20_000, 32  # a config: OmegaConf is slow b
 OVERLAP_SLACK = 1 << 20  # bytes a tensor may claim beyond its storage (an expand()ed buffer)
 
 
-def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
-               max_depth: int = MAX_DEPTH, what: str = "") -> None:
+def check_size(
+    obj: Any, source: Path | str, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH, what: str = ""
+) -> None:
     """Refuse a cycle, deep nesting, too many nodes (shared references counted per use,
     each container measured once), or a tensor claiming more memory than its storage."""
     sizes: dict[int, int] = {}
@@ -266,8 +316,10 @@ def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
                 raise refuse(f"{where}: a {node.layout} tensor (only dense tensors are expected)")
             claimed, stored = node.numel() * node.element_size(), node.untyped_storage().nbytes()
             if claimed > stored + OVERLAP_SLACK:
-                raise refuse(f"{where}: a tensor of shape {tuple(node.shape)} with strides "
-                             f"{node.stride()} claims {claimed} bytes from a {stored}-byte storage")
+                raise refuse(
+                    f"{where}: a tensor of shape {tuple(node.shape)} with strides "
+                    f"{node.stride()} claims {claimed} bytes from a {stored}-byte storage"
+                )
             return 1
         if not isinstance(node, (dict, list, tuple)):
             return 1
@@ -283,8 +335,10 @@ def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
         for name, value in node.items() if isinstance(node, dict) else enumerate(node):
             total += size(value, depth + 1, f"{where}[{name!r}]")
             if total > max_nodes:
-                raise refuse(f"{where or 'the file'} holds more than {max_nodes} values "
-                             f"(counting shared references once per use)")
+                raise refuse(
+                    f"{where or 'the file'} holds more than {max_nodes} values "
+                    f"(counting shared references once per use)"
+                )
         active.discard(key)
         sizes[key] = total
         return total
@@ -293,8 +347,9 @@ def check_size(obj: Any, source: Path | str, max_nodes: int = MAX_NODES,
 
 
 # ----------------------------------------------------------------------------- loading
-def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
-              check: bool = True, mmap: bool = True) -> Any:
+def load_file(
+    path: Path | str, map_location: str | torch.device = "cpu", *, check: bool = True, mmap: bool = True
+) -> Any:
     """`torch.load(weights_only=True)` (never runs code) with one-line errors."""
     path = Path(path)
     if not path.exists():
@@ -307,22 +362,23 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu", *,
             verify(path)
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True,
-                              mmap=mmap and is_zip)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
     except UserError:
         raise
     except pickle.UnpicklingError as err:
         found = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # torch words it several ways
         if found:  # a class or function reference: loading it would run code
-            raise UserError(f"{path}: refused: the file holds objects other than tensors and "
-                            f"plain containers, which could run code when loaded (it names "
-                            f"{found.group(1)}){_whole_model_advice(found.group(1))}"
-                            ) from None
+            raise UserError(
+                f"{path}: refused: the file holds objects other than tensors and "
+                f"plain containers, which could run code when loaded (it names "
+                f"{found.group(1)}){_whole_model_advice(found.group(1))}"
+            ) from None
         if "weights only load failed" in str(err).lower():  # torch's advice is not for us
             detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
-            raise UserError(f"{path}: not a readable checkpoint (the weights-only loader "
-                            f"cannot read it{': ' + detail.group(0) if detail else ''})"
-                            ) from None
+            raise UserError(
+                f"{path}: not a readable checkpoint (the weights-only loader "
+                f"cannot read it{': ' + detail.group(0) if detail else ''})"
+            ) from None
         raise UserError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
@@ -332,19 +388,23 @@ def _whole_model_advice(name: str) -> str:
     """A pickled class (`torch.save(model, PATH)`): how to get a weights-only file."""
     if not name.rsplit(".", 1)[-1][:1].isupper():
         return ""
-    return ("; if it is a whole model saved with torch.save(model, PATH), save "
-            "model.state_dict() instead, or convert it where its class is defined and you "
-            "trust the file: torch.save(torch.load(PATH, weights_only=False).state_dict(), "
-            "'weights.pt'), then use weights=weights.pt")
+    return (
+        "; if it is a whole model saved with torch.save(model, PATH), save "
+        "model.state_dict() instead, or convert it where its class is defined and you "
+        "trust the file: torch.save(torch.load(PATH, weights_only=False).state_dict(), "
+        "'weights.pt'), then use weights=weights.pt"
+    )
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """A training checkpoint, verified and checked key by key; only model_state_dict is needed."""
     state = load_file(path, map_location)
     if not isinstance(state, dict) or "model_state_dict" not in state:
-        raise UserError(f"{path}: not a training checkpoint (expected a dict with keys "
-                        f"['epoch', 'model_state_dict', 'optimizer_state_dict', 'loss']); for "
-                        f"a bare state_dict use weights=PATH")
+        raise UserError(
+            f"{path}: not a training checkpoint (expected a dict with keys "
+            f"['epoch', 'model_state_dict', 'optimizer_state_dict', 'loss']); for "
+            f"a bare state_dict use weights=PATH"
+        )
     check_size(state, path)
     if isinstance(state.get("config"), (dict, list)):
         check_size(state["config"], path, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH, "['config']")
@@ -358,14 +418,12 @@ def inference_weights(state: dict[str, Any]) -> Any:
     return ema if isinstance(ema, dict) and ema else state["model_state_dict"]
 
 
-def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
-                         key: str | None = None) -> list[str]:
+def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True, key: str | None = None) -> list[str]:
     """Weights into `model` from a state_dict, a checkpoint, an export folder or file[key]."""
     path = Path(path)
     if is_export(path):
         if key is not None:
-            raise UserError(f"weights_key={key}: {path} is an export folder with one model; "
-                            f"drop weights_key")
+            raise UserError(f"weights_key={key}: {path} is an export folder with one model; drop weights_key")
         return load_model_state(model, load_export(path)[1], path, strict=strict)
     obj = load_file(path)
     problem = plain_problem(obj.get("config")) if isinstance(obj, dict) else None
@@ -377,14 +435,12 @@ def load_state_dict_file(model: nn.Module, path: Path, strict: bool = True,
 def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> Any:
     """The file itself, its `model_state_dict`, or `obj[key]`; several models: never guessed."""
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a state_dict (names -> tensors), got "
-                        f"{type(obj).__name__}")
+        raise UserError(f"{path}: expected a state_dict (names -> tensors), got {type(obj).__name__}")
     # Optimizer states ({'state', 'param_groups'}) are not dicts of tensors: never candidates.
     candidates = [k for k, v in obj.items() if isinstance(k, str) and not _tensors(v) and v]
     if key is not None:
         if key not in obj:
-            raise UserError(f"weights_key={key}: not in {path}; model state_dicts there: "
-                            f"{candidates or 'none'}")
+            raise UserError(f"weights_key={key}: not in {path}; model state_dicts there: {candidates or 'none'}")
         return obj[key]
     if not obj or not _tensors(obj):
         return obj
@@ -393,47 +449,70 @@ def pick_state_dict(obj: Any, path: Path | str, key: str | None = None) -> Any:
     if len(candidates) == 1:
         return obj[candidates[0]]
     if candidates:
-        raise UserError(f"{path}: holds several models {candidates}; pick one with "
-                        f"weights_key=NAME")
-    raise UserError(f"{path}: no model state_dict in it (keys {_short(list(obj))}); "
-                    f"expected names -> tensors, or a checkpoint with 'model_state_dict'")
+        raise UserError(f"{path}: holds several models {candidates}; pick one with weights_key=NAME")
+    raise UserError(
+        f"{path}: no model state_dict in it (keys {_short(list(obj))}); "
+        f"expected names -> tensors, or a checkpoint with 'model_state_dict'"
+    )
 
 
-def load_model_state(model: nn.Module, state: Any, source: Path | str,
-                     strict: bool = True) -> list[str]:
+def load_model_state(model: nn.Module, state: Any, source: Path | str, strict: bool = True) -> list[str]:
     """load_state_dict naming every misfit key in one line; strict=False loads what fits."""
     problem = _tensors(state)
     if problem:
         raise UserError(f"{source}: state_dict {problem}")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
-    fits = {k: k in own and v.shape == own[k].shape and not (v.is_complex()
-                                                            and not own[k].is_complex())
-            for k, v in state.items()}
-    problems = [f"{what} {_short(keys)}" for what, keys in (
-        ("dtype mismatch", [f"{k} {state[k].dtype} vs model {own[k].dtype}" for k in own
-                            if k in state and state[k].is_complex() and not own[k].is_complex()]),
-        ("missing keys", [k for k in own if k not in state]),
-        ("unexpected keys", [k for k in state if k not in own]),
-        ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                            for k in own if k in state and state[k].shape != own[k].shape]))
-        if keys]
+    fits = {
+        k: k in own and v.shape == own[k].shape and not (v.is_complex() and not own[k].is_complex())
+        for k, v in state.items()
+    }
+    problems = [
+        f"{what} {_short(keys)}"
+        for what, keys in (
+            (
+                "dtype mismatch",
+                [
+                    f"{k} {state[k].dtype} vs model {own[k].dtype}"
+                    for k in own
+                    if k in state and state[k].is_complex() and not own[k].is_complex()
+                ],
+            ),
+            ("missing keys", [k for k in own if k not in state]),
+            ("unexpected keys", [k for k in state if k not in own]),
+            (
+                "shape mismatch",
+                [
+                    f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in own
+                    if k in state and state[k].shape != own[k].shape
+                ],
+            ),
+        )
+        if keys
+    ]
     if problems and strict:
-        raise UserError(f"{source}: weights do not fit the model ({'; '.join(problems)}); "
-                        f"check model=/data= or pass strict=false to load what matches")
+        raise UserError(
+            f"{source}: weights do not fit the model ({'; '.join(problems)}); "
+            f"check model=/data= or pass strict=false to load what matches"
+        )
     matching = {k: v for k, v in state.items() if fits[k]}
     try:
         model.load_state_dict(matching, strict=False)
     except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
-        raise UserError(f"{source}: weights do not fit the model ({first_line(err, 300)})"
-                        ) from None
+        raise UserError(f"{source}: weights do not fit the model ({first_line(err, 300)})") from None
     if problems and 2 * len(matching) < len(own):  # mostly random: an error, not a model
-        raise UserError(f"{source}: strict=false would load only {len(matching)} of {len(own)} "
-                        f"tensors (fewer than half); expected keys {_short(list(own))}, found "
-                        f"{_short(list(state))}; check model=/data= or the file")
+        raise UserError(
+            f"{source}: strict=false would load only {len(matching)} of {len(own)} "
+            f"tensors (fewer than half); expected keys {_short(list(own))}, found "
+            f"{_short(list(state))}; check model=/data= or the file"
+        )
     if problems:
-        print(f"warning: {source}: strict=false loaded {len(matching)} of {len(own)} tensors; "
-              f"not loaded (left as initialised): {'; '.join(problems)}", file=sys.stderr)
+        print(
+            f"warning: {source}: strict=false loaded {len(matching)} of {len(own)} tensors; "
+            f"not loaded (left as initialised): {'; '.join(problems)}",
+            file=sys.stderr,
+        )
     return problems
 
 
@@ -473,8 +552,7 @@ def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         return config, load_file(str(path / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError, ValueError, ... one line for each
-        raise UserError(f"{path / WEIGHTS}: not a readable safetensors file "
-                        f"({first_line(err)})") from None
+        raise UserError(f"{path / WEIGHTS}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def load_export_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -504,22 +582,29 @@ _PT2_RECORDS = re.compile(
     r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
     r"|models/model\.json|data/sample_inputs/model\.pt|extra/[\w.-]+"
     r"|data/weights/(weight_\d+|model_weights_config\.json)"
-    r"|data/constants/(tensor_\d+|model_constants_config\.json))")
-_EXPR_TOKEN = re.compile(r"\s+|\d+(\.\d+)?([eE][-+]?\d+)?|'[a-z]+\d*'|[A-Za-z_]\w*|\*\*"
-                         r"|[-+*/%(),<>=!&|~]")
+    r"|data/constants/(tensor_\d+|model_constants_config\.json))"
+)
+_EXPR_TOKEN = re.compile(
+    r"\s+|\d+(\.\d+)?([eE][-+]?\d+)?|'[a-z]+\d*'|[A-Za-z_]\w*|\*\*"
+    r"|[-+*/%(),<>=!&|~]"
+)
 _EXPR_NAMES = set(
     "Symbol Integer Rational Float positive integer real nonnegative True False oo Max Min "
     "Abs Eq Ne Lt Le Gt Ge And Or Not FloorDiv ModularIndexing Where PythonMod Mod CleanDiv "
     "CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv "
     "IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt "
-    "RoundDecimal ToFloat Identity".split())
+    "RoundDecimal ToFloat Identity".split()
+)
 
 
 def _safe_expr(text: Any) -> bool:
     words = [m.group(0) for m in _EXPR_TOKEN.finditer(text)] if isinstance(text, str) else []
-    return isinstance(text, str) and "__" not in text and "".join(words) == text and all(
-        not (w[0].isalpha() or w[0] == "_") or w in _EXPR_NAMES or re.fullmatch(r"[a-z]+\d+", w)
-        for w in words)
+    return (
+        isinstance(text, str)
+        and "__" not in text
+        and "".join(words) == text
+        and all(not (w[0].isalpha() or w[0] == "_") or w in _EXPR_NAMES or re.fullmatch(r"[a-z]+\d+", w) for w in words)
+    )
 
 
 def _exprs(raw: bytes) -> list[Any]:
@@ -551,8 +636,7 @@ def check_pt2(path: Path) -> None:
             raw = archive.read(name)
             if name.endswith("_config.json"):
                 for fqn, meta in json.loads(raw).get("config", {}).items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
-                            ("weight_", "tensor_")):
+                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
                         raise bad(f"{fqn} is stored as a pickle")
             elif name.endswith("/models/model.json"):
                 unsafe = [e for e in _exprs(raw) if not _safe_expr(e)]
@@ -580,10 +664,9 @@ def load_pt2(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     for node in program.graph.nodes:  # only torch operators (and getitem) may be called
         target = node.target
         if node.op == "call_function" and not (
-                isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator))
-                or target is operator.getitem):
-            raise UserError(f"{path}: refused .pt2: its graph calls {target!r}, not a torch "
-                            f"operator")
+            isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
+        ):
+            raise UserError(f"{path}: refused .pt2: its graph calls {target!r}, not a torch operator")
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise UserError(f"{path}: .pt2 export has no data config (extra/config.json)")
     _export_config(config, path, ())
@@ -623,18 +706,19 @@ class Progress:
     def epoch_train_loss(self, batch_sizes: torch.Tensor) -> float:
         """Sample-weighted mean of the epoch's step losses: one host sync per epoch."""
         losses = torch.stack(self.losses).float().cpu()
-        return float((losses * batch_sizes[:len(losses)]).sum() / batch_sizes.sum())
+        return float((losses * batch_sizes[: len(losses)]).sum() / batch_sizes.sum())
 
     def end_epoch(self, row: dict, monitor: str, mode: str) -> bool:
         """Record the epoch's row; True when `monitor` improved (NaN never improves)."""
         self.history.append(row)
         self.epoch, self.step_in_epoch, self.losses, self.checked = row["epoch"], 0, [], 0
         if monitor not in row:
-            raise UserError(f"checkpoint.monitor={monitor!r}: not a logged metric; "
-                            f"expected one of {[k for k in row if k not in ('epoch', 'step')]}")
+            raise UserError(
+                f"checkpoint.monitor={monitor!r}: not a logged metric; "
+                f"expected one of {[k for k in row if k not in ('epoch', 'step')]}"
+            )
         value = float(row[monitor])
-        better = (self.best_value is None or (value < self.best_value if mode == "min"
-                                              else value > self.best_value))
+        better = self.best_value is None or (value < self.best_value if mode == "min" else value > self.best_value)
         if math.isfinite(value) and better:
             self.best_value, self.best_epoch = value, row["epoch"]
             return True
@@ -643,26 +727,26 @@ class Progress:
 
 def check_finite(progress: Progress) -> None:
     """Stop on a NaN/inf loss, naming the first bad step (losses are checked in bulk)."""
-    fresh = progress.losses[progress.checked:]
+    fresh = progress.losses[progress.checked :]
     if not fresh:
         return
     finite = torch.isfinite(torch.stack(fresh))
     bad = not bool(finite.all())
     if any_rank(bad):  # under torchrun all ranks stop together, or the others would hang
         if not bad:
-            raise FollowerError(f"non-finite loss on another rank by step "
-                                f"{progress.global_step}")
+            raise FollowerError(f"non-finite loss on another rank by step {progress.global_step}")
         first = progress.checked + int((~finite).nonzero()[0, 0])
         k = progress.accumulate  # windows of k batches from the epoch's start
         step = progress.global_step - -(-len(progress.losses) // k) + first // k + 1
-        raise UserError(f"non-finite loss at epoch {progress.epoch + 1}, step {step} "
-                        f"(batch {first + 1} of the epoch); lower optimizer.lr or check the "
-                        f"data; the last good checkpoint is kept")
+        raise UserError(
+            f"non-finite loss at epoch {progress.epoch + 1}, step {step} "
+            f"(batch {first + 1} of the epoch); lower optimizer.lr or check the "
+            f"data; the last good checkpoint is kept"
+        )
     progress.checked = len(progress.losses)
 
 
-def build_checkpoint(parts: dict[str, Any], progress: Progress,
-                     config: dict | DictConfig) -> dict[str, Any]:
+def build_checkpoint(parts: dict[str, Any], progress: Progress, config: dict | DictConfig) -> dict[str, Any]:
     """One state_dict() per part (name in PARTS -> part, never wrapped), progress, provenance."""
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True, enum_to_str=True)
@@ -677,37 +761,46 @@ def build_checkpoint(parts: dict[str, Any], progress: Progress,
     weights = state["model_state_dict"]  # never write a NaN/inf model: one host sync
     floats = [t for t in weights.values() if t.is_floating_point()]
     if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
-        bad = [k for k, t in weights.items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        raise UserError(f"non-finite weights [{', '.join(bad[:3])}{' ...' if bad[3:] else ''}]"
-                        f" at epoch {progress.epoch + (1 if progress.step_in_epoch else 0)}, step"
-                        f" {progress.global_step}: not saved; lower optimizer.lr; the last good "
-                        f"checkpoint is kept")
+        bad = [k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        raise UserError(
+            f"non-finite weights [{', '.join(bad[:3])}{' ...' if bad[3:] else ''}]"
+            f" at epoch {progress.epoch + (1 if progress.step_in_epoch else 0)}, step"
+            f" {progress.global_step}: not saved; lower optimizer.lr; the last good "
+            f"checkpoint is kept"
+        )
     losses, history = progress.losses, progress.history
-    state.update({
-        "epoch": progress.epoch, "global_step": progress.global_step,
-        "loss": float(losses[-1]) if losses else history[-1]["train_loss"] if history else None,
-        "step_in_epoch": progress.step_in_epoch,
-        "epoch_step_losses": torch.stack(losses).cpu() if losses else torch.zeros(0),
-        "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
-        "best": {"monitor": str(config["checkpoint"]["monitor"]), "value": progress.best_value,
-                 "epoch": progress.best_epoch},
-        "config": config, "versions": dict(_versions()), "format_version": FORMAT_VERSION,
-        "world_size": world_size(), "fingerprint": progress.fingerprint,
-    })
+    state.update(
+        {
+            "epoch": progress.epoch,
+            "global_step": progress.global_step,
+            "loss": float(losses[-1]) if losses else history[-1]["train_loss"] if history else None,
+            "step_in_epoch": progress.step_in_epoch,
+            "epoch_step_losses": torch.stack(losses).cpu() if losses else torch.zeros(0),
+            "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
+            "best": {
+                "monitor": str(config["checkpoint"]["monitor"]),
+                "value": progress.best_value,
+                "epoch": progress.best_epoch,
+            },
+            "config": config,
+            "versions": dict(_versions()),
+            "format_version": FORMAT_VERSION,
+            "world_size": world_size(),
+            "fingerprint": progress.fingerprint,
+        }
+    )
     if is_distributed():  # a collective: every rank builds the checkpoint, rank 0 saves it
-        state["rank_states"] = gather_to_main({"rng_state": state["rng_state"],
-                                               "epoch_step_losses": state["epoch_step_losses"]})
+        state["rank_states"] = gather_to_main(
+            {"rng_state": state["rng_state"], "epoch_step_losses": state["epoch_step_losses"]}
+        )
     return state
 
 
-def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: DictConfig,
-                       data: Any) -> Progress:
+def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: DictConfig, data: Any) -> Progress:
     """Check the checkpoint may resume this config, restore each part and the RNGs; the
     Progress to go on from. resume_mode=weights: model and optimizer buffers only."""
     model, optimizer, scheduler = parts["model"], parts["optimizer"], parts.get("scheduler")
-    fingerprint = (run_fingerprint(data, model, int(cfg.data.batch_size) * world_size())
-                   if data is not None else None)
+    fingerprint = run_fingerprint(data, model, int(cfg.data.batch_size) * world_size()) if data is not None else None
     if checkpoint is None:
         return Progress(fingerprint=fingerprint)
     state, source = checkpoint, f"checkpoint (epoch {checkpoint.get('epoch')})"
@@ -735,21 +828,30 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
             if PARTS[name] not in state and not tutorial and part.state_dict() and is_main():
                 print(f"resume: the checkpoint has no {PARTS[name]}; it starts afresh")
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-        raise UserError(f"{source}: optimizer/scheduler state does not fit this config "
-                        f"({err}); check optimizer=/scheduler= overrides") from None
+        raise UserError(
+            f"{source}: optimizer/scheduler state does not fit this config "
+            f"({err}); check optimizer=/scheduler= overrides"
+        ) from None
     lacking = [k for k in optimizer.defaults if k not in optimizer.param_groups[0]]
     if lacking:  # e.g. an Adam state loaded into SGD: its first step would fail
-        raise UserError(f"{source}: optimizer state is not {type(optimizer).__name__}'s (no "
-                        f"{lacking[:4]} in its param_groups); check optimizer=")
+        raise UserError(
+            f"{source}: optimizer state is not {type(optimizer).__name__}'s (no "
+            f"{lacking[:4]} in its param_groups); check optimizer="
+        )
     if tutorial and is_main():
-        fresh = [k for k in ("optimizer_state_dict", "global_step", "rng_state", "history",
-                             "best", "config") if k not in state]
+        fresh = [
+            k
+            for k in ("optimizer_state_dict", "global_step", "rng_state", "history", "best", "config")
+            if k not in state
+        ]
         if scheduler is not None and state.get("scheduler_state_dict") is None:
             fresh.append("scheduler_state_dict")
-        print(f"resume: a general checkpoint (no format_version): its epoch "
-              f"{state.get('epoch', 'key (absent)')} is read as the tutorials' 0-based "
-              f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
-              f"{epoch + 1}")
+        print(
+            f"resume: a general checkpoint (no format_version): its epoch "
+            f"{state.get('epoch', 'key (absent)')} is read as the tutorials' 0-based "
+            f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
+            f"{epoch + 1}"
+        )
         print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
     check_optimizer_state(optimizer, source)
     applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
@@ -763,14 +865,18 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
         try:  # load_checkpoint checked shapes and ranges; a generator may still refuse it
             set_rng_state(rng)
         except (ValueError, TypeError, RuntimeError, OverflowError) as err:
-            raise UserError(f"{source}: rng_state cannot be restored ({first_line(err, 160)})"
-                            ) from None
+            raise UserError(f"{source}: rng_state cannot be restored ({first_line(err, 160)})") from None
     best = state.get("best") or {}
     return Progress(
-        epoch=epoch, step_in_epoch=step_in_epoch, global_step=state.get("global_step", 0),
+        epoch=epoch,
+        step_in_epoch=step_in_epoch,
+        global_step=state.get("global_step", 0),
         losses=list(losses.unbind()) if losses is not None and len(losses) else [],
-        history=list(state.get("history") or []), best_value=best.get("value"),
-        best_epoch=best.get("epoch"), fingerprint=fingerprint)
+        history=list(state.get("history") or []),
+        best_value=best.get("value"),
+        best_epoch=best.get("epoch"),
+        fingerprint=fingerprint,
+    )
 
 
 def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any, int]:
@@ -785,11 +891,13 @@ def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any,
             return mine["rng_state"], mine["epoch_step_losses"], step
         return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
     if is_main():
-        warnings.warn(f"the checkpoint was written by {saved_world} process(es), this run has "
-                      f"{world_size()}: each process now sees other samples, so the result "
-                      f"will not match an uninterrupted run"
-                      + (f"; epoch {checkpoint['epoch'] + 1} restarts from its first "
-                         f"batch" if step else ""), stacklevel=3)
+        warnings.warn(
+            f"the checkpoint was written by {saved_world} process(es), this run has "
+            f"{world_size()}: each process now sees other samples, so the result "
+            f"will not match an uninterrupted run"
+            + (f"; epoch {checkpoint['epoch'] + 1} restarts from its first batch" if step else ""),
+            stacklevel=3,
+        )
     rng = checkpoint.get("rng_state") if is_main() else None
     return (rng, None, 0) if step else (rng, checkpoint.get("epoch_step_losses"), step)
 
@@ -814,7 +922,7 @@ def _tensor_digest(h: Any, tensor: Any) -> None:
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     flat = t.reshape(-1)
     if flat.numel() * flat.element_size() > HASHED_BYTES:
-        flat = flat[::-(-flat.numel() * flat.element_size() // HASHED_BYTES)]
+        flat = flat[:: -(-flat.numel() * flat.element_size() // HASHED_BYTES)]
     h.update(flat.contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
@@ -849,12 +957,17 @@ def run_fingerprint(data: Any, model: nn.Module, global_batch: int) -> dict[str,
     for name in ("train", "val"):
         split, h = data.split(name), hashlib.blake2b(digest_size=16)
         splits[name] = {"size": len(split), "hash": h.hexdigest() if _digest(h, split) else None}
-    return {"data": splits, "global_batch_size": int(global_batch),
-            "model": {name: list(t.shape) for name, t in model.state_dict().items()}}
+    return {
+        "data": splits,
+        "global_batch_size": int(global_batch),
+        "model": {name: list(t.shape) for name, t in model.state_dict().items()},
+    }
 
 
-NEW_SCHEDULE = ("to continue deliberately from its weights and optimizer with a new schedule "
-                "(epoch 0), add resume_mode=weights run_name=NEW_NAME resume=PATH_OF_CHECKPOINT")
+NEW_SCHEDULE = (
+    "to continue deliberately from its weights and optimizer with a new schedule "
+    "(epoch 0), add resume_mode=weights run_name=NEW_NAME resume=PATH_OF_CHECKPOINT"
+)
 
 
 def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
@@ -864,11 +977,22 @@ def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: 
         return
     try:
         before, after = saved.get("model") or {}, now["model"]
-        model = [] if not before or before == after else [f"{what} {keys[:3]}" for what, keys in (
-            ("shapes", [f"{k} {before[k]} -> {after[k]}" for k in after
-                        if k in before and before[k] != after[k]]),
-            ("no longer has", [k for k in before if k not in after]),
-            ("new", [k for k in after if k not in before])) if keys]
+        model = (
+            []
+            if not before or before == after
+            else [
+                f"{what} {keys[:3]}"
+                for what, keys in (
+                    (
+                        "shapes",
+                        [f"{k} {before[k]} -> {after[k]}" for k in after if k in before and before[k] != after[k]],
+                    ),
+                    ("no longer has", [k for k in before if k not in after]),
+                    ("new", [k for k in after if k not in before]),
+                )
+                if keys
+            ]
+        )
         data = []
         for name, split in (saved.get("data") or {}).items():
             current = now["data"].get(name)
@@ -876,23 +1000,29 @@ def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: 
                 continue
             if split.get("size") != current["size"]:
                 data.append(f"{name} split {split.get('size')} -> {current['size']} samples")
-            elif None not in (split.get("hash"), current["hash"]) \
-                    and split["hash"] != current["hash"]:
+            elif None not in (split.get("hash"), current["hash"]) and split["hash"] != current["hash"]:
                 data.append(f"{name} split content changed")
     except (AttributeError, TypeError, KeyError, ValueError):  # a crafted or damaged file
-        raise UserError(f"{source}: key 'fingerprint' is malformed (expected the model's "
-                        f"parameter shapes and each split's size and hash)") from None
+        raise UserError(
+            f"{source}: key 'fingerprint' is malformed (expected the model's "
+            f"parameter shapes and each split's size and hash)"
+        ) from None
     batch = saved.get("global_batch_size")
     if batch is not None and batch != now["global_batch_size"]:
-        data.append(f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
-                    f" x processes; trainer.global_batch_size=N keeps it whatever the count)")
+        data.append(
+            f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
+            f" x processes; trainer.global_batch_size=N keeps it whatever the count)"
+        )
     if model:
-        raise UserError(f"{source}: the model differs from the checkpoint's "
-                        f"({'; '.join(model)}); check model=/data= overrides, or start a new "
-                        f"run with run_name=NEW_NAME")
+        raise UserError(
+            f"{source}: the model differs from the checkpoint's "
+            f"({'; '.join(model)}); check model=/data= overrides, or start a new "
+            f"run with run_name=NEW_NAME"
+        )
     if data and not weights_mode:
-        raise UserError(f"{source}: {'; '.join(data)} since the checkpoint, so an exact "
-                        f"resume is impossible; {NEW_SCHEDULE}")
+        raise UserError(
+            f"{source}: {'; '.join(data)} since the checkpoint, so an exact resume is impossible; {NEW_SCHEDULE}"
+        )
 
 
 def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig) -> set[str]:
@@ -908,8 +1038,13 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
             continue
         if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
             value = OmegaConf.to_container(value)
-        before = saved_opt.get(key) if saved is not None else group0.get(
-            "initial_lr", group0[key]) if key == "lr" else group0[key]
+        before = (
+            saved_opt.get(key)
+            if saved is not None
+            else group0.get("initial_lr", group0[key])
+            if key == "lr"
+            else group0[key]
+        )
         if before is None or before == value:
             continue
         for group in optimizer.param_groups:
@@ -934,8 +1069,11 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
                 setattr(scheduler, key, value)
                 changes.append(f"scheduler.{key} {before} -> {value}")
     if changes and is_main():
-        lr = f" (lr now {group0['lr']:.4g})" if scheduler is not None and any(
-            c.startswith("optimizer.lr") for c in changes) else ""
+        lr = (
+            f" (lr now {group0['lr']:.4g})"
+            if scheduler is not None and any(c.startswith("optimizer.lr") for c in changes)
+            else ""
+        )
         print(f"resume: applied config changes to the restored state: {', '.join(changes)}{lr}")
     return {c.split(" ", 1)[0] for c in changes}
 
@@ -946,19 +1084,20 @@ def check_optimizer_state(optimizer, source: str) -> None:
         for key, default in optimizer.defaults.items():  # lr, momentum, ...: same kind
             value = group.get(key)
             if isinstance(default, bool) and not isinstance(value, bool):
-                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: "
-                                f"expected true or false")
-            if _number(default) and not ((_number(value) or isinstance(value, torch.Tensor)
-                                          and value.numel() == 1) and math.isfinite(float(value))):
-                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: "
-                                f"expected a finite number")
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: expected true or false")
+            if _number(default) and not (
+                (_number(value) or isinstance(value, torch.Tensor) and value.numel() == 1)
+                and math.isfinite(float(value))
+            ):
+                raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: expected a finite number")
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
-                if (isinstance(value, torch.Tensor) and value.dim() > 0
-                        and value.shape != param.shape):
-                    raise UserError(f"{source}: optimizer state {name!r} has shape "
-                                    f"{list(value.shape)}, its parameter {list(param.shape)}; "
-                                    f"the checkpoint does not fit this model")
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise UserError(
+                        f"{source}: optimizer state {name!r} has shape "
+                        f"{list(value.shape)}, its parameter {list(param.shape)}; "
+                        f"the checkpoint does not fit this model"
+                    )
 
 
 def check_history_columns(history: list, data: Any, source: str) -> None:
@@ -966,11 +1105,9 @@ def check_history_columns(history: list, data: Any, source: str) -> None:
     task = getattr(data, "task", None)
     if not history or task is None:
         return
-    columns = ["epoch", "step", "train_loss", "val_loss",
-               *(["val_acc"] if task == "classification" else []), "lr"]
+    columns = ["epoch", "step", "train_loss", "val_loss", *(["val_acc"] if task == "classification" else []), "lr"]
     if list(history[0]) != columns:
-        raise UserError(f"{source}: history rows have columns {list(history[0])}; a "
-                        f"{task} run writes {columns}")
+        raise UserError(f"{source}: history rows have columns {list(history[0])}; a {task} run writes {columns}")
 
 
 def check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
@@ -983,17 +1120,27 @@ def check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
         return
     steps = batches_per_epoch(samples, batch, world_size())
     if step_in_epoch > steps:  # == steps: saved on the epoch's last step, before validation
-        raise UserError(f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data "
-                        f"has {steps} batches; the checkpoint does not fit data.*")
+        raise UserError(
+            f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data "
+            f"has {steps} batches; the checkpoint does not fit data.*"
+        )
 
 
 # Scheduler entries that count progress; the others are settings (T_max, step_size, ...).
-_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
-                      "_is_initial", "base_lrs", "verbose"}
+_SCHEDULE_PROGRESS = {
+    "last_epoch",
+    "_step_count",
+    "_last_lr",
+    "_get_lr_called_within_step",
+    "_is_initial",
+    "base_lrs",
+    "verbose",
+}
 
 
-def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, source: str,
-                          ignore: set[str] = frozenset()) -> None:
+def check_schedule_length(
+    state: dict, fresh: dict | None, cfg: DictConfig, source: str, ignore: set[str] = frozenset()
+) -> None:
     """Refuse changing scheduler.interval, or trainer.epochs when the schedule derives from it
     (cosine's T_max), unless given explicitly on resume (`ignore`)."""
     saved, config = state.get("scheduler_state_dict"), state.get("config") or {}
@@ -1002,40 +1149,65 @@ def check_schedule_length(state: dict, fresh: dict | None, cfg: DictConfig, sour
     was = (config.get("scheduler") or {}).get("interval") or "epoch"
     now = str((cfg.get("scheduler") or {}).get("interval", "epoch"))
     if isinstance(was, str) and was != now:
-        raise UserError(f"{source}: scheduler.interval changed {was} -> {now}: the saved "
-                        f"schedule counts {was}s; keep scheduler.interval={was} for an exact "
-                        f"resume, or {NEW_SCHEDULE}")
+        raise UserError(
+            f"{source}: scheduler.interval changed {was} -> {now}: the saved "
+            f"schedule counts {was}s; keep scheduler.interval={was} for an exact "
+            f"resume, or {NEW_SCHEDULE}"
+        )
     before = (config.get("trainer") or {}).get("epochs")
     if before in (None, cfg.trainer.epochs):
         return
-    derived = {k: (saved[k], v) for k, v in fresh.items()
-               if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v
-               and f"scheduler.{k}" not in ignore}
+    derived = {
+        k: (saved[k], v)
+        for k, v in fresh.items()
+        if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v and f"scheduler.{k}" not in ignore
+    }
     if derived:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
-        raise UserError(f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
-                        f"and the schedule depends on it ({shown}); keep "
-                        f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}")
+        raise UserError(
+            f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
+            f"and the schedule depends on it ({shown}); keep "
+            f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}"
+        )
 
 
 # Keys that change what is printed, logged or where, not the weights: no warning on resume.
-_IGNORED_CHANGES = {"resume", "resume_mode", "trainer.epochs", "trainer.device", "debug",
-                    "run_name", "trainer.max_time", "checkpoint.root", "weights", "strict",
-                    "weights_key", "trainer.model_summary", "trainer.print_every_s",
-                    "trainer.log_every_n_steps"}
+_IGNORED_CHANGES = {
+    "resume",
+    "resume_mode",
+    "trainer.epochs",
+    "trainer.device",
+    "debug",
+    "run_name",
+    "trainer.max_time",
+    "checkpoint.root",
+    "weights",
+    "strict",
+    "weights_key",
+    "trainer.model_summary",
+    "trainer.print_every_s",
+    "trainer.log_every_n_steps",
+}
 
 
 def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
     now = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     before = _flatten(saved)
-    changed = sorted(k for k in now.keys() | before.keys()
-                     if now.get(k) != before.get(k) and k not in _IGNORED_CHANGES
-                     and k not in ignore and not k.endswith("T_max")
-                     and not k.startswith("logger."))  # trackers: what is recorded
+    changed = sorted(
+        k
+        for k in now.keys() | before.keys()
+        if now.get(k) != before.get(k)
+        and k not in _IGNORED_CHANGES
+        and k not in ignore
+        and not k.endswith("T_max")
+        and not k.startswith("logger.")
+    )  # trackers: what is recorded
     if changed:
-        warnings.warn(f"resuming with a config that differs from the checkpoint's in "
-                      f"{changed[:8]}: the result will not match an uninterrupted run",
-                      stacklevel=3)
+        warnings.warn(
+            f"resuming with a config that differs from the checkpoint's in "
+            f"{changed[:8]}: the result will not match an uninterrupted run",
+            stacklevel=3,
+        )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

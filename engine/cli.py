@@ -50,23 +50,24 @@ def validate_train(cfg: DictConfig) -> None:
     check_logger_config(cfg.get("logger"))  # logger=: known trackers and keys
     resolve_device(cfg.trainer.device)
     if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
-        raise UserError(f"weights={cfg.weights} starts a new run and resume={cfg.resume} "
-                        f"continues one: give only one of them")
+        raise UserError(
+            f"weights={cfg.weights} starts a new run and resume={cfg.resume} continues one: give only one of them"
+        )
     root = Path(str(cfg.checkpoint.root))
     if root.exists() and not root.is_dir():
         raise UserError(f"checkpoint.root={root}: exists and is not a folder")
-    run_dir_for(root, cfg.name, key="name") if cfg.run_name is None else \
-        run_dir_for(root, cfg.run_name)
+    run_dir_for(root, cfg.name, key="name") if cfg.run_name is None else run_dir_for(root, cfg.run_name)
 
 
 def validate_inference(cfg: DictConfig, script: str) -> None:
     """evaluate.py / predict.py: the same kind of checks on their own keys."""
     if bool(cfg.get("ckpt")) == bool(cfg.get("weights")):
-        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
-                        "or weights=PATH (a bare state_dict, with model=... data=...)")
+        raise UserError(
+            "give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
+            "or weights=PATH (a bare state_dict, with model=... data=...)"
+        )
     if cfg.get("weights") and (cfg.get("model") is None or cfg.get("data") is None):
-        raise UserError(f"weights={cfg.weights}: name the architecture and data too, e.g. "
-                        f"model=small_cnn data=digits")
+        raise UserError(f"weights={cfg.weights}: name the architecture and data too, e.g. model=small_cnn data=digits")
     check_config(cfg, script)
     check_limits(cfg)
     try:
@@ -109,8 +110,7 @@ def _task_ran(err: BaseException) -> bool:
 
 
 def _left_to_hydra(argv: list[str]) -> bool:
-    return any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv) or \
-        _full_errors(argv)
+    return any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv) or _full_errors(argv)
 
 
 def _full_errors(argv: list[str]) -> bool:
@@ -136,9 +136,11 @@ def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
         except Exception as err:  # noqa: BLE001 - e.g. query=bash outside a shell's completion
             problem = f"failed ({type(err).__name__}: {str(err).strip()[:80]})"
     if problem:
-        print(f"error: --shell-completion {' '.join(args) or '(nothing)'}: {problem} "
-              f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash",
-              file=sys.stderr)
+        print(
+            f"error: --shell-completion {' '.join(args) or '(nothing)'}: {problem} "
+            f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -173,8 +175,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides),
-                      return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # as under @hydra.main: `${hydra:...}` resolves
     with open_dict(cfg):
         del cfg["hydra"]
@@ -201,8 +202,9 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
         else:
             choices.append([text])
     first = [options[0] for options in choices]
-    return [first] + [first[:index] + [option] + first[index + 1:]
-                      for index, options in enumerate(choices) for option in options[1:]]
+    return [first] + [
+        first[:index] + [option] + first[index + 1 :] for index, options in enumerate(choices) for option in options[1:]
+    ]
 
 
 def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
@@ -216,31 +218,32 @@ def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
         group, _, choice = str(err.missing_cfg_file or "").rpartition("/")
         options = list(err.options or []) or group_options(group)
         if group and options:
-            return (f"{group}={choice}: unknown {group} choice{did_you_mean(choice, options)}; "
-                    f"valid options: {', '.join(options)}")
+            return (
+                f"{group}={choice}: unknown {group} choice{did_you_mean(choice, options)}; "
+                f"valid options: {', '.join(options)}"
+            )
         return first
     if isinstance(err, OverrideParseException):
         return f"{err.override}: cannot parse this override ({err.message.splitlines()[0]})"
     cause = err.__cause__
-    if getattr(cause, "full_key", None) and isinstance(cause, (oe.ConfigAttributeError,
-                                                                oe.ConfigKeyError)):
+    if getattr(cause, "full_key", None) and isinstance(cause, (oe.ConfigAttributeError, oe.ConfigKeyError)):
         return _unknown_key(str(cause.full_key), config_name, overrides)
     if isinstance(cause, oe.ValidationError):  # a value of the wrong type for the schema
         return schema_error(cause)
     if first.startswith("Ambiguous value for argument"):
         text = first.split("'")[1] if "'" in first else first
-        return (f"{text}: a comma makes a sweep: add -m to run one job per value, or write "
-                f"[a,b] for a list or quote the value for text")
+        return (
+            f"{text}: a comma makes a sweep: add -m to run one job per value, or write "
+            f"[a,b] for a list or quote the value for text"
+        )
     if first.startswith("Could not append to config"):
         return f"{first} Remove the + prefix to change it"
     if first.startswith("Could not delete from config"):
         return first
     deleted = [o for o in overrides if o.startswith("~")]
     if deleted and "not in struct" in str(cause or err):
-        return (f"{deleted[0]}: cannot delete {deleted[0][1:].split('=')[0]!r}: train, "
-                f"evaluate and predict need it")
-    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() \
-        else ""
+        return f"{deleted[0]}: cannot delete {deleted[0][1:].split('=')[0]!r}: train, evaluate and predict need it"
+    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
     return f"{first} ({detail})" if detail else first
 
 
@@ -253,8 +256,10 @@ def _culprit(config_name: str, overrides: list[str], first: str) -> str:
             key, _, value = override.partition("=")
             group = key.lstrip("+~")
             if group in config_groups():
-                return (f"{override}: {value!r} is not one of the {group} choices; valid "
-                        f"options: {', '.join(group_options(group))}")
+                return (
+                    f"{override}: {value!r} is not one of the {group} choices; valid "
+                    f"options: {', '.join(group_options(group))}"
+                )
             return f"{override}: cannot apply this override ({first})"
     return f"{' '.join(overrides)}: cannot apply these overrides ({first})"
 
@@ -262,22 +267,31 @@ def _culprit(config_name: str, overrides: list[str], first: str) -> str:
 def _unknown_key(full_key: str, config_name: str, overrides: list[str]) -> str:
     """`trainer.epoch`: the valid keys of `trainer` as composed with the same group choices
     (so `model.foo` lists the chosen model's keys)."""
-    offending = next((o for o in overrides if o.lstrip("+~").split("=")[0] == full_key
-                      or o.lstrip("+~").split("=")[0].startswith(full_key + ".")), full_key)
+    offending = next(
+        (
+            o
+            for o in overrides
+            if o.lstrip("+~").split("=")[0] == full_key or o.lstrip("+~").split("=")[0].startswith(full_key + ".")
+        ),
+        full_key,
+    )
     parent, _, name = full_key.rpartition(".")
     groups = set(config_groups())
     try:
-        base = _compose(config_name, [o for o in overrides
-                                      if o.split("=")[0].lstrip("+~") in groups])
+        base = _compose(config_name, [o for o in overrides if o.split("=")[0].lstrip("+~") in groups])
     except Exception:
         base = _compose(config_name, [])
     node = OmegaConf.select(base, parent) if parent else base
     group = full_key.split(".")[0]
     if group in groups and (not parent and group not in base or parent and node is None):
-        return (f"{offending}: no {group} config is selected; choose one first with "
-                f"{group}=NAME ({', '.join(group_options(group))})")
+        return (
+            f"{offending}: no {group} config is selected; choose one first with "
+            f"{group}=NAME ({', '.join(group_options(group))})"
+        )
     if not isinstance(node, DictConfig):
         return f"{offending}: unknown key {full_key!r}"
     valid = [str(k) for k in node if not str(k).startswith("_")]
-    return (f"{offending}: unknown key {name!r} in {parent or 'the config'}"
-            f"{did_you_mean(name, valid)}; valid keys: {', '.join(valid)}")
+    return (
+        f"{offending}: unknown key {name!r} in {parent or 'the config'}"
+        f"{did_you_mean(name, valid)}; valid keys: {', '.join(valid)}"
+    )

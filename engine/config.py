@@ -38,6 +38,7 @@ MAX_LR = 1e6
 
 # ------------------------------------------------------------------------------ the schema
 
+
 class Choice(str, enum.Enum):
     """A key with fixed values (OmegaConf 2.3 has no Literal), a str that formats as its text."""
 
@@ -56,8 +57,7 @@ def _choice(name: str, values: tuple[str, ...]) -> type[Choice]:
 
 
 # Metrics train.py logs per epoch, by task: the choices for checkpoint.monitor.
-METRICS = {"regression": ("val_loss", "train_loss"),
-           "classification": ("val_loss", "val_acc", "train_loss")}
+METRICS = {"regression": ("val_loss", "train_loss"), "classification": ("val_loss", "val_acc", "train_loss")}
 Precision = _choice("Precision", PRECISIONS)
 Monitor = _choice("Monitor", ("val_loss", "val_acc", "train_loss"))
 Mode = _choice("Mode", ("min", "max"))
@@ -68,42 +68,99 @@ Split = _choice("Split", ("train", "val", "test"))
 def _schema(name: str, hints: dict[str, Any], base: type = object, **defaults: Any) -> type:
     """A dataclass made from its annotations: `checkpoint.async` is a Python keyword, which no
     class body or make_dataclass can declare (and no generated __init__/__repr__ can spell)."""
-    return dataclass(init=False, repr=False, eq=False)(
-        type(name, (base,), {"__annotations__": hints, **defaults}))
+    return dataclass(init=False, repr=False, eq=False)(type(name, (base,), {"__annotations__": hints, **defaults}))
 
 
 # Values and their documentation are in configs/*.yaml: these say which keys exist, of what type.
-TrainerConfig = _schema("TrainerConfig", {
-    "epochs": int, "device": str, "precision": Precision, "channels_last": bool, "compile": bool,
-    "deterministic": bool, "max_time": float | None, "log_every_n_steps": int,
-    "print_every_s": float, "global_batch_size": int | None, "grad_clip_norm": float | None,
-    "accumulate_grad_batches": int, "model_summary": bool, "ema_decay": float | None,
-    "fast_dev_run": bool,  # limits: batches (int) or a fraction (float); OmegaConf has no union
-    "limit_train_batches": Any, "limit_val_batches": Any, "overfit_batches": Any})
-EarlyStoppingConfig = _schema("EarlyStoppingConfig", {
-    "patience": int | None, "monitor": Monitor, "min_delta": float})
-CheckpointConfig = _schema("CheckpointConfig", {
-    "root": str, "every_n_epochs": int, "every_n_steps": int | None, "keep_last": int,
-    "monitor": Monitor, "mode": Mode, "async": bool, "export": bool, "export_pt2": bool})
+TrainerConfig = _schema(
+    "TrainerConfig",
+    {
+        "epochs": int,
+        "device": str,
+        "precision": Precision,
+        "channels_last": bool,
+        "compile": bool,
+        "deterministic": bool,
+        "max_time": float | None,
+        "log_every_n_steps": int,
+        "print_every_s": float,
+        "global_batch_size": int | None,
+        "grad_clip_norm": float | None,
+        "accumulate_grad_batches": int,
+        "model_summary": bool,
+        "ema_decay": float | None,
+        "fast_dev_run": bool,  # limits: batches (int) or a fraction (float); OmegaConf has no union
+        "limit_train_batches": Any,
+        "limit_val_batches": Any,
+        "overfit_batches": Any,
+    },
+)
+EarlyStoppingConfig = _schema("EarlyStoppingConfig", {"patience": int | None, "monitor": Monitor, "min_delta": float})
+CheckpointConfig = _schema(
+    "CheckpointConfig",
+    {
+        "root": str,
+        "every_n_epochs": int,
+        "every_n_steps": int | None,
+        "keep_last": int,
+        "monitor": Monitor,
+        "mode": Mode,
+        "async": bool,
+        "export": bool,
+        "export_pt2": bool,
+    },
+)
 _FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
-TrainConfig = _schema("TrainConfig", {
-    "name": str, "run_name": str | None, "resume": str | None, "weights": str | None,
-    "strict": bool | None, "weights_key": str | None, "resume_mode": ResumeMode, "seed": int,
-    "debug": bool, "trainer": TrainerConfig, "early_stopping": EarlyStoppingConfig,
-    "checkpoint": CheckpointConfig, **dict.fromkeys(_FREE, Any)}, **dict.fromkeys(_FREE))
-InferenceConfig = _schema("InferenceConfig", {
-    "ckpt": str | None, "weights": str | None, "strict": bool, "weights_key": str | None,
-    "device": str, "seed": int, "debug": bool, "data": Any, "model": Any}, data=None, model=None)
-EvaluateConfig = _schema("EvaluateConfig", {
-    "split": Split, "batch_size": int | None, "output": str | None, "loss": Any},
-    InferenceConfig, loss=None)
-PredictConfig = _schema("PredictConfig", {
-    "input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig)
+TrainConfig = _schema(
+    "TrainConfig",
+    {
+        "name": str,
+        "run_name": str | None,
+        "resume": str | None,
+        "weights": str | None,
+        "strict": bool | None,
+        "weights_key": str | None,
+        "resume_mode": ResumeMode,
+        "seed": int,
+        "debug": bool,
+        "trainer": TrainerConfig,
+        "early_stopping": EarlyStoppingConfig,
+        "checkpoint": CheckpointConfig,
+        **dict.fromkeys(_FREE, Any),
+    },
+    **dict.fromkeys(_FREE),
+)
+InferenceConfig = _schema(
+    "InferenceConfig",
+    {
+        "ckpt": str | None,
+        "weights": str | None,
+        "strict": bool,
+        "weights_key": str | None,
+        "device": str,
+        "seed": int,
+        "debug": bool,
+        "data": Any,
+        "model": Any,
+    },
+    data=None,
+    model=None,
+)
+EvaluateConfig = _schema(
+    "EvaluateConfig",
+    {"split": Split, "batch_size": int | None, "output": str | None, "loss": Any},
+    InferenceConfig,
+    loss=None,
+)
+PredictConfig = _schema(
+    "PredictConfig", {"input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig
+)
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
 for _script, _schema in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema)
 
 # --------------------------------------------------------------- ranges: each key, once
+
 
 class Range(NamedTuple):
     """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
@@ -167,8 +224,11 @@ def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
             raise UserError(f"{key}={value}: expected at most {high}{rule.note}")
         raise UserError(f"{key}={value!r}: expected an integer >= {rule.low}")
     high = math.inf if high is None else high
-    if finite(value) and (value > rule.low if rule.open_low else value >= rule.low) and \
-            (value < high if rule.open_high else value <= high):
+    if (
+        finite(value)
+        and (value > rule.low if rule.open_low else value >= rule.low)
+        and (value < high if rule.open_high else value <= high)
+    ):
         return
     text = f"a number {'>' if rule.open_low else '>='} {rule.low:g}"
     if high != math.inf:
@@ -181,8 +241,9 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
     values that must agree, and that `data` and `model` name the right kind of object."""
     get = functools.partial(OmegaConf.select, cfg, default=None)
     rules, data = ranges(), cfg.get("data")
-    fractions = {str(k): v for k, v in data.items() if str(k).endswith("_fraction")} \
-        if isinstance(data, DictConfig) else {}
+    fractions = (
+        {str(k): v for k, v in data.items() if str(k).endswith("_fraction")} if isinstance(data, DictConfig) else {}
+    )
     for name in fractions:  # shares of the data set: 0 < train < 1, 0 <= the others < 1
         rules[f"data.{name}"] = Range(float, 0, 1, name == "train_fraction", True, " (a fraction)")
     for key, rule in rules.items():
@@ -191,29 +252,31 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
             check_range(cfg, key, value, rule)
     held_out = sum(v for k, v in fractions.items() if k != "train_fraction")
     if "train_fraction" not in fractions and held_out >= 1:
-        raise UserError(f"data: {' + '.join(fractions)} = {held_out:g} leaves no training "
-                        f"data; expected a sum < 1")
-    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches",
-                "trainer.overfit_batches"):
+        raise UserError(f"data: {' + '.join(fractions)} = {held_out:g} leaves no training data; expected a sum < 1")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.overfit_batches"):
         value = get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and 1 <= value <= MAX_COUNT or isinstance(value, float)
-                                      and 0 < value <= 1):
-            raise UserError(f"{key}={value!r}: expected batches (an integer from 1 to "
-                            f"{MAX_COUNT}), a fraction in (0, 1], or null")
+        if value is not None and not (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 1 <= value <= MAX_COUNT
+            or isinstance(value, float)
+            and 0 < value <= 1
+        ):
+            raise UserError(
+                f"{key}={value!r}: expected batches (an integer from 1 to {MAX_COUNT}), a fraction in (0, 1], or null"
+            )
     betas = get("optimizer.betas")
-    if betas is not None and not (isinstance(betas, (ListConfig, list)) and len(betas) == 2
-                                  and all(finite(b) and 0 <= b < 1 for b in betas)):
+    if betas is not None and not (
+        isinstance(betas, (ListConfig, list)) and len(betas) == 2 and all(finite(b) and 0 <= b < 1 for b in betas)
+    ):
         shown = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
-        raise UserError(f"optimizer.betas={shown!r}: expected two numbers >= 0 and < 1, "
-                        f"e.g. [0.9,0.999]")
+        raise UserError(f"optimizer.betas={shown!r}: expected two numbers >= 0 and < 1, e.g. [0.9,0.999]")
     if get("optimizer.nesterov") is True and not (get("optimizer.momentum") or 0) > 0:
         raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0")
     if str(interval := get("scheduler.interval") or "epoch") not in ("epoch", "step"):
         raise UserError(f"scheduler.interval={interval!r}: expected epoch or step")
     if cfg.get("weights_key") is not None and not cfg.get("weights"):
-        raise UserError(f"weights_key={cfg.weights_key}: only used with weights=PATH (a file "
-                        f"with several models)")
+        raise UserError(f"weights_key={cfg.weights_key}: only used with weights=PATH (a file with several models)")
     for key in ("data", "model"):
         if isinstance(cfg.get(key), DictConfig):
             check_target_kind(cfg[key], key)
@@ -222,14 +285,16 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
 def check_monitor(cfg: DictConfig, task: str) -> None:
     """checkpoint.monitor (and early_stopping.monitor, when on): a metric this task logs."""
     stopping = cfg.get("early_stopping") or {}
-    for key, monitor in (("checkpoint.monitor", cfg.checkpoint.monitor),
-                         ("early_stopping.monitor", stopping.get("monitor")
-                          if stopping.get("patience") is not None else None)):
+    for key, monitor in (
+        ("checkpoint.monitor", cfg.checkpoint.monitor),
+        ("early_stopping.monitor", stopping.get("monitor") if stopping.get("patience") is not None else None),
+    ):
         if monitor is not None and str(monitor) not in METRICS[task]:
             raise UserError(f"{key}={str(monitor)!r}: a {task} run logs {list(METRICS[task])}")
 
 
 # ------------------------------------------------------------- sections, keys and types
+
 
 def config_groups() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -244,8 +309,11 @@ def check_required_sections(cfg: DictConfig) -> None:
     """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
     for key in REQUIRED_SECTIONS:
         if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
-            how = f"pick one with {key}=NAME ({', '.join(group_options(key))})" \
-                if key in config_groups() else "do not delete it"
+            how = (
+                f"pick one with {key}=NAME ({', '.join(group_options(key))})"
+                if key in config_groups()
+                else "do not delete it"
+            )
             raise UserError(f"{key}: a required section is missing or null; {how}")
 
 
@@ -257,12 +325,14 @@ def check_config(cfg: DictConfig, script: str) -> None:
         OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), resolved)
     except oe.MissingMandatoryValue as err:
         key = _full_key(err)
-        raise UserError(f"{key}: a value is required (the config has ???); pass "
-                        f"{key}=VALUE") from None
+        raise UserError(f"{key}: a value is required (the config has ???); pass {key}=VALUE") from None
     except oe.InterpolationResolutionError as err:
         key = _full_key(err)
-        hint = "; the model does not fit this data: pick a matching data=/model= or " \
-               "experiment=" if key.startswith("model.") else ""
+        hint = (
+            "; the model does not fit this data: pick a matching data=/model= or experiment="
+            if key.startswith("model.")
+            else ""
+        )
         raise UserError(f"{key}: {first_line(err)}{hint}") from None
     except oe.OmegaConfBaseException as err:
         raise UserError(schema_error(err)) from None
@@ -285,8 +355,9 @@ def schema_error(err: oe.OmegaConfBaseException) -> str:
         return f"{key}={err.value!r}: expected {describe(hint)}"
     if is_dataclass(owner) and isinstance(err, (oe.ConfigKeyError, oe.ConfigAttributeError)):
         valid = [f.name for f in fields(owner)]
-        return (f"{key}: unknown key in {parent or 'the config'}{did_you_mean(name, valid)}; "
-                f"valid keys: {', '.join(valid)}")
+        return (
+            f"{key}: unknown key in {parent or 'the config'}{did_you_mean(name, valid)}; valid keys: {', '.join(valid)}"
+        )
     return f"{key}: {first_line(err)}"
 
 
@@ -300,9 +371,18 @@ def describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:
         return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
-             Path: "a path", list: "a list", tuple: "a list", dict: "a mapping",
-             type(None): "null", typing.Any: "any value"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        Path: "a path",
+        list: "a list",
+        tuple: "a list",
+        dict: "a mapping",
+        type(None): "null",
+        typing.Any: "any value",
+    }
     if name := names.get(hint) or names.get(origin):
         return name
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
@@ -338,16 +418,19 @@ def locate(path: str) -> Any:
 
 def is_transform_class(obj: Any) -> bool:
     """A torchvision.transforms.v2 transform class, from its bases (not importing torchvision)."""
-    return inspect.isclass(obj) and (obj.__module__ or "").startswith(
-        "torchvision.transforms.v2") and any(
-        base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
-        for base in obj.__mro__)
+    return (
+        inspect.isclass(obj)
+        and (obj.__module__ or "").startswith("torchvision.transforms.v2")
+        and any(
+            base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
+            for base in obj.__mro__
+        )
+    )
 
 
 def is_data_module(obj: Any) -> bool:
     """A class with `setup()` and `split(name)`: all the engine needs from data/."""
-    return inspect.isclass(obj) and all(callable(getattr(obj, name, None))
-                                        for name in ("setup", "split"))
+    return inspect.isclass(obj) and all(callable(getattr(obj, name, None)) for name in ("setup", "split"))
 
 
 def check_target_kind(section: DictConfig, key: str) -> None:
@@ -357,15 +440,17 @@ def check_target_kind(section: DictConfig, key: str) -> None:
         obj = locate(str(target)) if target is not None else None
     except Exception:  # check_target_section reports import errors
         return
-    if key == "data" and obj is not None and (not is_data_module(obj)
-                                              or inspect.isabstract(obj)):
-        raise UserError(f"data._target_={target}: expected a data module (a subclass "
-                        f"of data.base.DataModule that implements setup())")
-    if key == "model" and obj is not None and (
-            inspect.isclass(obj) and not issubclass(obj, torch.nn.Module)
-            or not callable(obj) or is_data_module(obj)):
-        raise UserError(f"model._target_={target}: expected a torch.nn.Module class or "
-                        f"a function that builds one")
+    if key == "data" and obj is not None and (not is_data_module(obj) or inspect.isabstract(obj)):
+        raise UserError(
+            f"data._target_={target}: expected a data module (a subclass "
+            f"of data.base.DataModule that implements setup())"
+        )
+    if (
+        key == "model"
+        and obj is not None
+        and (inspect.isclass(obj) and not issubclass(obj, torch.nn.Module) or not callable(obj) or is_data_module(obj))
+    ):
+        raise UserError(f"model._target_={target}: expected a torch.nn.Module class or a function that builds one")
 
 
 def check_target_section(section: Any, key: str) -> None:
@@ -374,15 +459,16 @@ def check_target_section(section: Any, key: str) -> None:
         raise UserError(f"{key}={section!r}: expected a section (pick one with {key}=NAME)")
     target = section.get("_target_")
     if target is None and len(section):
-        raise UserError(f"{key}: the section has no _target_ (was its group deleted with "
-                        f"~{key}?); pick one with {key}=NAME ({', '.join(group_options(key))})")
+        raise UserError(
+            f"{key}: the section has no _target_ (was its group deleted with "
+            f"~{key}?); pick one with {key}=NAME ({', '.join(group_options(key))})"
+        )
     if target is None:
         return
     try:
         obj = locate(str(target))
     except Exception as err:  # ImportError, AttributeError, errors raised by the import
-        raise UserError(f"{key}._target_={target!r}: cannot be imported "
-                        f"({first_line(err)})") from None
+        raise UserError(f"{key}._target_={target!r}: cannot be imported ({first_line(err)})") from None
     params, open_ended = _parameters(obj)
     for name, value in OmegaConf.to_container(section, resolve=True).items():
         if str(name).startswith("_") or name in TRAINER_KEYS.get(key, ()):
@@ -391,10 +477,8 @@ def check_target_section(section: Any, key: str) -> None:
             if open_ended:
                 continue
             # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
-            hint = f"; set for another optimizer? drop it with ~{key}.{name}" \
-                if key == "optimizer" else ""
-            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: "
-                            f"{', '.join(params)}{hint}")
+            hint = f"; set for another optimizer? drop it with ~{key}.{name}" if key == "optimizer" else ""
+            raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {', '.join(params)}{hint}")
         if params[name] is not None and _matches(value, params[name]) is False:
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise UserError(f"{key}.{name}={shown}: expected {describe(params[name])}")
@@ -403,8 +487,11 @@ def check_target_section(section: Any, key: str) -> None:
 def _parameters(obj: Any) -> tuple[dict[str, Any], bool]:
     """Keyword parameters and type hints (None: no hint), following `**kwargs` into the bases'
     __init__; True if still open-ended."""
-    functions = [cls.__init__ for cls in obj.__mro__ if cls is not object
-                 and "__init__" in vars(cls)] if inspect.isclass(obj) else [obj]
+    functions = (
+        [cls.__init__ for cls in obj.__mro__ if cls is not object and "__init__" in vars(cls)]
+        if inspect.isclass(obj)
+        else [obj]
+    )
     params: dict[str, Any] = {}
     for function in functions:
         try:
@@ -450,8 +537,9 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
     key and target. With `source` (the file it was read from) the section is checked as a file's
     config and the plain dict that was checked is what instantiate sees."""
     if source is not None:
-        plain = OmegaConf.to_container(section, resolve=False) \
-            if isinstance(section, (DictConfig, ListConfig)) else section
+        plain = (
+            OmegaConf.to_container(section, resolve=False) if isinstance(section, (DictConfig, ListConfig)) else section
+        )
         check_loaded_targets(plain, source, key)
         section = plain
     target = section.get("_target_") if hasattr(section, "get") else None
@@ -461,16 +549,15 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
         _raise_build_error(err, key, target, source)
     if isinstance(built, functools.partial):
         return functools.partial(_call_built, built, key, target, source)
-    if key == "model" and not isinstance(built, torch.nn.Module) or \
-            key == "loss" and not callable(built):
+    if key == "model" and not isinstance(built, torch.nn.Module) or key == "loss" and not callable(built):
         kind = "a torch.nn.Module" if key == "model" else "something callable (a loss module)"
-        raise UserError(f"{f'{source}: ' if source else ''}{key}._target_={target}: built a "
-                        f"{type(built).__name__}; expected {kind}")
+        raise UserError(
+            f"{f'{source}: ' if source else ''}{key}._target_={target}: built a {type(built).__name__}; expected {kind}"
+        )
     return built
 
 
-def _call_built(built: functools.partial, key: str, target: Any, source: Any, *args: Any,
-                **kwargs: Any) -> Any:
+def _call_built(built: functools.partial, key: str, target: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return built(*args, **kwargs)
     except Exception as err:
@@ -485,9 +572,11 @@ def _raise_build_error(err: Exception, key: str, target: Any, source: Any) -> No
     if isinstance(cause, UserError):
         raise cause from None
     first = str(cause).strip().splitlines()[0][:150] if str(cause).strip() else ""
-    raise UserError(f"{f'{source}: ' if source else ''}could not build {key} from "
-                    f"{key}._target_={target} ({type(cause).__name__}"
-                    f"{': ' + first if first else ''})") from err
+    raise UserError(
+        f"{f'{source}: ' if source else ''}could not build {key} from "
+        f"{key}._target_={target} ({type(cause).__name__}"
+        f"{': ' + first if first else ''})"
+    ) from err
 
 
 # ------------------------------------------------------- a file's config (README Security)
@@ -527,9 +616,11 @@ def check_loaded_targets(config: Any, source: Path | str, where: str = "config")
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
     if problem := plain_problem(config, where):
-        raise UserError(f"{source}: refused {problem}: a file's config must be plain data "
-                        f"(interpolations are resolved only in configs/ and on the command "
-                        f"line)")
+        raise UserError(
+            f"{source}: refused {problem}: a file's config must be plain data "
+            f"(interpolations are resolved only in configs/ and on the command "
+            f"line)"
+        )
     _check_special_keys(config, source, where)
 
 
@@ -538,15 +629,17 @@ def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
         target = config.get("_target_")
         if "_target_" in config and not _safe_target(target):
             shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
-            raise UserError(f"{source}: refused {where}._target_={shown}: a file's config "
-                            f"may only name data.*, models.*, torch.nn or "
-                            f"torchvision.transforms.v2 classes")
+            raise UserError(
+                f"{source}: refused {where}._target_={shown}: a file's config "
+                f"may only name data.*, models.*, torch.nn or "
+                f"torchvision.transforms.v2 classes"
+            )
         if config.get("_partial_", False) is not False:
-            raise UserError(f"{source}: refused {where}._partial_: a file's config builds "
-                            f"objects, not partial functions")
+            raise UserError(
+                f"{source}: refused {where}._partial_: a file's config builds objects, not partial functions"
+            )
         if "_convert_" in config and config["_convert_"] not in FILE_CONVERT_MODES:
-            raise UserError(f"{source}: refused {where}._convert_: expected one of "
-                            f"{', '.join(FILE_CONVERT_MODES)}")
+            raise UserError(f"{source}: refused {where}._convert_: expected one of {', '.join(FILE_CONVERT_MODES)}")
         if "_recursive_" in config and not isinstance(config["_recursive_"], bool):
             raise UserError(f"{source}: refused {where}._recursive_: expected true or false")
         if "_args_" in config and not isinstance(config["_args_"], list):
@@ -575,17 +668,16 @@ def _safe_target(target: Any) -> bool:
     return inspect.isfunction(obj) and module.startswith("models.")
 
 
-def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")
-                   ) -> DictConfig:
+def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")) -> DictConfig:
     """The data/model/loss/seed sections of a file's config, checked (evaluate, predict, export)."""
     if not isinstance(saved, dict) or any(key not in saved for key in need):
-        raise UserError(f"{source}: no usable saved config ({'/'.join(need)}); evaluate it "
-                        f"with weights={source} model=... data=...")
+        raise UserError(
+            f"{source}: no usable saved config ({'/'.join(need)}); evaluate it with weights={source} model=... data=..."
+        )
     kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed")}
     for key in need:
         if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
-            raise UserError(f"{source}: saved config: {key} has no _target_ naming what to "
-                            f"build")
+            raise UserError(f"{source}: saved config: {key} has no _target_ naming what to build")
     check_loaded_targets(kept, source)
     try:
         config = OmegaConf.create(kept)
@@ -597,16 +689,14 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
     except UserError as err:
         raise UserError(f"{source}: saved config: {err}") from None
     except Exception as err:  # omegaconf's errors on odd keys/values: one line
-        raise UserError(f"{source}: unusable config ({str(err).splitlines()[0][:200]})"
-                        ) from None
+        raise UserError(f"{source}: unusable config ({str(err).splitlines()[0][:200]})") from None
     return config
 
 
 # ---------------------------------------------------------------------------------- paths
 
 # Keys naming files or folders (train, evaluate, predict): relative to the start folder.
-PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", "data.path",
-             "data.root")
+PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", "data.path", "data.root")
 
 
 def from_start_dir(path: str) -> str:

@@ -49,6 +49,7 @@ class FollowerError(UserError):
 
 # ------------------------------------------------------------------------------ who am I
 
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -81,6 +82,7 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
 
 # ----------------------------------------------------------------------------- set up
 
+
 def setup_distributed(cfg: DictConfig) -> torch.device:
     """Resolve the device and the per-process batch size; join the process group under
     torchrun. Returns this process's device (cuda:LOCAL_RANK on GPUs)."""
@@ -92,18 +94,24 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     if world <= 1:
         return device
     if device.type == "mps":
-        raise UserError("trainer.device=mps: torch.distributed has no MPS backend; run "
-                        "torchrun with trainer.device=cpu, or plain python train.py on MPS")
+        raise UserError(
+            "trainer.device=mps: torch.distributed has no MPS backend; run "
+            "torchrun with trainer.device=cpu, or plain python train.py on MPS"
+        )
     if device.type == "cuda":
         requested = str(cfg.trainer.device)
         if requested not in ("auto", "cuda"):
-            raise UserError(f"trainer.device={requested}: under torchrun each process uses "
-                            f"cuda:LOCAL_RANK; use trainer.device=auto or cuda and pick GPUs "
-                            f"with CUDA_VISIBLE_DEVICES")
+            raise UserError(
+                f"trainer.device={requested}: under torchrun each process uses "
+                f"cuda:LOCAL_RANK; use trainer.device=auto or cuda and pick GPUs "
+                f"with CUDA_VISIBLE_DEVICES"
+            )
         index = int(os.environ.get("LOCAL_RANK", 0))
         if index >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK={index}: only {torch.cuda.device_count()} CUDA "
-                            f"device(s) on this node; lower torchrun --nproc_per_node")
+            raise UserError(
+                f"LOCAL_RANK={index}: only {torch.cuda.device_count()} CUDA "
+                f"device(s) on this node; lower torchrun --nproc_per_node"
+            )
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -113,8 +121,11 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     _comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     if rank() == 0:
         per_rank = int(cfg.data.batch_size)
-        print(f"distributed: {world} processes ({dist.get_backend()}), data.batch_size="
-              f"{per_rank} per process, global batch {per_rank * world}", flush=True)
+        print(
+            f"distributed: {world} processes ({dist.get_backend()}), data.batch_size="
+            f"{per_rank} per process, global batch {per_rank * world}",
+            flush=True,
+        )
     else:  # one progress log: the other ranks' stdout goes nowhere (stderr stays)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
         warnings.filterwarnings("ignore", category=UserWarning)  # same warnings as rank 0
@@ -123,10 +134,14 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
 
 # (world size, rank, local rank, node list, job id) variables of a scheduler's task
 _SCHEDULERS = {
-    "slurm": ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST",
-              "SLURM_JOB_ID"),
-    "submitit_local": ("SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID",
-                       "SUBMITIT_LOCAL_LOCALID", None, "SUBMITIT_LOCAL_JOB_ID"),
+    "slurm": ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID"),
+    "submitit_local": (
+        "SUBMITIT_LOCAL_NTASKS",
+        "SUBMITIT_LOCAL_GLOBALID",
+        "SUBMITIT_LOCAL_LOCALID",
+        None,
+        "SUBMITIT_LOCAL_JOB_ID",
+    ),
 }
 
 
@@ -149,8 +164,7 @@ def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
             if not env["MASTER_ADDR"]:
                 env["MASTER_ADDR"] = "127.0.0.1"
             # One port per job (the same in every task): jobs sharing a node do not collide.
-            env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get(job, "0"))
-                                                          or 0) % 20000))
+            env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get(job, "0")) or 0) % 20000))
             return name
     return None
 
@@ -180,11 +194,11 @@ def _resolve_batch_size(cfg: DictConfig, world: int) -> None:
     if total is None:
         return
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise UserError(f"trainer.global_batch_size={total!r}: expected an integer >= 1 "
-                        f"or null")
+        raise UserError(f"trainer.global_batch_size={total!r}: expected an integer >= 1 or null")
     if total % world:
-        raise UserError(f"trainer.global_batch_size={total}: not divisible by the {world} "
-                        f"processes; pick a multiple of {world}")
+        raise UserError(
+            f"trainer.global_batch_size={total}: not divisible by the {world} processes; pick a multiple of {world}"
+        )
     cfg.data.batch_size = total // world
 
 
@@ -205,8 +219,7 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel under torchrun (gradients all-reduced in backward)."""
     if not is_distributed():
         return model
-    return DistributedDataParallel(model, device_ids=[device.index]
-                                   if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -235,6 +248,7 @@ def shard(split: Split) -> Split:
 
 
 # ----------------------------------------------------------------------------- collectives
+
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks (float64)."""
@@ -273,8 +287,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             box[0] = ("ok", fn(*args, **kwargs))
         except BaseException as err:
-            box[0] = ("user" if user_error_in(err) is not None else "crash",
-                      f"{type(err).__name__}: {err}")
+            box[0] = ("user" if user_error_in(err) is not None else "crash", f"{type(err).__name__}: {err}")
             dist.broadcast_object_list(box, src=0)
             raise
     dist.broadcast_object_list(box, src=0)
@@ -303,8 +316,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
-def should_stop(stop: Any, reserve: float | None = None, step: int | None = None,
-                every: int = 1) -> bool:
+def should_stop(stop: Any, reserve: float | None = None, step: int | None = None, every: int = 1) -> bool:
     """Stop now? Signals and the time budget arrive on each rank at its own moment, so under
     torchrun the ranks agree on every `every`-th step (and at epoch ends, step=None); one
     rank stopping alone would leave the others waiting in the next all-reduce."""

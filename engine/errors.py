@@ -136,9 +136,21 @@ def user_error_in(err: BaseException) -> UserError | None:
 
 
 # What the file system answers, not a bug: read-only, full, no permission, I/O error, ...
-DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO,
-               errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EMLINK,
-               errno.ETXTBSY, errno.EBUSY}
+DISK_ERRNOS = {
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.EFBIG,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EMLINK,
+    errno.ETXTBSY,
+    errno.EBUSY,
+}
 
 
 def _disk_error_in(err: BaseException | None) -> str | None:

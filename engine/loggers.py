@@ -26,8 +26,7 @@ from engine.distributed import on_main
 from engine.errors import UserError, first_line
 from engine.metrics import append_csv, confusion_figure, loss_figure, write_csv
 
-KNOWN = {"csv": (), "tensorboard": ("flush_secs",),
-         "mlflow": ("tracking_uri", "experiment_name", "artifacts")}
+KNOWN = {"csv": (), "tensorboard": ("flush_secs",), "mlflow": ("tracking_uri", "experiment_name", "artifacts")}
 PARAM_LENGTH = 6000  # MLflow's limit (log_batch splits long lists itself)
 QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 FOLDER_TAG = "run_folder"  # MLflow tag: finds a run whose process died before any value
@@ -38,16 +37,16 @@ class TensorBoardLogger:
     resumed writer hides steps after its checkpoint (`purge_step`): only a resume from an
     earlier checkpoint than the last finds any."""
 
-    def __init__(self, run_dir: Path, config: dict, history: list[dict], step: int,
-                 flush_secs: int) -> None:
+    def __init__(self, run_dir: Path, config: dict, history: list[dict], step: int, flush_secs: int) -> None:
         self.dir, self.writer = run_dir / "tensorboard", None
         try:  # refused here in one line: the writer's thread would print a traceback
             self.dir.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.dir).close()
         except OSError as err:
             what = "not a folder" if self.dir.exists() and not self.dir.is_dir() else err.strerror
-            raise UserError(f"{self.dir}: {what}; logger=tensorboard expected a folder it can "
-                            f"write its event files to") from None
+            raise UserError(
+                f"{self.dir}: {what}; logger=tensorboard expected a folder it can write its event files to"
+            ) from None
         self.new = not any(self.dir.glob("events.out.tfevents.*"))
         self.config, self.history, self.step, self.flush = config, list(history), step, flush_secs
 
@@ -56,8 +55,9 @@ class TensorBoardLogger:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
-            self.writer = SummaryWriter(str(self.dir), flush_secs=self.flush,
-                                        purge_step=self.step + 1 if not self.new else None)
+            self.writer = SummaryWriter(
+                str(self.dir), flush_secs=self.flush, purge_step=self.step + 1 if not self.new else None
+            )
             if self.new:  # a new run (or the first with tensorboard): config, earlier epochs
                 text = OmegaConf.to_yaml(self.config).replace("\n", "\n    ")
                 self.writer.add_text("config", "    " + text, self.step)
@@ -89,9 +89,17 @@ class MLflowLogger:
     A resume reopens it and logs the checkpoint's epochs it lacks (tracking failed mid-run),
     unless it holds later ones (a resume from an earlier checkpoint: MLflow cannot delete)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path, run_name: str,
-                 config: dict, history: list[dict], run_id: str | None,
-                 artifacts: bool) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_dir: Path,
+        run_name: str,
+        config: dict,
+        history: list[dict],
+        run_id: str | None,
+        artifacts: bool,
+    ) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient  # installed: check_logger_config
 
@@ -99,8 +107,7 @@ class MLflowLogger:
         # It logs, with a traceback, the errors it then raises to us: said in one line.
         logging.getLogger("mlflow.store.db").setLevel(logging.CRITICAL)
         self.artifacts, self.failed = artifacts, False
-        self.db = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith(
-            "sqlite:///") else None
+        self.db = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
         try:
             # MLflow creates a new SQLite store's tables on first use: two runs doing it at
             # once clash (a table that already exists); a flock on <db>.lock takes turns.
@@ -116,33 +123,41 @@ class MLflowLogger:
             # this gets one try of 5 s (unless set). patch.dict undoes it; later calls retry.
             with patch.dict(os.environ, {k: v for k, v in QUICK.items() if k not in os.environ}):
                 self.client.search_experiments(max_results=1)
-            run = self._open_run(run_id, history[-1]["epoch"] if history else 0, experiment,
-                                 run_name, str(run_dir.resolve()))
+            run = self._open_run(
+                run_id, history[-1]["epoch"] if history else 0, experiment, run_name, str(run_dir.resolve())
+            )
             self.run_id, have = run.info.run_id, self._steps(run)
             if run.info.status != "RUNNING":
                 self.client.update_run(self.run_id, status="RUNNING")
             # Params cannot change within a run: a resume keeps them and names those changed.
             flat = {k: str(v)[:PARAM_LENGTH] for k, v in _flatten(config).items()}
             changed = [k for k, v in flat.items() if run.data.params.get(k, v) != v]
-            self.client.log_batch(self.run_id, params=[
-                Param(k, v) for k, v in flat.items() if k not in run.data.params])
-            self._log_rows([{k: v for k, v in row.items() if k in ("epoch", "step")
-                             or row["epoch"] not in have.get(k, ())} for row in history])
+            self.client.log_batch(
+                self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in run.data.params]
+            )
+            self._log_rows(
+                [
+                    {k: v for k, v in row.items() if k in ("epoch", "step") or row["epoch"] not in have.get(k, ())}
+                    for row in history
+                ]
+            )
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
-            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; "
-                            f"expected an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a "
-                            f"reachable MLflow server (http://HOST:PORT)") from None
+            raise UserError(
+                f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; "
+                f"expected an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a "
+                f"reachable MLflow server (http://HOST:PORT)"
+            ) from None
         print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
         if changed:
-            print(f"mlflow: params keep their first values; changed on resume: "
-                  f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}")
+            print(
+                f"mlflow: params keep their first values; changed on resume: "
+                f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}"
+            )
 
     def _steps(self, run: Any) -> dict[str, set[int]]:
-        return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)}
-                for key in run.data.metrics}
+        return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
 
-    def _open_run(self, run_id: str | None, epoch: int, experiment: str, run_name: str,
-                  folder: str) -> Any:
+    def _open_run(self, run_id: str | None, epoch: int, experiment: str, run_name: str, folder: str) -> Any:
         """The checkpoint's run, else this folder's run that never got a value, else new."""
         from mlflow.exceptions import MlflowException
 
@@ -157,31 +172,35 @@ class MLflowLogger:
                 why = f"holds epochs after this checkpoint's epoch {epoch}"
             else:
                 return run
-            print(f"mlflow: run {run_id} of the checkpoint {why}; starting a new MLflow run "
-                  f"with the history so far")
+            print(f"mlflow: run {run_id} of the checkpoint {why}; starting a new MLflow run with the history so far")
         found = self.client.get_experiment_by_name(experiment)
         if found is not None and found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
         # A SQLite store keeps the artifacts beside it, not in ./mlruns of the working folder.
         where = self.db and (self.db.parent / "mlartifacts" / experiment.replace("/", "_"))
         try:
-            experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=where and where.resolve().as_uri())
+            experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment, artifact_location=where and where.resolve().as_uri())
+            )
         except MlflowException:  # another job of a sweep created it just now
             experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        for run in self.client.search_runs([experiment_id], "attributes.status != 'FINISHED'",
-                                           max_results=1000):
+        for run in self.client.search_runs([experiment_id], "attributes.status != 'FINISHED'", max_results=1000):
             if run.data.tags.get(FOLDER_TAG) == folder and not run.data.metrics:
                 return run
-        return self.client.create_run(experiment_id, run_name=run_name,
-                                      tags={FOLDER_TAG: folder})
+        return self.client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: folder})
 
     def _log_rows(self, rows: list[dict]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in rows
-                   for k, v in row.items() if k not in ("epoch", "step")]
+        metrics = [
+            Metric(k, float(v), now, int(row["epoch"]))
+            for row in rows
+            for k, v in row.items()
+            if k not in ("epoch", "step")
+        ]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def send(self, entries: list[dict]) -> None:
@@ -190,12 +209,18 @@ class MLflowLogger:
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
         """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
+
         def finish() -> None:
             logged = self.client.get_run(self.run_id).data.metrics
-            self._log_rows([{"epoch": history[-1]["epoch"] if history else 0, **{
-                k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged}}])
-            best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else \
-                run_dir / "last.pt"
+            self._log_rows(
+                [
+                    {
+                        "epoch": history[-1]["epoch"] if history else 0,
+                        **{k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged},
+                    }
+                ]
+            )
+            best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
             if self.artifacts and best.is_file():
                 self.client.log_artifact(self.run_id, str(best.resolve()))
             if self.artifacts and (run_dir / "export").is_dir():
@@ -214,8 +239,11 @@ class MLflowLogger:
             action()
         except Exception as err:  # noqa: BLE001
             self.failed = True
-            print(f"warning: mlflow: {_reason(err)}; training goes on without MLflow "
-                  f"(resume=auto fills in the missing epochs)", flush=True)
+            print(
+                f"warning: mlflow: {_reason(err)}; training goes on without MLflow "
+                f"(resume=auto fills in the missing epochs)",
+                flush=True,
+            )
 
 
 def _reason(err: BaseException) -> str:
@@ -233,8 +261,9 @@ def _reason(err: BaseException) -> str:
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value
-                    else {f"{prefix}{key}": value})
+        flat.update(
+            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+        )
     return flat
 
 
@@ -267,8 +296,7 @@ class Loggers:
         for tracker in self.trackers if ready else []:
             tracker.send(ready)
 
-    def finish(self, run_dir: Path, history: list[dict], metrics: dict,
-               again: bool = False) -> None:
+    def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool = False) -> None:
         """After the last write: the values left, each tracker's end of run, then close."""
         self.saved()
         for tracker in self.trackers:
@@ -291,8 +319,7 @@ def _close_all(trackers: list[Any], status: str) -> None:
         tracker.close(status)
 
 
-def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any
-                 ) -> Loggers:
+def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any) -> Loggers:
     """The trackers `logger=` chose, opened to continue `resumed`'s run (rank 0: on_main,
     where one that cannot start stops every rank), then metrics.csv is rewritten from the
     history; none but metrics.csv under trainer.fast_dev_run (nothing is kept)."""
@@ -304,18 +331,30 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         try:
             if "tensorboard" in chosen:
-                opened.append(TensorBoardLogger(
-                    run_dir, config, progress.history, progress.global_step,
-                    int(chosen["tensorboard"].get("flush_secs", 30))))
+                opened.append(
+                    TensorBoardLogger(
+                        run_dir,
+                        config,
+                        progress.history,
+                        progress.global_step,
+                        int(chosen["tensorboard"].get("flush_secs", 30)),
+                    )
+                )
             if "mlflow" in chosen:
                 settings, root = chosen["mlflow"], Path(str(cfg.checkpoint.root)).resolve()
-                name = run_dir.resolve().relative_to(root) if run_dir.resolve(
-                    ).is_relative_to(root) else run_dir.name
-                opened.append(MLflowLogger(
-                    str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
-                    str(settings.get("experiment_name") or cfg.run_name or cfg.name),
-                    run_dir, str(name), config, progress.history,
-                    carried.get("mlflow_run_id"), bool(settings.get("artifacts", True))))
+                name = run_dir.resolve().relative_to(root) if run_dir.resolve().is_relative_to(root) else run_dir.name
+                opened.append(
+                    MLflowLogger(
+                        str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
+                        str(settings.get("experiment_name") or cfg.run_name or cfg.name),
+                        run_dir,
+                        str(name),
+                        config,
+                        progress.history,
+                        carried.get("mlflow_run_id"),
+                        bool(settings.get("artifacts", True)),
+                    )
+                )
             write_csv(run_dir / "metrics.csv", progress.history)
         except BaseException:
             _close_all(opened, "FAILED")
@@ -328,8 +367,11 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
 
 def _same_run(cfg: DictConfig, run_dir: Path) -> bool:
     """A branch into another folder or resume_mode=weights starts new tracker runs."""
-    return str(cfg.get("resume_mode", "exact")) == "exact" and cfg.resume is not None and (
-        str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve())
+    return (
+        str(cfg.get("resume_mode", "exact")) == "exact"
+        and cfg.resume is not None
+        and (str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve())
+    )
 
 
 def check_logger_config(section: Any) -> dict[str, dict]:
@@ -337,18 +379,18 @@ def check_logger_config(section: Any) -> dict[str, dict]:
     if isinstance(section, DictConfig):
         section = OmegaConf.to_container(section, resolve=True)
     if not isinstance(section or {}, dict):
-        raise UserError(f"logger={section!r}: expected a mapping; choose trackers with "
-                        f"logger=[csv,tensorboard,mlflow]")
+        raise UserError(f"logger={section!r}: expected a mapping; choose trackers with logger=[csv,tensorboard,mlflow]")
     chosen = {name: settings or {} for name, settings in (section or {}).items()}
     for name, settings in chosen.items():
         if name not in KNOWN:
-            raise UserError(f"logger.{name}: unknown tracker; expected csv, tensorboard or "
-                            f"mlflow (logger=[csv,tensorboard])")
-        extra = [k for k in settings if k not in KNOWN[name]] if isinstance(
-            settings, dict) else ["(expected a mapping)"]
+            raise UserError(
+                f"logger.{name}: unknown tracker; expected csv, tensorboard or mlflow (logger=[csv,tensorboard])"
+            )
+        extra = (
+            [k for k in settings if k not in KNOWN[name]] if isinstance(settings, dict) else ["(expected a mapping)"]
+        )
         if extra:
-            raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: "
-                            f"{', '.join(KNOWN[name]) or 'none'}")
+            raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: {', '.join(KNOWN[name]) or 'none'}")
     flush = chosen.get("tensorboard", {}).get("flush_secs", 30)
     if type(flush) is not int or flush < 1:
         raise UserError(f"logger.tensorboard.flush_secs={flush!r}: expected whole seconds >= 1")

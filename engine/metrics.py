@@ -36,9 +36,17 @@ from engine.runtime import resolve_device
 
 # ------------------------------------------------------------------------ evaluation
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches: Any, loss_fn: Any, classification: bool,
-             autocast_ctx: Any = None, *, all_ranks: bool = False, confusion: bool = False,
-             outputs: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module,
+    batches: Any,
+    loss_fn: Any,
+    classification: bool,
+    autocast_ctx: Any = None,
+    *,
+    all_ranks: bool = False,
+    confusion: bool = False,
+    outputs: bool = False,
+) -> dict[str, Any]:
     """`loss`, `acc` (a classifier) and `samples` of a split; sums stay on the device until
     the end. all_ranks: each rank's `distributed.shard`, summed over ranks (the plain module
     runs: no collective in the loop, shards may differ in length). confusion: also
@@ -56,7 +64,7 @@ def evaluate(model: torch.nn.Module, batches: Any, loss_fn: Any, classification:
             predicted, classes = out.argmax(1), out.shape[1]
             hits.append((predicted == y).sum())
         if confusion:
-            pairs.append(torch.bincount(y * classes + predicted, minlength=classes ** 2))
+            pairs.append(torch.bincount(y * classes + predicted, minlength=classes**2))
         if outputs:
             kept.append(out.float().cpu())
         n += len(y)
@@ -79,6 +87,7 @@ def evaluate(model: torch.nn.Module, batches: Any, loss_fn: Any, classification:
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file from the run's history (atomic): after a resume the CSV holds
     exactly the epochs the model state has seen, none duplicated, none missing."""
+
     def write(out) -> None:
         if rows:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
@@ -105,16 +114,17 @@ def append_csv(path: Path, row: dict) -> None:
 # -------------------------------------------------------------------------- plots
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def save_figure(fig, path: Path) -> Path:
     """PNG, written atomically (a kill mid-write never leaves a torn file), then closed."""
     try:
-        return write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100),
-                            binary=True)
+        return write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
     finally:
         _pyplot().close(fig)
 
@@ -130,28 +140,31 @@ def loss_figure(rows: list[dict]):
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
     ax.plot(epochs, [r["val_loss"] for r in rows], label="val loss")
-    ax.set(xlabel="epoch", ylabel="loss", title=f"training and validation loss ({len(rows)} "
-           f"epochs)", yscale="log" if min(r["val_loss"] for r in rows) > 0 else "linear")
+    ax.set(
+        xlabel="epoch",
+        ylabel="loss",
+        title=f"training and validation loss ({len(rows)} epochs)",
+        yscale="log" if min(r["val_loss"] for r in rows) > 0 else "linear",
+    )
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def regression_figure(train: tuple[torch.Tensor, torch.Tensor],
-                      test: tuple[torch.Tensor, torch.Tensor], predictions: torch.Tensor,
-                      split: str = "test"):
+def regression_figure(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    predictions: torch.Tensor,
+    split: str = "test",
+):
     """The workflow tutorial's plot_predictions against the last feature column (x); the
     data points are drawn above the predictions, so a good fit does not hide them."""
     fig, ax = _pyplot().subplots(figsize=(6, 4))
-    ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data",
-               zorder=2)
-    ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5,
-               label="predictions", zorder=3)
-    ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data",
-               zorder=4)
-    ax.set(xlabel="x (input feature)", ylabel="y (target / prediction)",
-           title=f"predictions on the {split} split")
+    ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data", zorder=2)
+    ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5, label="predictions", zorder=3)
+    ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data", zorder=4)
+    ax.set(xlabel="x (input feature)", ylabel="y (target / prediction)", title=f"predictions on the {split} split")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -170,34 +183,50 @@ def confusion_figure(matrix: torch.Tensor):
     dark = float(matrix.max()) / 2
     for i in range(classes):
         for j in range(classes):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=10,
-                    color="white" if float(matrix[i, j]) > dark else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=10,
+                color="white" if float(matrix[i, j]) > dark else "black",
+            )
     total = float(matrix.sum())
-    ax.set(xlabel="predicted class", ylabel="true class",
-           title=f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}")
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}",
+    )
     fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------- the end of a run
-def finish_run(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, data: Any, loss_fn: Any,
-               device: torch.device, history: list[dict], ctx: Any = None,
-               only_missing: bool = False) -> dict[str, Any]:
+def finish_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    data: Any,
+    loss_fn: Any,
+    device: torch.device,
+    history: list[dict],
+    ctx: Any = None,
+    only_missing: bool = False,
+) -> dict[str, Any]:
     """loss_curve.png, test_metrics.json (best.pt on the test split) and export/; again, with
     only_missing, on `resume=auto` of a complete run: a stop after the last checkpoint (kill,
     Ctrl-C, full disk) is made good then. Loads best.pt into `model`; returns its metrics.
     torchrun: rank 0 does it all; the barrier: a rank leaving right after a broadcast
     sometimes aborted in gloo's teardown."""
-    result = ddp.on_main(_finish, cfg, run_dir, model, data, loss_fn, device, history, ctx,
-                         only_missing)
+    result = ddp.on_main(_finish, cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missing)
     if ddp.is_distributed():
         torch.distributed.barrier()
     return result
 
 
 def _finish(cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missing) -> dict:
-    plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json",
-                                      run_dir / "export")
+    plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json", run_dir / "export")
     # A run continued in a new folder from another run's checkpoint has no best.pt of its own
     # until an epoch beats the best it inherited: then its newest checkpoint stands in.
     best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
@@ -211,15 +240,26 @@ def _finish(cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missi
         state = load_checkpoint(best, "cpu")
         load_model_state(ddp.unwrap(model), inference_weights(state), best)  # EMA when kept
         split, classification = data.split("test"), data.task == "classification"
-        result = evaluate(ddp.unwrap(model), Batches(split, data.batch_size, device,
-                                                     num_workers=data.num_workers),
-                          loss_fn, classification, ctx, confusion=classification)
+        result = evaluate(
+            ddp.unwrap(model),
+            Batches(split, data.batch_size, device, num_workers=data.num_workers),
+            loss_fn,
+            classification,
+            ctx,
+            confusion=classification,
+        )
         metrics = {f"test_{k}": result[k] for k in ("loss", "acc") if k in result}
-        metrics.update(epoch=int(state["epoch"]), samples=len(split), checkpoint=str(best),
-                       **{k: result[k] for k in ("confusion_matrix",) if k in result})
+        metrics.update(
+            epoch=int(state["epoch"]),
+            samples=len(split),
+            checkpoint=str(best),
+            **{k: result[k] for k in ("confusion_matrix",) if k in result},
+        )
         write_atomic(metrics_path, lambda out: out.write(json.dumps(metrics, indent=2) + "\n"))
-        print(f"test ({best.name}, epoch {metrics['epoch']}): " + "  ".join(
-            f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_")))
+        print(
+            f"test ({best.name}, epoch {metrics['epoch']}): "
+            + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_"))
+        )
         made.append(metrics_path.name)
     exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
     if cfg.checkpoint.export and not (only_missing and exported):
@@ -249,8 +289,7 @@ class Loaded:
     def loss(self) -> torch.nn.Module:
         if self.config.get("loss") is not None:
             return self.build("loss")
-        return torch.nn.CrossEntropyLoss() if self.data.task == "classification" \
-            else torch.nn.MSELoss()
+        return torch.nn.CrossEntropyLoss() if self.data.task == "classification" else torch.nn.MSELoss()
 
 
 def load_for_inference(cfg: DictConfig) -> Loaded:
@@ -261,8 +300,10 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
     ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
     program, trusted = None, set()  # trusted: sections from the command line, not the file
     if bool(ckpt) == bool(weights):
-        raise UserError("give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
-                        "or weights=PATH (a bare state_dict, with model=... data=...)")
+        raise UserError(
+            "give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
+            "or weights=PATH (a bare state_dict, with model=... data=...)"
+        )
     if ckpt:
         source = Path(str(ckpt))
         if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
@@ -270,14 +311,17 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         elif is_export(source):
             saved, state = load_export(source)
         elif source.is_dir():
-            raise UserError(f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
-                            f"expected a checkpoint file (.pt) or an export folder")
+            raise UserError(
+                f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
+                f"expected a checkpoint file (.pt) or an export folder"
+            )
         else:
             checkpoint = load_checkpoint(source, "cpu")
             saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
         # The file's config names the classes to build: only project/torch.nn ones.
-        config = saved_sections(saved, source, ("data",) if program is not None
-                                else ("data", "model"))  # .pt2: no model section
+        config = saved_sections(
+            saved, source, ("data",) if program is not None else ("data", "model")
+        )  # .pt2: no model section
         # A command-line data choice wins (evaluate on another dataset or a moved root).
         if cfg.get("data") is not None:
             config.data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -285,11 +329,13 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
     else:
         source = Path(str(weights))
         if cfg.get("model") is None or cfg.get("data") is None:
-            raise UserError(f"weights={source}: name the architecture and data too, e.g. "
-                            f"model=small_cnn data=digits")
-        config = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True)
-                                   if cfg.get(k) is not None else None
-                                   for k in ("data", "model", "loss")})
+            raise UserError(f"weights={source}: name the architecture and data too, e.g. model=small_cnn data=digits")
+        config = OmegaConf.create(
+            {
+                k: OmegaConf.to_container(cfg[k], resolve=True) if cfg.get(k) is not None else None
+                for k in ("data", "model", "loss")
+            }
+        )
         state, trusted = None, {"data", "model", "loss"}
     if cfg.get("batch_size"):
         config.data.batch_size = int(cfg.batch_size)

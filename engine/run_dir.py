@@ -64,8 +64,7 @@ def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
     """<root>/<run_name>, refusing names that would leave the checkpoint root."""
     name = str(run_name)
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or name.startswith("~"):
-        raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root "
-                        f"(no '..', no absolute path)")
+        raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root (no '..', no absolute path)")
     run_dir = Path(root) / name
     if not run_dir.resolve().is_relative_to(Path(root).resolve()):
         raise UserError(f"{key}={name!r}: resolves outside checkpoint.root={root}")
@@ -97,8 +96,9 @@ def lock_file(path: Path, busy: str) -> None:
     except OSError as err:  # busy, or a file system without flock (some network mounts)
         holder = _holder(fd) if isinstance(err, BlockingIOError) else None
         os.close(fd)
-        raise UserError(busy.replace("{holder}", holder) if holder else
-                        f"{path}: cannot lock it ({err.strerror or err})") from None
+        raise UserError(
+            busy.replace("{holder}", holder) if holder else f"{path}: cannot lock it ({err.strerror or err})"
+        ) from None
     _held[key] = fd
 
 
@@ -119,8 +119,11 @@ def _holder(fd: int) -> str:
 
 
 def _lock_run(run_dir: Path) -> None:
-    lock_file(run_dir / LOCK_NAME, f"{run_dir} is in use by another training process "
-              "({holder}); wait for it to finish or stop it, or pick another run_name=")
+    lock_file(
+        run_dir / LOCK_NAME,
+        f"{run_dir} is in use by another training process "
+        "({holder}); wait for it to finish or stop it, or pick another run_name=",
+    )
 
 
 def _drop_inherited_locks() -> None:
@@ -178,21 +181,27 @@ def write_atomic(path: Path, write: Callable[[IO], object], binary: bool = False
     return path
 
 
-def check_output(path: Path, own_kind: Callable[[Path], bool], what: str,
-                 reads: tuple[Path | None, ...] = (), name: str | None = None) -> None:
+def check_output(
+    path: Path,
+    own_kind: Callable[[Path], bool],
+    what: str,
+    reads: tuple[Path | None, ...] = (),
+    name: str | None = None,
+) -> None:
     """evaluate.py / predict.py replace an existing file only when it is their own kind of
     output (by content: a renamed checkpoint is still a checkpoint), never one being read."""
     name = name or f"output={path}"
     for source in filter(None, reads):
         if path.exists() and source.exists() and os.path.samefile(path, source):
-            raise UserError(f"{name}: is the same file as {source}, which is being read; choose "
-                            f"another output=")
+            raise UserError(f"{name}: is the same file as {source}, which is being read; choose another output=")
     if path.is_dir():
         raise UserError(f"{name}: is a folder; expected a file name")
     if path.exists() and not own_kind(path):
-        raise UserError(f"{name}: exists and is not {what}; refusing to overwrite it (a "
-                        f"checkpoint, export, metrics.csv or config.yaml is never "
-                        f"overwritten); choose another output=")
+        raise UserError(
+            f"{name}: exists and is not {what}; refusing to overwrite it (a "
+            f"checkpoint, export, metrics.csv or config.yaml is never "
+            f"overwritten); choose another output="
+        )
 
 
 def is_eval_json(path: Path) -> bool:
@@ -223,11 +232,14 @@ def check_export_dir(out_dir: Path) -> None:
         return
     run_files = sorted(p.name for p in out_dir.iterdir() if RUN_FILES.match(p.name))
     if run_files:
-        raise UserError(f"{out_dir}: is a run folder ({', '.join(run_files[:3])}); export "
-                        f"into a folder of its own, e.g. {out_dir / 'export'}")
+        raise UserError(
+            f"{out_dir}: is a run folder ({', '.join(run_files[:3])}); export "
+            f"into a folder of its own, e.g. {out_dir / 'export'}"
+        )
     if (out_dir / "config.yaml").exists() and not (out_dir / "model.safetensors").is_file():
-        raise UserError(f"{out_dir}: has a config.yaml that is not an export's; refusing to "
-                        f"overwrite it; choose another folder")
+        raise UserError(
+            f"{out_dir}: has a config.yaml that is not an export's; refusing to overwrite it; choose another folder"
+        )
 
 
 # ------------------------------------------------------------------ checkpoint files
@@ -248,12 +260,11 @@ class EarlyWriteback:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.CHUNK):  # a 400 MiB record goes in chunks
-            self.written += self.out.write(view[start:start + self.CHUNK])
+            self.written += self.out.write(view[start : start + self.CHUNK])
             if self.advise is not None and self.written - self.started >= self.CHUNK:
                 self.out.flush()
                 try:
-                    self.advise(self.out.fileno(), self.started, self.written - self.started,
-                                os.POSIX_FADV_DONTNEED)
+                    self.advise(self.out.fileno(), self.started, self.written - self.started, os.POSIX_FADV_DONTNEED)
                 except OSError:  # only a hint; some file systems refuse it
                     self.advise = None
                 self.started = self.written
@@ -270,7 +281,8 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     except OSError as err:
         raise CheckpointWriteError(
             f"{path}: checkpoint write failed ({err.strerror or err}); the previous "
-            f"checkpoints in {path.parent} are intact") from None
+            f"checkpoints in {path.parent} are intact"
+        ) from None
 
 
 def atomic_link(source: Path, link: Path) -> None:
@@ -287,8 +299,7 @@ def atomic_link(source: Path, link: Path) -> None:
         _fsync_dir(link.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"{link}: could not update ({err.strerror or err}); "
-                                   f"{source} is intact") from None
+        raise CheckpointWriteError(f"{link}: could not update ({err.strerror or err}); {source} is intact") from None
 
 
 def verify(path: Path) -> None:
@@ -321,8 +332,7 @@ class Snapshot:
                 buffer = self.buffers[len(used)] if len(used) < len(self.buffers) else None
                 on_gpu = source.device.type == "cuda"
                 if buffer is None or buffer.nbytes() != source.nbytes():
-                    buffer = torch.empty(source.nbytes(), dtype=torch.uint8,
-                                         pin_memory=on_gpu).untyped_storage()
+                    buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=on_gpu).untyped_storage()
                 buffer.copy_(source, non_blocking=on_gpu)
                 copies[key] = buffer
                 used.append(buffer)
@@ -330,12 +340,13 @@ class Snapshot:
 
         def walk(obj: Any) -> Any:
             if isinstance(obj, torch.Tensor):
-                if type(obj) is not torch.Tensor or obj.layout != torch.strided \
-                        or obj.is_quantized:  # rare kinds: a plain deep copy
+                if (
+                    type(obj) is not torch.Tensor or obj.layout != torch.strided or obj.is_quantized
+                ):  # rare kinds: a plain deep copy
                     return copy.deepcopy(obj.detach()).cpu()
                 out = torch.empty(0, dtype=obj.dtype).set_(
-                    storage_copy(obj.untyped_storage()), obj.storage_offset(), obj.size(),
-                    obj.stride())
+                    storage_copy(obj.untyped_storage()), obj.storage_offset(), obj.size(), obj.stride()
+                )
                 return out.requires_grad_(obj.requires_grad)
             if isinstance(obj, dict):
                 out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
@@ -370,8 +381,7 @@ def prune(run_dir: Path, saved: list[str], keep_last: int) -> list[str]:
 
 def _retainable(run_dir: Path, name: Any) -> bool:
     """Only a periodic name of a non-link is ever deleted, whatever saved_files says."""
-    return isinstance(name, str) and bool(PERIODIC.match(name)) \
-        and not (run_dir / name).is_symlink()
+    return isinstance(name, str) and bool(PERIODIC.match(name)) and not (run_dir / name).is_symlink()
 
 
 class CheckpointSaver:
@@ -380,15 +390,17 @@ class CheckpointSaver:
     background=True (checkpoint.async): save() snapshots and returns; one thread write in
     flight; its error raises at the next save(), wait() or close(), or prints at exit."""
 
-    def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None,
-                 background: bool = False) -> None:
+    def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None, background: bool = False) -> None:
         self.run_dir, self.keep_last = run_dir, keep_last
         names = list(saved) if isinstance(saved, (list, tuple)) else []
         self.saved = [n for n in names if _retainable(run_dir, n)]
         if ignored := [n for n in names if n not in self.saved]:
-            print(f"warning: {run_dir}: the checkpoint's saved_files lists {len(ignored)} name(s) "
-                  f"that are not this run's periodic checkpoints, e.g. {ignored[0]!r}; "
-                  f"retention ignores them and never deletes them", file=sys.stderr)
+            print(
+                f"warning: {run_dir}: the checkpoint's saved_files lists {len(ignored)} name(s) "
+                f"that are not this run's periodic checkpoints, e.g. {ignored[0]!r}; "
+                f"retention ignores them and never deletes them",
+                file=sys.stderr,
+            )
         self.last_seconds = 0.0  # the latest save's duration, for trainer.max_time
         self.background = background  # checkpoint.async: a save is durable only later
         self._snapshot = Snapshot() if background else None
@@ -405,14 +417,15 @@ class CheckpointSaver:
         if name not in self.saved:
             self.saved.append(name)
         state["saved_files"] = saved = list(self.saved)
-        self.saved = saved[-self.keep_last:]  # what prune() keeps once the file is durable
+        self.saved = saved[-self.keep_last :]  # what prune() keeps once the file is durable
         pending, self._best = (None if best else self._best), None
         if self._snapshot is None:
             self._write(state, path, best, saved, start, pending)
         else:
             args = (self._snapshot.take(state), path, best, saved, start, pending)
-            self._thread = threading.Thread(target=self._write_in_background, args=args,
-                                            name="checkpoint-writer", daemon=False)
+            self._thread = threading.Thread(
+                target=self._write_in_background, args=args, name="checkpoint-writer", daemon=False
+            )
             self._thread.start()  # not a daemon: the process never exits with a write half done
         return path
 
@@ -421,8 +434,7 @@ class CheckpointSaver:
         save; a kill before then loses only epochs a resume recomputes exactly."""
         state["saved_files"] = list(self.saved)
         # the config and versions are the same objects at every save: shared, not copied
-        copied = Snapshot().take({k: v for k, v in state.items()
-                                  if k not in ("config", "versions")})
+        copied = Snapshot().take({k: v for k, v in state.items() if k not in ("config", "versions")})
         self._best = {k: copied.get(k, v) for k, v in state.items()}
 
     def wait(self) -> None:
@@ -451,8 +463,15 @@ class CheckpointSaver:
         except BaseException as err:  # kept for the main thread, raised by wait()
             self._error = err
 
-    def _write(self, state: dict[str, Any], path: Path, best: bool, saved: list[str],
-               start: float, pending_best: dict[str, Any] | None) -> None:
+    def _write(
+        self,
+        state: dict[str, Any],
+        path: Path,
+        best: bool,
+        saved: list[str],
+        start: float,
+        pending_best: dict[str, Any] | None,
+    ) -> None:
         if pending_best is not None:  # first: a resume from `path` must find its best.pt
             atomic_save(pending_best, self.run_dir / "best.pt")
         atomic_save(state, path)
@@ -476,8 +495,7 @@ def _report_unseen_errors() -> None:
 
 
 # --------------------------------------------------------------------- find latest
-def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = "cpu"
-                ) -> tuple[Path, dict] | None:
+def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
     """The newest checkpoint of `run_dir` that `load` accepts; newer ones it refuses are set
     aside. Only names train.py writes, each inode once under its periodic name."""
     if not run_dir.is_dir():
@@ -490,8 +508,7 @@ def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = 
     for paths in groups.values():
         try:  # a cheap read of the progress counters; full verification below
             head = _head(paths[0])
-            candidates.append(((int(head.get("global_step", 0)), int(head.get("epoch", 0))),
-                               paths))
+            candidates.append(((int(head.get("global_step", 0)), int(head.get("epoch", 0))), paths))
         except Exception as err:  # any unreadable file is set aside, not fatal
             try:  # the zip check names the problem better (truncated, checksum)
                 verify(paths[0])
@@ -509,8 +526,7 @@ def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = 
 
 def _head(path: Path) -> Any:
     """A checkpoint memory-mapped: its counters are read, its tensors are not."""
-    return torch.load(path, map_location="cpu", weights_only=True,
-                      mmap=zipfile.is_zipfile(path))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def _set_aside(paths: list[Path], why: str) -> None:
@@ -524,16 +540,14 @@ def _set_aside(paths: list[Path], why: str) -> None:
         try:
             os.replace(path, aside)
         except OSError as err:  # a read-only folder: say what was wrong with the file too
-            raise UserError(f"{path}: {why}; cannot set it aside as {aside.name} "
-                            f"({err.strerror or err})") from None
+            raise UserError(f"{path}: {why}; cannot set it aside as {aside.name} ({err.strerror or err})") from None
         moved.append(aside.name)
     links = f" (and its links {', '.join(moved[1:])})" if len(moved) > 1 else ""
     warnings.warn(f"skipped {paths[0]}: {why}; kept it as {moved[0]}{links}", stacklevel=3)
 
 
 # -------------------------------------------------------------- opening a run
-def open_run(cfg: DictConfig, device: torch.device, load: Loader
-             ) -> tuple[Path, CheckpointSaver, dict | None]:
+def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None]:
     """The run folder (locked), its saver and the checkpoint to resume from. Rank 0 decides;
     the other ranks read the file it names."""
     opened: list[Any] = []
@@ -549,18 +563,18 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader
         try:
             resumed = with_history(load(source, device), source) if source else None
         except UserError as err:
-            raise UserError(f"rank {ddp.rank()}: {err} (with several nodes, checkpoint.root "
-                            f"must be on a file system every node shares)") from None
+            raise UserError(
+                f"rank {ddp.rank()}: {err} (with several nodes, checkpoint.root "
+                f"must be on a file system every node shares)"
+            ) from None
         saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last)
-    if resumed and str(cfg.resume) != "auto" and \
-            Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
+    if resumed and str(cfg.resume) != "auto" and Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
         # another folder's run keeps its best value (exact resume); accept_run brings its file
         resumed["best_from"] = str(cfg.resume)
     return run_dir, saver, resumed
 
 
-def _open(cfg: DictConfig, device: torch.device, load: Loader
-          ) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
+def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
     run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
     try:
         if run_dir.is_dir():  # before reading or cleaning anything in it
@@ -569,17 +583,21 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader
         # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
         weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
         if weights_mode and (cfg.resume is None or str(cfg.resume) == "auto"):
-            raise UserError("resume_mode=weights: name the checkpoint to start from with "
-                            "resume=PATH (and a new run_name=)")
+            raise UserError(
+                "resume_mode=weights: name the checkpoint to start from with resume=PATH (and a new run_name=)"
+            )
         if weights_mode and existing:
-            raise UserError(f"resume_mode=weights starts a new run, but {run_dir} already has "
-                            f"checkpoints; set run_name=NEW_NAME")
+            raise UserError(
+                f"resume_mode=weights starts a new run, but {run_dir} already has checkpoints; set run_name=NEW_NAME"
+            )
         resumed = source = None
         if cfg.resume is None:
             if existing:
-                raise UserError(f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
-                                f"{' ...' if len(existing) > 4 else ''}); continue it with "
-                                f"resume=auto or start another with run_name=NEW_NAME")
+                raise UserError(
+                    f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
+                    f"{' ...' if len(existing) > 4 else ''}); continue it with "
+                    f"resume=auto or start another with run_name=NEW_NAME"
+                )
         elif str(cfg.resume) == "auto":
             for tmp in run_dir.glob(".*.tmp"):  # half-written by a process that died mid-save
                 tmp.unlink(missing_ok=True)
@@ -593,22 +611,26 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader
             path = Path(str(cfg.resume))
             source, resumed = str(path), with_history(load(path, device), str(path))
             if existing and path.resolve().parent != run_dir.resolve():
-                raise UserError(f"resume={path}: {run_dir} already has checkpoints of another "
-                                f"run; set run_name=NEW_NAME to continue {path} there")
+                raise UserError(
+                    f"resume={path}: {run_dir} already has checkpoints of another "
+                    f"run; set run_name=NEW_NAME to continue {path} there"
+                )
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock_run(run_dir)  # a new folder is locked once it exists (no-op if held)
     except BaseException:  # refused: an in-process caller may go on, a later run must not wait
         unlock_file(run_dir / LOCK_NAME)
         raise
-    saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last,
-                            None if weights_mode else (resumed or {}).get("saved_files"),
-                            background=bool(cfg.checkpoint.get("async", False)))
+    saver = CheckpointSaver(
+        run_dir,
+        cfg.checkpoint.keep_last,
+        None if weights_mode else (resumed or {}).get("saved_files"),
+        background=bool(cfg.checkpoint.get("async", False)),
+    )
     weakref.finalize(saver, unlock_file, run_dir / LOCK_NAME)  # however train() ends
     return run_dir, saver, resumed, source
 
 
-def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None,
-               trains: bool = True) -> None:
+def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None, trains: bool = True) -> None:
     """The checkpoint is restored: only now does the folder change. A complete run (`trains`
     false) keeps its config.yaml, the values that ran."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -633,8 +655,7 @@ def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
             head = _head(candidate)
         except Exception:  # missing or unreadable: try the next
             continue
-        if isinstance(head, dict) and head.get("epoch") == best_epoch and \
-                not head.get("step_in_epoch"):
+        if isinstance(head, dict) and head.get("epoch") == best_epoch and not head.get("step_in_epoch"):
             atomic_link(candidate, run_dir / "best.pt")
             print(f"best.pt: {candidate} (the best epoch so far, {best_epoch})")
             return
@@ -647,8 +668,10 @@ def with_history(state: dict, source: str | None) -> dict:
     csv_path = Path(source).parent / "metrics.csv"
     history = read_history(csv_path, int(state["epoch"]))
     if len(history) < int(state["epoch"]) and ddp.is_main():
-        print(f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
-              f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those")
+        print(
+            f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
+            f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those"
+        )
     return {**state, "history": history}
 
 
@@ -660,8 +683,7 @@ def read_history(path: Path, epoch: int) -> list[dict]:
     with open(path, newline="") as rows:
         for row in csv.DictReader(rows):
             try:
-                parsed = {k: int(v) if k in ("epoch", "step") else float(v)
-                          for k, v in row.items()}
+                parsed = {k: int(v) if k in ("epoch", "step") else float(v) for k, v in row.items()}
             except (TypeError, ValueError):
                 break  # a torn or foreign row: keep what came before it
             if parsed.get("epoch") != len(history) + 1 or parsed["epoch"] > epoch:

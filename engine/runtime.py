@@ -34,11 +34,11 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"trainer.device={name}: CUDA is not available on this machine; "
-                            f"use trainer.device=cpu or auto")
+            raise UserError(
+                f"trainer.device={name}: CUDA is not available on this machine; use trainer.device=cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"trainer.device={name}: only {torch.cuda.device_count()} "
-                            f"CUDA device(s)")
+            raise UserError(f"trainer.device={name}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"trainer.device={name}: MPS is not available on this machine")
     return device
@@ -64,10 +64,14 @@ def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": {"version": version, "state": torch.from_numpy(np.array(mt, dtype=np.int64)),
-                   "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "python": {"version": version, "state": torch.from_numpy(np.array(mt, dtype=np.int64)), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -79,12 +83,13 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     nps = state["numpy"]
-    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
-                         nps["has_gauss"], nps["cached_gaussian"]))
+    np.random.set_state(
+        (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = [s.cpu() for s in state["cuda"]]
-        for index, cuda_state in enumerate(cuda_states[:torch.cuda.device_count()]):
+        for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
 
 

@@ -69,8 +69,7 @@ def best_of(run_dir: Path, monitor: str, mode: str) -> tuple[float | None, int |
                 value, epoch = float(row[monitor]), int(row["epoch"])
             except (KeyError, TypeError, ValueError):
                 continue
-            if math.isfinite(value) and (best[0] is None or (
-                    value < best[0] if mode == "min" else value > best[0])):
+            if math.isfinite(value) and (best[0] is None or (value < best[0] if mode == "min" else value > best[0])):
                 best = (value, epoch)
     return best
 
@@ -109,16 +108,21 @@ class SweepSummary(Callback):
         if self.sweep_dir is None:  # a single run
             return
         job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-        self._record(config, {"status": "running", "run_dir": str(job_run_dir(job_cfg, config)),
-                              "monitor": str(config.checkpoint.monitor),
-                              "mode": str(config.checkpoint.mode)})
+        self._record(
+            config,
+            {
+                "status": "running",
+                "run_dir": str(job_run_dir(job_cfg, config)),
+                "monitor": str(config.checkpoint.monitor),
+                "mode": str(config.checkpoint.mode),
+            },
+        )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.sweep_dir is None:
             return
         error = job_error(job_return)
-        self._record(config, {"status": "ok"} if error is None else
-                     {"status": "failed", "error": error})
+        self._record(config, {"status": "ok"} if error is None else {"status": "failed", "error": error})
         self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
@@ -126,8 +130,7 @@ class SweepSummary(Callback):
         path = self.sweep_dir / RECORDS / f"{key}.json"  # a job run again starts afresh:
         fresh = update["status"] == "running" or not path.is_file()
         record = {} if fresh else json.loads(path.read_text())
-        record.update(update, sweep=self.sweep, job=key,
-                      overrides=list(config.hydra.overrides.task))
+        record.update(update, sweep=self.sweep, job=key, overrides=list(config.hydra.overrides.task))
         write_atomic(path, lambda out: out.write(json.dumps(record, indent=1) + "\n"))
 
     def rows(self, final: bool) -> list[dict]:
@@ -143,10 +146,14 @@ class SweepSummary(Callback):
             status = record.get("status", "failed")
             status = "interrupted" if final and status == "running" else status
             run_dir = Path(record.get("run_dir", ""))
-            best, epoch = best_of(run_dir, record.get("monitor", self.monitor),
-                                  record.get("mode", self.mode))
-            row = {"job": record.get("job"), "overrides": " ".join(record.get("overrides", [])),
-                   "status": status, f"best_{self.monitor}": best, "best_epoch": epoch}
+            best, epoch = best_of(run_dir, record.get("monitor", self.monitor), record.get("mode", self.mode))
+            row = {
+                "job": record.get("job"),
+                "overrides": " ".join(record.get("overrides", [])),
+                "status": status,
+                f"best_{self.monitor}": best,
+                "best_epoch": epoch,
+            }
             if status == "ok":
                 with suppress(OSError, ValueError):  # no test_metrics.json, or a broken one
                     tests = json.loads((run_dir / "test_metrics.json").read_text())
@@ -165,22 +172,24 @@ class SweepSummary(Callback):
         if not rows:
             return rows
         key = f"best_{self.monitor}"
-        ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * (
-            1 if self.mode == "min" else -1)))
+        ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * (1 if self.mode == "min" else -1)))
         columns = list(dict.fromkeys(k for row in ranked for k in row))
         text = io.StringIO()
         writer = csv.DictWriter(text, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(self.sweep_dir / "summary.csv", lambda out: out.write(text.getvalue()))
-        write_atomic(self.sweep_dir / "summary.md",
-                     lambda out: out.write(_markdown(ranked, columns, key, self.mode)))
+        write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(_markdown(ranked, columns, key, self.mode)))
         if self.plot:
             _plot(ranked, key, self.sweep_dir / "summary.png")
         if final:
             bad = ", ".join(f"{r['job']} {r['status']}" for r in rows if r["status"] != "ok")
-            print(f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs"
-                  + (f"; not ok: {bad}" if bad else ", all ok") + ")", flush=True)
+            print(
+                f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs"
+                + (f"; not ok: {bad}" if bad else ", all ok")
+                + ")",
+                flush=True,
+            )
         return rows
 
 
@@ -192,8 +201,12 @@ def _cell(value: Any) -> str:
 
 def _markdown(rows: list[dict], columns: list[str], key: str, mode: str) -> str:
     head = [c for c in columns if c not in ("job", "error")] + ["error"]
-    lines = [f"# Sweep summary: sorted by {key} ({mode})", "",
-             "| rank | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines = [
+        f"# Sweep summary: sorted by {key} ({mode})",
+        "",
+        "| rank | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
     for rank, row in enumerate(rows, 1):
         lines.append(f"| {rank} | " + " | ".join(_cell(row.get(c)) for c in head) + " |")
     return "\n".join(lines) + "\n"

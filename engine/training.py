@@ -47,15 +47,17 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_epochs: int = 5,
-                  min_lr: float = 0.0, epochs: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_epochs: int = 5, min_lr: float = 0.0, epochs: int = 100
+) -> torch.optim.lr_scheduler.LambdaLR:
     """configs/scheduler/warmup_cosine.yaml: linear warm-up, then cosine decay to `min_lr`."""
     floor = min_lr / optimizer.param_groups[0]["lr"]  # lr > 0: engine/config.py
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_epochs, epochs, floor))
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, batches: int
-                    ) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, batches: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
     """(scheduler or None, True when it steps per optimizer step: scheduler.interval=step).
     `batches`: training batches per epoch on this rank."""
     section = cfg.get("scheduler")
@@ -65,8 +67,9 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, batches: 
     with open_dict(section):
         per_step = section.pop("interval", "epoch") == "step"
         steps = math.ceil(batches / int(cfg.trainer.get("accumulate_grad_batches", 1)))
-        section.update({key: section[key] * steps for key in EPOCH_KEYS
-                        if per_step and isinstance(section.get(key), int)})
+        section.update(
+            {key: section[key] * steps for key in EPOCH_KEYS if per_step and isinstance(section.get(key), int)}
+        )
     return build(section, "scheduler")(optimizer), per_step
 
 
@@ -84,8 +87,7 @@ class EMA:
     best.pt, test, evaluate/predict and export use these (checkpoint.inference_weights)."""
 
     def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
-                                      use_buffers=True)
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         if channels_last:  # as train.py trains the model
             self.module.to(memory_format=torch.channels_last)
 
@@ -134,8 +136,10 @@ class EarlyStopping:
     @property
     def reason(self) -> str:
         best = "none" if self.best is None else f"{self.best:.4g}"
-        return (f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} "
-                f"for {self.wait} epochs (patience {self.patience}, best {best})")
+        return (
+            f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} "
+            f"for {self.wait} epochs (patience {self.patience}, best {best})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "best": self.best, "wait": self.wait}
@@ -143,8 +147,10 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("monitor") != self.monitor:  # another metric: its counter does not apply
             if ddp.is_main():
-                print(f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
-                      f"counter is for {state.get('monitor')}); its count starts again")
+                print(
+                    f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
+                    f"counter is for {state.get('monitor')}); its count starts again"
+                )
             return
         self.best, self.wait = state.get("best"), int(state.get("wait", 0))
 
@@ -155,11 +161,19 @@ def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
     batch in a scratch checkpoint root, removed after: nothing written. Returns its row."""
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     with tempfile.TemporaryDirectory(prefix="fast_dev_run-") as scratch, open_dict(cfg):
-        for key, value in {"checkpoint.root": scratch, "resume": None, "trainer.epochs": 1,
-                           "trainer.max_time": None, "trainer.limit_train_batches": 1,
-                           "trainer.limit_val_batches": 1, "trainer.overfit_batches": None,
-                           "checkpoint.every_n_steps": None, "checkpoint.async": False,
-                           "checkpoint.export": False, "early_stopping.patience": None}.items():
+        for key, value in {
+            "checkpoint.root": scratch,
+            "resume": None,
+            "trainer.epochs": 1,
+            "trainer.max_time": None,
+            "trainer.limit_train_batches": 1,
+            "trainer.limit_val_batches": 1,
+            "trainer.overfit_batches": None,
+            "checkpoint.every_n_steps": None,
+            "checkpoint.async": False,
+            "checkpoint.export": False,
+            "early_stopping.patience": None,
+        }.items():
             OmegaConf.update(cfg, key, value)
         row = fit(cfg)
         if ddp.is_distributed():  # every rank done before rank 0 removes the folder
@@ -184,8 +198,11 @@ class StopSignal:
     def __init__(self, max_time: float | None = None) -> None:
         self.reason: str | None = None
         self.deadline = time.monotonic() + max_time if max_time else None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in dict.fromkeys(
-            (signal.SIGINT, signal.SIGTERM, preempt_signal())) if sig is not None}
+        self._previous = {
+            sig: signal.signal(sig, self._handle)
+            for sig in dict.fromkeys((signal.SIGINT, signal.SIGTERM, preempt_signal()))
+            if sig is not None
+        }
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.reason is not None and signum == signal.SIGINT:
@@ -193,8 +210,11 @@ class StopSignal:
             os._exit(EXIT_ABORTED)
         received.add(signal.Signals(signum))
         self.reason = signal.Signals(signum).name
-        print(f"\n{self.reason}: finishing the current step, then saving a checkpoint "
-              f"(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(
+            f"\n{self.reason}: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def out_of_time(self, reserve: float) -> bool:
         """True once the wall-clock budget minus `reserve` seconds (a save) is spent."""
@@ -244,9 +264,9 @@ def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, s
     def hook_for(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, _args: Any, output: Any) -> None:
             params = sum(p.numel() for p in module.parameters())
-            rows.append((name, type(module).__name__, _shape(output),
-                         "(reused)" if name in called else f"{params:,}"))
+            rows.append((name, type(module).__name__, _shape(output), "(reused)" if name in called else f"{params:,}"))
             called.add(name)
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in leaves.items()]
@@ -261,41 +281,49 @@ def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, s
             handle.remove()
         for module, training in modes.items():  # each module's own flag (frozen BN stays)
             module.training = training
-    rows += [(name, type(m).__name__, "-", f"{sum(p.numel() for p in m.parameters()):,}")
-             for name, m in leaves.items() if name not in called]
+    rows += [
+        (name, type(m).__name__, "-", f"{sum(p.numel() for p in m.parameters()):,}")
+        for name, m in leaves.items()
+        if name not in called
+    ]
     return rows
 
 
 def _table(rows: list[tuple[str, str, str, str]], max_rows: int) -> list[str]:
     if len(rows) > max_rows:
         half = max_rows // 2
-        rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] \
-            + rows[-half:]
+        rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] + rows[-half:]
     header = ("layer", "type", "output shape", "params")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    return ["  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)),
-                              r[3].rjust(widths[3])]).rstrip() for r in [header, *rows]]
+    return [
+        "  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3].rjust(widths[3])]).rstrip()
+        for r in [header, *rows]
+    ]
 
 
-def model_summary(model: nn.Module, split: Split, device: torch.device,
-                  max_rows: int = MAX_ROWS) -> str:
+def model_summary(model: nn.Module, split: Split, device: torch.device, max_rows: int = MAX_ROWS) -> str:
     """What train.py prints at the start (`trainer.model_summary`): parameter counts, size,
     and the layer table for the first two samples of `split`."""
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        return (f"model {type(model).__name__}: lazy (uninitialised) parameters; no summary "
-                f"before the first batch (trainer.model_summary=false hides this line)")
+        return (
+            f"model {type(model).__name__}: lazy (uninitialised) parameters; no summary "
+            f"before the first batch (trainer.model_summary=false hides this line)"
+        )
     total, trainable = parameter_counts(model)
-    lines = [f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable, "
-             f"{total - trainable:,} frozen), {size_mib(model):.2f} MiB with buffers"]
+    lines = [
+        f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable, "
+        f"{total - trainable:,} frozen), {size_mib(model):.2f} MiB with buffers"
+    ]
     try:
         with torch.random.fork_rng(devices=[]):  # a Dataset drawing in __getitem__
-            inputs = (split.x[:2] if isinstance(split, TensorSplit) else torch.stack(
-                [torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))])).to(device)
+            inputs = (
+                split.x[:2]
+                if isinstance(split, TensorSplit)
+                else torch.stack([torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))])
+            ).to(device)
         rows = layer_rows(model, inputs)
     except Exception as err:  # the summary never decides whether a run starts
-        lines.append(f"  (no layer table: the forward of a sample batch failed: "
-                     f"{first_line(err)})")
+        lines.append(f"  (no layer table: the forward of a sample batch failed: {first_line(err)})")
     else:
-        lines += [f"  layers for an input batch of shape {list(inputs.shape)}:",
-                  *_table(rows, max_rows)]
+        lines += [f"  layers for an input batch of shape {list(inputs.shape)}:", *_table(rows, max_rows)]
     return "\n".join(lines)

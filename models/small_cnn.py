@@ -8,8 +8,9 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int = 3, image_size: int = 32, num_classes: int = 10,
-                 padding: int | None = None) -> None:
+    def __init__(
+        self, in_channels: int = 3, image_size: int = 32, num_classes: int = 10, padding: int | None = None
+    ) -> None:
         super().__init__()
         if padding is None:
             padding = 0 if image_size >= 16 else 2  # 8x8 digits would shrink to nothing
@@ -20,8 +21,7 @@ class SmallCNN(nn.Module):
         for _ in range(2):  # conv (kernel 5) then 2x2 pool, twice
             side = (side + 2 * padding - 4) // 2
         if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for SmallCNN "
-                             f"with padding={padding}")
+            raise ValueError(f"image_size={image_size} is too small for SmallCNN with padding={padding}")
         self.fc1 = nn.Linear(16 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)

@@ -10,8 +10,9 @@ from torch import nn
 from engine.checkpoint import load_state_dict_file
 
 
-def build_vgg16(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None,
-                dropout: float = 0.5) -> nn.Module:
+def build_vgg16(
+    num_classes: int = 1000, in_channels: int = 3, weights: str | None = None, dropout: float = 0.5
+) -> nn.Module:
     from torchvision.models import vgg16
 
     model = vgg16(weights=None, num_classes=num_classes, dropout=dropout)

@@ -18,20 +18,27 @@ import engine.config  # noqa: F401 - registers the schemas the configs name
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *overrides: str, root: Path | None = None, check: bool = True,
-               env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(
+    script: str,
+    *overrides: str,
+    root: Path | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """`python <script> <overrides>` from the repo root, checkpoints under `root`."""
     args = [sys.executable, str(REPO / script), *overrides]
     if root is not None and script == "train.py":
         args.append(f"checkpoint.root={root}")
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} exited {result.returncode}\n"
-                             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} {' '.join(overrides)} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
+            f"{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -49,8 +56,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
-                                return_hydra_config=True)
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
     # As under @hydra.main: `${hydra:runtime.choices.data}` (the default run name) resolves.
@@ -64,9 +70,18 @@ def train_run(root: Path, *overrides: str, name: str = "run") -> Path:
     """Train in-process (linear regression, 2 epochs unless overridden); the run folder."""
     import train
 
-    train.train(compose("train", [f"checkpoint.root={root}", f"run_name={name}",
-                                  "trainer.epochs=2", "checkpoint.every_n_epochs=1",
-                                  *overrides]))
+    train.train(
+        compose(
+            "train",
+            [
+                f"checkpoint.root={root}",
+                f"run_name={name}",
+                "trainer.epochs=2",
+                "checkpoint.every_n_epochs=1",
+                *overrides,
+            ],
+        )
+    )
     return root / name
 
 

@@ -94,12 +94,15 @@ def main() -> None:
                 pass
             print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": -os.WTERMSIG(status) if os.WIFSIGNALED(status)
-                          else os.WEXITSTATUS(status)}), flush=True)
+        print(
+            json.dumps({"returncode": -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}),
+            flush=True,
+        )
     os._exit(0)  # skip interpreter teardown (seconds with torch loaded); nothing to flush
 
 
 # ------------------------------------------------------------------------------ test side
+
 
 class ForkServer:
     """Client of the server above: `run(*overrides)` returns a CompletedProcess like
@@ -115,12 +118,17 @@ class ForkServer:
             return
         scratch.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        for name in ("HYDRA_FULL_ERROR", "TEST_FAULTS", "WRITE_FAULT_EROFS",
-                     "WRITE_FAULT_ENOSPC"):
+        for name in ("HYDRA_FULL_ERROR", "TEST_FAULTS", "WRITE_FAULT_EROFS", "WRITE_FAULT_ENOSPC"):
             env.pop(name, None)
-        self.proc = subprocess.Popen([sys.executable, __file__], cwd=REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
         self.ready = False  # checked on first use: the server imports while the caller works
 
     def _reply(self) -> dict:
@@ -135,34 +143,33 @@ class ForkServer:
             raise RuntimeError(f"fork server exited with {self.proc.wait()}")
         return json.loads(line)
 
-    def run(self, *overrides: str, root: Path, env: dict | None = None,
-            check: bool = True):
+    def run(self, *overrides: str, root: Path, env: dict | None = None, check: bool = True):
         import subprocess
 
         if self.proc is None:
             from tests.conftest import run_script
 
-            return run_script("train.py", *overrides, root=root, env=env, check=check,
-                              timeout=self.timeout)
+            return run_script("train.py", *overrides, root=root, env=env, check=check, timeout=self.timeout)
         if not self.ready:
             self.ready = self._reply().get("ready", False)
             assert self.ready, "fork server did not start"
         self.count += 1
         out, err = (self.scratch / f"{self.count}.{name}" for name in ("out", "err"))
         args = [*overrides, f"checkpoint.root={root}"]
-        self.proc.stdin.write(json.dumps({"args": args, "env": env or {}, "stdout": str(out),
-                                          "stderr": str(err)}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"args": args, "env": env or {}, "stdout": str(out), "stderr": str(err)}) + "\n"
+        )
         self.proc.stdin.flush()
         code = self._reply()["returncode"]
-        result = subprocess.CompletedProcess(["train.py", *args], code, out.read_text(),
-                                             err.read_text())
+        result = subprocess.CompletedProcess(["train.py", *args], code, out.read_text(), err.read_text())
         if check and code != 0:
-            raise AssertionError(f"train.py {' '.join(args)} exited {code}\n--- stdout\n"
-                                 f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"train.py {' '.join(args)} exited {code}\n--- stdout\n"
+                f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+            )
         return result
 
-    def start(self, *args: str, env: dict | None = None, module: str | None = None
-              ) -> tuple[int, Path, Path]:
+    def start(self, *args: str, env: dict | None = None, module: str | None = None) -> tuple[int, Path, Path]:
         """Start train.py ARGS (or `python -m MODULE ARGS`) in its own process group without
         waiting: (pid, stdout path, stderr path). `finish()` waits for it. Linux only."""
         assert self.proc is not None, "start() needs the fork server (Linux)"
@@ -170,9 +177,19 @@ class ForkServer:
             self.ready = self._reply().get("ready", False)
         self.count += 1
         out, err = (self.scratch / f"{self.count}.{name}" for name in ("out", "err"))
-        self.proc.stdin.write(json.dumps({"args": list(args), "env": env or {}, "spawn": True,
-                                          "module": module, "stdout": str(out),
-                                          "stderr": str(err)}) + "\n")
+        self.proc.stdin.write(
+            json.dumps(
+                {
+                    "args": list(args),
+                    "env": env or {},
+                    "spawn": True,
+                    "module": module,
+                    "stdout": str(out),
+                    "stderr": str(err),
+                }
+            )
+            + "\n"
+        )
         self.proc.stdin.flush()
         return self._reply()["pid"], out, err
 

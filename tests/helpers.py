@@ -18,8 +18,11 @@ from engine.errors import UserError
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` -> sha256 of its bytes (to prove nothing was changed)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_line(err: BaseException, *needles: str) -> str:
@@ -44,6 +47,7 @@ def raises_user_error(fn, *args, needles: tuple[str, ...] = (), **kwargs) -> str
 def deadline(seconds: float = 10):
     """Fail (instead of hanging the suite) if the block takes longer than `seconds` (not a
     timing assertion: a hang guard)."""
+
     def _timeout(signum, frame):
         raise TimeoutError(f"still busy after {seconds}s")
 
@@ -69,8 +73,7 @@ class Evil:
         return (open, (self.marker, "w"))
 
 
-def write_malicious(path: Path, marker: Path, legacy: bool = False,
-                    shell: bool = False) -> Path:
+def write_malicious(path: Path, marker: Path, legacy: bool = False, shell: bool = False) -> Path:
     """A checkpoint-shaped file whose model_state_dict would run code under pickle."""
     state = {"epoch": 1, "model_state_dict": {"weights": Evil(marker, shell)}, "config": {}}
     if legacy:
@@ -93,11 +96,15 @@ def write_cifar(root: Path, n_train: int = 6, n_test: int = 4) -> None:
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, 6):
-        batch = {"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n_train)]}
+        batch = {
+            "data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n_train)],
+        }
         (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, n_test)]}
+    test = {
+        "data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+        "labels": [int(v) for v in rng.integers(0, 10, n_test)],
+    }
     (base / "test_batch").write_bytes(pickle.dumps(test))
     meta = {"label_names": [f"c{i}" for i in range(10)]}
     (base / "batches.meta").write_bytes(pickle.dumps(meta))

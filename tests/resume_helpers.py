@@ -13,8 +13,18 @@ from engine.run_dir import verify
 from tests.forkrun import ForkServer
 
 # What an interrupted-and-resumed run must have exactly as the uninterrupted one.
-COMPARED = ("epoch", "global_step", "step_in_epoch", "model_state_dict", "optimizer_state_dict",
-            "scheduler_state_dict", "rng_state", "epoch_step_losses", "best", "loss")
+COMPARED = (
+    "epoch",
+    "global_step",
+    "step_in_epoch",
+    "model_state_dict",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "rng_state",
+    "epoch_step_losses",
+    "best",
+    "loss",
+)
 
 
 def fork_server(timeout: float = 120):
@@ -69,8 +79,7 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def assert_same_run(run_dir: Path, reference: Path, epochs: int | None = None,
-                    best: bool = True) -> None:
+def assert_same_run(run_dir: Path, reference: Path, epochs: int | None = None, best: bool = True) -> None:
     """last.pt (the COMPARED keys), best.pt's weights (`best`) and metrics.csv of `run_dir`
     equal `reference`'s; with `epochs`, both ran that many epochs."""
     final, expected = load(run_dir / "last.pt"), load(reference / "last.pt")
@@ -79,8 +88,9 @@ def assert_same_run(run_dir: Path, reference: Path, epochs: int | None = None,
     for key in COMPARED:
         assert_same(final[key], expected[key], key)
     if best:
-        assert_same(load(run_dir / "best.pt")["model_state_dict"],
-                    load(reference / "best.pt")["model_state_dict"], "best.pt")
+        assert_same(
+            load(run_dir / "best.pt")["model_state_dict"], load(reference / "best.pt")["model_state_dict"], "best.pt"
+        )
     rows = (run_dir / "metrics.csv").read_text()
     assert rows == (reference / "metrics.csv").read_text()
     if epochs is not None:

@@ -23,15 +23,33 @@ server = fork_server(timeout=300)
 # optimizer steps per epoch. min_delta=10 makes no epoch an improvement, so early stopping
 # ends the run after epoch 1 + patience = 4 (of 6), with the counter carried across kills.
 EPOCHS, STEPS_PER_EPOCH, STOP_EPOCH = 6, 3, 4
-RUN = ("data=digits", "model=small_cnn", "data.batch_size=32", "data/augment=digits",
-       "optimizer=adamw", "optimizer.lr=0.003", "~optimizer.momentum",
-       "scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "scheduler.min_lr=0.0001",
-       "scheduler.interval=step", "trainer.grad_clip_norm=0.5",
-       "trainer.accumulate_grad_batches=3", "trainer.limit_train_batches=8",
-       "trainer.limit_val_batches=4", "trainer.ema_decay=0.9", "early_stopping.patience=3",
-       "early_stopping.min_delta=10", f"trainer.epochs={EPOCHS}", "trainer.device=cpu",
-       "trainer.print_every_s=0", "checkpoint.every_n_epochs=1", "checkpoint.every_n_steps=2",
-       "checkpoint.export=false", "seed=7")
+RUN = (
+    "data=digits",
+    "model=small_cnn",
+    "data.batch_size=32",
+    "data/augment=digits",
+    "optimizer=adamw",
+    "optimizer.lr=0.003",
+    "~optimizer.momentum",
+    "scheduler=warmup_cosine",
+    "scheduler.warmup_epochs=1",
+    "scheduler.min_lr=0.0001",
+    "scheduler.interval=step",
+    "trainer.grad_clip_norm=0.5",
+    "trainer.accumulate_grad_batches=3",
+    "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=4",
+    "trainer.ema_decay=0.9",
+    "early_stopping.patience=3",
+    "early_stopping.min_delta=10",
+    f"trainer.epochs={EPOCHS}",
+    "trainer.device=cpu",
+    "trainer.print_every_s=0",
+    "checkpoint.every_n_epochs=1",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.export=false",
+    "seed=7",
+)
 FEATURE_KEYS = ("ema_state_dict", "early_stopping")
 
 
@@ -45,8 +63,9 @@ def test_all_features_on_killed_at_random_steps_resume_bitwise(server, tmp_path)
     last_step = STOP_EPOCH * STEPS_PER_EPOCH
     kills = sorted(rng.sample(range(1, last_step), 2))  # two kills, at distinct random steps
     for kill in kills:
-        killed = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path, check=False,
-                            env=fault_env(f"kill_at_step={kill}"))
+        killed = server.run(
+            *RUN, "run_name=split", "resume=auto", root=tmp_path, check=False, env=fault_env(f"kill_at_step={kill}")
+        )
         assert killed.returncode == -9, (kill, killed.stderr[-2000:])
     done = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert f"stopped after epoch {STOP_EPOCH} of {EPOCHS}" in done.stdout, done.stdout[-2000:]

@@ -21,16 +21,20 @@ from engine.run_dir import CheckpointSaver, CheckpointWriteError, atomic_save, v
 
 def _state() -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8),
-                                torch.nn.Linear(8, 8))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 8))
     model[2].weight = model[0].weight  # tied weights: one storage in the file
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 8)).sum().backward()
     optimizer.step()
-    state = {"epoch": 1, "model_state_dict": model.state_dict(),
-             "optimizer_state_dict": optimizer.state_dict(), "loss": 0.5,
-             "epoch_step_losses": torch.zeros(0), "history": [{"epoch": 1, "val_loss": 0.1}],
-             "view": model[0].weight[2:5]}
+    state = {
+        "epoch": 1,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "loss": 0.5,
+        "epoch_step_losses": torch.zeros(0),
+        "history": [{"epoch": 1, "val_loss": 0.1}],
+        "view": model[0].weight[2:5],
+    }
     return model, state
 
 
@@ -53,8 +57,9 @@ def test_async_file_is_byte_identical_to_a_sync_save(tmp_path):
     verify(background.run_dir / "last.pt")
     loaded = load_checkpoint(background.run_dir / "last.pt")
     weights = loaded["model_state_dict"]
-    assert weights["0.weight"].untyped_storage().data_ptr() == \
-        weights["2.weight"].untyped_storage().data_ptr()  # still tied after the snapshot
+    assert (
+        weights["0.weight"].untyped_storage().data_ptr() == weights["2.weight"].untyped_storage().data_ptr()
+    )  # still tied after the snapshot
     assert not list(background.run_dir.glob(".*.tmp"))
 
 
@@ -122,8 +127,9 @@ def test_failed_background_write_raises_at_next_save_and_keeps_old_files(tmp_pat
     before = (saver.run_dir / "epoch_0001.pt").read_bytes()
 
     def full_disk(state, path):
-        raise CheckpointWriteError(f"{path}: checkpoint write failed (No space left on "
-                                   f"device); the previous checkpoints are intact")
+        raise CheckpointWriteError(
+            f"{path}: checkpoint write failed (No space left on device); the previous checkpoints are intact"
+        )
 
     monkeypatch.setattr(engine.run_dir, "atomic_save", full_disk)
     saver.save(state, "epoch_0002.pt")  # returns: the failure happens in the background
@@ -146,17 +152,25 @@ def test_train_async_gives_the_same_checkpoints_as_sync(tmp_path):
 
     finals = {}
     for mode in ("false", "true"):
-        cfg = compose("train", ["experiment=quadratic_csv", "trainer.epochs=3",
-                                "trainer.device=cpu", "checkpoint.every_n_epochs=1",
-                                "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
-                                f"checkpoint.async={mode}", f"checkpoint.root={tmp_path}",
-                                f"run_name=async-{mode}"])
+        cfg = compose(
+            "train",
+            [
+                "experiment=quadratic_csv",
+                "trainer.epochs=3",
+                "trainer.device=cpu",
+                "checkpoint.every_n_epochs=1",
+                "checkpoint.every_n_steps=2",
+                "checkpoint.keep_last=2",
+                f"checkpoint.async={mode}",
+                f"checkpoint.root={tmp_path}",
+                f"run_name=async-{mode}",
+            ],
+        )
         with contextlib.redirect_stdout(io.StringIO()):
             train.train(cfg)
         run_dir = tmp_path / f"async-{mode}"
         assert not any(t.name == "checkpoint-writer" for t in threading.enumerate())
-        finals[mode] = (sorted(p.name for p in run_dir.glob("*.pt")),
-                        load_checkpoint(run_dir / "last.pt"))
+        finals[mode] = (sorted(p.name for p in run_dir.glob("*.pt")), load_checkpoint(run_dir / "last.pt"))
     (names_sync, sync), (names_async, background) = finals["false"], finals["true"]
     assert names_async == names_sync
     for part in ("model_state_dict", "optimizer_state_dict"):
@@ -165,21 +179,32 @@ def test_train_async_gives_the_same_checkpoints_as_sync(tmp_path):
             a = {i: s["momentum_buffer"] for i, s in a["state"].items()}
             b = {i: s["momentum_buffer"] for i, s in b["state"].items()}
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ((tmp_path / "async-false" / "metrics.csv").read_text()
-            == (tmp_path / "async-true" / "metrics.csv").read_text())
+    assert (tmp_path / "async-false" / "metrics.csv").read_text() == (
+        tmp_path / "async-true" / "metrics.csv"
+    ).read_text()
 
 
 def test_train_async_write_failure_stops_training_with_a_clear_error(tmp_path, monkeypatch):
     import train
 
     def full_disk(state, path):
-        raise CheckpointWriteError(f"{path}: checkpoint write failed (No space left on "
-                                   f"device); the previous checkpoints are intact")
+        raise CheckpointWriteError(
+            f"{path}: checkpoint write failed (No space left on device); the previous checkpoints are intact"
+        )
 
     monkeypatch.setattr(engine.run_dir, "atomic_save", full_disk)
-    cfg = compose("train", ["experiment=quadratic_csv", "trainer.epochs=2", "trainer.device=cpu",
-                            "checkpoint.every_n_epochs=1", "checkpoint.async=true",
-                            f"checkpoint.root={tmp_path}", "run_name=full"])
+    cfg = compose(
+        "train",
+        [
+            "experiment=quadratic_csv",
+            "trainer.epochs=2",
+            "trainer.device=cpu",
+            "checkpoint.every_n_epochs=1",
+            "checkpoint.async=true",
+            f"checkpoint.root={tmp_path}",
+            "run_name=full",
+        ],
+    )
     with pytest.raises(CheckpointWriteError, match="epoch_0001.pt.*No space left.*background"):
         with contextlib.redirect_stdout(io.StringIO()):
             train.train(cfg)  # UserError: cli_errors prints it as one line and exits 2
@@ -229,10 +254,14 @@ def test_process_exit_waits_for_the_write_in_flight(tmp_path, outcome):
     import subprocess
     import sys
 
-
-    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), outcome],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), outcome],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert "main thread done" in result.stdout, result.stderr
     if outcome == "ok":
         verify(tmp_path / "epoch_0001.pt")  # complete, although main ended mid-write

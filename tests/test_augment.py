@@ -25,6 +25,7 @@ def digits():
         cfg = compose("train", ["data=digits", "model=small_cnn", *overrides])
         check_augment(cfg.data)
         return build(cfg.data, "data")
+
     return _data
 
 
@@ -72,10 +73,13 @@ def test_cifar_preset_on_a_dataset_split_with_workers(tmp_path):
     write_cifar(tmp_path, n_train=8)  # 40 train images (36 after val_fraction), 32x32
 
     def data(*overrides: str):
-        cfg = compose("train", ["data=cifar10", f"data.root={tmp_path}", "model=small_cnn",
-                                "data.check_integrity=false", *overrides])
+        cfg = compose(
+            "train",
+            ["data=cifar10", f"data.root={tmp_path}", "model=small_cnn", "data.check_integrity=false", *overrides],
+        )
         check_augment(cfg.data)
         return build(cfg.data, "data")
+
     aug = augmented_train_split(data("data/augment=cifar"), 7)
     plain = _epoch(augmented_train_split(data(), 7), 2)
     first = _epoch(aug, 2)
@@ -90,31 +94,31 @@ def test_a_sample_gets_its_own_draw_wherever_it_sits_in_the_epoch():
     x = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 1, 8, 8)
     from engine.batches import TensorSplit
 
-    split = AugmentedSplit(TensorSplit(x, torch.arange(4)),
-                           compose_transforms([OmegaConf.create(
-                               {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"})]),
-                           seed=3)
+    split = AugmentedSplit(
+        TensorSplit(x, torch.arange(4)),
+        compose_transforms([OmegaConf.create({"_target_": "torchvision.transforms.v2.RandomHorizontalFlip"})]),
+        seed=3,
+    )
     split.set_epoch(5)
     views = [split[i][0] for i in (2, 0, 3, 2)]
     assert torch.equal(views[0], views[3])  # same (seed, epoch, index): same flip
-    flips = {bool(torch.equal(split[i][0], x[i].flip(-1))) for i in range(4)
-             for split.epoch in range(1, 9)}
+    flips = {bool(torch.equal(split[i][0], x[i].flip(-1))) for i in range(4) for split.epoch in range(1, 9)}
     assert flips == {True, False}  # and the flip really is random across epochs/samples
 
 
-@pytest.mark.parametrize("entry,needles", [
-    ("[{_target_:torchvision.transforms.v2.RandomFlipp}]", ["data.augment[0]", "cannot be"]),
-    ("[{_target_:torch.nn.ReLU}]", ["data.augment[0]", "torchvision.transforms.v2"]),
-    ("[{_target_:torchvision.transforms.v2.RandomCrop,sizee:4}]",
-     ["data.augment[0]", "sizee"]),
-    ("[{_target_:torchvision.transforms.v2.RandomCrop,size:[1,2,3]}]",
-     ["data.augment[0]", "RandomCrop"]),
-    ("[3]", ["data.augment[0]=3", "_target_"]),
-    ("{a:1}", ["data.augment=", "list"]),
-])
+@pytest.mark.parametrize(
+    "entry,needles",
+    [
+        ("[{_target_:torchvision.transforms.v2.RandomFlipp}]", ["data.augment[0]", "cannot be"]),
+        ("[{_target_:torch.nn.ReLU}]", ["data.augment[0]", "torchvision.transforms.v2"]),
+        ("[{_target_:torchvision.transforms.v2.RandomCrop,sizee:4}]", ["data.augment[0]", "sizee"]),
+        ("[{_target_:torchvision.transforms.v2.RandomCrop,size:[1,2,3]}]", ["data.augment[0]", "RandomCrop"]),
+        ("[3]", ["data.augment[0]=3", "_target_"]),
+        ("{a:1}", ["data.augment=", "list"]),
+    ],
+)
 def test_bad_augment_entries_are_one_line_naming_data_augment(entry, needles):
-    cfg = compose("train", ["data=digits", "model=small_cnn", "data/augment=none",
-                            f"data.augment={entry}"])
+    cfg = compose("train", ["data=digits", "model=small_cnn", "data/augment=none", f"data.augment={entry}"])
     with pytest.raises(UserError) as info:
         check_augment(cfg.data)
     message = str(info.value)
@@ -122,16 +126,21 @@ def test_bad_augment_entries_are_one_line_naming_data_augment(entry, needles):
 
 
 def test_transforms_that_cannot_take_the_images_fail_before_the_run(digits):
-    data = digits("data/augment=none", "data.augment=[{_target_:torchvision.transforms.v2."
-                  "RandomCrop,size:16}]")
+    data = digits("data/augment=none", "data.augment=[{_target_:torchvision.transforms.v2.RandomCrop,size:16}]")
     with pytest.raises(UserError, match=r"data.augment: .* shape \[1, 8, 8\]"):
         augmented_train_split(data, 7)
 
 
 def test_bad_transform_name_on_the_command_line_exits_2_with_one_line(tmp_path):
-    result = run_script("train.py", "data=digits", "model=small_cnn", "data/augment=none",
-                        "data.augment=[{_target_:torchvision.transforms.v2.NoSuchFlip}]",
-                        root=tmp_path, check=False)
+    result = run_script(
+        "train.py",
+        "data=digits",
+        "model=small_cnn",
+        "data/augment=none",
+        "data.augment=[{_target_:torchvision.transforms.v2.NoSuchFlip}]",
+        root=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.augment[0]._target_" in lines[0] and "NoSuchFlip" in lines[0]
@@ -139,18 +148,21 @@ def test_bad_transform_name_on_the_command_line_exits_2_with_one_line(tmp_path):
 
 
 def test_augment_on_non_image_data_is_refused():
-    cfg = compose("train", ["data/augment=none", "data.augment=[{_target_:torchvision."
-                            "transforms.v2.RandomHorizontalFlip}]"])  # default: data=linear
+    cfg = compose(
+        "train", ["data/augment=none", "data.augment=[{_target_:torchvision.transforms.v2.RandomHorizontalFlip}]"]
+    )  # default: data=linear
     check_augment(cfg.data)
-    with pytest.raises(UserError, match=r"data.augment: LinearData's train samples have "
-                                        r"shape \[1\], not images"):
+    with pytest.raises(
+        UserError,
+        match=r"data.augment: LinearData's train samples have "
+        r"shape \[1\], not images",
+    ):
         augmented_train_split(build(cfg.data, "data"), 7)
 
 
 def test_saved_configs_may_name_v2_transforms_only():
     entry = {"_target_": "torchvision.transforms.v2.RandomHorizontalFlip", "p": 0.5}
-    check_loaded_targets({"data": {"_target_": "data.digits.DigitsData", "augment": [entry]}},
-                         "x.pt")
+    check_loaded_targets({"data": {"_target_": "data.digits.DigitsData", "augment": [entry]}}, "x.pt")
     for target in ("torchvision.transforms.v2.functional.hflip", "torchvision.io.read_file"):
         with pytest.raises(UserError, match="refused"):
             check_loaded_targets({"data": {"augment": [{"_target_": target}]}}, "x.pt")
@@ -163,9 +175,16 @@ def _state(path):
 def test_digits_preset_trains_and_resumes_mid_epoch_bitwise(tmp_path, capsys):
     """40 steps an epoch: the step-50 checkpoint is mid epoch 2; resuming from it in a new
     folder must end bitwise equal to the uninterrupted run (same augmented batches)."""
-    common = ["data=digits", "model=small_cnn", "data/augment=digits", "trainer.epochs=3",
-              "checkpoint.every_n_steps=50", "checkpoint.keep_last=20", "trainer.device=cpu",
-              f"checkpoint.root={tmp_path}"]
+    common = [
+        "data=digits",
+        "model=small_cnn",
+        "data/augment=digits",
+        "trainer.epochs=3",
+        "checkpoint.every_n_steps=50",
+        "checkpoint.keep_last=20",
+        "trainer.device=cpu",
+        f"checkpoint.root={tmp_path}",
+    ]
     whole = train(compose("train", [*common, "run_name=whole"]))
     assert whole["val_acc"] > 0.5  # it learns with the preset on (chance: 0.1)
     mid = tmp_path / "whole/step_00000050.pt"

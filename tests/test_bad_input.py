@@ -56,8 +56,7 @@ TRAIN_CASES = [
     (["trainer.max_time=-1"], ["trainer.max_time=-1"]),
     (["checkpoint.mode=up"], ["checkpoint.mode='up'", "min or max"]),
     (["checkpoint.monitor=accuracy"], ["checkpoint.monitor='accuracy'", "val_loss"]),
-    (["checkpoint.monitor=val_acc", "run_name=mon"],
-     ["checkpoint.monitor='val_acc'", "regression"]),
+    (["checkpoint.monitor=val_acc", "run_name=mon"], ["checkpoint.monitor='val_acc'", "regression"]),
     (["checkpoint.root=[1,2]"], ["checkpoint.root=[1, 2]", "text"]),
     (["seed=abc"], ["seed='abc'", "integer"]),
     (["debug=maybe"], ["debug='maybe'", "true or false"]),
@@ -76,27 +75,27 @@ TRAIN_CASES = [
     (["model=small_cnn"], ["model.in_channels", "data.in_channels", "does not fit"]),
     (["data=image_folder", "model=small_cnn"], ["data.root", "required", "data.root=VALUE"]),
     # Found when the data module is built (after the run folder is opened): a new run name.
-    (["experiment=digits_cnn", "run_name=digits16", "data.image_size=16"],
-     ["data=digits", "data.image_size=8"]),
+    (["experiment=digits_cnn", "run_name=digits16", "data.image_size=16"], ["data=digits", "data.image_size=8"]),
     (["data.num_features=2", "run_name=linear2"], ["data.num_features=2", "one feature"]),
-    (["experiment=digits_cnn", "model.padding=abc"],
-     ["model.padding='abc'", "integer or null"]),
-    (["experiment=digits_cnn", "data.val_fraction=0.5", "data.test_fraction=0.5"],
-     ["val_fraction + test_fraction", "no training data"]),
+    (["experiment=digits_cnn", "model.padding=abc"], ["model.padding='abc'", "integer or null"]),
+    (
+        ["experiment=digits_cnn", "data.val_fraction=0.5", "data.test_fraction=0.5"],
+        ["val_fraction + test_fraction", "no training data"],
+    ),
     (["scheduler=step", "scheduler.step_size=abc"], ["scheduler.step_size='abc'", "integer"]),
     (["resume=missing.pt"], ["missing.pt", "not found"]),
     ([], ["already has checkpoints", "resume=auto", "run_name=NEW_NAME"]),
 ]
 
 
-@pytest.mark.parametrize("overrides,needles", TRAIN_CASES,
-                         ids=[" ".join(o) or "existing-run" for o, _ in TRAIN_CASES])
+@pytest.mark.parametrize("overrides,needles", TRAIN_CASES, ids=[" ".join(o) or "existing-run" for o, _ in TRAIN_CASES])
 def test_bad_train_config(root, overrides, needles):
     before = snapshot(root / "lin")
 
     def compose_and_train():  # a wrong type or unknown key: refused by Hydra while composing
-        train_script.train(compose_checked("train", [f"checkpoint.root={root}", "run_name=lin",
-                                                     "trainer.epochs=3", *overrides]))
+        train_script.train(
+            compose_checked("train", [f"checkpoint.root={root}", "run_name=lin", "trainer.epochs=3", *overrides])
+        )
 
     raises_user_error(compose_and_train, needles=tuple(needles))
     assert snapshot(root / "lin") == before  # the existing run is byte-for-byte the same
@@ -112,11 +111,20 @@ def test_checkpoint_root_that_is_a_file(root, tmp_path):
 
 def test_resume_from_a_checkpoint_of_another_architecture(root):
     before = snapshot(root / "lin")
-    cfg = compose("train", [f"checkpoint.root={root}", "run_name=other_arch",
-                            "experiment=quadratic_csv", f"resume={root / 'lin' / 'best.pt'}"])
-    raises_user_error(train_script.train, cfg, needles=(
-        "weights do not fit", "missing keys [layer.weight, layer.bias]",
-        "unexpected keys [weights, bias]"))
+    cfg = compose(
+        "train",
+        [
+            f"checkpoint.root={root}",
+            "run_name=other_arch",
+            "experiment=quadratic_csv",
+            f"resume={root / 'lin' / 'best.pt'}",
+        ],
+    )
+    raises_user_error(
+        train_script.train,
+        cfg,
+        needles=("weights do not fit", "missing keys [layer.weight, layer.bias]", "unexpected keys [weights, bias]"),
+    )
     assert snapshot(root / "lin") == before
     assert not list((root / "other_arch").glob("*.pt"))
 
@@ -124,11 +132,9 @@ def test_resume_from_a_checkpoint_of_another_architecture(root):
 # ------------------------------------------------------- overrides that do not compose
 
 COMPOSE_CASES = [
-    ("train", ["trainer.epoch=5"], ["trainer.epoch=5", "did you mean 'epochs'",
-                                    "valid keys: epochs, device"]),
+    ("train", ["trainer.epoch=5"], ["trainer.epoch=5", "did you mean 'epochs'", "valid keys: epochs, device"]),
     ("train", ["checkpoint.evry_n_epochs=2"], ["every_n_epochs"]),
-    ("train", ["model=foo"], ["model=foo", "valid options: linear_regression, quadratic, "
-                                           "small_cnn, vgg16"]),
+    ("train", ["model=foo"], ["model=foo", "valid options: linear_regression, quadratic, small_cnn, vgg16"]),
     ("train", ["model=smal_cnn"], ["did you mean 'small_cnn'"]),
     ("train", ["data=nope"], ["data=nope", "digits", "quadratic_csv"]),
     ("train", ["experiment=nope"], ["experiment=nope", "digits_cnn", "vgg16_cifar10"]),
@@ -148,16 +154,22 @@ COMPOSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("config,overrides,needles", COMPOSE_CASES,
-                         ids=[f"{c} {' '.join(o)}" for c, o, _ in COMPOSE_CASES])
+@pytest.mark.parametrize(
+    "config,overrides,needles", COMPOSE_CASES, ids=[f"{c} {' '.join(o)}" for c, o, _ in COMPOSE_CASES]
+)
 def test_override_that_does_not_compose(config, overrides, needles):
     with pytest.raises(UserError) as info:
         compose_checked(config, overrides)
     assert_one_line(info.value, *needles)
 
 
-CLI_CASES = [["trainer.epoch=5"], ["model=foo"], ["trainer.epochs=0"],
-             ["-m", "optimizer.lr=0.1,abc"], ["-m", "model=small_cnn,nope"]]
+CLI_CASES = [
+    ["trainer.epoch=5"],
+    ["model=foo"],
+    ["trainer.epochs=0"],
+    ["-m", "optimizer.lr=0.1,abc"],
+    ["-m", "model=small_cnn,nope"],
+]
 
 
 def test_command_line_check_prints_one_line_and_exits_2(capsys):
@@ -175,6 +187,7 @@ def test_command_line_check_prints_one_line_and_exits_2(capsys):
 
 # ------------------------------------------------------------- evaluate / predict config
 
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
     """Bare state_dicts (tutorial style) for the weights= route."""
@@ -184,8 +197,11 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("weights")
     out = {}
-    for name, model in (("linear", LinearRegressionModel(1)), ("quadratic", QuadraticModel(2)),
-                        ("cnn", SmallCNN(1, 8, 10))):
+    for name, model in (
+        ("linear", LinearRegressionModel(1)),
+        ("quadratic", QuadraticModel(2)),
+        ("cnn", SmallCNN(1, 8, 10)),
+    ):
         torch.save(model.state_dict(), folder / f"{name}.pth")
         out[name] = folder / f"{name}.pth"
     return out
@@ -207,18 +223,20 @@ def _evaluate_cases(root: Path, tmp: Path) -> list[tuple[list[str], list[str]]]:
         ([f"ckpt={tmp / 'missing.pt'}"], ["missing.pt", "not found"]),
         ([f"ckpt={garbage}"], ["garbage.pt", "not a readable checkpoint"]),
         ([f"ckpt={tmp}"], [str(tmp), "export folder"]),
-        ([f"ckpt={best}", "data=quadratic_csv", f"data.path={tmp / 'none.csv'}"],
-         ["none.csv", "not found"]),
-        ([f"ckpt={best}", "data=mnist", f"data.root={tmp / 'nowhere'}"],
-         ["data.root=", "nowhere", "MNIST", "data.download=true"]),
+        ([f"ckpt={best}", "data=quadratic_csv", f"data.path={tmp / 'none.csv'}"], ["none.csv", "not found"]),
+        (
+            [f"ckpt={best}", "data=mnist", f"data.root={tmp / 'nowhere'}"],
+            ["data.root=", "nowhere", "MNIST", "data.download=true"],
+        ),
     ]
 
 
 def test_bad_evaluate_config(root, tmp_path):
     before = snapshot(root)
     for overrides, needles in _evaluate_cases(root, tmp_path):
-        raises_user_error(lambda o=overrides: evaluate_script.evaluate(
-            compose_checked("evaluate", o)), needles=tuple(needles))  # types: while composing
+        raises_user_error(
+            lambda o=overrides: evaluate_script.evaluate(compose_checked("evaluate", o)), needles=tuple(needles)
+        )  # types: while composing
     assert snapshot(root) == before
 
 
@@ -228,23 +246,20 @@ def _predict_cases(best: Path, tmp: Path) -> list[tuple[list[str], list[str]]]:
     out = tmp / "out.csv"
     return [
         ([f"ckpt={best}"], ["input", "required"]),
-        ([f"ckpt={best}", f"input={tmp / 'none.csv'}", f"output={out}"],
-         ["none.csv", "no such file"]),
-        ([f"ckpt={best}", f"input={points}", f"output={tmp / 'out.txt'}"],
-         ["out.txt", ".csv"]),
+        ([f"ckpt={best}", f"input={tmp / 'none.csv'}", f"output={out}"], ["none.csv", "no such file"]),
+        ([f"ckpt={best}", f"input={points}", f"output={tmp / 'out.txt'}"], ["out.txt", ".csv"]),
         ([f"ckpt={best}", f"input={points}", f"output={tmp}"], ["folder"]),
-        ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=0"],
-         ["batch_size=0"]),
-        ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=null"],
-         ["batch_size=None"]),
+        ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=0"], ["batch_size=0"]),
+        ([f"ckpt={best}", f"input={points}", f"output={out}", "batch_size=null"], ["batch_size=None"]),
     ]
 
 
 def test_bad_predict_config(root, tmp_path):
     out = tmp_path / "out.csv"
     for overrides, needles in _predict_cases(root / "lin" / "best.pt", tmp_path):
-        raises_user_error(lambda o=overrides: predict_script.predict(
-            compose_checked("predict", o)), needles=tuple(needles))  # types: while composing
+        raises_user_error(
+            lambda o=overrides: predict_script.predict(compose_checked("predict", o)), needles=tuple(needles)
+        )  # types: while composing
     assert not out.exists()
 
 
@@ -278,9 +293,16 @@ def test_bad_csv_for_training(root, tmp_path, name):
         path.write_bytes(content)
     elif content is not False:
         path.write_text(content)
-    cfg = compose("train", [f"checkpoint.root={root}", f"run_name=csv_{name}",
-                            "experiment=quadratic_csv", f"data.path={path}",
-                            "trainer.epochs=1"])
+    cfg = compose(
+        "train",
+        [
+            f"checkpoint.root={root}",
+            f"run_name=csv_{name}",
+            "experiment=quadratic_csv",
+            f"data.path={path}",
+            "trainer.epochs=1",
+        ],
+    )
     raises_user_error(train_script.train, cfg, needles=(str(path), *needles))
     assert not list((root / f"csv_{name}").glob("*.pt"))
 
@@ -297,8 +319,7 @@ def test_predict_csv_inputs(tmp_path, weights):
     an existing output is left as it was (never a partial CSV)."""
     out = tmp_path / "preds.csv"
     out.write_text("previous results\n")
-    base = [f"weights={weights['linear']}", "model=linear_regression", "data=linear",
-            f"output={out}"]
+    base = [f"weights={weights['linear']}", "model=linear_regression", "data=linear", f"output={out}"]
     for index, (text, needles) in enumerate(PREDICT_CSV_CASES.items()):
         path = tmp_path / f"in{index}.csv"
         path.write_text(text)
@@ -307,23 +328,38 @@ def test_predict_csv_inputs(tmp_path, weights):
     # Model with 2 inputs, data giving 1 feature per row.
     path = tmp_path / "one_feature.csv"
     path.write_text("x\n1\n2\n")
-    cfg = compose("predict", [f"weights={weights['quadratic']}", "model=quadratic",
-                              "data=linear", "model.in_features=2", f"input={path}",
-                              f"output={out}"])
-    raises_user_error(predict_script.predict, cfg, needles=(
-        f"input={path}", "1 feature(s)", "expects 2"))
+    cfg = compose(
+        "predict",
+        [
+            f"weights={weights['quadratic']}",
+            "model=quadratic",
+            "data=linear",
+            "model.in_features=2",
+            f"input={path}",
+            f"output={out}",
+        ],
+    )
+    raises_user_error(predict_script.predict, cfg, needles=(f"input={path}", "1 feature(s)", "expects 2"))
     assert out.read_text() == "previous results\n"
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------- images
 
+
 def _image(path: Path, mode: str = "RGB", size: tuple[int, int] = (8, 8)) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    color = {"RGB": (200, 10, 10), "RGBA": (0, 0, 200, 128), "L": 128, "I;16": 30000,
-             "P": 3, "1": 1, "CMYK": (0, 50, 50, 0)}[mode]
+    color = {
+        "RGB": (200, 10, 10),
+        "RGBA": (0, 0, 200, 128),
+        "L": 128,
+        "I;16": 30000,
+        "P": 3,
+        "1": 1,
+        "CMYK": (0, 50, 50, 0),
+    }[mode]
     suffix = ".tif" if mode in ("I;16", "CMYK") else ".png"
     path = path.with_suffix(suffix)
     Image.new(mode, size, color).save(path)
@@ -334,11 +370,10 @@ def _noise_png(path: Path, cut: float) -> Path:
     """A 64x64 noise PNG (a large compressed body) cut to `cut` of its bytes."""
     from PIL import Image
 
-    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     Image.fromarray(noise.numpy()).save(path)
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * cut)])
+    path.write_bytes(data[: int(len(data) * cut)])
     return path
 
 
@@ -350,11 +385,23 @@ def _image_folder(root: Path, per_class: int = 4) -> Path:
 
 
 def _image_cfg(root: Path, data_root: Path, *extra: str):
-    return compose("train", [
-        f"checkpoint.root={root}", f"run_name=img_{data_root.name}", "data=image_folder",
-        "model=small_cnn", "loss=cross_entropy", f"data.root={data_root}",
-        "data.num_classes=2", "data.image_size=8", "data.num_workers=0", "trainer.epochs=1",
-        "data.batch_size=2", *extra])
+    return compose(
+        "train",
+        [
+            f"checkpoint.root={root}",
+            f"run_name=img_{data_root.name}",
+            "data=image_folder",
+            "model=small_cnn",
+            "loss=cross_entropy",
+            f"data.root={data_root}",
+            "data.num_classes=2",
+            "data.image_size=8",
+            "data.num_workers=0",
+            "trainer.epochs=1",
+            "data.batch_size=2",
+            *extra,
+        ],
+    )
 
 
 def _image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
@@ -374,11 +421,9 @@ def _image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str], list[str]]]
     cases["no_classes"] = (folder, [], ["no class folders"])
     cases["missing_root"] = (tmp_path / "nowhere", [], ["data.root=", "folder not found"])
     folder = _image_folder(tmp_path / "channels")
-    cases["four_channels"] = (folder, ["data.in_channels=4"],
-                              ["data.in_channels=4", "1 (grayscale) or 3 (RGB)"])
+    cases["four_channels"] = (folder, ["data.in_channels=4"], ["data.in_channels=4", "1 (grayscale) or 3 (RGB)"])
     cases["mean_length"] = (folder, ["data.mean=[0.5]"], ["data.mean=[0.5]", "3 value(s)"])
-    cases["class_count"] = (folder, ["data.num_classes=3"], ["data.num_classes=3",
-                                                             "2 class folders"])
+    cases["class_count"] = (folder, ["data.num_classes=3"], ["data.num_classes=3", "2 class folders"])
     folder = _image_folder(tmp_path / "truncated")
     _noise_png(folder / "dog" / "cut.png", cut=0.6)  # header fine, pixel data cut
     cases["truncated"] = (folder, [], ["cut.png", "corrupt or unreadable image"])
@@ -446,9 +491,13 @@ def test_predict_images(tmp_path, weights, capsys):
     """Other sizes and channel counts are converted (all predicted); a bad file stops the
     whole batch with its name and the existing output is untouched."""
     folder = tmp_path / "inputs"
-    files = [_image(folder / "big_rgb", "RGB", (30, 20)), _image(folder / "rgba", "RGBA"),
-             _image(folder / "gray", "L", (8, 8)), _image(folder / "deep", "I;16", (5, 5)),
-             _image(folder / "palette", "P", (64, 64))]
+    files = [
+        _image(folder / "big_rgb", "RGB", (30, 20)),
+        _image(folder / "rgba", "RGBA"),
+        _image(folder / "gray", "L", (8, 8)),
+        _image(folder / "deep", "I;16", (5, 5)),
+        _image(folder / "palette", "P", (64, 64)),
+    ]
     (folder / "README.txt").write_text("my digits")
     out = tmp_path / "preds.csv"
     base = [f"weights={weights['cnn']}", "model=small_cnn", "data=digits", f"output={out}"]
@@ -465,6 +514,7 @@ def test_predict_images(tmp_path, weights, capsys):
 
 # ------------------------------------------------------------------- exit codes
 
+
 def test_exit_codes_in_process(root, tmp_path, capsys, monkeypatch):
     """cli_errors: 2 for bad input (one line), 3 for a stop with a checkpoint, 130 for
     Ctrl-C outside the loop; debug=true adds the traceback; other errors propagate."""
@@ -475,8 +525,7 @@ def test_exit_codes_in_process(root, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err == "error: trainer.epochs=0: expected an integer >= 1\n"
 
-    cfg = compose("train", [f"checkpoint.root={root}", "run_name=lin", "trainer.epochs=0",
-                            "debug=true"])
+    cfg = compose("train", [f"checkpoint.root={root}", "run_name=lin", "trainer.epochs=0", "debug=true"])
     with pytest.raises(SystemExit) as info:
         cli_errors(train_script.train)(cfg)
     assert info.value.code == EXIT_BAD_INPUT
@@ -490,8 +539,9 @@ def test_exit_codes_in_process(root, tmp_path, capsys, monkeypatch):
     assert info.value.code == EXIT_BAD_INPUT and "Traceback" in capsys.readouterr().err
     monkeypatch.delenv("HYDRA_FULL_ERROR")
 
-    cfg = compose("train", [f"checkpoint.root={tmp_path}", "run_name=stopped",
-                            "trainer.max_time=0.000001", "trainer.epochs=3"])
+    cfg = compose(
+        "train", [f"checkpoint.root={tmp_path}", "run_name=stopped", "trainer.max_time=0.000001", "trainer.epochs=3"]
+    )
     with pytest.raises(SystemExit) as info:
         cli_errors(train_script.train)(cfg)
     assert info.value.code == EXIT_INTERRUPTED
@@ -516,12 +566,13 @@ def test_cli_bad_inputs_subprocess(root):
     """The real scripts: exit 2, exactly one line on stderr, no traceback, files intact."""
     before = snapshot(root)
     for script, args, needles in (
-        ("train.py", ["trainer.epoch=5", f"checkpoint.root={root}"],
-         ["trainer.epoch=5", "valid keys: epochs"]),
-        ("train.py", ["run_name=lin", f"checkpoint.root={root}"],  # found inside train()
-         ["already has checkpoints", "resume=auto"]),
-        ("predict.py", [f"ckpt={root / 'lin' / 'best.pt'}", "inptu=x.csv"],
-         ["inptu=x.csv", "did you mean 'input'"]),
+        ("train.py", ["trainer.epoch=5", f"checkpoint.root={root}"], ["trainer.epoch=5", "valid keys: epochs"]),
+        (
+            "train.py",
+            ["run_name=lin", f"checkpoint.root={root}"],  # found inside train()
+            ["already has checkpoints", "resume=auto"],
+        ),
+        ("predict.py", [f"ckpt={root / 'lin' / 'best.pt'}", "inptu=x.csv"], ["inptu=x.csv", "did you mean 'input'"]),
     ):
         result = run_script(script, *args, check=False)
         assert result.returncode == EXIT_BAD_INPUT, result.stderr
@@ -536,19 +587,28 @@ def test_cli_bad_inputs_subprocess(root):
 def test_cli_internal_error_subprocess(root):
     """A bug (not bad input): Hydra prints the traceback and the exit code is 1. (debug=true
     on bad input is tested in-process above: traceback, then the line, exit 2.)"""
-    code = ("import runpy, sys, engine.config;"
-            "engine.config.build = lambda *a, **k: 1 / 0;"  # a bug inside train()
-            f"sys.argv = ['train.py', 'checkpoint.root={root}', 'run_name=bug'];"
-            "runpy.run_path('train.py', run_name='__main__')")
+    code = (
+        "import runpy, sys, engine.config;"
+        "engine.config.build = lambda *a, **k: 1 / 0;"  # a bug inside train()
+        f"sys.argv = ['train.py', 'checkpoint.root={root}', 'run_name=bug'];"
+        "runpy.run_path('train.py', run_name='__main__')"
+    )
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 1
     assert "ZeroDivisionError" in result.stderr and "Traceback" in result.stderr
 
 
 # --------------------------------------------------------------------------- the tally
+
 
 def test_at_least_100_distinct_bad_inputs_are_checked(tmp_path):
     """Counted from the case tables the tests above run (no test needs another's result)."""

@@ -18,9 +18,14 @@ def _state() -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.rand(4, 3)).sum().backward()
     opt.step()
-    return {"epoch": 2, "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": opt.state_dict(), "loss": 0.5, "rng_state": rng_state(),
-            "config": {"model": {"_target_": "x"}, "data": {}}}
+    return {
+        "epoch": 2,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": opt.state_dict(),
+        "loss": 0.5,
+        "rng_state": rng_state(),
+        "config": {"model": {"_target_": "x"}, "data": {}},
+    }
 
 
 def test_plain_torch_load_reads_it_without_this_project(tmp_path):
@@ -34,8 +39,7 @@ def test_plain_torch_load_reads_it_without_this_project(tmp_path):
         print(ckpt['epoch'], sorted(ckpt['model_state_dict']))
     """)
     # -I: isolated mode, no PYTHONPATH, no current directory on sys.path
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "2"
 
 

@@ -45,9 +45,14 @@ def _launcher_cfg(*overrides: str):
 
 # ------------------------------------------------------------------------------ configs
 
+
 def test_slurm_preset_is_the_requeue_aware_submitit_slurm_launcher():
-    cfg = _launcher_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                        "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4")
+    cfg = _launcher_cfg(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.tasks_per_node=4",
+    )
     assert cfg._target_ == f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
     assert (cfg.partition, cfg.gpus_per_node, cfg.tasks_per_node) == ("gpu", 4, 4)
     assert cfg.signal_delay_s == 120 and cfg.max_num_timeout > 0 and cfg.timeout_min == 240
@@ -55,17 +60,15 @@ def test_slurm_preset_is_the_requeue_aware_submitit_slurm_launcher():
 
 def test_submitit_local_and_slurm_are_the_requeue_aware_launchers():
     """The plugin's names, the project's classes (whatever order Hydra scans plugins in)."""
-    assert _launcher_cfg("hydra/launcher=submitit_local")._target_ == \
-        f"{PLUGIN_MODULE}.RequeueLocalLauncher"
-    assert _launcher_cfg("hydra/launcher=submitit_slurm")._target_ == \
-        f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
+    assert _launcher_cfg("hydra/launcher=submitit_local")._target_ == f"{PLUGIN_MODULE}.RequeueLocalLauncher"
+    assert _launcher_cfg("hydra/launcher=submitit_slurm")._target_ == f"{PLUGIN_MODULE}.RequeueSlurmLauncher"
 
 
 # ------------------------------------------------------------------- requeue decisions
 
+
 def test_with_resume_auto_replaces_any_resume_override():
-    assert with_resume_auto(["optimizer.lr=0.1", "resume=null", "+resume=x"]) == \
-        ["optimizer.lr=0.1", "resume=auto"]
+    assert with_resume_auto(["optimizer.lr=0.1", "resume=null", "+resume=x"]) == ["optimizer.lr=0.1", "resume=auto"]
     assert with_resume_auto([]) == ["resume=auto"]
 
 
@@ -117,9 +120,9 @@ def test_preemption_notice_saves_then_hands_over_to_submitits_requeue(monkeypatc
     assert training.received == {signal.SIGUSR2}
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, EXIT_INTERRUPTED),
-                                       (signal.SIGINT, EXIT_INTERRUPTED),
-                                       (None, 2), (None, 0)])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, EXIT_INTERRUPTED), (signal.SIGINT, EXIT_INTERRUPTED), (None, 2), (None, 0)]
+)
 def test_no_requeue_after_sigterm_ctrl_c_or_an_error(monkeypatch, sig, code):
     """SIGTERM (scancel, the end of the time limit) and Ctrl-C stop as without a scheduler;
     a failed job is not retried."""
@@ -128,8 +131,7 @@ def test_no_requeue_after_sigterm_ctrl_c_or_an_error(monkeypatch, sig, code):
 
 def test_a_job_slurm_requeued_itself_resumes(monkeypatch):
     """Preemption with PreemptMode=REQUEUE, a node failure: SLURM_RESTART_COUNT > 0."""
-    assert _run_stopped(monkeypatch, None, 0, restart_count=1)["overrides"] == \
-        ["a=1", "resume=auto"]
+    assert _run_stopped(monkeypatch, None, 0, restart_count=1)["overrides"] == ["a=1", "resume=auto"]
     assert _run_stopped(monkeypatch, None, 0, restart_count=0)["overrides"] == ["a=1"]
 
 
@@ -144,28 +146,42 @@ def test_sigusr2_stops_training_like_sigterm():
 
 # --------------------------------------------------------- DDP from SLURM/submitit tasks
 
+
 def test_slurm_step_variables_become_torchrun_variables():
-    env = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-           "SLURM_STEP_NODELIST": "gpu[07-10],cpu1", "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "gpu[07-10],cpu1",
+        "SLURM_JOB_ID": "4242",
+    }
     assert adopt_scheduler_env(env) == "slurm"
     assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"]) == ("8", "5", "1")
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
 
 
 def test_submitit_local_tasks_become_torchrun_variables():
-    env = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
-           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_JOB_ID": "777", "MASTER_PORT": "1234"}
+    env = {
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_JOB_ID": "777",
+        "MASTER_PORT": "1234",
+    }
     assert adopt_scheduler_env(env) == "submitit_local"
     assert (env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"]) == ("2", "1", "1")
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", "1234")  # user's port kept
 
 
-@pytest.mark.parametrize("env", [
-    {"WORLD_SIZE": "2", "RANK": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"},  # torchrun
-    {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1"},  # salloc shell: no step
-    {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # one task
-    {},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WORLD_SIZE": "2", "RANK": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"},  # torchrun
+        {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1"},  # salloc shell: no step
+        {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # one task
+        {},
+    ],
+)
 def test_torchrun_single_tasks_and_plain_shells_are_left_alone(env):
     before = dict(env)
     assert adopt_scheduler_env(env) is None
@@ -180,17 +196,30 @@ def test_first_host_of_a_slurm_node_list():
 
 # ------------------------------------------------------------------------- end to end
 
+
 @pytest.mark.slow
 def test_submitit_local_sweep_preempted_and_requeued_ends_as_uninterrupted(tmp_path):
     """A 2-job sweep through submitit's local executor; each job gets SLURM's notice
     (SIGUSR2) after step 7 of 12, saves, is requeued by submitit with resume=auto and
     finishes bitwise equal to the same run without a scheduler."""
-    settings = ["data=linear", "trainer.epochs=3", "data.batch_size=8",
-                "trainer.log_every_n_steps=1", "trainer.model_summary=false",
-                "checkpoint.every_n_epochs=1"]
-    run_script("train.py", "-m", "hydra/launcher=submitit_local", "optimizer.lr=0.1,0.01",
-               *settings, root=tmp_path / "slurm", env=fault_env("usr2_at_step=7"),
-               timeout=240)
+    settings = [
+        "data=linear",
+        "trainer.epochs=3",
+        "data.batch_size=8",
+        "trainer.log_every_n_steps=1",
+        "trainer.model_summary=false",
+        "checkpoint.every_n_epochs=1",
+    ]
+    run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "optimizer.lr=0.1,0.01",
+        *settings,
+        root=tmp_path / "slurm",
+        env=fault_env("usr2_at_step=7"),
+        timeout=240,
+    )
     runs = {p.parent.name: p.parent for p in (tmp_path / "slurm").rglob("last.pt")}
     assert len(runs) == 2
     for lr in ("0.1", "0.01"):
@@ -211,8 +240,7 @@ def test_train_py_functions_can_be_pickled_for_submitit():
     import torch.utils.deterministic
 
     picklable_modules()
-    assert cloudpickle.loads(cloudpickle.dumps(torch.utils.deterministic)) is \
-        torch.utils.deterministic
+    assert cloudpickle.loads(cloudpickle.dumps(torch.utils.deterministic)) is torch.utils.deterministic
 
 
 @pytest.mark.slow
@@ -224,15 +252,37 @@ def test_a_two_task_slurm_step_trains_with_ddp(tmp_path):
 
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "SLURM_STEP_NUM_TASKS": "2",
-               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "31",
-               "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(29500 + os.getpid() % 500)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_ID": "31",
+            "SLURM_STEP_NODELIST": "localhost",
+            "MASTER_PORT": str(29500 + os.getpid() % 500),
+        }
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
             env.pop(key, None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "train.py", "data=linear", "trainer.epochs=2", "trainer.device=cpu",
-             "trainer.model_summary=false", f"checkpoint.root={tmp_path}", "run_name=ddp"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "train.py",
+                    "data=linear",
+                    "trainer.epochs=2",
+                    "trainer.device=cpu",
+                    "trainer.model_summary=false",
+                    f"checkpoint.root={tmp_path}",
+                    "run_name=ddp",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "distributed: 2 processes (gloo)" in outputs[0]

@@ -35,14 +35,25 @@ def _first_batch(data):
 def test_default_is_the_linear_regression_experiment():
     cfg = compose("train")
     assert (cfg.name, cfg.model._target_, cfg.loss._target_) == (
-        "linear_regression", "models.linear_regression.LinearRegressionModel",
-        "torch.nn.L1Loss")
+        "linear_regression",
+        "models.linear_regression.LinearRegressionModel",
+        "torch.nn.L1Loss",
+    )
     assert cfg.trainer.epochs == 300  # the experiment preset wins over train.yaml
 
 
-@pytest.mark.parametrize("group,option", [("scheduler", "step"), ("scheduler", "cosine"),
-                                          ("scheduler", "warmup_cosine"), ("optimizer", "adam"),
-                                          ("optimizer", "adamw"), ("loss", "mse"), ("loss", "l1")])
+@pytest.mark.parametrize(
+    "group,option",
+    [
+        ("scheduler", "step"),
+        ("scheduler", "cosine"),
+        ("scheduler", "warmup_cosine"),
+        ("optimizer", "adam"),
+        ("optimizer", "adamw"),
+        ("loss", "mse"),
+        ("loss", "l1"),
+    ],
+)
 def test_optional_groups_build(group, option):
     cfg = compose("train", [f"{group}={option}"])
     model = instantiate(cfg.model)
@@ -57,6 +68,16 @@ def test_optional_groups_build(group, option):
 
 def test_help_lists_groups_and_options():
     out = run_script("train.py", "--help").stdout
-    for word in ("data:", "model:", "loss:", "optimizer:", "scheduler:", "experiment:",
-                 "small_cnn", "vgg16", "digits", "every_n_epochs"):
+    for word in (
+        "data:",
+        "model:",
+        "loss:",
+        "optimizer:",
+        "scheduler:",
+        "experiment:",
+        "small_cnn",
+        "vgg16",
+        "digits",
+        "every_n_epochs",
+    ):
         assert word in out, word

@@ -35,6 +35,7 @@ def original(trained_run) -> dict:
 
 # --------------------------------------------------------------------------- the generator
 
+
 def billion_laughs(depth: int) -> list:
     node: list = ["lol"]
     for _ in range(depth):
@@ -72,8 +73,23 @@ def bad_value(kind: str, rng: random.Random):
         return deep(rng.randrange(80, 300))
     if kind == "cycle":
         return cycle()
-    return rng.choice([None, "text", -5, 1.5, True, 10**30, float("nan"), [1, "x"],
-                       {"a": 1}, torch.zeros(0), torch.zeros(3, 2), [], {}])
+    return rng.choice(
+        [
+            None,
+            "text",
+            -5,
+            1.5,
+            True,
+            10**30,
+            float("nan"),
+            [1, "x"],
+            {"a": 1},
+            torch.zeros(0),
+            torch.zeros(3, 2),
+            [],
+            {},
+        ]
+    )
 
 
 def inner_paths(value, prefix=()):
@@ -111,13 +127,15 @@ def crafted_cases(original: dict, n: int):
     for key in keys:
         for kind in HOSTILE:
             yield f"{key}={kind}", replaced(base, (key,), bad_value(kind, rng)), True
-    paths = [(k,) for k in keys] + [p for k in keys for p in
-                                    [(k, *q) for q in inner_paths(base[k])]]
+    paths = [(k,) for k in keys] + [p for k in keys for p in [(k, *q) for q in inner_paths(base[k])]]
     for index in range(n):
         path = rng.choice(paths)
         kind = rng.choice([*HOSTILE, "wrong", "wrong", "wrong"])
-        yield (f"#{index} {'/'.join(map(str, path))}={kind}",
-               replaced(base, path, bad_value(kind, rng)), kind in HOSTILE)
+        yield (
+            f"#{index} {'/'.join(map(str, path))}={kind}",
+            replaced(base, path, bad_value(kind, rng)),
+            kind in HOSTILE,
+        )
 
 
 # ------------------------------------------------------------------ the two ways in, timed
@@ -140,8 +158,9 @@ def resume_path(path: Path, root: Path) -> None:
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = load_checkpoint(path)
-    progress = restore_checkpoint(state, {"model": model, "optimizer": optimizer, "scheduler": None,
-                                          "scaler": scaler}, cfg, data)
+    progress = restore_checkpoint(
+        state, {"model": model, "optimizer": optimizer, "scheduler": None, "scaler": scaler}, cfg, data
+    )
     write_csv(path.with_name("metrics.csv"), progress.history)
 
 
@@ -180,8 +199,7 @@ def test_seeded_crafted_checkpoints_end_in_one_line(original, tmp_path):
             errors += result == "error"
             total += 1
     slowest = max(TIMES)
-    print(f"\ncrafted checkpoints: {total} cases, {errors} refused, slowest "
-          f"{slowest[0]:.3f}s ({slowest[1]})")
+    print(f"\ncrafted checkpoints: {total} cases, {errors} refused, slowest {slowest[0]:.3f}s ({slowest[1]})")
     assert total >= 300 and errors >= 150
 
 
@@ -213,13 +231,11 @@ def test_malformed_fields_are_one_line(original, tmp_path, case):
     assert_one_line(info.value, path.name, key)
 
 
-def test_mid_epoch_position_beyond_the_epoch_is_refused_once_data_is_known(original,
-                                                                            tmp_path):
+def test_mid_epoch_position_beyond_the_epoch_is_refused_once_data_is_known(original, tmp_path):
     """1000 losses for 1000 batches pass the file check; this data has 4 batches an epoch
     (32 training samples, batch 8)."""
     path = tmp_path / "far.pt"
-    torch.save({**original, "step_in_epoch": 1000, "epoch_step_losses": torch.zeros(1000)},
-               path)
+    torch.save({**original, "step_in_epoch": 1000, "epoch_step_losses": torch.zeros(1000)}, path)
     load_checkpoint(path)
     with pytest.raises(UserError) as info:
         resume_path(path, tmp_path)
@@ -229,9 +245,16 @@ def test_mid_epoch_position_beyond_the_epoch_is_refused_once_data_is_known(origi
 def test_tutorial_checkpoint_with_tensor_loss_still_loads(original, tmp_path):
     """Every key but the tutorial's four is optional; `loss` may be a 0-dim tensor."""
     path = tmp_path / "tutorial.pt"
-    torch.save({"epoch": 3, "model_state_dict": original["model_state_dict"],
-                "optimizer_state_dict": original["optimizer_state_dict"],
-                "loss": torch.tensor(0.25), "note": "extra key"}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "model_state_dict": original["model_state_dict"],
+            "optimizer_state_dict": original["optimizer_state_dict"],
+            "loss": torch.tensor(0.25),
+            "note": "extra key",
+        },
+        path,
+    )
     assert load_checkpoint(path)["epoch"] == 3
 
 
@@ -239,14 +262,22 @@ def test_negative_epoch_resume_exits_2(trained_run, tmp_path):
     state = load_checkpoint(trained_run / "best.pt")
     crafted = tmp_path / "neg.pt"
     torch.save({**state, "epoch": -5}, crafted)
-    result = run_script("train.py", f"resume={crafted}", f"checkpoint.root={tmp_path}",
-                        "run_name=neg", "trainer.epochs=3", check=False, timeout=120)
+    result = run_script(
+        "train.py",
+        f"resume={crafted}",
+        f"checkpoint.root={tmp_path}",
+        "run_name=neg",
+        "trainer.epochs=3",
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().count("\n") == 0 and "'epoch'" in result.stderr
     assert not (tmp_path / "neg").exists()
 
 
 # ---------------------------------------------------- item 3: small files, huge contents
+
 
 def _one_line_exit_2(result, *needles: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
@@ -261,17 +292,26 @@ def test_stride0_losses_and_rng_are_refused_by_train(trained_run, tmp_path):
     huge = torch.zeros(1).expand(3_000_000)
     py = state["rng_state"]["python"]
     for name, crafted in (
-            ("losses", {**state, "step_in_epoch": 1, "epoch_step_losses": huge}),
-            ("rng", {**state, "rng_state": {**state["rng_state"], "python": {
-                **py, "state": torch.zeros(1, dtype=torch.int64).expand(100_000_000)}}})):
+        ("losses", {**state, "step_in_epoch": 1, "epoch_step_losses": huge}),
+        (
+            "rng",
+            {
+                **state,
+                "rng_state": {
+                    **state["rng_state"],
+                    "python": {**py, "state": torch.zeros(1, dtype=torch.int64).expand(100_000_000)},
+                },
+            },
+        ),
+    ):
         path = tmp_path / f"{name}.pt"
         torch.save(crafted, path)
         assert path.stat().st_size < 100_000  # a small file
         start = time.perf_counter()
-        result = run_script("train.py", f"resume={path}", f"checkpoint.root={tmp_path}",
-                            f"run_name={name}", check=False, timeout=120)
-        print(f"\n{name}: exit {result.returncode} in {time.perf_counter() - start:.2f}s "
-              f"(interpreter start included)")
+        result = run_script(
+            "train.py", f"resume={path}", f"checkpoint.root={tmp_path}", f"run_name={name}", check=False, timeout=120
+        )
+        print(f"\n{name}: exit {result.returncode} in {time.perf_counter() - start:.2f}s (interpreter start included)")
         _one_line_exit_2(result, path.name)
 
 
@@ -315,6 +355,7 @@ def test_abstract_data_module_in_export_config_is_refused(trained_run, tmp_path)
 
 # ------------------------------------------------------------------ item 1: retention
 
+
 def test_retention_never_deletes_foreign_names(tmp_path, capsys):
     """saved_files naming absolute paths, ../, other names and links: after a resume with
     keep_last=1 every file outside the project's patterns is still there, unchanged."""
@@ -334,20 +375,44 @@ def test_retention_never_deletes_foreign_names(tmp_path, capsys):
     linked = tmp_path / "linked_target.pt"
     linked.write_text("a link's target")
     os.symlink(linked, run / "step_00000099.pt")
-    foreign = [str(outside), "../../other/important.pt", "../run2/epoch_0001.pt", "notes.txt",
-               "sub/epoch_0002.pt", "step_00000099.pt", str(run / "epoch_0002.pt"),
-               "config.yaml", "metrics.csv"]
+    foreign = [
+        str(outside),
+        "../../other/important.pt",
+        "../run2/epoch_0001.pt",
+        "notes.txt",
+        "sub/epoch_0002.pt",
+        "step_00000099.pt",
+        str(run / "epoch_0002.pt"),
+        "config.yaml",
+        "metrics.csv",
+    ]
     state = load_checkpoint(run / "epoch_0002.pt")
     for name in ("last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"):
         (run / name).unlink(missing_ok=True)
     torch.save({**state, "saved_files": foreign + ["epoch_0002.pt"]}, run / "epoch_0002.pt")
-    protected = {p: p.read_bytes() for p in [outside, tmp_path / "other" / "important.pt",
-                                            root / "run2" / "epoch_0001.pt", run / "notes.txt",
-                                            run / "sub" / "epoch_0002.pt", linked]}
+    protected = {
+        p: p.read_bytes()
+        for p in [
+            outside,
+            tmp_path / "other" / "important.pt",
+            root / "run2" / "epoch_0001.pt",
+            run / "notes.txt",
+            run / "sub" / "epoch_0002.pt",
+            linked,
+        ]
+    }
     capsys.readouterr()
-    cfg = compose("train", [f"checkpoint.root={root}", "run_name=run", "trainer.epochs=4",
-                            "checkpoint.every_n_epochs=1", "checkpoint.keep_last=1",
-                            "resume=auto"])
+    cfg = compose(
+        "train",
+        [
+            f"checkpoint.root={root}",
+            "run_name=run",
+            "trainer.epochs=4",
+            "checkpoint.every_n_epochs=1",
+            "checkpoint.keep_last=1",
+            "resume=auto",
+        ],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train.train(cfg)
@@ -355,7 +420,8 @@ def test_retention_never_deletes_foreign_names(tmp_path, capsys):
     for path, content in protected.items():
         assert path.exists() and path.read_bytes() == content, f"{path} was touched"
     assert (run / "step_00000099.pt").is_symlink() or any(
-        p.name.startswith("step_00000099.pt.corrupt") for p in run.iterdir())
+        p.name.startswith("step_00000099.pt.corrupt") for p in run.iterdir()
+    )
     assert (run / "config.yaml").exists() and (run / "metrics.csv").exists()
     warning = [line for line in err.splitlines() if "saved_files" in line]
     assert len(warning) == 1, err

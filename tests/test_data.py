@@ -104,8 +104,7 @@ def _write_mnist(root, folder="MNIST", n_train=8, n_test=4):
 
 def test_cifar10_reads_the_official_format(tmp_path):
     write_cifar(tmp_path)
-    data = TorchvisionData("CIFAR10", root=str(tmp_path), val_fraction=0.2,
-                           check_integrity=False, num_workers=0)
+    data = TorchvisionData("CIFAR10", root=str(tmp_path), val_fraction=0.2, check_integrity=False, num_workers=0)
     assert len(data.split("train")) + len(data.split("val")) == 30
     x, y = data.split("test")[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10
@@ -133,8 +132,15 @@ def test_image_folder_resizes_and_converts(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(5):
             Image.new("RGB", (40 + i, 30), color).save(tmp_path / cls / f"{i}.png")
-    data = ImageFolderData(root=str(tmp_path), image_size=16, in_channels=1, num_classes=2,
-                           val_fraction=0.2, test_fraction=0.2, num_workers=0)
+    data = ImageFolderData(
+        root=str(tmp_path),
+        image_size=16,
+        in_channels=1,
+        num_classes=2,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        num_workers=0,
+    )
     x, y = data.split("train")[0]
     assert data.classes == ["cat", "dog"]
     assert x.shape == (1, 16, 16)

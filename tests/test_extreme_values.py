@@ -87,17 +87,23 @@ def test_abstract_data_module_as_model_or_data():
 
 def test_huge_synthetic_data_set_is_refused_before_any_work(tmp_path):
     """data.step=1e-9 reached 14 GB before; now one line, and no run folder."""
-    result = run_script("train.py", "data.step=1e-9", f"checkpoint.root={tmp_path}",
-                        "debug=false", check=False, timeout=120)
+    result = run_script(
+        "train.py", "data.step=1e-9", f"checkpoint.root={tmp_path}", "debug=false", check=False, timeout=120
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data.step" in result.stderr and result.stderr.strip().count("\n") == 0
     assert not any(tmp_path.iterdir())
 
 
 def test_export_without_arguments_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "engine.export"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.export"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "usage" in result.stderr
 
@@ -135,8 +141,13 @@ time.sleep(300)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux-only")
 def test_data_loader_workers_die_with_the_run():
     """SIGKILL the training process (as the OOM killer did): its workers go with it."""
-    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_SCRIPT],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         workers = [int(pid) for pid in proc.stdout.readline().split()]
         assert len(workers) >= 2
@@ -160,6 +171,7 @@ def _running(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- item 7: image contents
+
 
 def test_16_bit_png_keeps_its_values(tmp_path):
     from PIL import Image
@@ -201,11 +213,18 @@ def test_image_of_unsupported_range_is_refused_naming_the_mode(tmp_path):
 
 # ------------------------------------------------------------ item 8: non-finite numbers
 
+
 def test_predict_csv_value_beyond_float32_is_refused(trained_run, tmp_path):
     points = tmp_path / "points.csv"
     points.write_text("x\n0.5\n1e39\n")
-    result = run_script("predict.py", f"ckpt={trained_run / 'best.pt'}", f"input={points}",
-                        f"output={tmp_path / 'preds.csv'}", check=False, timeout=120)
+    result = run_script(
+        "predict.py",
+        f"ckpt={trained_run / 'best.pt'}",
+        f"input={points}",
+        f"output={tmp_path / 'preds.csv'}",
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and "points.csv" in line and "row 2" in line and "'x'" in line
@@ -216,8 +235,7 @@ def test_predict_csv_value_beyond_float32_is_refused(trained_run, tmp_path):
 def test_training_csv_value_that_overflows_is_refused(tmp_path, value):
     """1e39 overflows float32 itself; 1e20 fits, but its square (a feature) does not."""
     data = tmp_path / "train.csv"
-    data.write_text("x,y\n" + "".join(f"{i / 10},{i / 5}\n" for i in range(9))
-                    + f"{value},1\n")
+    data.write_text("x,y\n" + "".join(f"{i / 10},{i / 5}\n" for i in range(9)) + f"{value},1\n")
     cfg = compose("train", ["experiment=quadratic_csv", f"data.path={data}"])
     module = build(cfg.data, "data")
     with pytest.raises(UserError) as info:

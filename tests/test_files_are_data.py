@@ -35,8 +35,18 @@ from engine.metrics import load_for_inference
 
 SEED = 20261206
 SECRET = "s3cr3t-never-printed"  # in the environment of every case: must never be shown
-RESOLVERS = ("oc.create", "oc.decode", "oc.env", "oc.select", "oc.deprecated", "oc.dict.keys",
-             "oc.dict.values", "hydra", "now", "eval")  # registered or not: all refused
+RESOLVERS = (
+    "oc.create",
+    "oc.decode",
+    "oc.env",
+    "oc.select",
+    "oc.deprecated",
+    "oc.dict.keys",
+    "oc.dict.values",
+    "hydra",
+    "now",
+    "eval",
+)  # registered or not: all refused
 SPECIAL = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
@@ -44,17 +54,28 @@ def payloads(marker: Path) -> list:
     """Hostile values: interpolations through every resolver (some would run code when
     resolved), plain and relative references, and dicts naming code directly."""
     touch = f"{{_target_: os.system, _args_: ['touch {marker}']}}"
-    strings = [f"${{oc.create:{touch}}}", f"${{oc.decode:'{touch}'}}",
-               "${oc.env:FILES_ARE_DATA_SECRET}", "x ${oc.env:FILES_ARE_DATA_SECRET} y",
-               "${oc.env:${oc.select:seed}}", "${seed}", "${..seed}", "${.seed}",
-               "\\${oc.env:FILES_ARE_DATA_SECRET}", "${data}", "${oc.select:data.path,/}"]
+    strings = [
+        f"${{oc.create:{touch}}}",
+        f"${{oc.decode:'{touch}'}}",
+        "${oc.env:FILES_ARE_DATA_SECRET}",
+        "x ${oc.env:FILES_ARE_DATA_SECRET} y",
+        "${oc.env:${oc.select:seed}}",
+        "${seed}",
+        "${..seed}",
+        "${.seed}",
+        "\\${oc.env:FILES_ARE_DATA_SECRET}",
+        "${data}",
+        "${oc.select:data.path,/}",
+    ]
     strings += [f"${{{resolver}:seed}}" for resolver in RESOLVERS]
-    dicts = [{"_target_": "os.system", "_args_": [f"touch {marker}"]},
-             {"_target_": "builtins.exec", "_args_": [f"open({str(marker)!r}, 'w')"]},
-             {"_target_": "torch.nn.Identity", "_partial_": True},
-             {"_target_": "torch.nn.Identity", "_convert_": "sideways"},
-             {"_target_": "torch.nn.Identity", "_recursive_": "no"},
-             {"_target_": "torch.nn.Identity", "_args_": "touch"}]
+    dicts = [
+        {"_target_": "os.system", "_args_": [f"touch {marker}"]},
+        {"_target_": "builtins.exec", "_args_": [f"open({str(marker)!r}, 'w')"]},
+        {"_target_": "torch.nn.Identity", "_partial_": True},
+        {"_target_": "torch.nn.Identity", "_convert_": "sideways"},
+        {"_target_": "torch.nn.Identity", "_recursive_": "no"},
+        {"_target_": "torch.nn.Identity", "_args_": "touch"},
+    ]
     return strings + dicts
 
 
@@ -80,16 +101,13 @@ def place(section: dict, payload, rng: random.Random) -> str:
     elif where == "target":
         section["_target_"] = payload
     else:
-        section["augment"] = [{"_target_": "torchvision.transforms.v2.RandomHorizontalFlip",
-                               "p": 0.5}, payload]
+        section["augment"] = [{"_target_": "torchvision.transforms.v2.RandomHorizontalFlip", "p": 0.5}, payload]
     for key in rng.sample(SPECIAL[2:], rng.randrange(3)):  # harmless special keys beside it
-        section.setdefault(key, {"_recursive_": True, "_convert_": "all",
-                                 "_partial_": False}[key])
+        section.setdefault(key, {"_recursive_": True, "_convert_": "all", "_partial_": False}[key])
     return where
 
 
-def crafted(saved: dict, rng: random.Random, marker: Path, interpolation: bool = True
-            ) -> tuple[dict, str]:
+def crafted(saved: dict, rng: random.Random, marker: Path, interpolation: bool = True) -> tuple[dict, str]:
     """`saved` with hostile values placed in random sections: always one interpolation
     (refused wherever the file is read) unless `interpolation=False`, and sometimes a dict
     naming code (refused wherever the config would be built)."""
@@ -97,7 +115,8 @@ def crafted(saved: dict, rng: random.Random, marker: Path, interpolation: bool =
     strings = [p for p in payloads(marker) if isinstance(p, str)]
     dicts = [p for p in payloads(marker) if isinstance(p, dict)]
     chosen = ([rng.choice(strings)] if interpolation else []) + (
-        [rng.choice(dicts)] if not interpolation or rng.random() < 0.5 else [])
+        [rng.choice(dicts)] if not interpolation or rng.random() < 0.5 else []
+    )
     labels = []
     for payload in chosen:
         section = rng.choice(["data", "model", "loss"])
@@ -180,8 +199,12 @@ def test_a_target_naming_code_is_refused_wherever_it_would_be_built(run, tmp_pat
     config, label = crafted(saved, rng, marker, interpolation=False)
     ckpt = write_checkpoint(run, config, tmp_path / "crafted.pt")
     folder = write_export(run, config, tmp_path / "export")
-    for fn, arg in ((load_for_inference, inference_cfg(ckpt)), (export_checkpoint, ckpt),
-                    (load_for_inference, inference_cfg(folder)), (load_export_model, folder)):
+    for fn, arg in (
+        (load_for_inference, inference_cfg(ckpt)),
+        (export_checkpoint, ckpt),
+        (load_for_inference, inference_cfg(folder)),
+        (load_export_model, folder),
+    ):
         message = refused(fn, arg, marker=marker)
         assert "refused" in message, (label, message)
     load_checkpoint(ckpt)  # resume reads it, but builds from the command line's config
@@ -208,10 +231,12 @@ def test_the_node_about_to_be_built_is_checked(tmp_path):
     """An interpolation resolved against a parent node is caught where it is instantiated,
     not only where the file was read; what is instantiated is exactly what was checked."""
     marker = tmp_path / "MARKER"
-    config = OmegaConf.create({
-        "evil": {"_target_": "os.system", "_args_": [f"touch {marker}"]},
-        "model": {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1,
-                  "bias": "${evil}"}})
+    config = OmegaConf.create(
+        {
+            "evil": {"_target_": "os.system", "_args_": [f"touch {marker}"]},
+            "model": {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1, "bias": "${evil}"},
+        }
+    )
     refused(build, config.model, "model", tmp_path / "file.pt", marker=marker)
     config.model.bias = True  # the same node, plain: builds
     assert isinstance(build(config.model, "model", tmp_path / "file.pt"), torch.nn.Linear)
@@ -220,10 +245,15 @@ def test_the_node_about_to_be_built_is_checked(tmp_path):
 def test_trusted_command_line_still_resolves(run, tmp_path):
     """Your own command line and configs/ stay trusted: an interpolation you type in a data
     override of evaluate is resolved (it is not the file's)."""
-    cfg = OmegaConf.create({"ckpt": str(run / "best.pt"), "weights": None, "device": "cpu",
-                            "batch": 16,
-                            "data": {**load_checkpoint(run / "best.pt")["config"]["data"],
-                                     "batch_size": "${batch}"}})
+    cfg = OmegaConf.create(
+        {
+            "ckpt": str(run / "best.pt"),
+            "weights": None,
+            "device": "cpu",
+            "batch": 16,
+            "data": {**load_checkpoint(run / "best.pt")["config"]["data"], "batch_size": "${batch}"},
+        }
+    )
     loaded = load_for_inference(cfg)
     assert loaded.data.batch_size == 16
 
@@ -234,8 +264,7 @@ def test_scripts_refuse_a_crafted_file_in_one_line(run, tmp_path):
     marker = tmp_path / "MARKER"
     saved = load_checkpoint(run / "best.pt")["config"]
     evil = copy.deepcopy(saved)
-    evil["data"]["augment"] = [f"${{oc.create:{{_target_: os.system, _args_: "
-                               f"['touch {marker}']}}}}"]
+    evil["data"]["augment"] = [f"${{oc.create:{{_target_: os.system, _args_: ['touch {marker}']}}}}"]
     ckpt = write_checkpoint(run, evil, tmp_path / "evil.pt")
     folder = write_export(run, evil, tmp_path / "evil_export")
     points = tmp_path / "points.csv"
@@ -253,9 +282,15 @@ def test_scripts_refuse_a_crafted_file_in_one_line(run, tmp_path):
         if command[0] == "-m":
             import subprocess
             import sys
-            return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True,
-                                  text=True, timeout=120,
-                                  env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+            return subprocess.run(
+                [sys.executable, *command],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PYTHONPATH": str(REPO), **env},
+            )
         return run_script(command[0], *command[1:], check=False, env=env, timeout=120)
 
     with ThreadPoolExecutor(3) as pool:
@@ -268,4 +303,3 @@ def test_scripts_refuse_a_crafted_file_in_one_line(run, tmp_path):
         assert SECRET not in result.stdout + result.stderr
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
-

@@ -19,22 +19,22 @@ import pytest
 import torch
 from helpers import assert_one_line, deadline, write_malicious
 
-from engine.checkpoint import (
-    SCHEMA,
-    load_checkpoint,
-    load_export,
-    load_file,
-    load_model_state,
-    verify,
-)
+from engine.checkpoint import SCHEMA, load_checkpoint, load_export, load_file, load_model_state, verify
 from engine.errors import UserError
 from engine.export import export_checkpoint
 from engine.run_dir import find_latest
 
 SEED = 20240611
 # Seeded cases each test runs at least (each test checks its own share): 550 in all.
-CASES = {"truncation": 150, "byte flip": 300, "not a checkpoint": 59, "wrong key type": 80,
-         "wrong tensor shape": 31, "find_latest scenario": 60, "export": 70}
+CASES = {
+    "truncation": 150,
+    "byte flip": 300,
+    "not a checkpoint": 59,
+    "wrong key type": 80,
+    "wrong tensor shape": 31,
+    "find_latest scenario": 60,
+    "export": 70,
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,20 @@ def test_the_shares_add_up_to_at_least_500_seeded_cases():
 def test_truncations_always_fail_cleanly(trained_run, original, tmp_path):
     data = (trained_run / "best.pt").read_bytes()
     rng = random.Random(SEED)
-    offsets = sorted({0, 1, 2, 4, 8, 30, 64, *range(len(data) - 30, len(data)),
-                      *range(0, len(data), max(1, len(data) // 100)),
-                      *(rng.randrange(len(data)) for _ in range(40))})
+    offsets = sorted(
+        {
+            0,
+            1,
+            2,
+            4,
+            8,
+            30,
+            64,
+            *range(len(data) - 30, len(data)),
+            *range(0, len(data), max(1, len(data) // 100)),
+            *(rng.randrange(len(data)) for _ in range(40)),
+        }
+    )
     target = tmp_path / "truncated.pt"
     for offset in offsets:
         target.write_bytes(data[:offset])
@@ -89,9 +100,8 @@ def _payload_position(data: bytes, rng: random.Random) -> tuple[int, str]:
     that record's name."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         info = rng.choice([i for i in archive.infolist() if i.compress_size])
-    header = data[info.header_offset:info.header_offset + 30]
-    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(
-        header[28:30], "little")
+    header = data[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
     return start + rng.randrange(info.compress_size), info.filename
 
 
@@ -149,8 +159,7 @@ def test_files_that_are_not_checkpoints(trained_run, original, tmp_path):
         "image.png": _png_bytes(),
         "text.pt": b"epoch,loss\n1,0.5\n",
         "zip_text.pt": _zip_with({"readme.txt": b"hello"}),
-        "zip_fake_pickle.pt": _zip_with({"archive/data.pkl": b"not a pickle",
-                                         "archive/version": b"3\n"}),
+        "zip_fake_pickle.pt": _zip_with({"archive/data.pkl": b"not a pickle", "archive/version": b"3\n"}),
         "zip_empty.pt": _zip_with({}),
         "zip_of_checkpoint.zip": _zip_with({"best.pt": (trained_run / "best.pt").read_bytes()}),
     }
@@ -173,8 +182,11 @@ def test_files_that_are_not_checkpoints(trained_run, original, tmp_path):
         assert outcome(load_file, evil, None, evil.name) == "error"
     assert not marker.exists()
     # Valid files that are not training checkpoints: a tensor, a list, a bare state_dict.
-    for name, obj in (("tensor.pt", torch.zeros(3)), ("list.pt", [1, 2]),
-                      ("state_dict.pt", original["model_state_dict"])):
+    for name, obj in (
+        ("tensor.pt", torch.zeros(3)),
+        ("list.pt", [1, 2]),
+        ("state_dict.pt", original["model_state_dict"]),
+    ):
         torch.save(obj, tmp_path / name)
         assert outcome(load_checkpoint, tmp_path / name, None, name) == "error"
         assert outcome(load_file, tmp_path / name, None, name) == "ok"
@@ -274,7 +286,7 @@ def test_find_latest_picks_the_newest_readable_and_sets_the_rest_aside(original,
             _save_step(original, path, step)  # newer than every good file, then damaged
             data = path.read_bytes()
             if kind == "truncate":
-                path.write_bytes(data[:rng.randrange(len(data))])
+                path.write_bytes(data[: rng.randrange(len(data))])
             elif kind == "flip":
                 damaged = bytearray(data)
                 position, _ = _payload_position(data, rng)  # payload, not padding
@@ -332,8 +344,7 @@ def test_export_loader(trained_run, original, tmp_path):
     cases = 0
     for offset in sorted({0, 1, 7, 8, 9, *(rng.randrange(len(weights)) for _ in range(30))}):
         target.write_bytes(weights[:offset])
-        assert outcome(load, target, original, f"safetensors truncated at {offset}") == \
-            "error"
+        assert outcome(load, target, original, f"safetensors truncated at {offset}") == "error"
         cases += 1
     for _ in range(40):
         damaged = bytearray(weights)
@@ -354,4 +365,3 @@ def test_export_loader(trained_run, original, tmp_path):
         assert_one_line(info.value, "config.yaml")
         cases += 1
     count("export", cases)
-

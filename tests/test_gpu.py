@@ -23,8 +23,10 @@ from tests.faults import fault_env
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize(("shape", "size"), [((2, 3, 1, 1), (7, 7)), ((2, 3, 8, 8), (7, 7)),
-                                             ((1, 2, 13, 11), (7, 5)), ((1, 2, 5, 9), (None, 4))])
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((2, 3, 1, 1), (7, 7)), ((2, 3, 8, 8), (7, 7)), ((1, 2, 13, 11), (7, 5)), ((1, 2, 5, 9), (None, 4))],
+)
 def test_vgg16_deterministic_pooling_equals_adaptive_avg_pool(shape, size):
     """The matmul pooling VGG16 uses on CUDA in deterministic mode (the math, on the CPU)."""
     import torch.nn.functional as F  # noqa: N812
@@ -35,8 +37,7 @@ def test_vgg16_deterministic_pooling_equals_adaptive_avg_pool(shape, size):
     want, got = F.adaptive_avg_pool2d(x, size), adaptive_avg_pool_matmul(x, size)
     torch.testing.assert_close(got, want)
     grad = torch.randn_like(want)
-    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0],
-                               torch.autograd.grad(want, x, grad)[0])
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,23 @@ def images(tmp_path_factory) -> Path:
 
 
 def vgg(images: Path, *overrides: str) -> list[str]:
-    return ["model=vgg16", "loss=cross_entropy", "data=image_folder", f"data.root={images}",
-            "data.num_classes=2", "data.batch_size=8", "data.num_workers=0",
-            "data.val_fraction=0.25", "data.test_fraction=0.0", "optimizer.lr=0.01",
-            "optimizer.momentum=0.9", "trainer.device=cuda", "trainer.epochs=2",
-            "checkpoint.every_n_epochs=1", *overrides]
+    return [
+        "model=vgg16",
+        "loss=cross_entropy",
+        "data=image_folder",
+        f"data.root={images}",
+        "data.num_classes=2",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.0",
+        "optimizer.lr=0.01",
+        "optimizer.momentum=0.9",
+        "trainer.device=cuda",
+        "trainer.epochs=2",
+        "checkpoint.every_n_epochs=1",
+        *overrides,
+    ]
 
 
 def last_row(run: Path) -> dict:
@@ -101,11 +114,11 @@ def test_vgg16_trains_on_cuda_with_each_switch(images, tmp_path, switch):
 def test_cuda_checkpoint_evaluates_on_cpu(images, tmp_path):
     run_script("train.py", *vgg(images, "trainer.epochs=1", "run_name=gpu"), root=tmp_path)
     out = tmp_path / "eval.json"
-    run_script("evaluate.py", f"ckpt={tmp_path / 'gpu' / 'last.pt'}", "device=cpu",
-               "split=val", f"output={out}")
+    run_script("evaluate.py", f"ckpt={tmp_path / 'gpu' / 'last.pt'}", "device=cpu", "split=val", f"output={out}")
     metrics = json.loads(out.read_text())
-    assert metrics["val_loss"] == pytest.approx(float(last_row(tmp_path / "gpu")["val_loss"]),
-                                                rel=1e-3)  # CPU vs cuDNN kernels: rounding
+    assert metrics["val_loss"] == pytest.approx(
+        float(last_row(tmp_path / "gpu")["val_loss"]), rel=1e-3
+    )  # CPU vs cuDNN kernels: rounding
 
 
 @pytest.mark.slow
@@ -113,12 +126,12 @@ def test_cuda_checkpoint_evaluates_on_cpu(images, tmp_path):
 def test_deterministic_cuda_run_resumes_exactly(images, tmp_path):
     args = vgg(images, "trainer.deterministic=true", "checkpoint.every_n_steps=3")
     run_script("train.py", *args, "run_name=ref", root=tmp_path)
-    killed = run_script("train.py", *args, "run_name=res", root=tmp_path, check=False,
-                        env=fault_env("kill_at_step=5"))
+    killed = run_script("train.py", *args, "run_name=res", root=tmp_path, check=False, env=fault_env("kill_at_step=5"))
     assert killed.returncode != 0 and (tmp_path / "res" / "step_00000003.pt").is_file()
     run_script("train.py", *args, "run_name=res", "resume=auto", root=tmp_path)
-    ref, res = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)
-                for name in ("ref", "res"))
+    ref, res = (
+        torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True) for name in ("ref", "res")
+    )
     for key, tensor in ref["model_state_dict"].items():
         assert torch.equal(tensor, res["model_state_dict"][key]), key
     assert last_row(tmp_path / "ref") == last_row(tmp_path / "res")
@@ -129,13 +142,22 @@ def test_deterministic_cuda_run_resumes_exactly(images, tmp_path):
 def test_torchrun_uses_nccl_on_two_gpus(tmp_path):
     import subprocess
 
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(REPO / "train.py"), "experiment=digits_cnn", "trainer.epochs=2",
-            "trainer.device=cuda", f"checkpoint.root={tmp_path}", "run_name=nccl"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        "experiment=digits_cnn",
+        "trainer.epochs=2",
+        "trainer.device=cuda",
+        f"checkpoint.root={tmp_path}",
+        "run_name=nccl",
+    ]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: 2 processes (nccl)" in result.stdout
     state = torch.load(tmp_path / "nccl" / "last.pt", map_location="cpu", weights_only=True)
     assert state["world_size"] == 2 and len(state["rank_states"]) == 2
-    run_script("evaluate.py", f"ckpt={tmp_path / 'nccl' / 'last.pt'}", "device=cpu",
-               f"output={tmp_path / 'eval.json'}")
+    run_script("evaluate.py", f"ckpt={tmp_path / 'nccl' / 'last.pt'}", "device=cpu", f"output={tmp_path / 'eval.json'}")

@@ -11,10 +11,11 @@ import pytest
 from conftest import REPO, compose, run_script
 from omegaconf import DictConfig, OmegaConf
 
-GROUPS = {"train": ["experiment", "data", "model", "loss", "optimizer", "scheduler",
-                    "hparams_search", "logger"],
-          "evaluate": ["data", "model", "loss"],
-          "predict": ["data", "model"]}
+GROUPS = {
+    "train": ["experiment", "data", "model", "loss", "optimizer", "scheduler", "hparams_search", "logger"],
+    "evaluate": ["data", "model", "loss"],
+    "predict": ["data", "model"],
+}
 ALL_GROUPS = sorted(p.name for p in (REPO / "configs").iterdir() if p.is_dir())
 
 
@@ -57,12 +58,14 @@ def test_train_help_shows_the_composed_config_with_overrides():
 
 def test_export_help_prints_usage_not_an_error():
     for flag in ("--help", "-h"):
-        result = subprocess.run([sys.executable, "-m", "engine.export", flag], cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "engine.export", flag], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         assert "usage: python -m engine.export" in result.stdout
         assert "checkpoint file not found" not in result.stdout + result.stderr
         assert "out_dir" in result.stdout and "model.safetensors" in result.stdout
-    missing = subprocess.run([sys.executable, "-m", "engine.export"], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "engine.export"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "usage:" in missing.stderr

@@ -14,8 +14,7 @@ from conftest import compose, run_script
 
 from engine.checkpoint import load_checkpoint
 
-TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001",
-                "trainer.device=cpu"]
+TUTORIAL_002 = ["experiment=quadratic_csv", "data.batch_size=128", "optimizer.lr=0.0001", "trainer.device=cpu"]
 
 
 def _train(tmp_path, overrides, monkeypatch=None):
@@ -36,10 +35,10 @@ def test_checkpoint_writes_do_not_grow_with_the_run(tmp_path, monkeypatch):
 
     writes = []
     real = engine.run_dir.atomic_save
-    monkeypatch.setattr(engine.run_dir, "atomic_save",
-                        lambda state, path: (writes.append(path.name), real(state, path)))
-    _train(tmp_path, ["trainer.epochs=60", "checkpoint.every_n_epochs=10",
-                               "checkpoint.keep_last=10", "run_name=sizes"])
+    monkeypatch.setattr(
+        engine.run_dir, "atomic_save", lambda state, path: (writes.append(path.name), real(state, path))
+    )
+    _train(tmp_path, ["trainer.epochs=60", "checkpoint.every_n_epochs=10", "checkpoint.keep_last=10", "run_name=sizes"])
     run = tmp_path / "sizes"
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 61  # every epoch is in metrics.csv
@@ -60,8 +59,7 @@ def test_best_pt_is_the_best_epoch_even_between_saves(tmp_path):
     """best.pt of an epoch that is not a save is written with the next save, and it is that
     epoch's state (a full, resumable checkpoint)."""
     # lr 0.1 with momentum: val loss goes up and down, so the best epoch is not a save.
-    _train(tmp_path, ["optimizer.lr=0.3", "trainer.epochs=24",
-                               "checkpoint.every_n_epochs=8", "run_name=between"])
+    _train(tmp_path, ["optimizer.lr=0.3", "trainer.epochs=24", "checkpoint.every_n_epochs=8", "run_name=between"])
     run = tmp_path / "between"
     rows = [line.split(",") for line in (run / "metrics.csv").read_text().split()[1:]]
     val = [float(r[3]) for r in rows]
@@ -72,15 +70,22 @@ def test_best_pt_is_the_best_epoch_even_between_saves(tmp_path):
 
 
 def test_console_output_is_throttled_and_metrics_csv_keeps_every_epoch(tmp_path):
-    result = run_script("train.py", *TUTORIAL_002, "trainer.epochs=300",
-                        "checkpoint.every_n_epochs=100", "trainer.print_every_s=3600",
-                        "run_name=quiet", root=tmp_path)
+    result = run_script(
+        "train.py",
+        *TUTORIAL_002,
+        "trainer.epochs=300",
+        "checkpoint.every_n_epochs=100",
+        "trainer.print_every_s=3600",
+        "run_name=quiet",
+        root=tmp_path,
+    )
     epochs = [int(m) for m in re.findall(r"^epoch (\d+) ", result.stdout, re.M)]
     assert epochs == [1, 100, 200, 300]  # first, every checkpoint epoch, the last
     assert len((tmp_path / "quiet" / "metrics.csv").read_text().splitlines()) == 301
 
-    every = run_script("train.py", *TUTORIAL_002, "trainer.epochs=5",
-                       "trainer.print_every_s=0", "run_name=loud", root=tmp_path)
+    every = run_script(
+        "train.py", *TUTORIAL_002, "trainer.epochs=5", "trainer.print_every_s=0", "run_name=loud", root=tmp_path
+    )
     assert re.findall(r"^epoch (\d+) ", every.stdout, re.M) == ["1", "2", "3", "4", "5"]
 
 
@@ -89,10 +94,8 @@ def test_resume_reads_the_history_back_from_metrics_csv(tmp_path, extra_rows):
     """A checkpoint carries no history: a resume keeps exactly metrics.csv's rows up to the
     checkpoint's epoch (rows of later epochs, written before a kill, are dropped and
     recomputed), and the finished file is byte-identical to an uninterrupted run's."""
-    _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
-                               "run_name=whole"])
-    _train(tmp_path, ["trainer.epochs=8", "checkpoint.every_n_epochs=4",
-                               "run_name=cut"])
+    _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4", "run_name=whole"])
+    _train(tmp_path, ["trainer.epochs=8", "checkpoint.every_n_epochs=4", "run_name=cut"])
     cut = tmp_path / "cut"
     whole_csv = (tmp_path / "whole" / "metrics.csv").read_text()
     lines = whole_csv.splitlines(keepends=True)
@@ -102,12 +105,10 @@ def test_resume_reads_the_history_back_from_metrics_csv(tmp_path, extra_rows):
     with open(cut / "metrics.csv", "a") as f:
         for epoch in range(9, 9 + extra_rows):
             f.write(f"{epoch},0,9.0,9.0,0.1\n")
-    out = _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4",
-                                     "run_name=cut", "resume=auto"])
+    out = _train(tmp_path, ["trainer.epochs=12", "checkpoint.every_n_epochs=4", "run_name=cut", "resume=auto"])
     assert "resumed at epoch 8" in out
     assert (cut / "metrics.csv").read_text() == whole_csv
-    final, expected = load_checkpoint(cut / "last.pt"), load_checkpoint(tmp_path / "whole" /
-                                                                        "last.pt")
+    final, expected = load_checkpoint(cut / "last.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
     for key, value in expected["model_state_dict"].items():
         assert torch.equal(final["model_state_dict"][key], value)
     assert final["best"] == expected["best"]

@@ -52,9 +52,17 @@ def test_loss_curve_has_a_title_and_labels():
 
 def test_a_killed_run_has_its_loss_curve(tmp_path):
     """SIGKILL in epoch 5 of 8: the save after epoch 4 wrote loss_curve.png."""
-    result = run_script("train.py", "experiment=quadratic_csv", "trainer.epochs=8",
-                        "trainer.device=cpu", "checkpoint.every_n_epochs=2", "run_name=killed",
-                        root=tmp_path, env=fault_env("kill_at_step=45"), check=False)
+    result = run_script(
+        "train.py",
+        "experiment=quadratic_csv",
+        "trainer.epochs=8",
+        "trainer.device=cpu",
+        "checkpoint.every_n_epochs=2",
+        "run_name=killed",
+        root=tmp_path,
+        env=fault_env("kill_at_step=45"),
+        check=False,
+    )
     assert result.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
     assert (run / "epoch_0004.pt").is_file() and not (run / "epoch_0006.pt").exists()
@@ -63,8 +71,16 @@ def test_a_killed_run_has_its_loss_curve(tmp_path):
 
 
 def test_a_run_stopped_by_max_time_has_its_loss_curve(tmp_path):
-    result = run_script("train.py", "experiment=quadratic_csv", "trainer.epochs=100000",
-                        "trainer.device=cpu", "checkpoint.every_n_epochs=100000",
-                        "trainer.max_time=3", "run_name=timed", root=tmp_path, check=False)
+    result = run_script(
+        "train.py",
+        "experiment=quadratic_csv",
+        "trainer.epochs=100000",
+        "trainer.device=cpu",
+        "checkpoint.every_n_epochs=100000",
+        "trainer.max_time=3",
+        "run_name=timed",
+        root=tmp_path,
+        check=False,
+    )
     assert result.returncode == 3, result.stderr[-2000:]  # stopped, saved, resumable
     assert (tmp_path / "timed" / "loss_curve.png").stat().st_size > 1000

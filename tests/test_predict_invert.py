@@ -36,29 +36,32 @@ def _accuracy(output: Path, labels: list[int]) -> float:
 @pytest.mark.slow
 def test_black_on_white_digits_need_invert(tmp_path):
     # 5 epochs: about 95% test accuracy on the digits themselves.
-    run_script("train.py", "experiment=digits_cnn", "trainer.epochs=5",
-               "checkpoint.export=false", root=tmp_path / "ck")
+    run_script("train.py", "experiment=digits_cnn", "trainer.epochs=5", "checkpoint.export=false", root=tmp_path / "ck")
     ckpt = tmp_path / "ck" / "digits_cnn" / "best.pt"
     labels = _draw_black_on_white(tmp_path / "drawings")
 
-    plain = run_script("predict.py", f"ckpt={ckpt}", f"input={tmp_path / 'drawings'}",
-                       f"output={tmp_path / 'plain.csv'}")
+    plain = run_script(
+        "predict.py", f"ckpt={ckpt}", f"input={tmp_path / 'drawings'}", f"output={tmp_path / 'plain.csv'}"
+    )
     assert "pass invert=true" in plain.stderr and "40 of 40" in plain.stderr, plain.stderr
-    inverted = run_script("predict.py", f"ckpt={ckpt}", f"input={tmp_path / 'drawings'}",
-                          f"output={tmp_path / 'inverted.csv'}", "invert=true")
+    inverted = run_script(
+        "predict.py",
+        f"ckpt={ckpt}",
+        f"input={tmp_path / 'drawings'}",
+        f"output={tmp_path / 'inverted.csv'}",
+        "invert=true",
+    )
     assert "invert=true" not in inverted.stderr, inverted.stderr
     plain_acc = _accuracy(tmp_path / "plain.csv", labels)
     inverted_acc = _accuracy(tmp_path / "inverted.csv", labels)
-    print(f"accuracy on 40 black-on-white drawings: {plain_acc:.3f} as they are, "
-          f"{inverted_acc:.3f} with invert=true")
+    print(f"accuracy on 40 black-on-white drawings: {plain_acc:.3f} as they are, {inverted_acc:.3f} with invert=true")
     assert inverted_acc >= 0.8, (plain_acc, inverted_acc)
     assert plain_acc <= 0.4, (plain_acc, inverted_acc)
 
     # White-on-black files (as the digits are) need no invert and get no note.
     for png in (tmp_path / "drawings").iterdir():
         Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
-    same = run_script("predict.py", f"ckpt={ckpt}", f"input={tmp_path / 'drawings'}",
-                      f"output={tmp_path / 'same.csv'}")
+    same = run_script("predict.py", f"ckpt={ckpt}", f"input={tmp_path / 'drawings'}", f"output={tmp_path / 'same.csv'}")
     assert "invert" not in same.stderr, same.stderr
     assert _accuracy(tmp_path / "same.csv", labels) == inverted_acc
 
@@ -66,9 +69,14 @@ def test_black_on_white_digits_need_invert(tmp_path):
 def test_invert_is_refused_for_csv_inputs(tmp_path):
     run_script("train.py", "trainer.epochs=1", "checkpoint.export=false", root=tmp_path)
     (tmp_path / "points.csv").write_text("x\n0.1\n0.5\n")
-    result = run_script("predict.py", f"ckpt={tmp_path / 'linear_regression' / 'best.pt'}",
-                        f"input={tmp_path / 'points.csv'}", f"output={tmp_path / 'p.csv'}",
-                        "invert=true", check=False)
+    result = run_script(
+        "predict.py",
+        f"ckpt={tmp_path / 'linear_regression' / 'best.pt'}",
+        f"input={tmp_path / 'points.csv'}",
+        f"output={tmp_path / 'p.csv'}",
+        "invert=true",
+        check=False,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: invert=true: ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "p.csv").exists()

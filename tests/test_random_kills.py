@@ -29,13 +29,7 @@ import pytest
 
 from engine.errors import EXIT_INTERRUPTED
 from tests.forkrun import ForkServer
-from tests.resume_helpers import (
-    assert_all_complete,
-    assert_same_run,
-    fork_server,
-    image_folder,
-    newest,
-)
+from tests.resume_helpers import assert_all_complete, assert_same_run, fork_server, image_folder, newest
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,37 +37,67 @@ pytestmark = [
 ]
 
 DROPOUT_MODEL = (  # y = Linear(Dropout(features)): training draws from the RNG at every step
-    "model._target_=torch.nn.Sequential", "~model.in_features",
-    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},"
-    "{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
+    "model._target_=torch.nn.Sequential",
+    "~model.in_features",
+    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
 )
 # trainer.print_every_s=0: every epoch prints its line, which is what the kills are timed by.
-QUADRATIC = ("experiment=quadratic_csv", "trainer.device=cpu", "trainer.print_every_s=0",
-             "checkpoint.every_n_epochs=2",
-             "checkpoint.keep_last=3", *DROPOUT_MODEL)  # 10 steps per epoch
-IMAGES = ("data=image_folder", "model=small_cnn", "loss=cross_entropy", "data.num_classes=2",
-          "data.image_size=8", "data.batch_size=4", "data.num_workers=2", "trainer.device=cpu",
-          "trainer.print_every_s=0",
-          "checkpoint.every_n_epochs=2")  # 32 training images: 8 steps per epoch
+QUADRATIC = (
+    "experiment=quadratic_csv",
+    "trainer.device=cpu",
+    "trainer.print_every_s=0",
+    "checkpoint.every_n_epochs=2",
+    "checkpoint.keep_last=3",
+    *DROPOUT_MODEL,
+)  # 10 steps per epoch
+IMAGES = (
+    "data=image_folder",
+    "model=small_cnn",
+    "loss=cross_entropy",
+    "data.num_classes=2",
+    "data.image_size=8",
+    "data.batch_size=4",
+    "data.num_workers=2",
+    "trainer.device=cpu",
+    "trainer.print_every_s=0",
+    "checkpoint.every_n_epochs=2",
+)  # 32 training images: 8 steps per epoch
 
 # name: (overrides, epochs, kills, torchrun). A kill is "epoch" (after the N-th epoch line of
 # the launch) or "start" (after its "resuming from" line: the resumed run's first moments).
 COMBOS = {
-    "tensor_steps3_cosine": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3"),
-                             60, ["epoch"] * 4, False),
-    "tensor_steps5_step": (QUADRATIC + ("scheduler=step", "scheduler.step_size=4",
-                                        "checkpoint.every_n_steps=5"), 60, ["epoch"] * 4, False),
-    "tensor_async": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=4",
-                                  "checkpoint.async=true"), 60, ["epoch"] * 4, False),
-    "tensor_two_kills_at_start": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3"),
-                                  60, ["epoch", "start", "start", "epoch"], False),
-    "loader_workers2": (IMAGES + ("scheduler=cosine", "checkpoint.every_n_steps=3"), 10,
-                        ["epoch"] * 4, False),
-    "loader_workers2_steps4": (IMAGES + ("scheduler=step", "scheduler.step_size=3",
-                                         "checkpoint.every_n_steps=4"), 8, ["epoch"] * 3, False),
-    "torchrun_2_processes": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3",
-                                          "trainer.global_batch_size=16"), 60,
-                             ["epoch"] * 3, True),
+    "tensor_steps3_cosine": (QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3"), 60, ["epoch"] * 4, False),
+    "tensor_steps5_step": (
+        QUADRATIC + ("scheduler=step", "scheduler.step_size=4", "checkpoint.every_n_steps=5"),
+        60,
+        ["epoch"] * 4,
+        False,
+    ),
+    "tensor_async": (
+        QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=4", "checkpoint.async=true"),
+        60,
+        ["epoch"] * 4,
+        False,
+    ),
+    "tensor_two_kills_at_start": (
+        QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3"),
+        60,
+        ["epoch", "start", "start", "epoch"],
+        False,
+    ),
+    "loader_workers2": (IMAGES + ("scheduler=cosine", "checkpoint.every_n_steps=3"), 10, ["epoch"] * 4, False),
+    "loader_workers2_steps4": (
+        IMAGES + ("scheduler=step", "scheduler.step_size=3", "checkpoint.every_n_steps=4"),
+        8,
+        ["epoch"] * 3,
+        False,
+    ),
+    "torchrun_2_processes": (
+        QUADRATIC + ("scheduler=cosine", "checkpoint.every_n_steps=3", "trainer.global_batch_size=16"),
+        60,
+        ["epoch"] * 3,
+        True,
+    ),
 }
 TIMEOUT = 240  # per launch: the no-hang check, generous for a loaded machine
 
@@ -84,8 +108,7 @@ images = image_folder(seed=0)
 
 def launch(server: ForkServer, args: list[str], torchrun: bool):
     if torchrun:
-        return server.start("--standalone", "--nproc_per_node=2", "train.py", *args,
-                            module="torch.distributed.run")
+        return server.start("--standalone", "--nproc_per_node=2", "train.py", *args, module="torch.distributed.run")
     return server.start(*args)
 
 
@@ -137,8 +160,16 @@ EPOCH_LINE = re.compile(r"^epoch \d+ ", re.M)
 RESUMING = re.compile(r"^resuming from ", re.M)
 
 
-def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills: list[str],
-              epochs: int, torchrun: bool, rng: random.Random) -> list[str]:
+def run_chain(
+    server: ForkServer,
+    name: str,
+    root: Path,
+    args: list[str],
+    kills: list[str],
+    epochs: int,
+    torchrun: bool,
+    rng: random.Random,
+) -> list[str]:
     """Kill `len(kills)` launches of `resume=auto` at random moments; the kills made."""
     made = []
     for number, kind in enumerate(kills):
@@ -150,8 +181,7 @@ def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills:
         group = sig != signal.SIGKILL or torchrun or rng.random() < 0.5
         pid, out, err = launch(server, [*args, "resume=auto"], torchrun)
         left = epochs - newest(root / "killed")[1]  # epoch lines this launch will print
-        pattern, count = ((RESUMING, 1) if kind == "start"
-                          else (EPOCH_LINE, rng.randint(1, max(1, left // 2))))
+        pattern, count = (RESUMING, 1) if kind == "start" else (EPOCH_LINE, rng.randint(1, max(1, left // 2)))
         delay = rng.uniform(0, 0.15 if kind == "start" else 0.1)
         fired = wait_for(server, out, pattern, count)
         job = [pid]
@@ -172,10 +202,11 @@ def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills:
             wait_gone(job)  # (a lone SIGKILL leaves DataLoader workers: they hold no lock)
         stderr = err.read_text()
         moment = "its 'resuming from' line" if kind == "start" else f"epoch line {count}"
-        target = " to the job" if torchrun and sig == signal.SIGKILL else (
-            " to the group" if group else "")
-        what = (f"{sig.name}{target} {delay:.3f}s after {moment}: "
-                f"exit {code}, newest checkpoint at step {newest(root / 'killed')[0]}")
+        target = " to the job" if torchrun and sig == signal.SIGKILL else (" to the group" if group else "")
+        what = (
+            f"{sig.name}{target} {delay:.3f}s after {moment}: "
+            f"exit {code}, newest checkpoint at step {newest(root / 'killed')[0]}"
+        )
         assert_all_complete(root / "killed")  # whatever was cut short: no partial *.pt
         if code == 0:  # the run ended before the signal: the chain goes on from there
             made.append(f"{what} (finished first)")
@@ -186,8 +217,7 @@ def run_chain(server: ForkServer, name: str, root: Path, args: list[str], kills:
         if sig == signal.SIGKILL:
             assert code == -signal.SIGKILL, f"{what}\n{stderr[-3000:]}"
         elif torchrun:  # torchrun's agent exits 1 itself; each train.py process saved, exit 3
-            assert "interrupted: SIGTERM: saved" in stderr or kind == "start", \
-                f"{what}\n{stderr[-3000:]}"
+            assert "interrupted: SIGTERM: saved" in stderr or kind == "start", f"{what}\n{stderr[-3000:]}"
         elif kind == "start" and code == -sig:  # before the stop handler existed: no state yet
             pass
         else:
@@ -208,12 +238,10 @@ def test_random_kills_resume_bitwise_equal(server, tmp_path, images, name):
 
     pid, out, err = launch(server, [*args, "run_name=baseline"], torchrun)
     assert server.finish() == 0, err.read_text()[-3000:]
-    made = run_chain(server, name, tmp_path, [*args, "run_name=killed"], kills, epochs,
-                     torchrun, random.Random(seed))
+    made = run_chain(server, name, tmp_path, [*args, "run_name=killed"], kills, epochs, torchrun, random.Random(seed))
     pid, out, err = launch(server, [*args, "run_name=killed", "resume=auto"], torchrun)
     assert server.finish() == 0, err.read_text()[-3000:]
     assert_same_run(tmp_path / "killed", tmp_path / "baseline", epochs=epochs)
-    print(f"\n{name} (seed {seed}): {len(made)} kills, all bitwise equal:\n  "
-          + "\n  ".join(made))
+    print(f"\n{name} (seed {seed}): {len(made)} kills, all bitwise equal:\n  " + "\n  ".join(made))
     killed = [m for m in made if not m.endswith(("(finished first)", "(after training)"))]
     assert len(killed) >= max(1, len(kills) - 2), made

@@ -83,14 +83,17 @@ def runnable(command: str) -> str | None:
         return f"{python} train.py resume=auto {extra}"  # the Makefile's train recipe
     # `python`, `python3`, `.venv/bin/python` where a command starts (also after && ; | and
     # in $( ... )).
-    return re.sub(r"(^|[;&|(]\s*)(?:\.venv/bin/)?python3?(?=\s)",
-                  lambda m: m.group(1) + python, command)
+    return re.sub(r"(^|[;&|(]\s*)(?:\.venv/bin/)?python3?(?=\s)", lambda m: m.group(1) + python, command)
 
 
 def scratch_copy(dest: Path) -> Path:
     """The repository's files as a fresh clone has them (tracked and new, not ignored)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, text=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if listed.returncode != 0:
         pytest.skip(f"git ls-files failed: {listed.stderr.strip()}")
     for name in filter(None, listed.stdout.split("\0")):
@@ -105,23 +108,28 @@ def scratch_copy(dest: Path) -> Path:
 def _run(args: list[str], cwd: Path, env: dict, where: str, shown: str) -> None:
     """Run one README command; on failure say which line, the command and its output."""
     try:
-        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=COMMAND_TIMEOUT)
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired as err:
-        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) \
-            else err.stdout or ""
-        pytest.fail(f"{where} did not finish in {COMMAND_TIMEOUT} s:\n    {shown}\n"
-                    f"--- stdout (end)\n{out[-3000:]}", pytrace=False)
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
+        pytest.fail(
+            f"{where} did not finish in {COMMAND_TIMEOUT} s:\n    {shown}\n--- stdout (end)\n{out[-3000:]}",
+            pytrace=False,
+        )
     if result.returncode != 0:
-        pytest.fail(f"{where} failed with exit code {result.returncode}:\n    {shown}\n"
-                    f"--- stdout (end)\n{result.stdout[-3000:]}\n--- stderr (end)\n"
-                    f"{result.stderr[-3000:]}", pytrace=False)
+        pytest.fail(
+            f"{where} failed with exit code {result.returncode}:\n    {shown}\n"
+            f"--- stdout (end)\n{result.stdout[-3000:]}\n--- stderr (end)\n"
+            f"{result.stderr[-3000:]}",
+            pytrace=False,
+        )
 
 
 def test_readme_blocks_are_parsed():
     """The parser itself: fences, continuations, comments, make and python rewriting."""
-    text = ("x\n```bash\n# note\nmake train\nmake test\npython a.py \\\n  b=1 && python3 c.py\n"
-            "```\n```text\npython nope.py\n```\n```python\nprint(1)\n```\n")
+    text = (
+        "x\n```bash\n# note\nmake train\nmake test\npython a.py \\\n  b=1 && python3 c.py\n"
+        "```\n```text\npython nope.py\n```\n```python\nprint(1)\n```\n"
+    )
     blocks = readme_blocks(text)
     assert [(b.lang, b.line) for b in blocks] == [("bash", 2), ("text", 9), ("python", 12)]
     commands = bash_commands(blocks[0])
@@ -169,8 +177,13 @@ def test_readme_runs_in_order(tmp_path):
 
 def test_a_failing_command_is_reported_with_its_line_and_output(tmp_path):
     with pytest.raises(pytest.fail.Exception) as failed:
-        _run(["bash", "-c", "echo progress; echo boom >&2; exit 3"], tmp_path, dict(os.environ),
-             "README.md line 7 (```bash block at line 5)", "python train.py x=1")
+        _run(
+            ["bash", "-c", "echo progress; echo boom >&2; exit 3"],
+            tmp_path,
+            dict(os.environ),
+            "README.md line 7 (```bash block at line 5)",
+            "python train.py x=1",
+        )
     message = str(failed.value)
     assert message.startswith("README.md line 7 (```bash block at line 5) failed with exit code 3")
     assert "python train.py x=1" in message and "progress" in message and "boom" in message

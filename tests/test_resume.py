@@ -41,13 +41,17 @@ STEPS_PER_EPOCH = 10  # 160 training rows of data/quadratic.csv, batch size 16
 EPOCHS = 10
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 RUN = (
-    "experiment=quadratic_csv", "trainer.device=cpu", f"trainer.epochs={EPOCHS}",
-    "scheduler=cosine", "checkpoint.every_n_steps=3", "checkpoint.every_n_epochs=2",
+    "experiment=quadratic_csv",
+    "trainer.device=cpu",
+    f"trainer.epochs={EPOCHS}",
+    "scheduler=cosine",
+    "checkpoint.every_n_steps=3",
+    "checkpoint.every_n_epochs=2",
     "checkpoint.keep_last=3",
     # y = Linear(Dropout(features)): training draws from the torch RNG at every step.
-    "model._target_=torch.nn.Sequential", "~model.in_features",
-    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},"
-    "{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
+    "model._target_=torch.nn.Sequential",
+    "~model.in_features",
+    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
 )
 RESUMED = re.compile(r"resuming from (\S+)\n.*\(resumed at epoch (\d+), step (\d+)\)")
 
@@ -92,6 +96,7 @@ def temporaries(run_dir: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- the tests
 
+
 @pytest.mark.slow
 def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, baseline):
     """24 seeded SIGKILLs, at step boundaries (mid-epoch, at epoch ends, right after a save)
@@ -99,8 +104,10 @@ def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, basel
     armed, then a last resume to the end: the result is the uninterrupted run's, bit for bit."""
     run_dir = root / "killed"
     rng = random.Random(2024)
-    kills = [("kill_at_step", rng.randint(1, 7)) if rng.random() < 0.6
-             else ("kill_in_write", rng.randint(1, 3)) for _ in range(24)]
+    kills = [
+        ("kill_at_step", rng.randint(1, 7)) if rng.random() < 0.6 else ("kill_in_write", rng.randint(1, 3))
+        for _ in range(24)
+    ]
     args = (*RUN, "run_name=killed", "resume=auto")
     fired = []
     for kind, n in kills:
@@ -108,8 +115,7 @@ def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, basel
         if kind == "kill_in_write" and TOTAL_STEPS - start[0] < 12:
             kind = "kill_at_step"  # too few writes left: keep the kill certain to fire
         value = min(start[0] + n, TOTAL_STEPS) if kind == "kill_at_step" else n
-        result = server.run(*args, root=root, env=fault_env(f"{kind}={value}"),
-                            check=False)
+        result = server.run(*args, root=root, env=fault_env(f"{kind}={value}"), check=False)
         assert result.returncode == -signal.SIGKILL, (kind, value, result.stderr[-2000:])
         if start != (0, 0):
             resumed_from(result, run_dir, start)
@@ -121,11 +127,11 @@ def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, basel
         fired.append((kind, value, start[0]))
     print(f"{len(fired)} kills (kind, value, resumed at step): {fired}")
     assert len(fired) >= 20
-    in_writes = {value.split("_")[0].split(".")[0] for kind, value, _ in fired
-                 if kind == "kill_in_write"}
+    in_writes = {value.split("_")[0].split(".")[0] for kind, value, _ in fired if kind == "kill_in_write"}
     assert in_writes >= {"step", "epoch"} and in_writes & {"best", "last"}, in_writes
-    assert any(kind == "kill_at_step" and value % STEPS_PER_EPOCH and value % 3
-               for kind, value, _ in fired)  # mid-epoch, between two periodic saves
+    assert any(
+        kind == "kill_at_step" and value % STEPS_PER_EPOCH and value % 3 for kind, value, _ in fired
+    )  # mid-epoch, between two periodic saves
 
     start = newest(run_dir)
     result = server.run(*args, root=root)
@@ -134,19 +140,15 @@ def test_kill_harness_resumes_bitwise_after_sigkill_anywhere(server, root, basel
     assert_matches_baseline(run_dir, baseline)
 
 
-@pytest.mark.parametrize("fault,sig", [("term_at_step=37", "SIGTERM"),
-                                       ("int_at_step=36", "SIGINT")])
-def test_sigterm_or_sigint_saves_the_step_exits_3_and_resumes_exactly(server, root, baseline,
-                                                                      fault, sig):
+@pytest.mark.parametrize("fault,sig", [("term_at_step=37", "SIGTERM"), ("int_at_step=36", "SIGINT")])
+def test_sigterm_or_sigint_saves_the_step_exits_3_and_resumes_exactly(server, root, baseline, fault, sig):
     name = fault.split("=")[0]
     run_dir = root / name
     step = int(fault.split("=")[1])
-    result = server.run(*RUN, f"run_name={name}", root=root, env=fault_env(fault),
-                        check=False)
+    result = server.run(*RUN, f"run_name={name}", root=root, env=fault_env(fault), check=False)
     assert result.returncode == EXIT_INTERRUPTED, result.stderr
     saved = run_dir / f"step_{step:08d}.pt"
-    assert f"interrupted: {sig}: saved {saved} at epoch {step // 10 + 1}, step {step}" in (
-        result.stderr)
+    assert f"interrupted: {sig}: saved {saved} at epoch {step // 10 + 1}, step {step}" in (result.stderr)
     state = load(saved)
     assert (state["global_step"], state["step_in_epoch"]) == (step, step % 10)
     assert newest(run_dir) == (step, step // 10)
@@ -164,8 +166,7 @@ def test_mid_epoch_resume_from_every_n_steps_checkpoint(server, root, baseline):
     epoch = 7  # newest every_n_steps=3 save before the kill at step 71: 69, mid-epoch 7
     run_dir = root / "mid_epoch"
     args = (*RUN, "run_name=mid_epoch")
-    result = server.run(*args, root=root, env=fault_env(f"kill_at_step={epoch * 10 + 1}"),
-                        check=False)
+    result = server.run(*args, root=root, env=fault_env(f"kill_at_step={epoch * 10 + 1}"), check=False)
     assert result.returncode == -signal.SIGKILL
     step = newest(run_dir)[0]
     state = load(run_dir / f"step_{step:08d}.pt")  # the newest every_n_steps=3 save
@@ -199,15 +200,14 @@ def _flip_bit(path: Path) -> None:
         f.write(bytes([byte ^ 0x10]))
 
 
-@pytest.mark.parametrize("damage,why", [(_truncate, "not a complete checkpoint file"),
-                                        (_flip_bit, "checksum mismatch")])
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, baseline, damage,
-                                                             why):
+@pytest.mark.parametrize(
+    "damage,why", [(_truncate, "not a complete checkpoint file"), (_flip_bit, "checksum mismatch")]
+)
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, baseline, damage, why):
     name = f"corrupt_{damage.__name__.strip('_')}"
     run_dir = root / name
     args = (*RUN, f"run_name={name}")
-    result = server.run(*args, root=root, env=fault_env("kill_at_step=47"),
-                        check=False)
+    result = server.run(*args, root=root, env=fault_env("kill_at_step=47"), check=False)
     assert result.returncode == -signal.SIGKILL
     files = complete_files(run_dir)
     newest_name = max((key, n) for n, key in files.items() if PERIODIC.match(n))[1]
@@ -218,8 +218,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, basel
 
     result = server.run(*args, "resume=auto", root=root)
     warning = [line for line in result.stderr.splitlines() if "skipped" in line]
-    assert len(warning) == 1 and f"skipped {run_dir / newest_name}: " in warning[0], (
-        result.stderr)
+    assert len(warning) == 1 and f"skipped {run_dir / newest_name}: " in warning[0], result.stderr
     assert why in warning[0] and f"kept it as {newest_name}.corrupt" in warning[0]
     assert "last.pt.corrupt" in warning[0]  # its hard link, set aside with it
     resumed_from(result, run_dir, previous)
@@ -230,12 +229,14 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(server, root, basel
 def test_enospc_during_a_save_keeps_previous_checkpoints(server, root, baseline):
     run_dir = root / "enospc"
     args = (*RUN, "run_name=enospc")
-    result = server.run(*args, root=root, env=fault_env("enospc_in_write=5"),
-                        check=False)
+    result = server.run(*args, root=root, env=fault_env("enospc_in_write=5"), check=False)
     assert result.returncode == EXIT_BAD_INPUT
     error = one_line_error(result)
-    failed = re.match(r"error: (\S+): checkpoint write failed \(No space left on device\); "
-                      r"the previous checkpoints in (\S+) are intact$", error)
+    failed = re.match(
+        r"error: (\S+): checkpoint write failed \(No space left on device\); "
+        r"the previous checkpoints in (\S+) are intact$",
+        error,
+    )
     assert failed and Path(failed.group(2)) == run_dir, error
     assert not Path(failed.group(1)).exists()
     assert not temporaries(run_dir)
@@ -253,8 +254,7 @@ def test_second_sigint_during_a_save_aborts_at_once(server, root, baseline):
     the half-written temporary is never a checkpoint, and the run resumes exactly."""
     run_dir = root / "abort"
     args = (*RUN, "run_name=abort")
-    result = server.run(*args, root=root, env=fault_env("int_in_write=5"),
-                        check=False)
+    result = server.run(*args, root=root, env=fault_env("int_in_write=5"), check=False)
     assert result.returncode == EXIT_ABORTED, result.stderr
     assert "second SIGINT: aborting without saving" in result.stderr
     assert temporaries(run_dir)  # the write it abandoned
@@ -272,8 +272,7 @@ def test_max_time_saves_exits_3_and_resumes_exactly(server, root, baseline):
     args = (*RUN, "run_name=max_time")
     result = server.run(*args, "trainer.max_time=1e-6", root=root, check=False)
     assert result.returncode == EXIT_INTERRUPTED, result.stderr
-    assert f"interrupted: trainer.max_time: saved {run_dir / 'step_00000001.pt'}" in (
-        result.stderr)
+    assert f"interrupted: trainer.max_time: saved {run_dir / 'step_00000001.pt'}" in (result.stderr)
     result = server.run(*args, "resume=auto", root=root)
     resumed_from(result, run_dir, (1, 0))
     assert_matches_baseline(run_dir, baseline)
@@ -281,14 +280,24 @@ def test_max_time_saves_exits_3_and_resumes_exactly(server, root, baseline):
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_good_checkpoints(server, root):
     run_dir = root / "nan"
-    result = server.run("experiment=quadratic_csv", "trainer.device=cpu", "trainer.epochs=6",
-                        "optimizer.lr=3", "checkpoint.every_n_steps=3",
-                        "checkpoint.every_n_epochs=1", "run_name=nan", root=root,
-                        check=False)
+    result = server.run(
+        "experiment=quadratic_csv",
+        "trainer.device=cpu",
+        "trainer.epochs=6",
+        "optimizer.lr=3",
+        "checkpoint.every_n_steps=3",
+        "checkpoint.every_n_epochs=1",
+        "run_name=nan",
+        root=root,
+        check=False,
+    )
     assert result.returncode == EXIT_BAD_INPUT
     error = one_line_error(result)
-    stop = re.match(r"error: non-finite loss at epoch (\d+), step (\d+) \(batch (\d+) of the "
-                    r"epoch\);.* the last good checkpoint is kept$", error)
+    stop = re.match(
+        r"error: non-finite loss at epoch (\d+), step (\d+) \(batch (\d+) of the "
+        r"epoch\);.* the last good checkpoint is kept$",
+        error,
+    )
     assert stop, error
     epoch, step, batch = map(int, stop.groups())
     assert (epoch, batch) == ((step - 1) // 10 + 1, (step - 1) % 10 + 1)
@@ -314,17 +323,23 @@ def test_a_nan_model_is_never_written(tmp_path):
     cfg = OmegaConf.create({"checkpoint": {"monitor": "val_loss"}})
     progress = Progress(epoch=2, step_in_epoch=3, global_step=23)
     with pytest.raises(UserError, match=r"non-finite weights \[bias\] at epoch 3, step 23"):
-        build_checkpoint({"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
-                          "scheduler": None, "scaler": torch.amp.GradScaler("cpu", enabled=False)},
-                         progress, cfg)
+        build_checkpoint(
+            {
+                "model": model,
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                "scheduler": None,
+                "scaler": torch.amp.GradScaler("cpu", enabled=False),
+            },
+            progress,
+            cfg,
+        )
 
 
 def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(tmp_path):
     from engine.run_dir import atomic_save
 
     def state(step: int) -> dict:
-        return {"model_state_dict": {"w": torch.ones(3) * step}, "epoch": 0,
-                "global_step": step}
+        return {"model_state_dict": {"w": torch.ones(3) * step}, "epoch": 0, "global_step": step}
 
     for step in (3, 6):
         atomic_save(state(step), tmp_path / f"step_{step:08d}.pt")
@@ -333,8 +348,11 @@ def test_find_latest_ignores_foreign_files_and_never_overwrites_set_aside_ones(t
     (tmp_path / "step_00000006.pt.corrupt").write_text("set aside earlier")
     _truncate(tmp_path / "step_00000006.pt")
 
-    with pytest.warns(UserWarning, match=r"step_00000006\.pt: .*kept it as "
-                                         r"step_00000006\.pt\.corrupt\.1"):
+    with pytest.warns(
+        UserWarning,
+        match=r"step_00000006\.pt: .*kept it as "
+        r"step_00000006\.pt\.corrupt\.1",
+    ):
         path, found = find_latest(tmp_path, load_checkpoint)
     assert path.name == "step_00000003.pt" and found["global_step"] == 3
     assert (tmp_path / "step_00000006.pt.corrupt").read_text() == "set aside earlier"

@@ -19,8 +19,7 @@ def test_resume_into_a_new_folder_writes_its_own_best(tmp_path):
     hard_to_beat = tmp_path / "hard_to_beat.pt"
     torch.save(state, hard_to_beat)
 
-    result = run_script("train.py", f"resume={hard_to_beat}", "run_name=continued",
-                        "trainer.epochs=3", root=tmp_path)
+    result = run_script("train.py", f"resume={hard_to_beat}", "run_name=continued", "trainer.epochs=3", root=tmp_path)
     best = tmp_path / "continued" / "best.pt"
     assert best.is_file(), result.stdout
     assert torch.load(best, weights_only=True)["epoch"] == 2  # the inherited best epoch

@@ -20,19 +20,18 @@ import torch
 
 from engine.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from tests.forkrun import ForkServer
-from tests.resume_helpers import (
-    assert_same_run,
-    fork_server,
-    image_folder,
-    load,
-    one_line_error,
-)
+from tests.resume_helpers import assert_same_run, fork_server, image_folder, load, one_line_error
 
-QUADRATIC = ("experiment=quadratic_csv", "trainer.device=cpu", "trainer.epochs=4",
-             "trainer.print_every_s=0",
-             "checkpoint.keep_last=10", "model._target_=torch.nn.Sequential",
-             "~model.in_features", "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},"
-             "{_target_:torch.nn.Linear,in_features:2,out_features:1}]")  # 10 steps/epoch
+QUADRATIC = (
+    "experiment=quadratic_csv",
+    "trainer.device=cpu",
+    "trainer.epochs=4",
+    "trainer.print_every_s=0",
+    "checkpoint.keep_last=10",
+    "model._target_=torch.nn.Sequential",
+    "~model.in_features",
+    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},{_target_:torch.nn.Linear,in_features:2,out_features:1}]",
+)  # 10 steps/epoch
 
 
 server = fork_server()
@@ -41,13 +40,23 @@ images = image_folder(seed=1)
 
 def image_args(images: Path, workers: int) -> tuple[str, ...]:
     """32 training images, batch 4: 8 steps per epoch."""
-    return ("data=image_folder", "model=small_cnn", "loss=cross_entropy", f"data.root={images}",
-            "data.num_classes=2", "data.image_size=8", "data.batch_size=4",
-            f"data.num_workers={workers}", "trainer.device=cpu", "checkpoint.keep_last=10",
-            "trainer.print_every_s=0")
+    return (
+        "data=image_folder",
+        "model=small_cnn",
+        "loss=cross_entropy",
+        f"data.root={images}",
+        "data.num_classes=2",
+        "data.image_size=8",
+        "data.batch_size=4",
+        f"data.num_workers={workers}",
+        "trainer.device=cpu",
+        "checkpoint.keep_last=10",
+        "trainer.print_every_s=0",
+    )
 
 
 # ----------------------------------------------------- 1. a step checkpoint at an epoch's end
+
 
 @pytest.mark.parametrize("path", ["tensor", "dataloader"])
 def test_resume_from_step_checkpoint_on_an_epochs_last_step(server, tmp_path, images, path):
@@ -57,19 +66,18 @@ def test_resume_from_step_checkpoint_on_an_epochs_last_step(server, tmp_path, im
     if path == "tensor":
         args, steps = (*QUADRATIC, "checkpoint.every_n_steps=10"), 10
     else:
-        args, steps = (*image_args(images, 0), "trainer.epochs=3",
-                       "checkpoint.every_n_steps=8"), 8
+        args, steps = (*image_args(images, 0), "trainer.epochs=3", "checkpoint.every_n_steps=8"), 8
     server.run(*args, "run_name=whole", root=tmp_path)
     seam = tmp_path / "whole" / f"step_{2 * steps:08d}.pt"
     state = load(seam)
     assert (state["epoch"], state["step_in_epoch"]) == (1, steps)  # epoch 2 trained, not ended
 
     # export=false: best.pt of an epoch before the seam is in the other folder (a follow-up)
-    result = server.run(*args, "run_name=resumed", f"resume={seam}", "checkpoint.export=false",
-                        root=tmp_path)
+    result = server.run(*args, "run_name=resumed", f"resume={seam}", "checkpoint.export=false", root=tmp_path)
     assert "(resumed at epoch 1, step" in result.stdout
     assert re.findall(r"^epoch (\d+) ", result.stdout, re.M) == ["2", "3"][:1] + (
-        ["3", "4"] if path == "tensor" else ["3"])  # epoch 2's end once, then on
+        ["3", "4"] if path == "tensor" else ["3"]
+    )  # epoch 2's end once, then on
     assert_same_run(tmp_path / "resumed", tmp_path / "whole", best=False)
 
 
@@ -84,9 +92,15 @@ def test_batches_past_the_end_yield_nothing():
 
 # ---------------------------------------------------------------- 2. one process per folder
 
+
 def test_second_process_on_a_run_folder_is_refused_naming_the_holder(server, tmp_path):
-    args = (*QUADRATIC, "trainer.epochs=100000", "checkpoint.every_n_steps=7",
-            "run_name=busy", f"checkpoint.root={tmp_path}")
+    args = (
+        *QUADRATIC,
+        "trainer.epochs=100000",
+        "checkpoint.every_n_steps=7",
+        "run_name=busy",
+        f"checkpoint.root={tmp_path}",
+    )
     pid, out, _ = server.start(*args)
     try:
         deadline = time.monotonic() + 240
@@ -99,8 +113,7 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_holder(server, tmp
         before = (run_dir / "metrics.csv").read_text()
         second = ForkServer(tmp_path / "second")
         try:
-            result = second.run(*QUADRATIC, "run_name=busy", "resume=auto", root=tmp_path,
-                                check=False)
+            result = second.run(*QUADRATIC, "run_name=busy", "resume=auto", root=tmp_path, check=False)
         finally:
             second.close()
         assert result.returncode == EXIT_BAD_INPUT, result.stderr
@@ -112,16 +125,23 @@ def test_second_process_on_a_run_folder_is_refused_naming_the_holder(server, tmp
         with contextlib.suppress(ProcessLookupError):  # (it died: before the lock, a second
             os.killpg(pid, signal.SIGKILL)  # run deleted its in-flight .tmp)
         assert server.finish() == -signal.SIGKILL  # the kernel releases the lock with it
-    result = server.run(*QUADRATIC, "run_name=busy", "resume=auto", "trainer.epochs=100000",
-                        "trainer.max_time=2", root=tmp_path, check=False)
+    result = server.run(
+        *QUADRATIC,
+        "run_name=busy",
+        "resume=auto",
+        "trainer.epochs=100000",
+        "trainer.max_time=2",
+        root=tmp_path,
+        check=False,
+    )
     assert result.returncode == EXIT_INTERRUPTED, result.stderr  # a killed run never blocks
     assert not (tmp_path / "busy" / tmp.name).exists()  # and now stale temporaries go
 
 
 # ------------------------------------------------------------ 3. changed inputs on resume
 
-def test_changed_data_or_batch_size_is_refused_and_resume_mode_weights_starts_anew(server,
-                                                                                  tmp_path):
+
+def test_changed_data_or_batch_size_is_refused_and_resume_mode_weights_starts_anew(server, tmp_path):
     csv = tmp_path / "points.csv"
     shutil.copy("data/quadratic.csv", csv)
     args = (*QUADRATIC, f"data.path={csv}", "checkpoint.every_n_steps=7")
@@ -129,15 +149,13 @@ def test_changed_data_or_batch_size_is_refused_and_resume_mode_weights_starts_an
     run_dir = tmp_path / "a"
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
 
-    result = server.run(*args, "run_name=a", "resume=auto", "data.batch_size=32",
-                        root=tmp_path, check=False)
+    result = server.run(*args, "run_name=a", "resume=auto", "data.batch_size=32", root=tmp_path, check=False)
     assert result.returncode == EXIT_BAD_INPUT
     error = one_line_error(result)
     assert "global batch size 16 -> 32" in error and "resume_mode=weights" in error, error
 
     lines = csv.read_text().splitlines()  # the issue's edit: y * 10 + 5
-    edited = [lines[0]] + [f"{x},{float(y) * 10 + 5}" for x, y in
-                           (line.split(",") for line in lines[1:])]
+    edited = [lines[0]] + [f"{x},{float(y) * 10 + 5}" for x, y in (line.split(",") for line in lines[1:])]
     csv.write_text("\n".join(edited) + "\n")
     result = server.run(*args, "run_name=a", "resume=auto", root=tmp_path, check=False)
     assert result.returncode == EXIT_BAD_INPUT
@@ -145,15 +163,14 @@ def test_changed_data_or_batch_size_is_refused_and_resume_mode_weights_starts_an
     assert "train split content changed" in error and "val split content changed" in error
     assert "resume_mode=weights run_name=NEW_NAME resume=" in error, error
     kept = ("config.yaml", ".lock")  # config.yaml: t10b's item (written once accepted)
-    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
-            and p.name not in kept} == {k: v for k, v in files.items() if k not in kept}
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name not in kept} == {
+        k: v for k, v in files.items() if k not in kept
+    }
 
-    result = server.run(*args, "run_name=a", "resume=auto", "resume_mode=weights",
-                        root=tmp_path, check=False)
+    result = server.run(*args, "run_name=a", "resume=auto", "resume_mode=weights", root=tmp_path, check=False)
     assert result.returncode == EXIT_BAD_INPUT and "resume=PATH" in one_line_error(result)
     source = run_dir / "epoch_0002.pt"
-    server.run(*args, "run_name=b", f"resume={source}", "resume_mode=weights",
-               "data.batch_size=32", root=tmp_path)
+    server.run(*args, "run_name=b", f"resume={source}", "resume_mode=weights", "data.batch_size=32", root=tmp_path)
     new = load(tmp_path / "b" / "last.pt")
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]  # a new schedule
@@ -174,8 +191,7 @@ def test_more_epochs_with_cosine_is_refused_but_fine_with_step(server, tmp_path)
     for scheduler in ("cosine", "step"):
         args = (*QUADRATIC, f"scheduler={scheduler}", f"run_name={scheduler}")
         server.run(*args, "trainer.epochs=2", root=tmp_path)
-        result = server.run(*args, "trainer.epochs=4", "resume=auto", root=tmp_path,
-                            check=False)
+        result = server.run(*args, "trainer.epochs=4", "resume=auto", root=tmp_path, check=False)
         if scheduler == "cosine":
             assert result.returncode == EXIT_BAD_INPUT
             error = one_line_error(result)
@@ -192,19 +208,30 @@ def test_checkpoint_without_fingerprint_resumes(server, tmp_path):
     state = load(last)
     del state["fingerprint"]
     torch.save(state, tmp_path / "older.pt")
-    server.run(*QUADRATIC, "run_name=new", f"resume={tmp_path / 'older.pt'}",
-               "data.batch_size=32", "checkpoint.export=false", root=tmp_path)
+    server.run(
+        *QUADRATIC,
+        "run_name=new",
+        f"resume={tmp_path / 'older.pt'}",
+        "data.batch_size=32",
+        "checkpoint.export=false",
+        root=tmp_path,
+    )
     assert load(tmp_path / "new" / "last.pt")["epoch"] == 4
 
 
 # ------------------------------------------------ 5. SIGTERM to a run with DataLoader workers
 
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork server and killpg")
 def test_sigterm_to_the_process_group_with_workers_saves_and_exits_3(server, tmp_path, images):
     """`kill -TERM -PGID` (a scheduler) reaches the DataLoader workers too: they ignore it, the
     main process finishes the step, saves and exits 3, every time (was: 3 of 6 lost)."""
-    args = (*image_args(images, 2), "trainer.epochs=1000", "checkpoint.every_n_epochs=1000",
-            f"checkpoint.root={tmp_path}")
+    args = (
+        *image_args(images, 2),
+        "trainer.epochs=1000",
+        "checkpoint.every_n_epochs=1000",
+        f"checkpoint.root={tmp_path}",
+    )
     rng = random.Random(5)
     for attempt in range(4):
         pid, out, err = server.start(*args, f"run_name=term{attempt}")

@@ -17,6 +17,7 @@ import train as train_script
 
 # ------------------------------------------------------------------ malicious pickles
 
+
 def test_malicious_pickle_is_refused_everywhere_and_never_runs(trained_run, tmp_path, points):
     marker = tmp_path / "MARKER"
     evil = write_malicious(tmp_path / "evil.pt", marker)
@@ -25,22 +26,39 @@ def test_malicious_pickle_is_refused_everywhere_and_never_runs(trained_run, tmp_
     before = snapshot(trained_run)
     for path in (evil, legacy, shell):
         needles = (path.name, "refused")
-        cfg = compose("train", [f"checkpoint.root={tmp_path}", "run_name=resumed",
-                                f"resume={path}", "trainer.epochs=3"])
+        cfg = compose(
+            "train", [f"checkpoint.root={tmp_path}", "run_name=resumed", f"resume={path}", "trainer.epochs=3"]
+        )
         raises_user_error(train_script.train, cfg, needles=needles)
         cfg = compose("evaluate", [f"ckpt={path}"])
         raises_user_error(evaluate_script.evaluate, cfg, needles=needles)
         cfg = compose("evaluate", [f"weights={path}", "model=linear_regression", "data=linear"])
         raises_user_error(evaluate_script.evaluate, cfg, needles=needles)
-        cfg = compose("predict", [f"ckpt={path}", f"input={points}",
-                                  f"output={tmp_path / 'p.csv'}"])
+        cfg = compose("predict", [f"ckpt={path}", f"input={points}", f"output={tmp_path / 'p.csv'}"])
         raises_user_error(predict_script.predict, cfg, needles=needles)
-        cfg = compose("predict", [f"weights={path}", "model=linear_regression", "data=linear",
-                                  f"input={points}", f"output={tmp_path / 'p.csv'}"])
+        cfg = compose(
+            "predict",
+            [
+                f"weights={path}",
+                "model=linear_regression",
+                "data=linear",
+                f"input={points}",
+                f"output={tmp_path / 'p.csv'}",
+            ],
+        )
         raises_user_error(predict_script.predict, cfg, needles=needles)
     # Pretrained weights imported by a model config (VGG16's model.weights=PATH).
-    cfg = compose("train", [f"checkpoint.root={tmp_path}", "run_name=vgg", "model=vgg16",
-                            "data=digits", "loss=cross_entropy", f"model.weights={evil}"])
+    cfg = compose(
+        "train",
+        [
+            f"checkpoint.root={tmp_path}",
+            "run_name=vgg",
+            "model=vgg16",
+            "data=digits",
+            "loss=cross_entropy",
+            f"model.weights={evil}",
+        ],
+    )
     raises_user_error(train_script.train, cfg, needles=(evil.name, "refused"))
     assert not marker.exists()
     assert not (tmp_path / "p.csv").exists()
@@ -57,8 +75,10 @@ def test_malicious_file_in_a_run_is_set_aside_by_resume_auto(trained_run, tmp_pa
         (root / "lin" / name).write_bytes((trained_run / name).read_bytes())
     marker = tmp_path / "MARKER"
     write_malicious(root / "lin" / "epoch_0009.pt", marker)
-    cfg = compose("train", [f"checkpoint.root={root}", "run_name=lin", "resume=auto",
-                            "trainer.epochs=3", "checkpoint.every_n_epochs=1"])
+    cfg = compose(
+        "train",
+        [f"checkpoint.root={root}", "run_name=lin", "resume=auto", "trainer.epochs=3", "checkpoint.every_n_epochs=1"],
+    )
     with pytest.warns(UserWarning, match="epoch_0009.pt"):
         train_script.train(cfg)
     assert not marker.exists()
@@ -81,8 +101,7 @@ def test_malicious_target_in_a_saved_config_is_refused(trained_run, tmp_path, po
     for index, target in enumerate(bad_targets):
         for section in ("model", "data", "loss"):
             tampered = json.loads(json.dumps(state["config"]))
-            tampered[section] = target if section != "data" else {**tampered["data"],
-                                                                   "nested": target}
+            tampered[section] = target if section != "data" else {**tampered["data"], "nested": target}
             path = tmp_path / f"tampered_{index}_{section}.pt"
             torch.save({**state, "config": tampered}, path)
             cfg = compose("evaluate", [f"ckpt={path}"])
@@ -90,17 +109,16 @@ def test_malicious_target_in_a_saved_config_is_refused(trained_run, tmp_path, po
     # The same in an export's config.yaml.
     export = tmp_path / "export"
     export.mkdir()
-    (export / "model.safetensors").write_bytes((trained_run / "export" / "model.safetensors")
-                                               .read_bytes())
+    (export / "model.safetensors").write_bytes((trained_run / "export" / "model.safetensors").read_bytes())
     saved = yaml.safe_load((trained_run / "export" / "config.yaml").read_text())
     (export / "config.yaml").write_text(yaml.safe_dump({**saved, "model": bad_targets[0]}))
-    cfg = compose("predict", [f"ckpt={export}", f"input={points}",
-                              f"output={tmp_path / 'p.csv'}"])
+    cfg = compose("predict", [f"ckpt={export}", f"input={points}", f"output={tmp_path / 'p.csv'}"])
     raises_user_error(predict_script.predict, cfg, needles=("export", "refused"))
     assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------ export
+
 
 def test_end_of_training_export_is_self_describing(trained_run):
     """model.safetensors + config.yaml: loadable with safetensors + yaml + instantiate, no
@@ -122,17 +140,18 @@ def test_end_of_training_export_is_self_describing(trained_run):
 
 
 def test_evaluate_and_predict_accept_an_export(trained_run, tmp_path, points):
-    from_ckpt = evaluate_script.evaluate(compose("evaluate", [
-        f"ckpt={trained_run / 'best.pt'}", f"output={tmp_path / 'a.json'}"]))
-    from_export = evaluate_script.evaluate(compose("evaluate", [
-        f"ckpt={trained_run / 'export'}", f"output={tmp_path / 'b.json'}"]))
+    from_ckpt = evaluate_script.evaluate(
+        compose("evaluate", [f"ckpt={trained_run / 'best.pt'}", f"output={tmp_path / 'a.json'}"])
+    )
+    from_export = evaluate_script.evaluate(
+        compose("evaluate", [f"ckpt={trained_run / 'export'}", f"output={tmp_path / 'b.json'}"])
+    )
     assert from_ckpt["test_loss"] == from_export["test_loss"]
     outputs = []
     export = trained_run / "export"
     for source in (trained_run / "best.pt", export, export / "model.safetensors"):
         out = tmp_path / f"{source.name}.csv"
-        predict_script.predict(compose("predict", [f"ckpt={source}", f"input={points}",
-                                                   f"output={out}"]))
+        predict_script.predict(compose("predict", [f"ckpt={source}", f"input={points}", f"output={out}"]))
         outputs.append([line.split(",")[1:] for line in out.read_text().splitlines()])
     assert outputs[0] == outputs[1] == outputs[2]
     assert len(outputs[0]) == 4  # header + 3 points
@@ -153,11 +172,11 @@ def test_export_of_any_checkpoint(trained_run, tmp_path):
 
 def test_folder_that_is_not_an_export(tmp_path):
     cfg = compose("evaluate", [f"ckpt={tmp_path}"])
-    raises_user_error(evaluate_script.evaluate, cfg,
-                      needles=(str(tmp_path), "model.safetensors"))
+    raises_user_error(evaluate_script.evaluate, cfg, needles=(str(tmp_path), "model.safetensors"))
 
 
 # ---------------------------------------------------------------- architecture mismatch
+
 
 def test_weights_of_another_architecture(trained_run, tmp_path):
     """linear_regression's keys (weights, bias) into quadratic (layer.weight, layer.bias):
@@ -165,9 +184,19 @@ def test_weights_of_another_architecture(trained_run, tmp_path):
     weights = tmp_path / "model_weights.pth"
     torch.save(torch.load(trained_run / "best.pt", weights_only=True)["model_state_dict"], weights)
     cfg = compose("evaluate", [f"weights={weights}", "model=quadratic", "data=quadratic_csv"])
-    message = raises_user_error(evaluate_script.evaluate, cfg, needles=(
-        weights.name, "missing keys", "layer.weight", "layer.bias", "unexpected keys",
-        "[weights, bias]", "strict=false"))
+    message = raises_user_error(
+        evaluate_script.evaluate,
+        cfg,
+        needles=(
+            weights.name,
+            "missing keys",
+            "layer.weight",
+            "layer.bias",
+            "unexpected keys",
+            "[weights, bias]",
+            "strict=false",
+        ),
+    )
     assert "shape" not in message
 
     from models.small_cnn import SmallCNN
@@ -175,8 +204,11 @@ def test_weights_of_another_architecture(trained_run, tmp_path):
     cnn = tmp_path / "cnn.pth"
     torch.save(SmallCNN(1, 8, 5).state_dict(), cnn)
     cfg = compose("evaluate", [f"weights={cnn}", "model=small_cnn", "data=digits"])
-    raises_user_error(evaluate_script.evaluate, cfg, needles=(
-        "shape mismatch", "fc3.weight (5, 84) vs model (10, 84)", "fc3.bias (5,) vs model (10,)"))
+    raises_user_error(
+        evaluate_script.evaluate,
+        cfg,
+        needles=("shape mismatch", "fc3.weight (5, 84) vs model (10, 84)", "fc3.bias (5,) vs model (10,)"),
+    )
 
 
 def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, capsys):
@@ -185,9 +217,12 @@ def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, capsys):
     source = SmallCNN(1, 8, 5)
     cnn = tmp_path / "cnn.pth"
     torch.save(source.state_dict(), cnn)
-    metrics = evaluate_script.evaluate(compose("evaluate", [
-        f"weights={cnn}", "model=small_cnn", "data=digits", "strict=false",
-        f"output={tmp_path / 'm.json'}"]))
+    metrics = evaluate_script.evaluate(
+        compose(
+            "evaluate",
+            [f"weights={cnn}", "model=small_cnn", "data=digits", "strict=false", f"output={tmp_path / 'm.json'}"],
+        )
+    )
     assert 0 <= metrics["test_acc"] <= 1
     err = capsys.readouterr().err
     assert "strict=false loaded 8 of 10 tensors" in err and "fc3.weight" in err
@@ -196,13 +231,13 @@ def test_strict_false_loads_what_matches_and_reports_the_rest(tmp_path, capsys):
 
     target = SmallCNN(1, 8, 10)
     problems = load_state_dict_file(target, cnn, strict=False)
-    assert problems == ["shape mismatch [fc3.weight (5, 84) vs model (10, 84), "
-                        "fc3.bias (5,) vs model (10,)]"]
+    assert problems == ["shape mismatch [fc3.weight (5, 84) vs model (10, 84), fc3.bias (5,) vs model (10,)]"]
     for key in ("conv1.weight", "conv2.bias", "fc1.weight", "fc2.bias"):
         assert torch.equal(target.state_dict()[key], source.state_dict()[key])
 
 
 # ---------------------------------------------------------------------- subprocess
+
 
 def test_cli_refuses_malicious_checkpoint_with_exit_2(tmp_path):
     marker = tmp_path / "MARKER"

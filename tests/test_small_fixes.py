@@ -36,14 +36,20 @@ def hydra_env(monkeypatch):
     monkeypatch.setattr(engine.errors, "_hydra_raises_until_task", False)
 
 
-BAD_COMPLETIONS = [[], ["query"], ["install"], ["install=foo"], ["install=bash", "query=bash"],
-                   ["uninstall=tcsh"], ["query=bash"]]  # the last: no COMP_LINE (no shell)
+BAD_COMPLETIONS = [
+    [],
+    ["query"],
+    ["install"],
+    ["install=foo"],
+    ["install=bash", "query=bash"],
+    ["uninstall=tcsh"],
+    ["query=bash"],
+]  # the last: no COMP_LINE (no shell)
 
 
 def test_shell_completion_without_a_subcommand_is_one_line(hydra_env, monkeypatch, capsys):
     rng = random.Random(1)
-    scripts = [(train_script, "train"), (evaluate_script, "evaluate"),
-               (predict_script, "predict")]
+    scripts = [(train_script, "train"), (evaluate_script, "evaluate"), (predict_script, "predict")]
     for args in BAD_COMPLETIONS:
         module, name = rng.choice(scripts)
         flag = rng.choice(["--shell-completion", "-sc"])
@@ -60,9 +66,14 @@ def test_shell_completion_without_a_subcommand_is_one_line(hydra_env, monkeypatc
 
 
 def test_shell_completion_script_exit_code():
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--shell-completion"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--shell-completion"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""},
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "--shell-completion install=bash" in result.stderr
 
@@ -82,8 +93,9 @@ def _in_job_dir(start: Path, monkeypatch, script, *overrides: str):
 
 
 def _train_in_job_dir(start: Path, monkeypatch, *overrides: str) -> dict:
-    return _in_job_dir(start, monkeypatch, train_script, "checkpoint.root=ck", "run_name=r",
-                       "trainer.model_summary=false", *overrides)
+    return _in_job_dir(
+        start, monkeypatch, train_script, "checkpoint.root=ck", "run_name=r", "trainer.model_summary=false", *overrides
+    )
 
 
 def test_chdir_keeps_paths_relative_to_the_start_folder(tmp_path, monkeypatch, capsys):
@@ -96,8 +108,7 @@ def test_chdir_keeps_paths_relative_to_the_start_folder(tmp_path, monkeypatch, c
     assert f"resuming from {run / 'epoch_0001.pt'}" in capsys.readouterr().out
     assert (run / "epoch_0002.pt").is_file()
     (tmp_path / "points.csv").write_text("x\n0.1\n0.5\n")
-    _in_job_dir(tmp_path, monkeypatch, predict_script, "ckpt=ck/r/best.pt", "input=points.csv",
-                "output=preds.csv")
+    _in_job_dir(tmp_path, monkeypatch, predict_script, "ckpt=ck/r/best.pt", "input=points.csv", "output=preds.csv")
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 3
     assert not list((tmp_path / "outputs").rglob("*"))
 
@@ -107,11 +118,22 @@ def test_chdir_multirun_lands_in_the_sweep_folder(tmp_path):
     """`-m hydra.job.chdir=true`: each job runs in its own folder; runs, records and summary
     still land in START/ROOT/NAME (not START/ROOT/NAME/ROOT/NAME)."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "hydra.job.chdir=true",
-         "checkpoint.root=ck", "trainer.epochs=1", "trainer.model_summary=false",
-         "optimizer.lr=0.01,0.02"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""})
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "hydra.job.chdir=true",
+            "checkpoint.root=ck",
+            "trainer.epochs=1",
+            "trainer.model_summary=false",
+            "optimizer.lr=0.01,0.02",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     sweep = tmp_path / "ck" / "linear_regression"
     assert not (sweep / "ck").exists()
@@ -127,15 +149,16 @@ def test_resume_with_other_print_or_log_intervals_does_not_warn(tmp_path):
     rng = random.Random(3)
     train_run(tmp_path, "trainer.epochs=1", name="r")
     for epochs in (2, 3):
-        changed = [f"trainer.print_every_s={rng.choice([0, 0.5, 7, 3600])}",
-                   f"trainer.log_every_n_steps={rng.randint(1, 99)}"]
+        changed = [
+            f"trainer.print_every_s={rng.choice([0, 0.5, 7, 3600])}",
+            f"trainer.log_every_n_steps={rng.randint(1, 99)}",
+        ]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train_run(tmp_path, "resume=auto", f"trainer.epochs={epochs}", *changed, name="r")
         assert not [w for w in caught if "will not match" in str(w.message)], changed
     with pytest.warns(UserWarning, match="grad_clip_norm.*will not match"):  # still warns
-        train_run(tmp_path, "resume=auto", "trainer.epochs=4", "trainer.grad_clip_norm=1.0",
-                  name="r")
+        train_run(tmp_path, "resume=auto", "trainer.epochs=4", "trainer.grad_clip_norm=1.0", name="r")
 
 
 # ---------------------------------------------------------------- config.yaml untouched
@@ -150,10 +173,12 @@ def test_resume_that_trains_nothing_keeps_config_yaml(tmp_path):
         assert config.read_bytes() == before, overrides
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database" * 99)
-    refused = [["data.batch_size=3"], ["model=quadratic"],
-               # refused once the trackers open (after the checkpoint is restored)
-               ["trainer.epochs=3", "logger=[csv,mlflow]",
-                f"logger.mlflow.tracking_uri=sqlite:///{junk}"]]
+    refused = [
+        ["data.batch_size=3"],
+        ["model=quadratic"],
+        # refused once the trackers open (after the checkpoint is restored)
+        ["trainer.epochs=3", "logger=[csv,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{junk}"],
+    ]
     for overrides in refused:
         with pytest.raises(UserError):
             train_run(tmp_path, "resume=auto", *overrides, name="r")
@@ -199,11 +224,24 @@ def test_int32_image_in_training_names_the_file(tmp_path):
     value = int(rng.choice([-5, 70_000, 2**31 - 1]))  # beyond 16 bits or negative
     Image.fromarray(np.full((6, 6), value, dtype=np.int32), mode="I").save(bad)
     assert Image.open(bad).mode == "I"
-    cfg = compose("train", [f"checkpoint.root={tmp_path / 'ck'}", "data=image_folder",
-                            "model=small_cnn", "loss=cross_entropy", f"data.root={data_root}",
-                            "data.num_classes=2", "data.image_size=8", "data.num_workers=0",
-                            "trainer.epochs=1", "data.batch_size=2", "data.val_fraction=0.3",
-                            "data.test_fraction=0.3", "trainer.model_summary=false"])
+    cfg = compose(
+        "train",
+        [
+            f"checkpoint.root={tmp_path / 'ck'}",
+            "data=image_folder",
+            "model=small_cnn",
+            "loss=cross_entropy",
+            f"data.root={data_root}",
+            "data.num_classes=2",
+            "data.image_size=8",
+            "data.num_workers=0",
+            "trainer.epochs=1",
+            "data.batch_size=2",
+            "data.val_fraction=0.3",
+            "data.test_fraction=0.3",
+            "trainer.model_summary=false",
+        ],
+    )
     raises_user_error(train_script.train, cfg, needles=(str(bad), "image mode I"))
 
 
@@ -249,13 +287,14 @@ def test_any_exception_of_a_target_is_one_line():
 
 
 def test_target_from_the_command_line_in_training(tmp_path):
-    cases = [(["loss._target_=os.path.join"], "TypeError"),
-             (["optimizer._target_=builtins.dict"], "ValueError"),
-             (["+loss.message=x", f"loss._target_={__name__}.Exploding"], "OwnError"),
-             (["loss._target_=builtins.dict"], "built a dict")]
+    cases = [
+        (["loss._target_=os.path.join"], "TypeError"),
+        (["optimizer._target_=builtins.dict"], "ValueError"),
+        (["+loss.message=x", f"loss._target_={__name__}.Exploding"], "OwnError"),
+        (["loss._target_=builtins.dict"], "built a dict"),
+    ]
     for index, (overrides, needle) in enumerate(cases):
-        cfg = compose("train", [f"checkpoint.root={tmp_path}", f"run_name=r{index}",
-                                "trainer.epochs=1", *overrides])
+        cfg = compose("train", [f"checkpoint.root={tmp_path}", f"run_name=r{index}", "trainer.epochs=1", *overrides])
         raises_user_error(train_script.train, cfg, needles=(overrides[-1], needle))
         assert not (tmp_path / f"r{index}").exists()
 

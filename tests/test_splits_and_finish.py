@@ -24,8 +24,7 @@ def test_linear_splits_are_disjoint_and_keep_the_tutorials_test_part(seed):
     data = LinearData(seed=seed)
     train, val, test = (data.split(s) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (32, 8, 10)
-    assert not (_rows(train) & _rows(val) or _rows(train) & _rows(test) or
-                _rows(val) & _rows(test))
+    assert not (_rows(train) & _rows(val) or _rows(train) & _rows(test) or _rows(val) & _rows(test))
     # the tutorial's ordered 80/20 split: test is the last fifth, val comes from the rest
     assert test.x.min() >= 0.79 and max(train.x.max(), val.x.max()) < 0.79
 
@@ -41,16 +40,16 @@ def test_quadratic_csv_splits_are_disjoint(tmp_path, seed):
     data = QuadraticCSVData(path=str(path), seed=seed)
     train, val, test = (data.split(s) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (80, 10, 10)
-    assert not (_rows(train) & _rows(val) or _rows(train) & _rows(test) or
-                _rows(val) & _rows(test))
+    assert not (_rows(train) & _rows(val) or _rows(train) & _rows(test) or _rows(val) & _rows(test))
 
 
 def test_training_ends_with_best_pt_on_the_test_split(tmp_path):
     """test_metrics.json holds best.pt's metrics on the test split: the same numbers
     evaluate.py gives for best.pt on that split, and not the validation numbers that picked
     it."""
-    result = run_script("train.py", "experiment=digits_cnn", "trainer.epochs=2",
-                        "trainer.device=cpu", "run_name=tested", root=tmp_path)
+    result = run_script(
+        "train.py", "experiment=digits_cnn", "trainer.epochs=2", "trainer.device=cpu", "run_name=tested", root=tmp_path
+    )
     run = tmp_path / "tested"
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert f"test_loss {metrics['test_loss']:.4g}" in result.stdout
@@ -62,19 +61,22 @@ def test_training_ends_with_best_pt_on_the_test_split(tmp_path):
     assert metrics["test_loss"] == pytest.approx(evaluated["test_loss"], rel=1e-5)
     assert metrics["test_acc"] == pytest.approx(evaluated["test_acc"])
     assert metrics["samples"] == evaluated["samples"]
-    val_loss = float((run / "metrics.csv").read_text().splitlines()[best["epoch"]]
-                     .split(",")[3])
+    val_loss = float((run / "metrics.csv").read_text().splitlines()[best["epoch"]].split(",")[3])
     assert metrics["test_loss"] != val_loss
 
 
-def test_resume_auto_on_a_complete_run_makes_the_missing_end_of_run_outputs(tmp_path,
-                                                                           monkeypatch):
+def test_resume_auto_on_a_complete_run_makes_the_missing_end_of_run_outputs(tmp_path, monkeypatch):
     """Ctrl-C right after the final checkpoint: no plot, no test metrics, no export. Every
     later `resume=auto` used to say "already complete" and leave it so."""
     import train
 
-    overrides = ["experiment=quadratic_csv", "trainer.epochs=4", "trainer.device=cpu",
-                 f"checkpoint.root={tmp_path}", "run_name=done"]
+    overrides = [
+        "experiment=quadratic_csv",
+        "trainer.epochs=4",
+        "trainer.device=cpu",
+        f"checkpoint.root={tmp_path}",
+        "run_name=done",
+    ]
     run = tmp_path / "done"
     ends = ("loss_curve.png", "test_metrics.json", "export")
 

@@ -42,11 +42,16 @@ def test_small_cnn_on_digits_output_shapes_in_call_order():
     model = SmallCNN(in_channels=1, image_size=8, num_classes=10)  # padding 2 for 8x8
     rows = layer_rows(model, torch.randn(2, 1, 8, 8))
     assert [(name, shape) for name, _, shape, _ in rows] == [
-        ("conv1", "[2, 6, 8, 8]"), ("pool", "[2, 6, 4, 4]"), ("conv2", "[2, 16, 4, 4]"),
-        ("pool", "[2, 16, 2, 2]"), ("fc1", "[2, 120]"), ("fc2", "[2, 84]"), ("fc3", "[2, 10]")]
+        ("conv1", "[2, 6, 8, 8]"),
+        ("pool", "[2, 6, 4, 4]"),
+        ("conv2", "[2, 16, 4, 4]"),
+        ("pool", "[2, 16, 2, 2]"),
+        ("fc1", "[2, 120]"),
+        ("fc2", "[2, 84]"),
+        ("fc3", "[2, 10]"),
+    ]
     params = {name: p for name, _, _, p in rows if p != "(reused)"}
-    assert params == {"conv1": "156", "pool": "0", "conv2": "2,416", "fc1": "7,800",
-                      "fc2": "10,164", "fc3": "850"}
+    assert params == {"conv1": "156", "pool": "0", "conv2": "2,416", "fc1": "7,800", "fc2": "10,164", "fc3": "850"}
     assert rows[3][3] == "(reused)"  # the pool's second call does not count twice
 
 
@@ -93,8 +98,14 @@ def test_vgg16_table_is_capped():
 
 
 def test_printed_once_and_off_with_model_summary_false(tmp_path, capsys):
-    common = ["data=digits", "model=small_cnn", "trainer.epochs=2", "trainer.device=cpu",
-              f"checkpoint.root={tmp_path}", "checkpoint.every_n_epochs=1"]
+    common = [
+        "data=digits",
+        "model=small_cnn",
+        "trainer.epochs=2",
+        "trainer.device=cpu",
+        f"checkpoint.root={tmp_path}",
+        "checkpoint.every_n_epochs=1",
+    ]
     train(compose("train", [*common, "run_name=on"]))
     out = capsys.readouterr().out
     assert out.count("model SmallCNN: 21,386 parameters") == 1
@@ -108,7 +119,18 @@ def test_printed_once_and_off_with_model_summary_false(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the summary changes nothing in the run
     with warnings.catch_warnings(record=True) as caught:  # a resume with it switched off:
         warnings.simplefilter("always")  # no "config differs" warning (printing only)
-        train(compose("train", [*common[:2], "trainer.epochs=3", *common[3:], "run_name=on",
-                                "resume=auto", "trainer.model_summary=false"]))
+        train(
+            compose(
+                "train",
+                [
+                    *common[:2],
+                    "trainer.epochs=3",
+                    *common[3:],
+                    "run_name=on",
+                    "resume=auto",
+                    "trainer.model_summary=false",
+                ],
+            )
+        )
     assert not [w for w in caught if "differs" in str(w.message)], caught
     assert "model SmallCNN" not in capsys.readouterr().out

@@ -29,11 +29,16 @@ from tests.helpers import assert_one_line, deadline, raises_user_error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SPACE = {"optimizer.lr": "tag(log, interval(0.001, 0.5))", "data.batch_size": "choice(8, 16)",
-         "optimizer.momentum": "interval(0.5, 0.95)"}
-DISTS = {"optimizer.lr": FloatDistribution(0.001, 0.5, log=True),  # what the sweeper builds
-         "data.batch_size": CategoricalDistribution([8, 16]),
-         "optimizer.momentum": FloatDistribution(0.5, 0.95)}
+SPACE = {
+    "optimizer.lr": "tag(log, interval(0.001, 0.5))",
+    "data.batch_size": "choice(8, 16)",
+    "optimizer.momentum": "interval(0.5, 0.95)",
+}
+DISTS = {
+    "optimizer.lr": FloatDistribution(0.001, 0.5, log=True),  # what the sweeper builds
+    "data.batch_size": CategoricalDistribution([8, 16]),
+    "optimizer.momentum": FloatDistribution(0.5, 0.95),
+}
 GOOD = {"optimizer.lr": 0.01, "data.batch_size": 16, "optimizer.momentum": 0.9}
 SPECIAL = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 DEPTHS = ("", "model.", "optimizer.", "data.augment.0.", "model.encoder.layers.1.", "hydra.")
@@ -41,10 +46,17 @@ DEPTHS = ("", "model.", "optimizer.", "data.augment.0.", "model.encoder.layers.1
 
 def resolvers(marker: Path) -> list[str]:
     """Every OmegaConf/Hydra resolver a value could smuggle in (the first runs a command)."""
-    return [f"${{oc.create:{{_target_: os.system, _args_: [touch {marker}]}}}}",
-            "${oc.env:HOME}", "${oc.decode:'{_target_: os.system, _args_: [id]}'}",
-            "${oc.select:hydra.run.dir,x}", "${hydra:runtime.cwd}", "a${oc.env:PATH}b",
-            "${oc.dict.values:model}", "${now:%H}", "${model._target_}"]
+    return [
+        f"${{oc.create:{{_target_: os.system, _args_: [touch {marker}]}}}}",
+        "${oc.env:HOME}",
+        "${oc.decode:'{_target_: os.system, _args_: [id]}'}",
+        "${oc.select:hydra.run.dir,x}",
+        "${hydra:runtime.cwd}",
+        "a${oc.env:PATH}b",
+        "${oc.dict.values:model}",
+        "${now:%H}",
+        "${model._target_}",
+    ]
 
 
 class Recorder:
@@ -58,12 +70,12 @@ class Recorder:
         return [JobReturn(status=JobStatus.FAILED)]
 
 
-def sweeper(sweep_dir: Path, params: dict = SPACE, n_trials: int = 3,
-            study: str = "s") -> OptunaSweeper:
+def sweeper(sweep_dir: Path, params: dict = SPACE, n_trials: int = 3, study: str = "s") -> OptunaSweeper:
     """The sweeper as Hydra sets it up, with the Recorder as launcher."""
     s = OptunaSweeper(n_trials=n_trials, study_name=study, seed=0, params=params)
-    s.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}},
-                                 "checkpoint": {"mode": "min", "monitor": "val_loss"}})
+    s.config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep_dir)}}, "checkpoint": {"mode": "min", "monitor": "val_loss"}}
+    )
     s.hydra_context, s.launcher = SimpleNamespace(config_loader=None), Recorder()
     return s
 
@@ -79,8 +91,11 @@ def add(study: optuna.Study, state: TrialState, params: dict, dists: dict | None
         study.enqueue_trial(params)
     else:
         dists = {k: (dists or {}).get(k, DISTS.get(k)) for k in params}
-        study.add_trial(create_trial(state=state, params=params, distributions=dists,
-                                     value=0.5 if state == TrialState.COMPLETE else None))
+        study.add_trial(
+            create_trial(
+                state=state, params=params, distributions=dists, value=0.5 if state == TrialState.COMPLETE else None
+            )
+        )
     return study.trials[-1].number
 
 
@@ -92,7 +107,7 @@ def _stored_as(name: str, value) -> object:
         log = isinstance(ours, FloatDistribution) and ours.log and value > 0
         return FloatDistribution(1e-300 if log else -1e300, 1e300, log=log)
     if isinstance(value, int) and not isinstance(value, bool):
-        return IntDistribution(-10**9, 10**9)
+        return IntDistribution(-(10**9), 10**9)
     return CategoricalDistribution([value])
 
 
@@ -100,8 +115,9 @@ def crafted(rng: random.Random, marker: Path, waiting: bool) -> tuple[str, str, 
     """One attack: (what, the param the error must name first, params, their distributions).
     An enqueued (`waiting`) trial has fixed params only: no distributions to get wrong."""
     params, dists = dict(GOOD), dict(DISTS)
-    kind = rng.choice(["resolver", "special", "outside_name", "out_of_range"]
-                      + ([] if waiting else ["wrong_kind", "missing"]))
+    kind = rng.choice(
+        ["resolver", "special", "outside_name", "out_of_range"] + ([] if waiting else ["wrong_kind", "missing"])
+    )
     if kind == "resolver":  # a resolver string as the value of a declared or a special key
         name = rng.choice([*GOOD, rng.choice(DEPTHS) + rng.choice(SPECIAL)])
         params[name] = rng.choice(resolvers(marker))
@@ -109,28 +125,44 @@ def crafted(rng: random.Random, marker: Path, waiting: bool) -> tuple[str, str, 
         name = rng.choice(DEPTHS) + rng.choice(SPECIAL)
         params[name] = rng.choice(["os.system", "builtins.exec", True, f"[touch {marker}]"])
     elif kind == "outside_name":
-        name = rng.choice(["seed", "checkpoint.root", "hydra.run.dir", "optimizer.lr,x",
-                           "optimizer.lr=1", "+model.extra", "~model", "optimizer"])
+        name = rng.choice(
+            [
+                "seed",
+                "checkpoint.root",
+                "hydra.run.dir",
+                "optimizer.lr,x",
+                "optimizer.lr=1",
+                "+model.extra",
+                "~model",
+                "optimizer",
+            ]
+        )
         params[name] = rng.choice([1, 0.5, "x", "/tmp"])
     elif kind == "out_of_range":
-        name, value = rng.choice([("optimizer.lr", rng.choice([0.0, -1.0, 0.6, 1e300, 5e-4])),
-                                  ("optimizer.momentum", rng.choice(
-                                      [0.4, 0.96, -1.0] + [10**400] * waiting)),
-                                  ("data.batch_size", rng.choice([32, 0, "8", "16 ", None]))])
+        name, value = rng.choice(
+            [
+                ("optimizer.lr", rng.choice([0.0, -1.0, 0.6, 1e300, 5e-4])),
+                ("optimizer.momentum", rng.choice([0.4, 0.96, -1.0] + [10**400] * waiting)),
+                ("data.batch_size", rng.choice([32, 0, "8", "16 ", None])),
+            ]
+        )
         params[name] = value
     elif kind == "missing":  # a declared param left out
         name = rng.choice(list(GOOD))
         del params[name], dists[name]
         return kind, name, params, dists
     else:  # the declared name and a fitting value, stored under another kind of distribution
-        name, value, dist = rng.choice([
-            ("optimizer.lr", 0.01, CategoricalDistribution([0.01, 0.1])),
-            ("optimizer.lr", 0.01, FloatDistribution(0.001, 0.5)),  # not log
-            ("optimizer.lr", 1, IntDistribution(1, 3)),
-            ("data.batch_size", 8, IntDistribution(8, 16)),
-            ("data.batch_size", 8, CategoricalDistribution([8, 16, "${oc.env:HOME}"])),
-            ("optimizer.momentum", 0.9, FloatDistribution(0.5, 0.95, log=True)),
-            ("optimizer.momentum", 0.9, CategoricalDistribution([0.9]))])
+        name, value, dist = rng.choice(
+            [
+                ("optimizer.lr", 0.01, CategoricalDistribution([0.01, 0.1])),
+                ("optimizer.lr", 0.01, FloatDistribution(0.001, 0.5)),  # not log
+                ("optimizer.lr", 1, IntDistribution(1, 3)),
+                ("data.batch_size", 8, IntDistribution(8, 16)),
+                ("data.batch_size", 8, CategoricalDistribution([8, 16, "${oc.env:HOME}"])),
+                ("optimizer.momentum", 0.9, FloatDistribution(0.5, 0.95, log=True)),
+                ("optimizer.momentum", 0.9, CategoricalDistribution([0.9])),
+            ]
+        )
         params[name], dists[name] = value, dist
     if name not in DISTS or kind in ("resolver", "out_of_range"):
         dists[name] = _stored_as(name, params[name])
@@ -148,17 +180,22 @@ def test_the_sweep_reruns_a_stored_trial_with_the_declared_values_only(tmp_path)
     sweep_dir.mkdir()
     study = optuna.create_study(study_name="s", storage=storage_of(sweep_dir))
     add(study, TrialState.COMPLETE, GOOD)
-    add(study, TrialState.RUNNING, {"optimizer.lr": 0.2, "data.batch_size": 8,
-                                    "optimizer.momentum": 0.5})
+    add(study, TrialState.RUNNING, {"optimizer.lr": 0.2, "data.batch_size": 8, "optimizer.momentum": 0.5})
     s = sweeper(sweep_dir)
     s._sweep(["trainer.max_time=60"])
-    assert s.launcher.jobs[0] == ["trainer.max_time=60", "resume=auto", "optimizer.lr=0.2",
-                                  "data.batch_size=8", "optimizer.momentum=0.5"]
+    assert s.launcher.jobs[0] == [
+        "trainer.max_time=60",
+        "resume=auto",
+        "optimizer.lr=0.2",
+        "data.batch_size=8",
+        "optimizer.momentum=0.5",
+    ]
     assert len(s.launcher.jobs) == 2  # then one asked trial: 3 done
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL"]
     # the sweep's own declared choice is used, never the stored object (True == 1)
-    trial = create_trial(state=TrialState.RUNNING, params={"k": True},
-                         distributions={"k": CategoricalDistribution([True, 16])})
+    trial = create_trial(
+        state=TrialState.RUNNING, params={"k": True}, distributions={"k": CategoricalDistribution([True, 16])}
+    )
     [value] = checked_params(trial, {"k": CategoricalDistribution([1, 16])}, "db").values()
     assert value == 1 and type(value) is int
 
@@ -171,8 +208,9 @@ def test_crafted_trials_are_refused_before_any_job_runs(tmp_path, seed):
     sweep_dir.mkdir()
     storage = storage_of(sweep_dir)
     for case in range(12):
-        state = rng.choice([TrialState.RUNNING, TrialState.RUNNING, TrialState.COMPLETE,
-                            TrialState.FAIL, TrialState.WAITING])
+        state = rng.choice(
+            [TrialState.RUNNING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+        )
         kind, name, params, dists = crafted(rng, marker, state == TrialState.WAITING)
         study = optuna.create_study(study_name=f"s{case}", storage=storage)
         if all(dists[k] == DISTS[k] for k in DISTS if k in dists):  # (Optuna refuses a
@@ -184,8 +222,9 @@ def test_crafted_trials_are_refused_before_any_job_runs(tmp_path, seed):
         s = sweeper(sweep_dir, study=f"s{case}")
         what = f"case {case}: {kind} {state.name} {params}"
         with deadline(30):
-            message = raises_user_error(s._sweep, [], needles=(
-                storage, f"trial {number} param ", "not in the search space"))
+            message = raises_user_error(
+                s._sweep, [], needles=(storage, f"trial {number} param ", "not in the search space")
+            )
         shown = message.split(f"trial {number} param ")[1]
         assert shown.startswith(f"{name}="), (what, message)
         assert s.launcher.jobs == [], what
@@ -215,15 +254,18 @@ def test_corrupt_or_foreign_storage_is_refused_and_left_as_it_was(tmp_path):
 
     cases = {  # what -> (the file's bytes, what the error names besides the storage)
         "garbage": (rng.randbytes(rng.randrange(100, 20000)), "not a readable SQLite database"),
-        "truncated": (data[:rng.randrange(1, len(data) - 4096)], ""),
+        "truncated": (data[: rng.randrange(1, len(data) - 4096)], ""),
         "other tables": (edited("CREATE TABLE customers (name TEXT)", b""), "customers"),
         "extra table": (edited("CREATE TABLE evil (x)"), "evil"),
-        "unknown distribution": (edited("UPDATE trial_params SET distribution_json = "
-                                        "'{\"name\": \"Evil\", \"attributes\": {}}'"), ""),
-        "choice index": (edited("UPDATE trial_params SET param_value = 99 WHERE "
-                                "param_name = 'data.batch_size'"), ""),
-        "infinite value": (edited("UPDATE trial_params SET param_value = 1e999 WHERE "
-                                  "param_name = 'optimizer.lr'"), "trial 0 param optimizer.lr"),
+        "unknown distribution": (
+            edited('UPDATE trial_params SET distribution_json = \'{"name": "Evil", "attributes": {}}\''),
+            "",
+        ),
+        "choice index": (edited("UPDATE trial_params SET param_value = 99 WHERE param_name = 'data.batch_size'"), ""),
+        "infinite value": (
+            edited("UPDATE trial_params SET param_value = 1e999 WHERE param_name = 'optimizer.lr'"),
+            "trial 0 param optimizer.lr",
+        ),
     }
     for what, (content, needle) in cases.items():
         sweep_dir = tmp_path / what.replace(" ", "_")
@@ -242,8 +284,7 @@ def test_a_changed_search_space_is_refused(tmp_path):
     s._sweep([])
     storage = storage_of(sweep_dir)
     changed = {**SPACE, "optimizer.lr": "choice(0.01, 0.1)"}  # interval -> choice
-    for space, needle in ((changed, "optimizer.lr="), ({**SPACE, "seed": "choice(1, 2)"},
-                                                      "seed=(missing)")):
+    for space, needle in ((changed, "optimizer.lr="), ({**SPACE, "seed": "choice(1, 2)"}, "seed=(missing)")):
         again = sweeper(sweep_dir, params=space, n_trials=4)
         raises_user_error(again._sweep, [], needles=(storage, "trial 0 param ", needle))
         assert again.launcher.jobs == []
@@ -258,8 +299,9 @@ def test_a_second_sweep_of_the_same_storage_is_refused_at_once(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         s = sweeper(sweep_dir)
         with deadline(30):
-            raises_user_error(s._sweep, [], needles=(
-                storage_of(sweep_dir), f"in use by another sweep (pid {os.getpid()})"))
+            raises_user_error(
+                s._sweep, [], needles=(storage_of(sweep_dir), f"in use by another sweep (pid {os.getpid()})")
+            )
     assert not (sweep_dir / "optuna.db").exists() and s.launcher.jobs == []
     s._sweep([])  # released: it runs
     assert len(s.launcher.jobs) == 3
@@ -267,8 +309,14 @@ def test_a_second_sweep_of_the_same_storage_is_refused_at_once(tmp_path):
 
 # ---------------------------------------------------------------- through `python train.py -m`
 
-ARGS = ("-m", "hparams_search=linear_optuna", "hydra.sweeper.n_trials=2", "trainer.epochs=1",
-        "trainer.model_summary=false", "checkpoint.export=false")
+ARGS = (
+    "-m",
+    "hparams_search=linear_optuna",
+    "hydra.sweeper.n_trials=2",
+    "trainer.epochs=1",
+    "trainer.model_summary=false",
+    "checkpoint.export=false",
+)
 LR = FloatDistribution(0.001, 0.5, log=True)
 
 
@@ -292,18 +340,20 @@ def test_train_refuses_a_crafted_running_trial(tmp_path, attack):
     if attack == "resolver value":  # (stored as a choice: no other trial may have lr a float)
         name, params = "optimizer.lr", {"optimizer.lr": resolvers(marker)[0]}
     else:  # what the old sweeper passed as `model._target_=os.system model._args_=[touch ..]`
-        study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.1,
-                                     params={"optimizer.lr": 0.01},
-                                     distributions={"optimizer.lr": LR}))
-        name, params = "model._target_", {"optimizer.lr": 0.01, "model._target_": "os.system",
-                                          "model._args_": f"[touch {marker}]"}
-    dists = {k: LR if isinstance(v, float) else CategoricalDistribution([v])
-             for k, v in params.items()}
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE, value=0.1, params={"optimizer.lr": 0.01}, distributions={"optimizer.lr": LR}
+            )
+        )
+        name, params = (
+            "model._target_",
+            {"optimizer.lr": 0.01, "model._target_": "os.system", "model._args_": f"[touch {marker}]"},
+        )
+    dists = {k: LR if isinstance(v, float) else CategoricalDistribution([v]) for k, v in params.items()}
     study.add_trial(create_trial(state=TrialState.RUNNING, params=params, distributions=dists))
     before = [t.state.name for t in study.trials]
     result = run_script("train.py", *ARGS, root=tmp_path, check=False, timeout=120)
-    _one_error(result, storage, f"trial {len(before) - 1} param {name}=",
-               "not in the search space")
+    _one_error(result, storage, f"trial {len(before) - 1} param {name}=", "not in the search space")
     assert not marker.exists()
     assert [t.state.name for t in study.trials] == before  # none added, none RUNNING more
     assert not any(p.is_dir() for p in sweep_dir.iterdir())  # no job ran

@@ -27,8 +27,7 @@ from tests.faults.sitecustomize import install
 mlflow = pytest.importorskip("mlflow")
 
 EMPTY = hashlib.sha256(b"").hexdigest()
-NEVER_SET = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-             "MLFLOW_ALLOW_FILE_STORE")
+NEVER_SET = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_ALLOW_FILE_STORE")
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +59,7 @@ def test_a_corrupt_mlflow_db_is_one_line(tmp_path, seed):
     db = tmp_path / "mlflow.db"
     garbage = rng.randbytes(rng.randint(200, 20000))
     db.write_bytes(garbage)
-    raises_user_error(_open_mlflow, f"sqlite:///{db}", needles=(str(db), "not a database",
-                                                                 "expected"))
+    raises_user_error(_open_mlflow, f"sqlite:///{db}", needles=(str(db), "not a database", "expected"))
     assert db.read_bytes() == garbage
 
 
@@ -73,8 +71,7 @@ def test_a_locked_mlflow_db_is_one_line(tmp_path):
     holder.execute("CREATE TABLE t (x)")
     try:
         with deadline(60):
-            raises_user_error(_open_mlflow, f"sqlite:///{db}",
-                              needles=(str(db), "database is locked"))
+            raises_user_error(_open_mlflow, f"sqlite:///{db}", needles=(str(db), "database is locked"))
     finally:
         holder.close()
 
@@ -82,12 +79,10 @@ def test_a_locked_mlflow_db_is_one_line(tmp_path):
 def _garbage_uris(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
     chars = string.ascii_letters + string.digits + ":/._-?#%@"
-    return ["".join(rng.choice(chars) for _ in range(rng.randint(1, 40)))
-            for _ in range(count)]
+    return ["".join(rng.choice(chars) for _ in range(rng.randint(1, 40))) for _ in range(count)]
 
 
-@pytest.mark.parametrize("uri", ["file:///nonexistent", "foo://bar", "garbage",
-                                 *_garbage_uris(0, 4)])
+@pytest.mark.parametrize("uri", ["file:///nonexistent", "foo://bar", "garbage", *_garbage_uris(0, 4)])
 def test_an_unusable_tracking_uri_is_one_line(tmp_path, monkeypatch, uri):
     monkeypatch.chdir(tmp_path)  # a path MLflow might take as a folder: not in the repo
     existed = Path("/nonexistent").exists()
@@ -107,8 +102,9 @@ def test_no_server_is_one_line_in_seconds(listening):
     uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         with deadline(10):  # a hang guard
-            raises_user_error(_open_mlflow, uri, needles=(
-                uri, "timed out" if listening else "Connection refused", "expected"))
+            raises_user_error(
+                _open_mlflow, uri, needles=(uri, "timed out" if listening else "Connection refused", "expected")
+            )
     finally:
         sock.close()
     assert not any(name in os.environ for name in NEVER_SET)  # the probe's settings undone
@@ -137,9 +133,17 @@ def test_two_runs_may_create_a_new_mlflow_db_at_once(tmp_path):
     dbs = [tmp_path / f"store{i}" / "mlflow.db" for i in range(3)]
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(go), *map(str, dbs)],
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(go), *map(str, dbs)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         with deadline(120):
             while len(list(tmp_path.glob("ready.*"))) < len(children):
@@ -167,13 +171,11 @@ def test_a_disk_filling_mid_run_is_one_warning_line(tmp_path, capsys):
     with engine.connect() as connection:
         pages = connection.execute(text("PRAGMA page_count")).scalar()
     engine.dispose()  # new connections, each limited to the pages the file has now
-    event.listen(engine, "connect",
-                 lambda dbapi, _: dbapi.execute(f"PRAGMA max_page_count = {pages}"))
+    event.listen(engine, "connect", lambda dbapi, _: dbapi.execute(f"PRAGMA max_page_count = {pages}"))
     capsys.readouterr()
     rng = random.Random(0)
     for epoch in range(1, 1000):
-        logger.send([{"epoch": epoch, "step": epoch, "train_loss": rng.random(),
-                      "val_loss": rng.random(), "lr": 0.1}])
+        logger.send([{"epoch": epoch, "step": epoch, "train_loss": rng.random(), "val_loss": rng.random(), "lr": 0.1}])
         if logger.failed:
             break
     logger.send([{"epoch": epoch + 1, "step": epoch + 1, "train_loss": 0.5}])
@@ -226,7 +228,8 @@ def test_an_event_file_named_in_the_future_is_not_waited_for(tmp_path, capsys, k
     folder = tmp_path / "tensorboard"
     folder.mkdir()
     (tmp_path / "killed" / "tensorboard").iterdir().__next__().rename(
-        folder / f"events.out.tfevents.{stamp}.zzz.99999.0")
+        folder / f"events.out.tfevents.{stamp}.zzz.99999.0"
+    )
     capsys.readouterr()
     with deadline(10):  # a hang guard: it used to sleep until that time
         resumed = _open_tensorboard(tmp_path, step=4)
@@ -238,8 +241,7 @@ def test_an_event_file_named_in_the_future_is_not_waited_for(tmp_path, capsys, k
 
 def test_a_tensorboard_path_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "tensorboard").write_text("not a folder")
-    raises_user_error(_open_tensorboard, tmp_path,
-                      needles=(str(tmp_path / "tensorboard"), "not a folder"))
+    raises_user_error(_open_tensorboard, tmp_path, needles=(str(tmp_path / "tensorboard"), "not a folder"))
     assert (tmp_path / "tensorboard").read_text() == "not a folder"
 
 
@@ -252,8 +254,7 @@ def test_a_read_only_tensorboard_folder_is_one_line(tmp_path, capsys, made):
         folder.mkdir()
     undo = install(read_only=[str(folder if made else tmp_path)])
     try:
-        raises_user_error(_open_tensorboard, tmp_path,
-                          needles=(str(folder), "Read-only file system"))
+        raises_user_error(_open_tensorboard, tmp_path, needles=(str(folder), "Read-only file system"))
     finally:
         undo()
     assert capsys.readouterr().err == ""
@@ -275,9 +276,17 @@ def test_a_resume_with_a_tracker_that_cannot_start_changes_nothing(tmp_path, cas
         (root / "lin" / "tensorboard").write_text("x")
         logger, needles = "logger=[csv,tensorboard]", ("tensorboard", "not a folder")
     before = snapshot(root)
-    result = run_script("train.py", "run_name=lin", "trainer.epochs=3", "resume=auto",
-                        "checkpoint.every_n_epochs=1",
-                        "trainer.model_summary=false", logger, root=root, check=False)
+    result = run_script(
+        "train.py",
+        "run_name=lin",
+        "trainer.epochs=3",
+        "resume=auto",
+        "checkpoint.every_n_epochs=1",
+        "trainer.model_summary=false",
+        logger,
+        root=root,
+        check=False,
+    )
     _one_error_line(result, *needles)
     assert snapshot(root) == before | ({"mlflow.db.lock": EMPTY} if "mlflow" in logger else {})
 
@@ -288,9 +297,16 @@ def test_train_with_no_server_stops_in_seconds(tmp_path):
     closed.bind(("127.0.0.1", 0))
     uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
     try:  # the subprocess timeout is the hang guard: MLflow alone retries for 4 minutes
-        result = run_script("train.py", "run_name=srv", "logger=[csv,mlflow]",
-                            f"logger.mlflow.tracking_uri={uri}", "trainer.model_summary=false",
-                            root=tmp_path, check=False, timeout=60)
+        result = run_script(
+            "train.py",
+            "run_name=srv",
+            "logger=[csv,mlflow]",
+            f"logger.mlflow.tracking_uri={uri}",
+            "trainer.model_summary=false",
+            root=tmp_path,
+            check=False,
+            timeout=60,
+        )
     finally:
         closed.close()
     _one_error_line(result, f"tracking_uri={uri}:", "Connection refused")

@@ -20,8 +20,14 @@ from tests.resume_helpers import fork_server
 
 server = fork_server()
 # linear data: 4 optimizer steps per epoch; every step logged to TensorBoard
-RUN = ("data=linear", "trainer.epochs=6", "trainer.log_every_n_steps=1", "run_name=r",
-       "checkpoint.export=true", "trainer.model_summary=false")
+RUN = (
+    "data=linear",
+    "trainer.epochs=6",
+    "trainer.log_every_n_steps=1",
+    "run_name=r",
+    "checkpoint.export=true",
+    "trainer.model_summary=false",
+)
 EPOCHS, STEPS_PER_EPOCH = 6, 4
 
 
@@ -34,12 +40,15 @@ def test_logger_group_composes_one_or_several():
     assert root.logger.mlflow.tracking_uri == "sqlite:////x/mlflow.db"
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"wandb": {}}, "logger.wandb: unknown tracker"),
-    ({"tensorboard": {"flush_sec": 3}}, "logger.tensorboard.flush_sec: unknown key"),
-    ({"mlflow": "x"}, "logger.mlflow.(expected a mapping)"),
-    ({"tensorboard": {"flush_secs": 0}}, "logger.tensorboard.flush_secs=0: expected whole"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"wandb": {}}, "logger.wandb: unknown tracker"),
+        ({"tensorboard": {"flush_sec": 3}}, "logger.tensorboard.flush_sec: unknown key"),
+        ({"mlflow": "x"}, "logger.mlflow.(expected a mapping)"),
+        ({"tensorboard": {"flush_secs": 0}}, "logger.tensorboard.flush_secs=0: expected whole"),
+    ],
+)
 def test_logger_config_mistakes_are_one_line_errors(section, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_logger_config(section)
@@ -62,27 +71,29 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def _kill_and_resume(server, root: Path, extra: tuple[str, ...], kill_at: int) -> Path:
-    killed = server.run(*RUN, *extra, root=root, env=fault_env(f"kill_at_step={kill_at}"),
-                        check=False)
+    killed = server.run(*RUN, *extra, root=root, env=fault_env(f"kill_at_step={kill_at}"), check=False)
     assert killed.returncode == -9, killed.stderr
     server.run(*RUN, *extra, "resume=auto", root=root)
     return root / "r"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("save, kill_at", [
-    ("checkpoint.every_n_epochs=2", 14),  # resumes at the end of epoch 2; epoch 3 was logged
-    ("checkpoint.every_n_steps=4", 17),   # a step checkpoint on epoch 4's last batch
-    ("checkpoint.every_n_steps=3", 17),   # mid-epoch (step 15); epoch 4's row was logged
-])
+@pytest.mark.parametrize(
+    "save, kill_at",
+    [
+        ("checkpoint.every_n_epochs=2", 14),  # resumes at the end of epoch 2; epoch 3 was logged
+        ("checkpoint.every_n_steps=4", 17),  # a step checkpoint on epoch 4's last batch
+        ("checkpoint.every_n_steps=3", 17),  # mid-epoch (step 15); epoch 4's row was logged
+    ],
+)
 def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path, save, kill_at):
-    killed = server.run(*RUN, save, "logger=[csv,tensorboard]", root=tmp_path,
-                        env=fault_env(f"kill_at_step={kill_at}"), check=False)
+    killed = server.run(
+        *RUN, save, "logger=[csv,tensorboard]", root=tmp_path, env=fault_env(f"kill_at_step={kill_at}"), check=False
+    )
     assert killed.returncode == -9, killed.stderr
     run_dir = tmp_path / "r"
     before = _scalars(run_dir / "tensorboard")
@@ -90,11 +101,11 @@ def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path
     assert len(_csv_rows(run_dir)) == kill_at // STEPS_PER_EPOCH
     held = torch.load(run_dir / "last.pt", weights_only=True)
     assert held["global_step"] < kill_at
-    assert [s for s, _ in before["val_loss"]] == [
-        e * STEPS_PER_EPOCH for e in range(1, held["epoch"] + 1)]
+    assert [s for s, _ in before["val_loss"]] == [e * STEPS_PER_EPOCH for e in range(1, held["epoch"] + 1)]
     assert [s for s, _ in before["train_loss_step"]] == list(range(1, held["global_step"] + 1))
-    resumed = server.run(*RUN, save, "logger=tensorboard", "logger.tensorboard.flush_secs=5",
-                         "resume=auto", root=tmp_path)
+    resumed = server.run(
+        *RUN, save, "logger=tensorboard", "logger.tensorboard.flush_secs=5", "resume=auto", root=tmp_path
+    )
     assert "differs from the checkpoint" not in resumed.stderr  # trackers change no training
 
     scalars = _scalars(run_dir / "tensorboard")
@@ -102,10 +113,8 @@ def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path
     rows = _csv_rows(run_dir)
     for tag in ("train_loss", "val_loss", "lr", "epoch"):
         assert [s for s, _ in scalars[tag]] == epoch_ends, tag
-        assert [v for _, v in scalars[tag]] == pytest.approx(
-            [float(r[tag]) for r in rows], rel=1e-6), tag
-    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH
-                                                                    + 1))
+        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[tag]) for r in rows], rel=1e-6), tag
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     assert [s for s, _ in scalars["test_loss"]] == [EPOCHS * STEPS_PER_EPOCH]
 
 
@@ -113,8 +122,7 @@ def test_tensorboard_shows_each_step_once_after_kill_and_resume(server, tmp_path
 def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     extra = ("logger=[csv,mlflow]", "checkpoint.every_n_epochs=2")
-    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=14"),
-                        check=False)
+    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=14"), check=False)
     assert killed.returncode == -9, killed.stderr
     run_dir = tmp_path / "r"
     run_id = torch.load(run_dir / "epoch_0002.pt", weights_only=True)["loggers"]["mlflow_run_id"]
@@ -125,11 +133,11 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
 
     server.run(*RUN, *extra, "resume=auto", root=tmp_path)
     assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {
-        "mlflow_run_id": run_id}  # the same MLflow run, continued
+        "mlflow_run_id": run_id
+    }  # the same MLflow run, continued
     rows = _csv_rows(run_dir)
     for key in ("train_loss", "val_loss", "lr"):
-        history = sorted((m.step, m.timestamp, m.value)
-                         for m in client.get_metric_history(run_id, key))
+        history = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
         assert [step for step, _, _ in history] == list(range(1, EPOCHS + 1)), key
         assert [v for _, _, v in history] == pytest.approx([float(r[key]) for r in rows])
     run = client.get_run(run_id)
@@ -146,12 +154,12 @@ def test_mlflow_run_continues_with_one_value_per_epoch(server, tmp_path):
 
     # A branch from an earlier checkpoint into a new folder is a new MLflow run: the first
     # run keeps all its epochs.
-    server.run(*RUN, *extra, f"resume={run_dir / 'epoch_0002.pt'}", "run_name=branch",
-               "trainer.epochs=3", root=tmp_path)
+    server.run(
+        *RUN, *extra, f"resume={run_dir / 'epoch_0002.pt'}", "run_name=branch", "trainer.epochs=3", root=tmp_path
+    )
     branch = torch.load(tmp_path / "branch" / "last.pt", weights_only=True)["loggers"]
     assert branch["mlflow_run_id"] != run_id
-    assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [
-        1, 2, 3]
+    assert [m.step for m in client.get_metric_history(branch["mlflow_run_id"], "val_loss")] == [1, 2, 3]
     assert len(client.get_metric_history(run_id, "val_loss")) == EPOCHS
 
 
@@ -161,8 +169,7 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_tracker_values(server, tmp
     and MLflow has one run (the killed process's, taken again) with one value per epoch."""
     mlflow = pytest.importorskip("mlflow")
     extra = ("logger=[csv,tensorboard,mlflow]",)  # the first checkpoint: epoch 6, the last
-    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=10"),
-                        check=False)
+    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env("kill_at_step=10"), check=False)
     assert killed.returncode == -9, killed.stderr
     run_dir = tmp_path / "r"
     assert not list(run_dir.glob("*.pt")) and len(_csv_rows(run_dir)) == 2
@@ -173,18 +180,14 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_tracker_values(server, tmp
 
     server.run(*RUN, *extra, "resume=auto", root=tmp_path)
     scalars = _scalars(run_dir / "tensorboard")
-    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH
-                                                                    + 1))
-    assert [s for s, _ in scalars["val_loss"]] == [e * STEPS_PER_EPOCH
-                                                   for e in range(1, EPOCHS + 1)]
+    assert [s for s, _ in scalars["train_loss_step"]] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert [s for s, _ in scalars["val_loss"]] == [e * STEPS_PER_EPOCH for e in range(1, EPOCHS + 1)]
     [after] = client.search_runs([run.info.experiment_id])
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
-    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {
-        "mlflow_run_id": run.info.run_id}
+    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {"mlflow_run_id": run.info.run_id}
     rows = _csv_rows(run_dir)
     for key in ("train_loss", "val_loss", "lr"):
-        history = sorted((m.step, m.value) for m in client.get_metric_history(
-            run.info.run_id, key))
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
         assert [step for step, _ in history] == list(range(1, EPOCHS + 1)), key
         assert [v for _, v in history] == pytest.approx([float(r[key]) for r in rows])
 
@@ -197,7 +200,8 @@ def test_tensorboard_chosen_on_resume_gets_the_earlier_epochs(server, tmp_path):
     assert [s for s, _ in scalars["val_loss"]] == [4, 8, 12, 16]
     assert [s for s, _ in scalars["train_loss_step"]] == list(range(9, 17))  # from the resume
     assert [float(r["val_loss"]) for r in _csv_rows(tmp_path / "r")] == pytest.approx(
-        [v for _, v in scalars["val_loss"]], rel=1e-6)
+        [v for _, v in scalars["val_loss"]], rel=1e-6
+    )
 
 
 def test_a_classifier_logs_its_test_confusion_matrix(tmp_path):
@@ -209,10 +213,23 @@ def test_a_classifier_logs_its_test_confusion_matrix(tmp_path):
 
     from train import train
 
-    train(compose("train", ["data=digits", "model=small_cnn", "trainer.epochs=1",
-                            "trainer.limit_train_batches=4", "logger=[csv,tensorboard]",
-                            f"checkpoint.root={tmp_path}", "run_name=cm", "trainer.device=cpu",
-                            "checkpoint.export=false", "trainer.model_summary=false"]))
+    train(
+        compose(
+            "train",
+            [
+                "data=digits",
+                "model=small_cnn",
+                "trainer.epochs=1",
+                "trainer.limit_train_batches=4",
+                "logger=[csv,tensorboard]",
+                f"checkpoint.root={tmp_path}",
+                "run_name=cm",
+                "trainer.device=cpu",
+                "checkpoint.export=false",
+                "trainer.model_summary=false",
+            ],
+        )
+    )
     metrics = json.loads((tmp_path / "cm" / "test_metrics.json").read_text())
     counts = torch.tensor(metrics["confusion_matrix"])
     assert counts.shape == (10, 10) and int(counts.sum()) == metrics["samples"]

@@ -30,6 +30,7 @@ FAST = ("trainer.device=cpu", "trainer.print_every_s=0", "checkpoint.export=fals
 def train_cfg(tmp_path):
     def _cfg(*overrides: str):
         return compose("train", [f"checkpoint.root={tmp_path}", *FAST, *overrides])
+
     return _cfg
 
 
@@ -66,30 +67,31 @@ def test_betas_given_on_resume_are_applied_and_saved_as_plain_values(train_cfg, 
     common = ("optimizer=adam", "checkpoint.every_n_epochs=1")
     train(train_cfg(*common, "trainer.epochs=2"))
     train(train_cfg(*common, "trainer.epochs=3", "resume=auto", "optimizer.betas=[0.8,0.99]"))
-    group = _load(tmp_path / "linear_regression" / "last.pt")["optimizer_state_dict"][
-        "param_groups"][0]  # weights-only loading: no omegaconf ListConfig in the file
+    group = _load(tmp_path / "linear_regression" / "last.pt")["optimizer_state_dict"]["param_groups"][
+        0
+    ]  # weights-only loading: no omegaconf ListConfig in the file
     assert list(group["betas"]) == [0.8, 0.99]
 
 
 def test_resume_with_another_scheduler_interval_is_refused(train_cfg):
-    common = ("scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "trainer.epochs=2",
-              "checkpoint.every_n_epochs=1")
+    common = ("scheduler=warmup_cosine", "scheduler.warmup_epochs=1", "trainer.epochs=2", "checkpoint.every_n_epochs=1")
     train(train_cfg(*common))
     with pytest.raises(UserError, match="scheduler.interval changed epoch -> step"):
         train(train_cfg(*common, "scheduler.interval=step", "resume=auto"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optimizer.betas=[0.9,1.0]",
-     "optimizer.betas=[0.9, 1.0]: expected two numbers >= 0 and < 1"),
-    ("optimizer.eps=0", "optimizer.eps=0: expected a number > 0"),
-    ("scheduler.interval=batch", "scheduler.interval='batch': expected epoch or step"),
-    ("scheduler.warmup_epochs=-1", "scheduler.warmup_epochs=-1: expected an integer >= 0"),
-    ("scheduler.min_lr=0.5", "scheduler.min_lr=0.5: expected a number >= 0 and <= optimizer.lr"),
-    ("trainer.grad_clip_norm=0", "trainer.grad_clip_norm=0.0: expected a number > 0 or null"),
-    ("trainer.accumulate_grad_batches=0",
-     "trainer.accumulate_grad_batches=0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimizer.betas=[0.9,1.0]", "optimizer.betas=[0.9, 1.0]: expected two numbers >= 0 and < 1"),
+        ("optimizer.eps=0", "optimizer.eps=0: expected a number > 0"),
+        ("scheduler.interval=batch", "scheduler.interval='batch': expected epoch or step"),
+        ("scheduler.warmup_epochs=-1", "scheduler.warmup_epochs=-1: expected an integer >= 0"),
+        ("scheduler.min_lr=0.5", "scheduler.min_lr=0.5: expected a number >= 0 and <= optimizer.lr"),
+        ("trainer.grad_clip_norm=0", "trainer.grad_clip_norm=0.0: expected a number > 0 or null"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: expected an integer >= 1"),
+    ],
+)
 def test_bad_feature_values_are_one_line_errors(train_cfg, override, message):
     cfg = train_cfg("optimizer=adam", "scheduler=warmup_cosine", override)
     with pytest.raises(UserError, match=re.escape(message)):
@@ -103,30 +105,38 @@ def _warmup_cosine(t: int, lr: float, warmup: int, total: int, floor: float) -> 
     return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
-@pytest.mark.parametrize("scheduler,interval", [("warmup_cosine", "epoch"),
-                                                ("warmup_cosine", "step"), ("cosine", "step")])
-def test_schedule_per_epoch_or_step_follows_the_formula(train_cfg, tmp_path, scheduler,
-                                                        interval):
+@pytest.mark.parametrize(
+    "scheduler,interval", [("warmup_cosine", "epoch"), ("warmup_cosine", "step"), ("cosine", "step")]
+)
+def test_schedule_per_epoch_or_step_follows_the_formula(train_cfg, tmp_path, scheduler, interval):
     epochs, warmup, steps, lr, floor = 6, 2, 3, 0.01, 0.001
     lrs: list[float] = []
     handle = _record_steps(lambda optimizer: lrs.append(optimizer.param_groups[0]["lr"]))
     try:
-        train(train_cfg(f"scheduler={scheduler}", f"scheduler.interval={interval}",
-                        f"optimizer.lr={lr}", f"trainer.epochs={epochs}", "data.batch_size=4",
-                        "trainer.accumulate_grad_batches=3",
-                        *((f"scheduler.warmup_epochs={warmup}", f"scheduler.min_lr={floor}")
-                          if scheduler == "warmup_cosine" else ("scheduler.eta_min=0.001",))))
+        train(
+            train_cfg(
+                f"scheduler={scheduler}",
+                f"scheduler.interval={interval}",
+                f"optimizer.lr={lr}",
+                f"trainer.epochs={epochs}",
+                "data.batch_size=4",
+                "trainer.accumulate_grad_batches=3",
+                *(
+                    (f"scheduler.warmup_epochs={warmup}", f"scheduler.min_lr={floor}")
+                    if scheduler == "warmup_cosine"
+                    else ("scheduler.eta_min=0.001",)
+                ),
+            )
+        )
     finally:
         handle.remove()
     assert len(lrs) == epochs * steps
     if scheduler == "cosine":  # T_max=trainer.epochs, counted in optimizer steps
         expected = [_warmup_cosine(t, lr, 0, epochs * steps, floor) for t in range(len(lrs))]
     elif interval == "step":  # warm-up and length in optimizer steps
-        expected = [_warmup_cosine(t, lr, warmup * steps, epochs * steps, floor)
-                    for t in range(len(lrs))]
+        expected = [_warmup_cosine(t, lr, warmup * steps, epochs * steps, floor) for t in range(len(lrs))]
     else:  # one value per epoch, for each of its steps
-        expected = [_warmup_cosine(t // steps, lr, warmup, epochs, floor)
-                    for t in range(len(lrs))]
+        expected = [_warmup_cosine(t // steps, lr, warmup, epochs, floor) for t in range(len(lrs))]
     assert lrs == pytest.approx(expected, rel=1e-6 if scheduler == "cosine" else 1e-12)
     assert lrs[0] < lrs[steps * warmup] if scheduler == "warmup_cosine" else True
     # metrics.csv: the lr of each epoch's last optimizer step
@@ -138,10 +148,8 @@ def _gradient_norms(train_cfg, *overrides: str) -> list[float]:
     norms: list[float] = []
 
     def record(optimizer):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"]
-                 if p.grad is not None]
-        norms.append(float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads]))))
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))))
 
     handle = _record_steps(record)
     try:
@@ -164,8 +172,9 @@ def test_grad_clip_norm_under_amp_clips_the_unscaled_gradients(train_cfg):
     """With a GradScaler the gradients are unscaled before clipping: the optimizer sees norms
     at the bound (clipping the scaled gradients would leave them 65536 times smaller)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # GradScaler("cpu") exists too
-    clipped = _gradient_norms(train_cfg, f"trainer.device={device}",
-                              "trainer.precision=16-mixed", "trainer.grad_clip_norm=0.1")
+    clipped = _gradient_norms(
+        train_cfg, f"trainer.device={device}", "trainer.precision=16-mixed", "trainer.grad_clip_norm=0.1"
+    )
     finite = [n for n in clipped if math.isfinite(n)]  # a skipped overflow step may show inf
     assert finite and max(finite) == pytest.approx(0.1, rel=1e-3)
 
@@ -173,10 +182,15 @@ def test_grad_clip_norm_under_amp_clips_the_unscaled_gradients(train_cfg):
 def test_accumulating_k_batches_equals_one_batch_of_k_times_the_size(train_cfg, tmp_path):
     """3 batches of 4 (and a short last window of 2) equal batches of 12 (and a last of 8):
     the same samples per optimizer step, since the batch order depends on the seed only."""
-    common = ("loss=mse", "trainer.epochs=2", "optimizer.lr=0.2", "optimizer.momentum=0.9",
-              "checkpoint.every_n_steps=1", "checkpoint.keep_last=20")
-    train(train_cfg(*common, "run_name=accumulated", "data.batch_size=4",
-                    "trainer.accumulate_grad_batches=3"))
+    common = (
+        "loss=mse",
+        "trainer.epochs=2",
+        "optimizer.lr=0.2",
+        "optimizer.momentum=0.9",
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=20",
+    )
+    train(train_cfg(*common, "run_name=accumulated", "data.batch_size=4", "trainer.accumulate_grad_batches=3"))
     train(train_cfg(*common, "run_name=big", "data.batch_size=12"))
     train(train_cfg(*common, "run_name=small", "data.batch_size=4"))
     for step in range(1, 7):
@@ -185,8 +199,7 @@ def test_accumulating_k_batches_equals_one_batch_of_k_times_the_size(train_cfg, 
         assert accumulated["global_step"] == big["global_step"] == step
         assert accumulated["step_in_epoch"] == [3, 6, 8][(step - 1) % 3]  # window ends only
         for key, value in big["model_state_dict"].items():
-            torch.testing.assert_close(accumulated["model_state_dict"][key], value,
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(accumulated["model_state_dict"][key], value, rtol=1e-5, atol=1e-6)
     small = _load(tmp_path / "small" / "step_00000006.pt")["model_state_dict"]
     assert not torch.allclose(small["weights"], big["model_state_dict"]["weights"], atol=1e-3)
     for a, b in zip(_rows(tmp_path / "accumulated"), _rows(tmp_path / "big"), strict=True):
@@ -206,24 +219,41 @@ def test_non_finite_loss_names_the_optimizer_step_under_accumulation():
 # A run with every feature above on, through a dropout layer (the RNG state matters at every
 # step): 4 epochs of 3 optimizer steps, a checkpoint every 2 steps.
 ALL_ON = (
-    "data=linear", "data.batch_size=4", "trainer.epochs=4", *FAST,
-    "optimizer=adamw", "optimizer.lr=0.05", "scheduler=warmup_cosine",
-    "scheduler.warmup_epochs=1", "scheduler.min_lr=0.001", "scheduler.interval=step",
-    "trainer.grad_clip_norm=0.05", "trainer.accumulate_grad_batches=3",
-    "checkpoint.every_n_steps=2", "checkpoint.keep_last=10",
-    "model._target_=torch.nn.Sequential", "~model.in_features",
-    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},"
-    "{_target_:torch.nn.Linear,in_features:1,out_features:1}]",
+    "data=linear",
+    "data.batch_size=4",
+    "trainer.epochs=4",
+    *FAST,
+    "optimizer=adamw",
+    "optimizer.lr=0.05",
+    "scheduler=warmup_cosine",
+    "scheduler.warmup_epochs=1",
+    "scheduler.min_lr=0.001",
+    "scheduler.interval=step",
+    "trainer.grad_clip_norm=0.05",
+    "trainer.accumulate_grad_batches=3",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=10",
+    "model._target_=torch.nn.Sequential",
+    "~model.in_features",
+    "+model._args_=[{_target_:torch.nn.Dropout,p:0.2},{_target_:torch.nn.Linear,in_features:1,out_features:1}]",
 )
-COMPARED = ("epoch", "global_step", "step_in_epoch", "model_state_dict",
-            "optimizer_state_dict", "scheduler_state_dict", "rng_state", "epoch_step_losses",
-            "best", "loss")
+COMPARED = (
+    "epoch",
+    "global_step",
+    "step_in_epoch",
+    "model_state_dict",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "rng_state",
+    "epoch_step_losses",
+    "best",
+    "loss",
+)
 
 
 def _signal_at(sig: str, batch: int) -> tuple[str, ...]:
     """The loss sends `sig` to its process during its `batch`-th training batch."""
-    return ("loss._target_=tests.signal_loss.SignalAtCall", f"+loss.signal={sig}",
-            f"+loss.at={batch}")
+    return ("loss._target_=tests.signal_loss.SignalAtCall", f"+loss.signal={sig}", f"+loss.at={batch}")
 
 
 @pytest.mark.slow
@@ -236,15 +266,15 @@ def test_stop_and_kill_mid_window_with_all_features_resume_bitwise(tmp_path):
         server.run(*ALL_ON, "run_name=whole", root=tmp_path)
         run_dir = tmp_path / "cut"
         # SIGTERM in batch 5 (window 4-6 of epoch 1): the window is finished, then saved.
-        result = server.run(*ALL_ON, "run_name=cut", *_signal_at("SIGTERM", 5), root=tmp_path,
-                            check=False)
+        result = server.run(*ALL_ON, "run_name=cut", *_signal_at("SIGTERM", 5), root=tmp_path, check=False)
         assert result.returncode == EXIT_INTERRUPTED, result.stderr[-2000:]
         state = _load(run_dir / "step_00000002.pt")
         assert (state["global_step"], state["step_in_epoch"], state["epoch"]) == (2, 6, 0)
         # Resumed, then SIGKILLed in its 7th batch (epoch 2, batch 5: mid-window); the newest
         # checkpoint is step 4 (epoch 2, batch 3), the window after it is lost and redone.
-        result = server.run(*ALL_ON, "run_name=cut", "resume=auto",
-                            *_signal_at("SIGKILL", 7), root=tmp_path, check=False)
+        result = server.run(
+            *ALL_ON, "run_name=cut", "resume=auto", *_signal_at("SIGKILL", 7), root=tmp_path, check=False
+        )
         assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
         steps = sorted(p.name for p in run_dir.glob("step_*.pt"))
         assert steps == ["step_00000002.pt", "step_00000004.pt"]
@@ -257,13 +287,13 @@ def test_stop_and_kill_mid_window_with_all_features_resume_bitwise(tmp_path):
     assert final["global_step"] == 12
     for key in COMPARED:
         assert_same(final[key], whole[key], key)
-    assert (run_dir / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv"
-                                                     ).read_text()
+    assert (run_dir / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv").read_text()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (torch.distributed.is_available()
-                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
+)
 def test_accumulation_under_torchrun_matches_one_process(train_cfg, tmp_path):
     """2 processes x 4 samples, 2 batches per step (no_sync on the first; the epoch's last
     window is 1 batch) equal one process with batches of 8 and the same windows."""
@@ -273,15 +303,39 @@ def test_accumulation_under_torchrun_matches_one_process(train_cfg, tmp_path):
 
     from tests.conftest import REPO
 
-    common = ("data=linear", "data.end=1.14", "loss=mse", "trainer.epochs=2",
-              "optimizer.momentum=0.9", "trainer.accumulate_grad_batches=2", *FAST)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                            "ENGINE_FAULT", "HYDRA_FULL_ERROR")}
+    common = (
+        "data=linear",
+        "data.end=1.14",
+        "loss=mse",
+        "trainer.epochs=2",
+        "optimizer.momentum=0.9",
+        "trainer.accumulate_grad_batches=2",
+        *FAST,
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ENGINE_FAULT", "HYDRA_FULL_ERROR")
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "train.py"), *common, "trainer.global_batch_size=8", "run_name=ddp",
-         f"checkpoint.root={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-        timeout=240, env={**env, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            *common,
+            "trainer.global_batch_size=8",
+            "run_name=ddp",
+            f"checkpoint.root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     train(train_cfg(*common, "data.batch_size=8", "run_name=single"))
     ddp, single = _load(tmp_path / "ddp" / "last.pt"), _load(tmp_path / "single" / "last.pt")

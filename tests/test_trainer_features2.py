@@ -28,8 +28,10 @@ from train import train
 @pytest.fixture
 def train_cfg(tmp_path):
     def _cfg(*overrides: str):
-        return compose("train", [f"checkpoint.root={tmp_path}", "trainer.device=cpu",
-                                 "trainer.print_every_s=0", *overrides])
+        return compose(
+            "train", [f"checkpoint.root={tmp_path}", "trainer.device=cpu", "trainer.print_every_s=0", *overrides]
+        )
+
     return _cfg
 
 
@@ -64,6 +66,7 @@ def counted(monkeypatch):
 
 # ----------------------------------------------------------------------- early stopping
 
+
 def test_early_stopping_rule_on_a_known_history():
     stopper = EarlyStopping(patience=2, monitor="val_loss", mode="min", min_delta=0.1)
     history = [1.0, 0.8, 0.75, 0.72, 0.5, 0.45, 0.44]  # improvements > 0.1 at 1, 2, 5
@@ -74,11 +77,14 @@ def test_early_stopping_rule_on_a_known_history():
     assert [up.update({"val_acc": v}) for v in (0.5, 0.6, 0.6)] == [False, False, True]
 
 
-def test_early_stopping_stops_at_the_right_epoch_and_resume_auto_says_complete(
-        train_cfg, tmp_path, capsys):
+def test_early_stopping_stops_at_the_right_epoch_and_resume_auto_says_complete(train_cfg, tmp_path, capsys):
     # Nothing beats the first epoch by 1e6: epochs 2 and 3 do not improve, patience 2.
-    run = ("early_stopping.patience=2", "early_stopping.min_delta=1e6", "trainer.epochs=10",
-           "checkpoint.every_n_epochs=5")
+    run = (
+        "early_stopping.patience=2",
+        "early_stopping.min_delta=1e6",
+        "trainer.epochs=10",
+        "checkpoint.every_n_epochs=5",
+    )
     train(train_cfg(*run))
     out = capsys.readouterr().out
     run_dir = tmp_path / "linear_regression"
@@ -86,8 +92,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_resume_auto_says_complete(
     assert [int(r["epoch"]) for r in _rows(run_dir / "metrics.csv")] == [1, 2, 3]
     last = _ckpt(run_dir / "last.pt")
     assert last["epoch"] == 3
-    assert last["early_stopping"] == {"monitor": "val_loss", "best": last["early_stopping"][
-        "best"], "wait": 2}
+    assert last["early_stopping"] == {"monitor": "val_loss", "best": last["early_stopping"]["best"], "wait": 2}
     # The end of the run as after a normal end: best.pt tested, exported.
     tested = json.loads((run_dir / "test_metrics.json").read_text())
     assert tested["epoch"] == last["best"]["epoch"] and (run_dir / "export").is_dir()
@@ -96,8 +101,11 @@ def test_early_stopping_stops_at_the_right_epoch_and_resume_auto_says_complete(
     assert "already complete (3 epochs; early stopping" in out and "epoch 4" not in out
     assert len(_rows(run_dir / "metrics.csv")) == 3
     # A larger patience continues the stopped run (the counter is kept: stops at epoch 5).
-    train(train_cfg(run[1], "early_stopping.patience=4", "trainer.epochs=10",
-                    "checkpoint.every_n_epochs=5", "resume=auto"))
+    train(
+        train_cfg(
+            run[1], "early_stopping.patience=4", "trainer.epochs=10", "checkpoint.every_n_epochs=5", "resume=auto"
+        )
+    )
     assert [int(r["epoch"]) for r in _rows(run_dir / "metrics.csv")] == [1, 2, 3, 4, 5]
 
 
@@ -109,11 +117,18 @@ def test_early_stopping_off_writes_no_key(train_cfg, tmp_path):
 
 # -------------------------------------------------------------------------------- EMA
 
+
 def test_ema_weights_equal_a_hand_computed_ema_after_3_steps(train_cfg, tmp_path):
     decay = 0.75
-    train(train_cfg(f"trainer.ema_decay={decay}", "trainer.epochs=1",
-                    "trainer.limit_train_batches=3", "checkpoint.every_n_steps=1",
-                    "checkpoint.keep_last=10"))
+    train(
+        train_cfg(
+            f"trainer.ema_decay={decay}",
+            "trainer.epochs=1",
+            "trainer.limit_train_batches=3",
+            "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last=10",
+        )
+    )
     run_dir = tmp_path / "linear_regression"
     raw = [_ckpt(run_dir / f"step_{n:08d}.pt")["model_state_dict"] for n in (1, 2, 3)]
     expected = dict(raw[0])  # the first update copies the weights
@@ -136,13 +151,10 @@ def test_ema_module_matches_hand_ema_on_random_steps():
         optimizer.step()
         optimizer.zero_grad()
         ema.update(model)
-        now = {k: v.detach().clone().double() for k, v in model.state_dict().items()
-               if v.is_floating_point()}
-        hand = now if hand is None else {k: decay * hand[k] + (1 - decay) * now[k]
-                                         for k in hand}
+        now = {k: v.detach().clone().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+        hand = now if hand is None else {k: decay * hand[k] + (1 - decay) * now[k] for k in hand}
     for key, value in hand.items():  # parameters and BatchNorm statistics alike
-        torch.testing.assert_close(ema.state_dict()[key].double(), value, rtol=1e-6,
-                                   atol=1e-7)
+        torch.testing.assert_close(ema.state_dict()[key].double(), value, rtol=1e-6, atol=1e-7)
 
 
 def test_validation_evaluate_and_export_use_the_ema_weights(train_cfg, tmp_path):
@@ -150,15 +162,25 @@ def test_validation_evaluate_and_export_use_the_ema_weights(train_cfg, tmp_path)
     run_dir = tmp_path / "linear_regression"
     last = load_checkpoint(run_dir / "last.pt")
     logged = float(_rows(run_dir / "metrics.csv")[-1]["val_loss"])
-    metrics = evaluate(compose("evaluate", [f"ckpt={run_dir / 'last.pt'}", "split=val",
-                                            "device=cpu", f"output={tmp_path / 'e.json'}"]))
+    metrics = evaluate(
+        compose("evaluate", [f"ckpt={run_dir / 'last.pt'}", "split=val", "device=cpu", f"output={tmp_path / 'e.json'}"])
+    )
     assert metrics["val_loss"] == pytest.approx(logged, rel=1e-5)
     # The raw weights give another loss: the EMA ones were used.
     torch.save(last["model_state_dict"], tmp_path / "raw.pt")
-    raw_metrics = evaluate(compose("evaluate", [f"weights={tmp_path / 'raw.pt'}",
-                                                "model=linear_regression", "data=linear",
-                                                "split=val", "device=cpu",
-                                                f"output={tmp_path / 'r.json'}"]))
+    raw_metrics = evaluate(
+        compose(
+            "evaluate",
+            [
+                f"weights={tmp_path / 'raw.pt'}",
+                "model=linear_regression",
+                "data=linear",
+                "split=val",
+                "device=cpu",
+                f"output={tmp_path / 'r.json'}",
+            ],
+        )
+    )
     assert raw_metrics["val_loss"] != pytest.approx(logged, rel=1e-3)
     from safetensors.torch import load_file
 
@@ -170,14 +192,15 @@ def test_validation_evaluate_and_export_use_the_ema_weights(train_cfg, tmp_path)
 
 # ------------------------------------------------------------------------- debug runs
 
+
 def test_fast_dev_run_runs_one_train_and_one_val_batch_and_writes_nothing(
-        train_cfg, tmp_path, monkeypatch, counted, capsys):
+    train_cfg, tmp_path, monkeypatch, counted, capsys
+):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     root = tmp_path / "runs"
-    cfg = train_cfg("experiment=digits_cnn", f"checkpoint.root={root}",
-                    "trainer.fast_dev_run=true")
+    cfg = train_cfg("experiment=digits_cnn", f"checkpoint.root={root}", "trainer.fast_dev_run=true")
     row = train(cfg)
     assert row["epoch"] == 1 and row["step"] == 1
     assert [n[0] for n in counted] == [1, 1]  # train, val
@@ -187,8 +210,13 @@ def test_fast_dev_run_runs_one_train_and_one_val_batch_and_writes_nothing(
 
 
 def test_limit_train_and_val_batches_int_and_fraction(train_cfg, tmp_path, counted):
-    cfg = train_cfg("experiment=digits_cnn", "trainer.epochs=2", "checkpoint.every_n_epochs=2",
-                    "trainer.limit_train_batches=3", "trainer.limit_val_batches=0.5")
+    cfg = train_cfg(
+        "experiment=digits_cnn",
+        "trainer.epochs=2",
+        "checkpoint.every_n_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=0.5",
+    )
     train(cfg)
     train_count, val_count = (n[0] for n in counted)
     val_batches = len(Batches(build(cfg.data, "data").split("val"), 32, torch.device("cpu")))
@@ -212,37 +240,51 @@ def test_batches_limit_cuts_len_sizes_and_order():
 @pytest.mark.slow
 def test_overfit_batches_drives_the_training_loss_near_zero_on_digits(train_cfg, tmp_path):
     # One batch of 16 images, a step per epoch: memorised within 40 steps.
-    row = train(train_cfg("data=digits", "model=small_cnn", "trainer.overfit_batches=1",
-                          "data.batch_size=16", "optimizer.lr=0.1", "trainer.epochs=40",
-                          "checkpoint.every_n_epochs=100", "checkpoint.export=false"))
+    row = train(
+        train_cfg(
+            "data=digits",
+            "model=small_cnn",
+            "trainer.overfit_batches=1",
+            "data.batch_size=16",
+            "optimizer.lr=0.1",
+            "trainer.epochs=40",
+            "checkpoint.every_n_epochs=100",
+            "checkpoint.export=false",
+        )
+    )
     rows = _rows(tmp_path / "digits_small_cnn" / "metrics.csv")
     assert float(rows[0]["train_loss"]) > 2.0
     assert row["train_loss"] < 0.05 and row["step"] == 40
     assert row["val_loss"] < 0.05 and row["val_acc"] == 1.0  # validated on the same batches
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.ema_decay=1.5", "trainer.ema_decay"),
-    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
-    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
-    ("trainer.overfit_batches=-1", "trainer.overfit_batches"),
-    ("early_stopping.patience=0", "early_stopping.patience"),
-    ("early_stopping.min_delta=-1", "early_stopping.min_delta"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.ema_decay=1.5", "trainer.ema_decay"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
+        ("trainer.overfit_batches=-1", "trainer.overfit_batches"),
+        ("early_stopping.patience=0", "early_stopping.patience"),
+        ("early_stopping.min_delta=-1", "early_stopping.min_delta"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_key(train_cfg, override, key):
     with pytest.raises(UserError) as info:
-        train(train_cfg(override, "early_stopping.patience=3")
-              if "patience" not in override else train_cfg(override))
+        train(train_cfg(override, "early_stopping.patience=3") if "patience" not in override else train_cfg(override))
     assert str(info.value).startswith(f"{key}=") and "\n" not in str(info.value)
 
 
 def test_ill_typed_new_checkpoint_keys_are_refused(train_cfg, tmp_path):
     train(train_cfg("trainer.epochs=1", "trainer.ema_decay=0.9", "early_stopping.patience=2"))
     good = _ckpt(tmp_path / "linear_regression" / "last.pt")
-    for key, value in (("early_stopping", {"monitor": "val_loss", "best": "x", "wait": 1}),
-                       ("early_stopping", {"monitor": "val_loss", "best": 1.0, "wait": -1}),
-                       ("early_stopping", [1]), ("ema_state_dict", {"weight": 3}),
-                       ("ema_state_dict", None)):
+    for key, value in (
+        ("early_stopping", {"monitor": "val_loss", "best": "x", "wait": 1}),
+        ("early_stopping", {"monitor": "val_loss", "best": 1.0, "wait": -1}),
+        ("early_stopping", [1]),
+        ("ema_state_dict", {"weight": 3}),
+        ("ema_state_dict", None),
+    ):
         torch.save({**good, key: value}, tmp_path / "bad.pt")
         with pytest.raises(UserError, match=f"key '{key}'"):
             load_checkpoint(tmp_path / "bad.pt")
@@ -250,10 +292,17 @@ def test_ill_typed_new_checkpoint_keys_are_refused(train_cfg, tmp_path):
 
 # ---------------------------------------------------------------------- exact resume
 
-RUN = ("trainer.epochs=8", "trainer.limit_train_batches=3", "trainer.ema_decay=0.9",
-       "early_stopping.patience=2", "early_stopping.min_delta=1e6",
-       "checkpoint.every_n_steps=2", "checkpoint.every_n_epochs=1", "trainer.device=cpu",
-       "trainer.print_every_s=0")
+RUN = (
+    "trainer.epochs=8",
+    "trainer.limit_train_batches=3",
+    "trainer.ema_decay=0.9",
+    "early_stopping.patience=2",
+    "early_stopping.min_delta=1e6",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.every_n_epochs=1",
+    "trainer.device=cpu",
+    "trainer.print_every_s=0",
+)
 
 
 @pytest.mark.slow
@@ -269,20 +318,28 @@ def _kill_and_resume(server: ForkServer, tmp_path) -> None:
     server.run(*RUN, "run_name=whole", root=tmp_path)
     # SIGKILL after step 8 (epoch 3, batch 2; saved at step 8): the early-stopping counter
     # (1 after epoch 2) and the EMA must come back from the step checkpoint.
-    killed = server.run(*RUN, "run_name=split", root=tmp_path, check=False,
-                        env=fault_env("kill_at_step=8"))
+    killed = server.run(*RUN, "run_name=split", root=tmp_path, check=False, env=fault_env("kill_at_step=8"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert "resumed at epoch 2, step 8" in resumed.stdout
     assert "stopped after epoch 3 of 8" in resumed.stdout
     whole, split = _ckpt(tmp_path / "whole" / "last.pt"), _ckpt(tmp_path / "split" / "last.pt")
     assert whole["epoch"] == 3 and whole["global_step"] == 9
-    for key in ("epoch", "global_step", "step_in_epoch", "model_state_dict", "ema_state_dict",
-                "early_stopping", "optimizer_state_dict", "rng_state", "epoch_step_losses",
-                "best", "loss"):
+    for key in (
+        "epoch",
+        "global_step",
+        "step_in_epoch",
+        "model_state_dict",
+        "ema_state_dict",
+        "early_stopping",
+        "optimizer_state_dict",
+        "rng_state",
+        "epoch_step_losses",
+        "best",
+        "loss",
+    ):
         assert_same(split[key], whole[key], key)
-    assert ((tmp_path / "split" / "metrics.csv").read_text()
-            == (tmp_path / "whole" / "metrics.csv").read_text())
+    assert (tmp_path / "split" / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv").read_text()
     again = server.run(*RUN, "run_name=split", "resume=auto", root=tmp_path)
     assert "already complete" in again.stdout
 

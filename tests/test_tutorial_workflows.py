@@ -106,14 +106,16 @@ def read_csv(path: Path) -> list[dict]:
 
 # ------------------------------------------------- item 1: resume a general checkpoint
 
+
 @pytest.mark.parametrize("style", ["recipe", "tutorial_002"])
 @pytest.mark.slow
 def test_resume_from_a_tutorial_general_checkpoint(tmp_path, style):
     """The tutorial trains, saves its general checkpoint, and continues one more epoch
     itself; train.py resumed from the file must reach the same weights (model and momentum
     restored), number the epoch right and say what it started fresh."""
-    experiment, Model = (("linear_regression", LinearRegressionModel) if style == "recipe"
-                         else ("quadratic_csv", CustomModel))
+    experiment, Model = (
+        ("linear_regression", LinearRegressionModel) if style == "recipe" else ("quadratic_csv", CustomModel)
+    )
     X_train, y_train = train_split(experiment)
     torch.manual_seed(3)
     model = Model()
@@ -127,25 +129,49 @@ def test_resume_from_a_tutorial_general_checkpoint(tmp_path, style):
         optimizer.step()
     path = tmp_path / ("g.pt" if style == "recipe" else "checkpoint-1.pt")
     if style == "recipe":
-        torch.save({"epoch": epoch, "model_state_dict": model.state_dict(),
-                    "optimizer_state_dict": optimizer.state_dict(), "loss": loss}, path)
+        torch.save(
+            {
+                "epoch": epoch,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "loss": loss,
+            },
+            path,
+        )
     else:
-        torch.save({"model": "CustomModel", "epoch": epoch, "model_state_dict":
-                    model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                    "cost": loss, "description": "CustomModel 체크포인트-1"}, path)
+        torch.save(
+            {
+                "model": "CustomModel",
+                "epoch": epoch,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "cost": loss,
+                "description": "CustomModel 체크포인트-1",
+            },
+            path,
+        )
     loss = loss_fn(model(X_train), y_train)  # the tutorial's own epoch 6 (index 5)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
-    result = run_script("train.py", f"experiment={experiment}", f"resume={path}",
-                        "run_name=tut", f"data.batch_size={len(X_train)}",
-                        "optimizer.lr=0.01", "optimizer.momentum=0.9", "trainer.epochs=6",
-                        "checkpoint.export=false", root=tmp_path / "ck")
-    assert "its epoch 4 is read as the tutorials' 0-based loop index, so 5 epoch(s) are " \
-           "done and training goes on at epoch 6" in result.stdout
-    assert "not in the file, started fresh: global_step, rng_state, history, best, config" \
-        in result.stdout
+    result = run_script(
+        "train.py",
+        f"experiment={experiment}",
+        f"resume={path}",
+        "run_name=tut",
+        f"data.batch_size={len(X_train)}",
+        "optimizer.lr=0.01",
+        "optimizer.momentum=0.9",
+        "trainer.epochs=6",
+        "checkpoint.export=false",
+        root=tmp_path / "ck",
+    )
+    assert (
+        "its epoch 4 is read as the tutorials' 0-based loop index, so 5 epoch(s) are "
+        "done and training goes on at epoch 6" in result.stdout
+    )
+    assert "not in the file, started fresh: global_step, rng_state, history, best, config" in result.stdout
     assert "differs" not in result.stderr and "applied config changes" not in result.stdout
     run = tmp_path / "ck" / "tut"
     assert [int(r["epoch"]) for r in read_csv(run / "metrics.csv")] == [6]
@@ -162,30 +188,55 @@ def test_resume_from_a_tutorial_general_checkpoint(tmp_path, style):
 def test_failed_resume_of_a_tutorial_file_leaves_no_config(tmp_path):
     net = Net()  # tutorial 000's model: not the quadratic model's weights
     optimizer = optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    torch.save({"epoch": 9, "model_state_dict": net.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(), "loss": torch.tensor(0.5)},
-               tmp_path / "g.pt")
-    result = run_script("train.py", "experiment=quadratic_csv", f"resume={tmp_path / 'g.pt'}",
-                        "run_name=x", root=tmp_path / "ck", check=False)
+    torch.save(
+        {
+            "epoch": 9,
+            "model_state_dict": net.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "loss": torch.tensor(0.5),
+        },
+        tmp_path / "g.pt",
+    )
+    result = run_script(
+        "train.py",
+        "experiment=quadratic_csv",
+        f"resume={tmp_path / 'g.pt'}",
+        "run_name=x",
+        root=tmp_path / "ck",
+        check=False,
+    )
     assert "layer.weight" in error_line(result)
     assert not (tmp_path / "ck" / "x" / "config.yaml").exists()
 
 
 # ----------------------------------------------- item 2: the tutorials' parameter names
 
+
 def test_tutorial_002_files_load_into_the_quadratic_model(tmp_path, points):
     model = CustomModel()
     torch.save(model.state_dict(), tmp_path / "model_state_dict.pt")
-    torch.save({"model": "CustomModel", "epoch": 999, "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optim.SGD(model.parameters(), lr=1e-4).state_dict(),
-                "cost": torch.tensor(0.08), "description": "CustomModel 체크포인트-1"},
-               tmp_path / "checkpoint-1.pt")
+    torch.save(
+        {
+            "model": "CustomModel",
+            "epoch": 999,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optim.SGD(model.parameters(), lr=1e-4).state_dict(),
+            "cost": torch.tensor(0.08),
+            "description": "CustomModel 체크포인트-1",
+        },
+        tmp_path / "checkpoint-1.pt",
+    )
     x = torch.tensor([0.1, 0.5, 0.9]).unsqueeze(1)
-    expected = model(torch.cat([x ** 2, x], 1)).squeeze(1)
+    expected = model(torch.cat([x**2, x], 1)).squeeze(1)
     for name in ("model_state_dict.pt", "checkpoint-1.pt"):
         out = tmp_path / f"{name}.csv"
-        args = [f"weights={tmp_path / name}", "model=quadratic", "data=quadratic_csv",
-                f"input={points}", f"output={out}"]
+        args = [
+            f"weights={tmp_path / name}",
+            "model=quadratic",
+            "data=quadratic_csv",
+            f"input={points}",
+            f"output={out}",
+        ]
         if name == "checkpoint-1.pt":
             run_script("predict.py", *args)
         else:  # the same script in-process (saves a subprocess)
@@ -199,8 +250,14 @@ def test_tutorial_003_state_dict_loads_into_linear_regression(tmp_path, points):
     model_0 = LinearRegressionModel()
     torch.save(obj=model_0.state_dict(), f=tmp_path / "01_pytorch_workflow_model_0.pth")
     out = tmp_path / "preds.csv"
-    run_script("predict.py", f"weights={tmp_path / '01_pytorch_workflow_model_0.pth'}",
-               "model=linear_regression", "data=linear", f"input={points}", f"output={out}")
+    run_script(
+        "predict.py",
+        f"weights={tmp_path / '01_pytorch_workflow_model_0.pth'}",
+        "model=linear_regression",
+        "data=linear",
+        f"input={points}",
+        f"output={out}",
+    )
     got = torch.tensor([float(r["prediction"]) for r in read_csv(out)])
     expected = model_0(torch.tensor([0.1, 0.5, 0.9])).detach()
     assert torch.allclose(got, expected, atol=1e-5)
@@ -222,12 +279,19 @@ def test_tutorial_004_the_model_class_loads_into_small_cnn(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
-    run_script("predict.py", f"weights={tmp_path / 'model.pth'}", "model=small_cnn",
-               "data=cifar10", f"input={tmp_path / 'red.png'}", f"output={tmp_path / 'p.csv'}")
+    run_script(
+        "predict.py",
+        f"weights={tmp_path / 'model.pth'}",
+        "model=small_cnn",
+        "data=cifar10",
+        f"input={tmp_path / 'red.png'}",
+        f"output={tmp_path / 'p.csv'}",
+    )
     assert len(read_csv(tmp_path / "p.csv")) == 1
 
 
 # ------------------------------------------------------ items 3 and 4: warm start in train.py
+
 
 def _perfect_line_model() -> LinearRegressionModel:
     model = LinearRegressionModel()
@@ -237,8 +301,9 @@ def _perfect_line_model() -> LinearRegressionModel:
     return model
 
 
-@pytest.mark.parametrize("kind", ["state_dict", *(pytest.param(kind, marks=pytest.mark.slow)
-                                                 for kind in ("general", "export", "multi"))])
+@pytest.mark.parametrize(
+    "kind", ["state_dict", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("general", "export", "multi"))]
+)
 def test_warm_start_from_initial_weights(tmp_path, kind):
     """weights=FILE starts a NEW run from the file's weights: with a near-zero lr the first
     epoch's loss is that of y = 0.7x + 0.3 exactly, not of a random model."""
@@ -249,29 +314,45 @@ def test_warm_start_from_initial_weights(tmp_path, kind):
         torch.save(model.state_dict(), path)
     elif kind == "general":
         path = tmp_path / "g.pt"
-        torch.save({"epoch": 99, "model_state_dict": model.state_dict(), "optimizer_state_dict":
-                    optim.SGD(model.parameters(), lr=0.01).state_dict(),
-                    "loss": torch.tensor(0.0)}, path)
+        torch.save(
+            {
+                "epoch": 99,
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optim.SGD(model.parameters(), lr=0.01).state_dict(),
+                "loss": torch.tensor(0.0),
+            },
+            path,
+        )
     elif kind == "export":
         from engine.export import export
 
         cfg = compose("train", [])
         from omegaconf import OmegaConf
 
-        path = export(model.state_dict(), OmegaConf.to_container(cfg, resolve=True),
-                      tmp_path / "export")
+        path = export(model.state_dict(), OmegaConf.to_container(cfg, resolve=True), tmp_path / "export")
     else:
         other = CustomModel()
         path = tmp_path / "multi.pt"
-        torch.save({"modelA_state_dict": model.state_dict(),
-                    "modelB_state_dict": other.state_dict(),
-                    "optimizerA_state_dict": optim.SGD(model.parameters(), lr=0.1).state_dict(),
-                    "optimizerB_state_dict": optim.SGD(other.parameters(), lr=0.1).state_dict()},
-                   path)
+        torch.save(
+            {
+                "modelA_state_dict": model.state_dict(),
+                "modelB_state_dict": other.state_dict(),
+                "optimizerA_state_dict": optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                "optimizerB_state_dict": optim.SGD(other.parameters(), lr=0.1).state_dict(),
+            },
+            path,
+        )
         args = ["weights_key=modelA_state_dict"]
-    result = run_script("train.py", f"weights={path}", *args, "run_name=warm",
-                        "trainer.epochs=1", "optimizer.lr=1e-9", "checkpoint.export=false",
-                        root=tmp_path / "ck")
+    result = run_script(
+        "train.py",
+        f"weights={path}",
+        *args,
+        "run_name=warm",
+        "trainer.epochs=1",
+        "optimizer.lr=1e-9",
+        "checkpoint.export=false",
+        root=tmp_path / "ck",
+    )
     assert f"initial weights from {path}" in result.stdout
     row = read_csv(tmp_path / "ck" / "warm" / "metrics.csv")
     assert [int(r["epoch"]) for r in row] == [1]
@@ -286,20 +367,26 @@ def test_warm_start_strict_false_skips_a_new_head(tmp_path):
     model_a = digits_model(classes=5)
     torch.save(model_a.state_dict(), tmp_path / "modelA.pt")
     weights = f"weights={tmp_path / 'modelA.pt'}"
-    strict = run_script("train.py", "experiment=digits_cnn", weights, "run_name=s",
-                        root=tmp_path / "ck", check=False)
+    strict = run_script("train.py", "experiment=digits_cnn", weights, "run_name=s", root=tmp_path / "ck", check=False)
     assert "fc3.weight (5, 84) vs model (10, 84)" in error_line(strict)
     assert not (tmp_path / "ck" / "s").exists()
 
-    result = run_script("train.py", "experiment=digits_cnn", weights, "strict=false",
-                        "run_name=warm", "trainer.epochs=1", "optimizer.lr=1e-9",
-                        "checkpoint.export=false", root=tmp_path / "ck")
+    result = run_script(
+        "train.py",
+        "experiment=digits_cnn",
+        weights,
+        "strict=false",
+        "run_name=warm",
+        "trainer.epochs=1",
+        "optimizer.lr=1e-9",
+        "checkpoint.export=false",
+        root=tmp_path / "ck",
+    )
     assert "strict=false loaded 8 of 10 tensors" in result.stderr
     assert "shape mismatch [fc3.weight (5, 84) vs model (10, 84)" in result.stderr
     best = torch.load(tmp_path / "ck" / "warm" / "best.pt", weights_only=True)
     for key in ("conv1.weight", "conv2.bias", "fc1.weight", "fc2.weight"):
-        assert torch.allclose(best["model_state_dict"][key], model_a.state_dict()[key],
-                              atol=1e-6), key
+        assert torch.allclose(best["model_state_dict"][key], model_a.state_dict()[key], atol=1e-6), key
 
 
 @pytest.mark.slow
@@ -310,79 +397,121 @@ def test_several_models_in_one_file(tmp_path, points):
     optimizer_a = optim.SGD(model_a.parameters(), lr=0.01)
     optimizer_b = optim.SGD(model_b.parameters(), lr=0.01)
     path = tmp_path / "models.tar"
-    torch.save({"modelA_state_dict": model_a.state_dict(),
-                "modelB_state_dict": model_b.state_dict(),
-                "optimizerA_state_dict": optimizer_a.state_dict(),
-                "optimizerB_state_dict": optimizer_b.state_dict()}, path)
+    torch.save(
+        {
+            "modelA_state_dict": model_a.state_dict(),
+            "modelB_state_dict": model_b.state_dict(),
+            "optimizerA_state_dict": optimizer_a.state_dict(),
+            "optimizerB_state_dict": optimizer_b.state_dict(),
+        },
+        path,
+    )
     listed = "['modelA_state_dict', 'modelB_state_dict']"
-    line = error_line(run_script("train.py", f"weights={path}", "run_name=m",
-                                 root=tmp_path / "ck", check=False))
+    line = error_line(run_script("train.py", f"weights={path}", "run_name=m", root=tmp_path / "ck", check=False))
     assert listed in line and "weights_key=" in line, line
     assert not (tmp_path / "ck" / "m").exists()
-    for script, extra in ((evaluate_script.evaluate, []), (predict_script.predict,
-                                                           [f"input={points}"])):
+    for script, extra in ((evaluate_script.evaluate, []), (predict_script.predict, [f"input={points}"])):
         name = script.__module__
-        raises_user_error(script, compose(name, [
-            f"weights={path}", "model=linear_regression", "data=linear", *extra]),
-            needles=(listed, "weights_key="))
+        raises_user_error(
+            script,
+            compose(name, [f"weights={path}", "model=linear_regression", "data=linear", *extra]),
+            needles=(listed, "weights_key="),
+        )
 
     out = tmp_path / "a.csv"
-    run_script("predict.py", f"weights={path}", "weights_key=modelA_state_dict",
-               "model=linear_regression", "data=linear", f"input={points}", f"output={out}")
+    run_script(
+        "predict.py",
+        f"weights={path}",
+        "weights_key=modelA_state_dict",
+        "model=linear_regression",
+        "data=linear",
+        f"input={points}",
+        f"output={out}",
+    )
     got = torch.tensor([float(r["prediction"]) for r in read_csv(out)])
     assert torch.allclose(got, model_a(torch.tensor([0.1, 0.5, 0.9])).detach(), atol=1e-5)
-    metrics = evaluate_script.evaluate(compose("evaluate", [
-        f"weights={path}", "weights_key=modelB_state_dict", "model=quadratic",
-        "data=quadratic_csv", f"output={tmp_path / 'b.json'}"]))
+    metrics = evaluate_script.evaluate(
+        compose(
+            "evaluate",
+            [
+                f"weights={path}",
+                "weights_key=modelB_state_dict",
+                "model=quadratic",
+                "data=quadratic_csv",
+                f"output={tmp_path / 'b.json'}",
+            ],
+        )
+    )
     assert metrics["samples"] > 0
-    raises_user_error(evaluate_script.evaluate, compose("evaluate", [
-        f"weights={path}", "weights_key=modelC_state_dict", "model=quadratic",
-        "data=quadratic_csv"]), needles=("modelC_state_dict", listed))
+    raises_user_error(
+        evaluate_script.evaluate,
+        compose(
+            "evaluate", [f"weights={path}", "weights_key=modelC_state_dict", "model=quadratic", "data=quadratic_csv"]
+        ),
+        needles=("modelC_state_dict", listed),
+    )
 
 
 # ------------------------------------------------ item 5: strict=false that loads too little
+
 
 def test_strict_false_loading_too_little_is_an_error(tmp_path):
     torch.save(Net().state_dict(), tmp_path / "model_weights.pth")  # tutorial 000
     weights = f"weights={tmp_path / 'model_weights.pth'}"
     needles = ("only 0 of 2 tensors", "[layer.weight, layer.bias]", "[fc.weight, fc.bias]")
-    line = error_line(run_script("evaluate.py", weights, "strict=false", "model=quadratic",
-                                 "data=quadratic_csv", check=False))
+    line = error_line(
+        run_script("evaluate.py", weights, "strict=false", "model=quadratic", "data=quadratic_csv", check=False)
+    )
     assert all(n in line for n in needles), line
-    raises_user_error(train_script.train, compose("train", [
-        weights, "strict=false", "experiment=quadratic_csv", "run_name=z",
-        f"checkpoint.root={tmp_path / 'ck'}"]), needles=needles)
+    raises_user_error(
+        train_script.train,
+        compose(
+            "train",
+            [weights, "strict=false", "experiment=quadratic_csv", "run_name=z", f"checkpoint.root={tmp_path / 'ck'}"],
+        ),
+        needles=needles,
+    )
     assert not (tmp_path / "ck" / "z").exists()
     # 2 of the CNN's 10 tensors (conv1 only) fit: fewer than half, refused too
     conv1 = {k: v for k, v in digits_model(10).state_dict().items() if k.startswith("conv1")}
     torch.save(conv1, tmp_path / "conv1.pth")
-    raises_user_error(evaluate_script.evaluate, compose("evaluate", [
-        f"weights={tmp_path / 'conv1.pth'}", "strict=false", "model=small_cnn",
-        "data=digits"]), needles=("only 2 of 10 tensors", "conv2.weight", "found [conv1.weight"))
+    raises_user_error(
+        evaluate_script.evaluate,
+        compose("evaluate", [f"weights={tmp_path / 'conv1.pth'}", "strict=false", "model=small_cnn", "data=digits"]),
+        needles=("only 2 of 10 tensors", "conv2.weight", "found [conv1.weight"),
+    )
 
 
 # -------------------------------------------------- item 6: whole models, and a safe one
+
 
 def test_entire_model_pickle_is_refused_with_advice(tmp_path):
     model = Net()
     torch.save(model, tmp_path / "model.pth")  # tutorial 000's "save the entire model"
     path = tmp_path / "model.pth"
-    needles = ("Net", "refused", "save model.state_dict() instead",
-               "torch.save(torch.load(PATH, weights_only=False).state_dict()")
-    line = error_line(run_script("evaluate.py", f"weights={path}", "model=quadratic",
-                                 "data=quadratic_csv", check=False))
+    needles = (
+        "Net",
+        "refused",
+        "save model.state_dict() instead",
+        "torch.save(torch.load(PATH, weights_only=False).state_dict()",
+    )
+    line = error_line(
+        run_script("evaluate.py", f"weights={path}", "model=quadratic", "data=quadratic_csv", check=False)
+    )
     assert all(n in line for n in needles), line
     for arg in (f"weights={path}", f"resume={path}"):
-        raises_user_error(train_script.train, compose("train", [
-            arg, "run_name=w", f"checkpoint.root={tmp_path / 'ck'}"]), needles=needles)
+        raises_user_error(
+            train_script.train,
+            compose("train", [arg, "run_name=w", f"checkpoint.root={tmp_path / 'ck'}"]),
+            needles=needles,
+        )
     assert not (tmp_path / "ck" / "w").exists()
 
 
 @pytest.fixture(scope="module")
 def pt2_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pt2")
-    run_script("train.py", "trainer.epochs=3", "checkpoint.export_pt2=true", "run_name=lin",
-               root=root)
+    run_script("train.py", "trainer.epochs=3", "checkpoint.export_pt2=true", "run_name=lin", root=root)
     return root / "lin"
 
 
@@ -391,10 +520,8 @@ def test_pt2_export_predicts_without_model_config(pt2_run, tmp_path, points):
     shipped = tmp_path / "shipped" / "model.pt2"  # the file alone: no class, no config.yaml
     shipped.parent.mkdir()
     shipped.write_bytes((pt2_run / "export" / "model.pt2").read_bytes())
-    run_script("predict.py", f"ckpt={shipped}", f"input={points}",
-               f"output={tmp_path / 'a.csv'}")
-    run_script("predict.py", f"ckpt={pt2_run / 'best.pt'}", f"input={points}",
-               f"output={tmp_path / 'b.csv'}")
+    run_script("predict.py", f"ckpt={shipped}", f"input={points}", f"output={tmp_path / 'a.csv'}")
+    run_script("predict.py", f"ckpt={pt2_run / 'best.pt'}", f"input={points}", f"output={tmp_path / 'b.csv'}")
     assert read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
 
 
@@ -431,11 +558,9 @@ def test_pt2_that_could_run_code_is_refused(pt2_run, tmp_path):
         return None if name == "EXTRA" else data
 
     def library(name, data):
-        return (f"{top}/data/aotinductor/model/model.so", b"\x7fELF") if name == "EXTRA" \
-            else data
+        return (f"{top}/data/aotinductor/model/model.so", b"\x7fELF") if name == "EXTRA" else data
 
-    for edit, needle in ((formula, "shape expression"), (pickled, "pickle"),
-                         (library, "aotinductor")):
+    for edit, needle in ((formula, "shape expression"), (pickled, "pickle"), (library, "aotinductor")):
         bad = _tampered(source, tmp_path / f"{edit.__name__}.pt2", edit)
         with pytest.raises(UserError, match="refused .pt2") as err:
             load_pt2(bad)
@@ -453,8 +578,7 @@ def test_a_model_torch_export_cannot_trace_keeps_the_safetensors(pt2_run, tmp_pa
         def forward(self, x):
             return super().forward(x) if bool(x.sum() > 0) else -x
 
-    out = export_checkpoint(pt2_run / "best.pt", tmp_path / "export", Branchy(),
-                            torch.rand(2, 1))
+    out = export_checkpoint(pt2_run / "best.pt", tmp_path / "export", Branchy(), torch.rand(2, 1))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(warnings) == 1 and "torch.export failed" in warnings[0]
     assert (out / "model.safetensors").is_file() and not (out / "model.pt2").exists()
@@ -462,18 +586,32 @@ def test_a_model_torch_export_cannot_trace_keeps_the_safetensors(pt2_run, tmp_pa
 
 # -------------------------------------------- item 7: optimizer/scheduler overrides on resume
 
+
 @pytest.mark.slow
 def test_optimizer_override_on_resume_is_applied_and_recorded(tmp_path):
-    common = ["run_name=o", "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5",
-              "checkpoint.every_n_epochs=2", "checkpoint.export=false"]
+    common = [
+        "run_name=o",
+        "scheduler=step",
+        "scheduler.step_size=2",
+        "scheduler.gamma=0.5",
+        "checkpoint.every_n_epochs=2",
+        "checkpoint.export=false",
+    ]
     run_script("train.py", *common, "trainer.epochs=4", root=tmp_path)
-    result = run_script("train.py", *common[:3], *common[4:], "resume=auto", "trainer.epochs=7",
-                        "optimizer.lr=0.04", "scheduler.gamma=0.1", "optimizer.momentum=0.5",
-                        root=tmp_path)
+    result = run_script(
+        "train.py",
+        *common[:3],
+        *common[4:],
+        "resume=auto",
+        "trainer.epochs=7",
+        "optimizer.lr=0.04",
+        "scheduler.gamma=0.1",
+        "optimizer.momentum=0.5",
+        root=tmp_path,
+    )
     changed = [line for line in result.stdout.splitlines() if "applied config changes" in line]
     assert len(changed) == 1, result.stdout
-    for part in ("optimizer.lr 0.01 -> 0.04", "optimizer.momentum 0.0 -> 0.5",
-                 "scheduler.gamma 0.5 -> 0.1"):
+    for part in ("optimizer.lr 0.01 -> 0.04", "optimizer.momentum 0.0 -> 0.5", "scheduler.gamma 0.5 -> 0.1"):
         assert part in changed[0]
     assert "differs" not in result.stderr
     run = tmp_path / "o"
@@ -493,10 +631,18 @@ def test_optimizer_override_on_resume_is_applied_and_recorded(tmp_path):
 @pytest.mark.slow
 def test_lower_lr_and_continue(tmp_path):
     """The issue's case: `resume=auto optimizer.lr=0.04` after a run at 0.05."""
-    run_script("train.py", "run_name=l", "optimizer.lr=0.05", "trainer.epochs=2",
-               "checkpoint.export=false", root=tmp_path)
-    result = run_script("train.py", "run_name=l", "resume=auto", "optimizer.lr=0.04",
-                        "trainer.epochs=3", "checkpoint.export=false", root=tmp_path)
+    run_script(
+        "train.py", "run_name=l", "optimizer.lr=0.05", "trainer.epochs=2", "checkpoint.export=false", root=tmp_path
+    )
+    result = run_script(
+        "train.py",
+        "run_name=l",
+        "resume=auto",
+        "optimizer.lr=0.04",
+        "trainer.epochs=3",
+        "checkpoint.export=false",
+        root=tmp_path,
+    )
     assert "optimizer.lr 0.05 -> 0.04" in result.stdout
     rows = read_csv(tmp_path / "l" / "metrics.csv")
     assert [float(r["lr"]) for r in rows] == [0.05, 0.05, 0.04]

@@ -96,14 +96,18 @@ def assert_error_line(err: str, *needles: str) -> None:
 
 # ----------------------------------------------------- 10.6: the run folder changes when accepted
 
+
 def test_a_refused_resume_changes_nothing_in_the_run_folder(trained_run, tmp_path, capsys):
     """Resuming with a model the weights do not fit is refused, and config.yaml (written only
     after the checkpoint is restored) still describes the run's real model."""
     folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
-    code, err = cli(train_script.train, "train", [
-        f"checkpoint.root={tmp_path}", "run_name=lin", "trainer.epochs=3", "resume=auto",
-        "model=quadratic"], capsys)
+    code, err = cli(
+        train_script.train,
+        "train",
+        [f"checkpoint.root={tmp_path}", "run_name=lin", "trainer.epochs=3", "resume=auto", "model=quadratic"],
+        capsys,
+    )
     assert code == EXIT_BAD_INPUT
     assert_error_line(err, "weights do not fit")
     assert snapshot(folder) == before
@@ -130,11 +134,11 @@ def test_export_never_writes_into_a_run_folder(trained_run, tmp_path, capsys):
 
     for _ in range(2):  # a new export folder, then the same folder again
         assert export_cli(str(folder / "best.pt"), str(tmp_path / "exp"), capsys=capsys)[0] == 0
-    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["config.yaml",
-                                                                     "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["config.yaml", "model.safetensors"]
 
 
 # ------------------------------------------------- 10.7: read-only and full disks, one line each
+
 
 @pytest.fixture
 def faults():
@@ -149,16 +153,28 @@ def faults():
         uninstall()
 
 
-READ_ONLY_CASES = ["resume", "new_run", "evaluate", "evaluate_output_elsewhere", "predict",
-                   "export", "resume_with_corrupt_newest"]
+READ_ONLY_CASES = [
+    "resume",
+    "new_run",
+    "evaluate",
+    "evaluate_output_elsewhere",
+    "predict",
+    "export",
+    "resume_with_corrupt_newest",
+]
 
 
 @pytest.mark.parametrize("case", READ_ONLY_CASES)
 def test_read_only_folder(case, trained_run, tmp_path, points, faults, capsys):
     folder = copy_run(trained_run, tmp_path / "root")
     read_only, needles = folder, [str(folder), "Read-only file system"]
-    train_args = [f"checkpoint.root={tmp_path / 'root'}", "run_name=lin", "trainer.epochs=3",
-                  "checkpoint.every_n_epochs=1", "resume=auto"]
+    train_args = [
+        f"checkpoint.root={tmp_path / 'root'}",
+        "run_name=lin",
+        "trainer.epochs=3",
+        "checkpoint.every_n_epochs=1",
+        "resume=auto",
+    ]
     if case == "resume_with_corrupt_newest":
         newest = folder / "epoch_0002.pt"  # last.pt and best.pt are links to it: all corrupt
         newest.write_bytes(newest.read_bytes()[:5000])
@@ -179,19 +195,20 @@ def test_read_only_folder(case, trained_run, tmp_path, points, faults, capsys):
         code, err = cli(train_script.train, "train", train_args, capsys)
     elif case.startswith("evaluate"):
         output = [f"output={tmp_path / 'out' / 'm.json'}"] if case.endswith("elsewhere") else []
-        code, err = cli(evaluate_script.evaluate, "evaluate",
-                        [f"ckpt={folder / 'best.pt'}", *output], capsys)
+        code, err = cli(evaluate_script.evaluate, "evaluate", [f"ckpt={folder / 'best.pt'}", *output], capsys)
     elif case == "predict":
-        code, err = cli(predict_script.predict, "predict", [
-            f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={read_only / 'p.csv'}"],
-            capsys)
+        code, err = cli(
+            predict_script.predict,
+            "predict",
+            [f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={read_only / 'p.csv'}"],
+            capsys,
+        )
     else:
         code, err = export_cli(str(folder / "best.pt"), capsys=capsys)
 
     if case == "evaluate_output_elsewhere":  # writes only where output= says, plot beside it
         assert code == 0, err
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-            "m.json", "m_predictions.png"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.json", "m_predictions.png"]
     else:
         assert code == EXIT_BAD_INPUT
         assert_error_line(err, *needles)
@@ -217,15 +234,29 @@ def test_full_disk(case, trained_run, tmp_path, points, faults, capsys):
     faults(full=[pattern])
     out = tmp_path / "out"
     if case.startswith("train"):
-        code, err = cli(train_script.train, "train", [
-            f"checkpoint.root={tmp_path / 'root'}", "run_name=lin", "trainer.epochs=3",
-            "checkpoint.every_n_epochs=1", "resume=auto"], capsys)
+        code, err = cli(
+            train_script.train,
+            "train",
+            [
+                f"checkpoint.root={tmp_path / 'root'}",
+                "run_name=lin",
+                "trainer.epochs=3",
+                "checkpoint.every_n_epochs=1",
+                "resume=auto",
+            ],
+            capsys,
+        )
     elif case.startswith("evaluate"):
-        code, err = cli(evaluate_script.evaluate, "evaluate", [
-            f"ckpt={folder / 'best.pt'}", f"output={out / 'm.json'}"], capsys)
+        code, err = cli(
+            evaluate_script.evaluate, "evaluate", [f"ckpt={folder / 'best.pt'}", f"output={out / 'm.json'}"], capsys
+        )
     elif case == "predict_csv":
-        code, err = cli(predict_script.predict, "predict", [
-            f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={out / 'p.csv'}"], capsys)
+        code, err = cli(
+            predict_script.predict,
+            "predict",
+            [f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={out / 'p.csv'}"],
+            capsys,
+        )
     else:
         code, err = export_cli(str(folder / "best.pt"), str(out / "exp"), capsys=capsys)
     assert code == EXIT_BAD_INPUT
@@ -240,11 +271,17 @@ def test_full_disk_at_resume_start_from_the_command_line(trained_run, tmp_path):
     write_csv and left .metrics.csv.tmp."""
     folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
-    env = {"PYTHONPATH": f"{FAULTS}{os.pathsep}{REPO}",
-           "WRITE_FAULT_ENOSPC": str(folder / ".metrics.csv*")}
-    result = run_script("train.py", "run_name=lin", "trainer.epochs=3",
-                        "checkpoint.every_n_epochs=1", "resume=auto", root=tmp_path, env=env,
-                        check=False)
+    env = {"PYTHONPATH": f"{FAULTS}{os.pathsep}{REPO}", "WRITE_FAULT_ENOSPC": str(folder / ".metrics.csv*")}
+    result = run_script(
+        "train.py",
+        "run_name=lin",
+        "trainer.epochs=3",
+        "checkpoint.every_n_epochs=1",
+        "resume=auto",
+        root=tmp_path,
+        env=env,
+        check=False,
+    )
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
     assert_error_line(result.stderr, str(folder / "metrics.csv"), "No space left on device")
     assert temporaries(tmp_path) == []
@@ -253,28 +290,36 @@ def test_full_disk_at_resume_start_from_the_command_line(trained_run, tmp_path):
 
 # ---------------------------------------- 11.2: output= never overwrites what it must not
 
+
 def test_evaluate_output_onto_a_checkpoint_link_is_refused(trained_run, tmp_path):
     """The reported command: `evaluate.py ckpt=run/best.pt output=run/last.pt` wrote JSON
     into the file best.pt, last.pt and epoch_0002.pt share."""
     folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
-    result = run_script("evaluate.py", f"ckpt={folder / 'best.pt'}",
-                        f"output={folder / 'last.pt'}", check=False)
+    result = run_script("evaluate.py", f"ckpt={folder / 'best.pt'}", f"output={folder / 'last.pt'}", check=False)
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
     assert_error_line(result.stderr, f"output={folder / 'last.pt'}")
     assert snapshot(folder) == before
 
 
-EVALUATE_TARGETS = ["epoch_0002.pt", "epoch_0001.pt", "metrics.csv", "config.yaml",
-                    "export/model.safetensors", "export/config.yaml", "export"]
+EVALUATE_TARGETS = [
+    "epoch_0002.pt",
+    "epoch_0001.pt",
+    "metrics.csv",
+    "config.yaml",
+    "export/model.safetensors",
+    "export/config.yaml",
+    "export",
+]
 
 
 @pytest.mark.parametrize("target", EVALUATE_TARGETS)
 def test_evaluate_never_overwrites_a_run_file(target, trained_run, tmp_path, capsys):
     folder = copy_run(trained_run, tmp_path)
     before = snapshot(folder)
-    code, err = cli(evaluate_script.evaluate, "evaluate", [
-        f"ckpt={folder / 'last.pt'}", f"output={folder / target}"], capsys)
+    code, err = cli(
+        evaluate_script.evaluate, "evaluate", [f"ckpt={folder / 'last.pt'}", f"output={folder / target}"], capsys
+    )
     assert code == EXIT_BAD_INPUT
     assert_error_line(err, f"output={folder / target}")
     assert snapshot(folder) == before
@@ -288,8 +333,12 @@ def test_predict_never_overwrites_its_input_or_a_checkpoint(trained_run, tmp_pat
     foreign.write_text("a,b\n1,2\n")
     before = snapshot(tmp_path)
     for target in (folder / "metrics.csv", points, disguised, foreign):
-        code, err = cli(predict_script.predict, "predict", [
-            f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={target}"], capsys)
+        code, err = cli(
+            predict_script.predict,
+            "predict",
+            [f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={target}"],
+            capsys,
+        )
         assert code == EXIT_BAD_INPUT
         assert_error_line(err, f"output={target}")
     assert snapshot(tmp_path) == before
@@ -299,11 +348,24 @@ def test_own_outputs_are_rewritten(trained_run, tmp_path, points, capsys):
     """evaluate's JSON and plot, and predict's CSV, are replaced on a second run."""
     folder = copy_run(trained_run, tmp_path / "root")
     for _ in range(2):
-        assert cli(evaluate_script.evaluate, "evaluate", [
-            f"ckpt={folder / 'best.pt'}", f"output={tmp_path / 'm.json'}"], capsys)[0] == 0
-        assert cli(predict_script.predict, "predict", [
-            f"ckpt={folder / 'best.pt'}", f"input={points}",
-            f"output={tmp_path / 'p.csv'}"], capsys)[0] == 0
+        assert (
+            cli(
+                evaluate_script.evaluate,
+                "evaluate",
+                [f"ckpt={folder / 'best.pt'}", f"output={tmp_path / 'm.json'}"],
+                capsys,
+            )[0]
+            == 0
+        )
+        assert (
+            cli(
+                predict_script.predict,
+                "predict",
+                [f"ckpt={folder / 'best.pt'}", f"input={points}", f"output={tmp_path / 'p.csv'}"],
+                capsys,
+            )[0]
+            == 0
+        )
     assert json.loads((tmp_path / "m.json").read_text())["source"] == str(folder / "best.pt")
     assert (tmp_path / "m_predictions.png").is_file()
     assert (tmp_path / "p.csv").read_text().startswith("input,")

@@ -62,8 +62,7 @@ class _Requeue(base.BaseSubmititLauncher):
         try:
             return super().__call__(sweep_overrides, *args, **kwargs)
         except SystemExit as stop:  # saved and stopped (exit 3) on the notice: requeue now
-            if (stop.code == EXIT_INTERRUPTED and notice in training.received
-                    and callable(submitit_handler)):
+            if stop.code == EXIT_INTERRUPTED and notice in training.received and callable(submitit_handler):
                 # submitit's handler: checkpoint() below, pickle, requeue (local: exit code
                 # 144), exit. On ranks > 0 it does nothing.
                 submitit_handler(notice, None)

@@ -9,6 +9,7 @@ told FAIL and the study goes on. One sweep per storage (a flock on `<storage fil
 storage is data, never code: a stored trial's params become overrides only inside the declared
 search space (`checked_params`), so optuna.db can set no other key and no `${oc.create:...}`.
 """
+
 # No `from __future__ import annotations` here: Hydra's plugin scan runs a plugin module before
 # it is in sys.modules, where dataclasses look string annotations up.
 import sys
@@ -43,8 +44,7 @@ class OptunaSweeperConf:
     params: dict[str, str] = field(default_factory=dict)
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf,
-                             provider="torch_template")
+ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="torch_template")
 
 
 class OptunaSweeper(Sweeper):
@@ -53,11 +53,11 @@ class OptunaSweeper(Sweeper):
     def __init__(self, **options: Any) -> None:
         self.options = OptunaSweeperConf(**options)
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         try:
@@ -72,8 +72,11 @@ class OptunaSweeper(Sweeper):
         storage = self.options.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         db = _sqlite_file(storage)
         lock = Path(f"{db}.lock") if db else sweep_dir / "optuna.lock"
-        lock_file(lock, f"{storage} is in use by another sweep ({{holder}}); wait for it to "
-                  "finish or stop it, or pick another hydra.sweeper.storage")
+        lock_file(
+            lock,
+            f"{storage} is in use by another sweep ({{holder}}); wait for it to "
+            "finish or stop it, or pick another hydra.sweeper.storage",
+        )
         try:
             if db is not None:
                 _check_sqlite(db, storage)
@@ -98,26 +101,28 @@ class OptunaSweeper(Sweeper):
         name = opt.study_name or sweep_dir.name
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study = optuna.create_study(study_name=name, storage=storage, direction=direction,
-                                        load_if_exists=True)
+            study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
             directions = [d.name.lower() for d in study.directions]
             trials = study.get_trials(deepcopy=False)
         except (SQLAlchemyError, RuntimeError, ValueError, LookupError, TypeError) as err:
-            raise UserError(f"{storage}: cannot open the Optuna study {name!r} "
-                            f"({first_line(err, 80)})") from None
+            raise UserError(f"{storage}: cannot open the Optuna study {name!r} ({first_line(err, 80)})") from None
         if directions != [direction]:
-            raise UserError(f"{storage}: study {name!r} is to {' and '.join(directions)}"
-                            f", not {direction} (checkpoint.mode={mode}); pick another "
-                            f"hydra.sweeper.study_name")
+            raise UserError(
+                f"{storage}: study {name!r} is to {' and '.join(directions)}"
+                f", not {direction} (checkpoint.mode={mode}); pick another "
+                f"hydra.sweeper.study_name"
+            )
         # every stored trial, before a trial is asked for (and left RUNNING)
         checked = {t.number: checked_params(t, distributions, storage) for t in trials}
         # A re-run seeds on from the trials so far: seed 42 again would sample the same points.
-        study.sampler = optuna.samplers.TPESampler(
-            seed=None if opt.seed is None else opt.seed + len(trials))
+        study.sampler = optuna.samplers.TPESampler(seed=None if opt.seed is None else opt.seed + len(trials))
         done = sum(t.state.is_finished() for t in trials)
         stale = [t for t in trials if t.state == TrialState.RUNNING]
-        print(f"optuna: study {name!r} in {storage}: {done} of {opt.n_trials} trials done"
-              + (f", continuing {len(stale)} interrupted" if stale else ""), flush=True)
+        print(
+            f"optuna: study {name!r} in {storage}: {done} of {opt.n_trials} trials done"
+            + (f", continuing {len(stale)} interrupted" if stale else ""),
+            flush=True,
+        )
         returns = []
         for _ in range(done, opt.n_trials):
             if stale:  # left RUNNING by a crash: run it again, its run folder resumes
@@ -134,8 +139,7 @@ class OptunaSweeper(Sweeper):
         try:
             best = study.best_trial
             shown = " ".join(f"{k}={_value(v)}" for k, v in best.params.items())
-            print(f"optuna: best trial {best.number}: value {best.value:.6g} with {shown}",
-                  flush=True)
+            print(f"optuna: best trial {best.number}: value {best.value:.6g} with {shown}", flush=True)
         except ValueError:  # no trial completed
             print(f"optuna: study {name!r}: no trial completed", file=sys.stderr)
         return [returns]
@@ -145,8 +149,7 @@ class OptunaSweeper(Sweeper):
         if job_error(ret) is not None:
             return None
         cfg = ret.cfg
-        return best_of(job_run_dir(cfg, ret.hydra_cfg), str(cfg.checkpoint.monitor),
-                       str(cfg.checkpoint.mode))[0]
+        return best_of(job_run_dir(cfg, ret.hydra_cfg), str(cfg.checkpoint.monitor), str(cfg.checkpoint.mode))[0]
 
 
 def _value(value: Any) -> str:
@@ -175,9 +178,11 @@ def checked_params(trial: Any, space: dict[str, Any], storage: str) -> dict[str,
             values[name] = _own_value(value, stored.get(name), space.get(name))
         except (ValueError, TypeError, ArithmeticError) as err:
             shown = value if value is _MISSING else _cap(repr(value))
-            raise UserError(f"{storage}: trial {trial.number} param {_cap(name)}={shown}: not "
-                            f"in the search space ({_cap(str(err), 160)}); a changed search "
-                            f"space needs another hydra.sweeper.study_name") from None
+            raise UserError(
+                f"{storage}: trial {trial.number} param {_cap(name)}={shown}: not "
+                f"in the search space ({_cap(str(err), 160)}); a changed search "
+                f"space needs another hydra.sweeper.study_name"
+            ) from None
     return values
 
 
@@ -221,8 +226,9 @@ def _sqlite_file(storage: str) -> Path | None:
     try:
         url = make_url(storage)
     except ArgumentError:
-        raise UserError(f"hydra.sweeper.storage={_cap(storage)}: expected a database URL such "
-                        f"as sqlite:///path/optuna.db") from None
+        raise UserError(
+            f"hydra.sweeper.storage={_cap(storage)}: expected a database URL such as sqlite:///path/optuna.db"
+        ) from None
     database = url.database or ""
     if url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
         return None
@@ -241,18 +247,20 @@ def _check_sqlite(path: Path, storage: str) -> None:
         return  # Optuna creates it
     try:
         with closing(sqlite3.connect(path)) as db:
-            tables = {row[0] for row in db.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             check = db.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.Error as err:
         raise UserError(f"{storage}: not a readable SQLite database ({_cap(str(err))})") from None
     if check != "ok":
         raise UserError(f"{storage}: a damaged SQLite database ({_cap(check)})")
-    other = sorted(t for t in tables - set(BaseModel.metadata.tables) - {"alembic_version"}
-                   if not t.startswith("sqlite_"))
+    other = sorted(
+        t for t in tables - set(BaseModel.metadata.tables) - {"alembic_version"} if not t.startswith("sqlite_")
+    )
     if other:
-        raise UserError(f"{storage}: not an Optuna storage (other tables: "
-                        f"{_cap(', '.join(other))}); pick another hydra.sweeper.storage")
+        raise UserError(
+            f"{storage}: not an Optuna storage (other tables: "
+            f"{_cap(', '.join(other))}); pick another hydra.sweeper.storage"
+        )
 
 
 def _distribution(override: Override) -> Any:
@@ -267,6 +275,8 @@ def _distribution(override: Override) -> Any:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return od.IntDistribution(int(value.start), int(value.end), log=log)
         return od.FloatDistribution(float(value.start), float(value.end), log=log)
-    raise UserError(f"hydra.sweeper.params.{override.get_key_element()}="
-                    f"{override.input_line!r}: expected interval(a,b), tag(log,interval(a,b)), "
-                    f"choice(...) or range(...)")
+    raise UserError(
+        f"hydra.sweeper.params.{override.get_key_element()}="
+        f"{override.input_line!r}: expected interval(a,b), tag(log,interval(a,b)), "
+        f"choice(...) or range(...)"
+    )

@@ -52,8 +52,16 @@ from collections.abc import Callable, Mapping
 _READ_ONLY: list[str] = []
 _FULL: list[str] = []
 _REAL = {"open": builtins.open, "os.open": os.open}
-_GUARDED = {"mkdir": "missing", "replace": "exists", "rename": "exists", "link": "exists",
-            "unlink": "exists", "remove": "exists", "rmdir": "exists", "truncate": "exists"}
+_GUARDED = {
+    "mkdir": "missing",
+    "replace": "exists",
+    "rename": "exists",
+    "link": "exists",
+    "unlink": "exists",
+    "remove": "exists",
+    "rmdir": "exists",
+    "truncate": "exists",
+}
 _REAL.update({name: getattr(os, name) for name in _GUARDED})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -125,8 +133,7 @@ def _guard(name: str):
     return wrapped
 
 
-def install(read_only: list[str] | tuple[str, ...] = (),
-            full: list[str] | tuple[str, ...] = ()) -> Callable[[], None]:
+def install(read_only: list[str] | tuple[str, ...] = (), full: list[str] | tuple[str, ...] = ()) -> Callable[[], None]:
     """Arm the faults in this process; returns the function that disarms them."""
     _READ_ONLY[:] = [os.path.abspath(p) for p in read_only]
     _FULL[:] = list(full)
@@ -148,8 +155,12 @@ def install(read_only: list[str] | tuple[str, ...] = (),
 
 # -------------------------------------------------------------------------- kill points
 
-_STEP_SIGNALS = {"kill_at_step": signal.SIGKILL, "term_at_step": signal.SIGTERM,
-                 "int_at_step": signal.SIGINT, "usr2_at_step": signal.SIGUSR2}
+_STEP_SIGNALS = {
+    "kill_at_step": signal.SIGKILL,
+    "term_at_step": signal.SIGTERM,
+    "int_at_step": signal.SIGINT,
+    "usr2_at_step": signal.SIGUSR2,
+}
 _WRITE_POINTS = ("kill_in_write", "enospc_in_write", "int_in_write")
 _CHECKPOINT_TMP = re.compile(r"^\.(epoch_\d+|step_\d+|best|last)\.pt\.\d+\.tmp$")
 _RESUMED = re.compile(r"\(resumed at epoch \d+, step (\d+)\)")
@@ -166,7 +177,7 @@ _ARMED: _Kills | None = None
 
 
 def parse(spec: str) -> dict[str, int]:
-    """"kill_at_step=5,int_in_write=2" -> {"kill_at_step": 5, "int_in_write": 2}."""
+    """ "kill_at_step=5,int_in_write=2" -> {"kill_at_step": 5, "int_in_write": 2}."""
     faults = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
@@ -228,8 +239,7 @@ def _install_kills(kills: _Kills) -> None:
         armed = {name: kills.faults.get(name) == kills.writes for name in _WRITE_POINTS}
         if not any(armed.values()):
             return real_save(obj, f, *args, **kwargs)
-        faulty = dict(kill=armed["kill_in_write"], enospc=armed["enospc_in_write"],
-                      interrupt=armed["int_in_write"])
+        faulty = dict(kill=armed["kill_in_write"], enospc=armed["enospc_in_write"], interrupt=armed["int_in_write"])
         if isinstance(f, (str, bytes, os.PathLike)):  # a path: open it, so the writes pass here
             with builtins.open(f, "wb") as raw:
                 return real_save(obj, _FaultyFile(raw, **faulty), *args, **kwargs)
