@@ -37,10 +37,13 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = {f"{split}_{k}": result[k] for k in ("loss", "acc") if k in result}
     metrics.update(samples=result["samples"], source=str(loaded.source))
     if classification:
-        fig = confusion_figure(torch.tensor(result["confusion_matrix"]))
+        fig = confusion_figure(torch.tensor(result["confusion_matrix"]), data.class_names)
     else:
-        train = Batches(data.split("train"), data.batch_size, loaded.device)
-        fig = regression_figure(_cat(train), _cat(batches), result["outputs"], split)
+        (train_x, train_y), (x, y) = _cat(Batches(data.split("train"), data.batch_size, loaded.device)), _cat(batches)
+        # in the target's units (data=csv standardises it for training)
+        fig = regression_figure(
+            (train_x, data.decode(train_y)), (x, data.decode(y)), data.decode(result["outputs"]), split
+        )
     save_figure(fig, plot)
     write_atomic(out, lambda handle: handle.write(json.dumps(metrics, indent=2) + "\n"))
     print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))

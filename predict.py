@@ -3,8 +3,9 @@
     python predict.py ckpt=checkpoints/linear_regression/best.pt input=points.csv output=preds.csv
     python predict.py ckpt=checkpoints/digits_cnn/best.pt input=images/ output=preds.csv
 
-Regression: the input CSV has the data's feature column(s) (x); the output adds `prediction`.
-Classifiers: an image file or a folder of images; the output has file, class, probability.
+CSV inputs: the output is the input's columns and `prediction` (a classifier: `class`, its name,
+and `probability`). Images: an image file or a folder of them; the output has input (the file),
+class and probability.
 invert=true turns black-on-white drawings into the white-on-black digits the model knows.
 Either every input is predicted or the command fails naming the bad input: never a partial CSV.
 """
@@ -57,19 +58,23 @@ def predict(cfg: DictConfig) -> Path:
                 raise UserError(
                     f"input={source}: inputs of shape {tuple(chunk.shape[1:])} do not fit the model ({first})"
                 ) from None
-    predictions = torch.cat(outputs)
-
+    predictions = loaded.data.decode(torch.cat(outputs))  # in the target's units
+    # The input's own columns (a CSV's) or its file names, then the prediction.
+    table = names if isinstance(names, dict) else {"input": names}
+    header, rows = list(table), [list(row) for row in zip(*table.values(), strict=True)]
     if loaded.data.task == "classification":
-        probabilities = predictions.softmax(1)
+        probabilities = predictions.softmax(1)  # log_softmax outputs (loss=nll) give the same
         confidence, classes = probabilities.max(1)
-        header = ["input", "class", "probability"]
-        rows = [[n, int(c), f"{float(p):.6f}"] for n, c, p in zip(names, classes, confidence, strict=True)]
+        labels = loaded.data.class_names or [str(i) for i in range(predictions.shape[1])]
+        header += ["class", "probability"]
+        for row, c, p in zip(rows, classes, confidence, strict=True):
+            row += [labels[int(c)], f"{float(p):.6f}"]
     else:
-        header = ["input", *[f"feature_{i}" for i in range(inputs.shape[1])], "prediction"]
-        rows = [
-            [n, *[f"{float(v):.6g}" for v in x], f"{float(p[0]):.6g}"]
-            for n, x, p in zip(names, inputs, predictions, strict=True)
-        ]
+        header += (
+            ["prediction"] if predictions.shape[1] == 1 else [f"prediction_{i}" for i in range(predictions.shape[1])]
+        )
+        for row, p in zip(rows, predictions, strict=True):
+            row += [f"{float(v):.6g}" for v in p]
     write_atomic(output, lambda out: csv.writer(out).writerows([header, *rows]))  # never partial
     print(f"wrote {len(rows)} predictions to {output}")
     return output

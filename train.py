@@ -45,6 +45,7 @@ def fit(cfg: DictConfig) -> dict:
 
     check_augment(cfg.data)  # data.augment, one line per mistake
     data = build(cfg.data, "data")
+    data.fill_sizes(cfg.data)  # data=csv: num_features/num_outputs from its columns (model=mlp)
     ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
     check_monitor(cfg, data.task)
     model = build(cfg.model, "model").to(device)
@@ -98,6 +99,7 @@ def fit(cfg: DictConfig) -> dict:
         "scaler": scaler,
         "ema": ema,
         "early_stopping": stopper,
+        "data": data,  # what training learned about the data (data=csv: its scaling)
     }
     progress = restore_checkpoint(resumed, state, cfg, data)
     train_batches.check_start(progress.step_in_epoch)  # trainer.limit_train_batches changed?

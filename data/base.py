@@ -6,8 +6,10 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import open_dict
 
 from engine.batches import Split
 from engine.errors import UserError
@@ -62,10 +64,37 @@ class DataModule(ABC):
             raise UserError(f"data: the {name!r} split is empty; use more data or change the data.*_fraction settings")
         return split
 
-    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
-        """Read a user's input file/folder for predict.py: (row or file names, model inputs).
-        Image modules take `invert` (predict.py's invert=true); others are never given it."""
+    def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str] | dict[str, list], torch.Tensor]:
+        """Read a user's input file/folder for predict.py: (file names, or the input's columns to
+        keep in the output, and the model inputs). Image modules take `invert` (predict.py's
+        invert=true); others are never given it."""
         raise UserError(f"{type(self).__name__} does not support predict.py inputs")
+
+    # What training learned about the data (e.g. data=csv's scaling), saved in checkpoints.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - most modules learn nothing
+        pass
+
+    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Model outputs in the target's units (data=csv inverts its target scaling)."""
+        return outputs
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names predict.py writes for class indices (None: the index): e.g. the class folders."""
+        return getattr(self, "classes", None)
+
+    def fill_sizes(self, section: Any) -> None:
+        """Null size keys of the data section (num_features, num_outputs) get what setup found,
+        so a model YAML's ${data.num_features} resolves and the saved config holds the number."""
+        missing = [k for k in ("num_features", "num_outputs") if k in section and section[k] is None]
+        if missing:
+            self.split("train")
+            with open_dict(section):
+                for key in missing:
+                    section[key] = getattr(self, key)
 
 
 def seeded_split(n: int, fractions: list[float], seed: int) -> list[torch.Tensor]:

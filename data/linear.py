@@ -58,7 +58,7 @@ class LinearData(DataModule):
             "test": TensorSplit(x[cut:], y[cut:]),
         }
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
+    def predict_inputs(self, path: Path) -> tuple[dict[str, list[str]], torch.Tensor]:
         return read_feature_csv(path, ["x"])
 
 

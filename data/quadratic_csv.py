@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from data.base import DataModule, data_path, seeded_split
-from data.tabular import read_numeric_columns
+from data.tabular import read_feature_csv, read_numeric_columns
 from engine.batches import TensorSplit
 from engine.errors import UserError
 
@@ -58,11 +58,11 @@ class QuadraticCSVData(DataModule):
             name: TensorSplit(x[idx], y[idx]) for name, idx in zip(("train", "val", "test"), splits, strict=True)
         }
 
-    def predict_inputs(self, path: Path) -> tuple[list[str], torch.Tensor]:
-        cols = read_numeric_columns(path, [self.x_column])
-        x = quadratic_features(cols[self.x_column])
-        _check_squares(x, path, self.x_column)
-        return [str(i) for i in range(len(x))], x
+    def predict_inputs(self, path: Path) -> tuple[dict[str, list[str]], torch.Tensor]:
+        columns, x = read_feature_csv(path, [self.x_column])
+        features = quadratic_features(x[:, 0])
+        _check_squares(features, path, self.x_column)
+        return columns, features
 
 
 def _check_squares(features: torch.Tensor, path: Path, column: str) -> None:

@@ -15,10 +15,15 @@ MAX_LINE_BYTES = 1 << 20
 
 
 def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torch.Tensor]:
-    """The named columns as float32 tensors. Every failure is one line naming the file (and
-    the row and column of a bad value): missing, empty, header only, ragged rows, missing
-    columns, text, NaN or infinite values. Data rows count from 1; the line number is the
-    line in the file (blank lines, which pandas skips, counted)."""
+    """The named columns as float32 tensors; any failure is one line naming file, row and column."""
+    frame = read_table(path, columns)
+    return {col: to_numbers(frame, col, path) for col in columns}
+
+
+def read_table(path: Path | str, columns: list[str]):
+    """The CSV as a pandas DataFrame of text cells (stripped), with `columns` present. Every
+    failure is one line naming the file: missing, empty, header only, ragged rows, missing
+    columns."""
     import pandas as pd  # lazy: the default run does not read CSVs
 
     path = Path(path)
@@ -48,27 +53,32 @@ def read_numeric_columns(path: Path | str, columns: list[str]) -> dict[str, torc
         raise UserError(f"{path}: missing column(s) {missing}; found [{', '.join(found)}]")
     if frame.empty:
         raise UserError(f"{path}: CSV has a header but no data rows")
-    out = {}
-    for col in columns:
-        text = frame[col].astype(str).str.strip()
-        values = pd.to_numeric(text, errors="coerce")
-        # Beyond float32's range a finite text value (1e39) would become inf in the tensor.
-        bad = values.isna() | ~values.abs().le(FLOAT32_MAX)
-        if bad.any():
-            row = int(bad.to_numpy().nonzero()[0][0])
-            cell = text.iloc[row]
-            what = "an empty cell (or a short row)" if cell == "" else quote(cell)
-            limit = (
-                " within float32 range (|x| <= 3.4e38)"
-                if values.iloc[row] == values.iloc[row] and abs(values.iloc[row]) < float("inf")
-                else ""
-            )
-            raise UserError(
-                f"{path}: data row {row + 1} (line {_line_of(path, row)}), column "
-                f"{col!r}: expected a finite number{limit}, got {what}"
-            )
-        out[col] = torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
-    return out
+    return frame.apply(lambda column: column.astype(str).str.strip())
+
+
+def to_numbers(frame, col: str, path: Path | str) -> torch.Tensor:
+    """Column `col` of read_table's frame as float32; a missing, text, NaN, infinite or
+    out-of-float32 cell is one line naming the file, data row (from 1), file line and column."""
+    import pandas as pd
+
+    text = frame[col]
+    values = pd.to_numeric(text, errors="coerce")
+    # Beyond float32's range a finite text value (1e39) would become inf in the tensor.
+    bad = values.isna() | ~values.abs().le(FLOAT32_MAX)
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        cell = text.iloc[row]
+        what = "an empty cell (or a short row)" if cell == "" else quote(cell)
+        limit = (
+            " within float32 range (|x| <= 3.4e38)"
+            if values.iloc[row] == values.iloc[row] and abs(values.iloc[row]) < float("inf")
+            else ""
+        )
+        raise UserError(
+            f"{path}: data row {row + 1} (line {_line_of(Path(path), row)}), column "
+            f"{col!r}: expected a finite number{limit}, got {what}"
+        )
+    return torch.tensor(values.to_numpy(dtype="float64"), dtype=torch.float32)
 
 
 def _check_line_lengths(path: Path) -> None:
@@ -100,8 +110,9 @@ def _line_of(path: Path, row: int) -> int:
     return row + 2
 
 
-def read_feature_csv(path: Path | str, columns: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Feature rows for predict.py: row labels and an (N, len(columns)) float tensor."""
-    cols = read_numeric_columns(path, columns)
-    x = torch.stack([cols[c] for c in columns], dim=1)
-    return [str(i) for i in range(len(x))], x
+def read_feature_csv(path: Path | str, columns: list[str]) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """predict.py's input: the file's columns as they are (kept in its output) and an
+    (N, len(columns)) float tensor of the feature columns."""
+    frame = read_table(path, columns)
+    x = torch.stack([to_numbers(frame, c, path) for c in columns], dim=1)
+    return {c: frame[c].tolist() for c in frame.columns}, x

@@ -24,6 +24,8 @@ What an exact resume needs besides (the run goes on bit for bit, mid-epoch inclu
                                evaluate, predict, export and best.pt use them
   early_stopping        dict   early_stopping.patience only: {monitor, best, wait}
   loggers               dict   logger=mlflow only: {mlflow_run_id}, the tracker run to continue
+  data_state_dict       dict   what training learned about the data (data=csv: column and class
+                               names, the train split's mean and std): text lists and tensors
 Where it came from:
   config                dict   the resolved run config (builds the model/data again)
   versions              dict   python, torch, torchvision, hydra-core
@@ -80,6 +82,7 @@ PARTS = {
     "ema": "ema_state_dict",
     "early_stopping": "early_stopping",
     "loggers": "loggers",
+    "data": "data_state_dict",
 }
 WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"  # an export folder's
 
@@ -188,6 +191,16 @@ def _history(value: Any, state: dict) -> str | None:
     return None
 
 
+def _data_state(value: dict) -> str | None:
+    """A data module's state: names -> 1-D float tensors, lists of text, or None."""
+    for key, item in value.items():
+        tensor = isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() == 1
+        texts = isinstance(item, list) and len(item) <= 1 << 20 and all(isinstance(t, str) for t in item)
+        if not isinstance(key, str) or not (tensor or texts or item is None):
+            return f"entry {key!r} should be a 1-D float tensor, a list of text or None, got {_brief(item)}"
+    return None
+
+
 def _rank_states(value: Any, state: dict) -> str | None:
     world = state.get("world_size", 1)
     if value is not None and len(value) != world:
@@ -236,6 +249,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "rank_states": ((list, _NONE), _rank_states),
     "fingerprint": ((dict, _NONE), None),  # its contents: check_fingerprint
     "ema_state_dict": ((dict,), _tensors),
+    "data_state_dict": ((dict,), lambda v, s: _data_state(v)),
     "early_stopping": (
         (dict, _NONE),
         _record(

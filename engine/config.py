@@ -470,9 +470,12 @@ def check_target_section(section: Any, key: str) -> None:
     except Exception as err:  # ImportError, AttributeError, errors raised by the import
         raise UserError(f"{key}._target_={target!r}: cannot be imported ({first_line(err)})") from None
     params, open_ended = _parameters(obj)
+    raw = OmegaConf.to_container(section, resolve=False)
     for name, value in OmegaConf.to_container(section, resolve=True).items():
         if str(name).startswith("_") or name in TRAINER_KEYS.get(key, ()):
             continue
+        if value is None and str(raw[name]).startswith("${data."):
+            continue  # a size the data finds at start (data=csv: num_features), set before the build
         if name not in params:
             if open_ended:
                 continue

@@ -158,23 +158,30 @@ def regression_figure(
     predictions: torch.Tensor,
     split: str = "test",
 ):
-    """The workflow tutorial's plot_predictions against the last feature column (x); the
-    data points are drawn above the predictions, so a good fit does not hide them."""
+    """One input feature: the workflow tutorial's plot_predictions against x, data drawn above the
+    predictions. More features: predicted against true, on the diagonal a perfect model's line."""
     fig, ax = _pyplot().subplots(figsize=(6, 4))
-    ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data", zorder=2)
-    ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5, label="predictions", zorder=3)
-    ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data", zorder=4)
-    ax.set(xlabel="x (input feature)", ylabel="y (target / prediction)", title=f"predictions on the {split} split")
+    if train[0].dim() == 2 and train[0].shape[1] == 1:
+        ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data", zorder=2)
+        ax.scatter(test[0][:, -1], predictions[:, 0], s=60, c="tab:red", alpha=0.5, label="predictions", zorder=3)
+        ax.scatter(test[0][:, -1], test[1][:, 0], s=12, c="tab:green", label=f"{split} data", zorder=4)
+        ax.set(xlabel="x (input feature)", ylabel="y (target / prediction)", title=f"predictions on the {split} split")
+    else:
+        true, predicted = test[1][:, 0], predictions[:, 0]
+        low, high = float(torch.minimum(true.min(), predicted.min())), float(torch.maximum(true.max(), predicted.max()))
+        ax.plot([low, high], [low, high], c="gray", lw=1, label="perfect")
+        ax.scatter(true, predicted, s=12, c="tab:red", alpha=0.6, label=f"{split} samples", zorder=3)
+        ax.set(xlabel="true target", ylabel="prediction", title=f"predicted vs true on the {split} split")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def confusion_figure(matrix: torch.Tensor):
+def confusion_figure(matrix: torch.Tensor, names: list[str] | None = None):
     """Confusion matrix with every class labelled and each count readable (white on dark)."""
     classes = matrix.shape[0]
-    names = [str(i) for i in range(classes)]
+    names = [str(i) for i in range(classes)] if names is None else [str(n)[:20] for n in names]
     size = max(5.0, 0.6 * classes + 1.5)
     fig, ax = _pyplot().subplots(figsize=(size, size))
     ax.imshow(matrix.numpy(), cmap="Blues")
@@ -299,6 +306,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
     device = resolve_device(cfg.get("device", "auto"))
     ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
     program, trusted = None, set()  # trusted: sections from the command line, not the file
+    data, data_state = None, None
     if bool(ckpt) == bool(weights):
         raise UserError(
             "give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
@@ -318,6 +326,7 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         else:
             checkpoint = load_checkpoint(source, "cpu")
             saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
+            data_state = checkpoint.get("data_state_dict")
         # The file's config names the classes to build: only project/torch.nn ones.
         config = saved_sections(
             saved, source, ("data",) if program is not None else ("data", "model")
@@ -330,6 +339,10 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         source = Path(str(weights))
         if cfg.get("model") is None or cfg.get("data") is None:
             raise UserError(f"weights={source}: name the architecture and data too, e.g. model=small_cnn data=digits")
+        if cfg.get("batch_size"):
+            cfg.data.batch_size = int(cfg.batch_size)
+        data = build(cfg.data, "data")  # first: the model's size may come from it (model=mlp)
+        data.fill_sizes(cfg.data)
         config = OmegaConf.create(
             {
                 k: OmegaConf.to_container(cfg[k], resolve=True) if cfg.get(k) is not None else None
@@ -339,8 +352,16 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         state, trusted = None, {"data", "model", "loss"}
     if cfg.get("batch_size"):
         config.data.batch_size = int(cfg.batch_size)
-    loaded = Loaded(None, None, config, source, device, trusted)
-    loaded.data = loaded.build("data")
+    loaded = Loaded(None, data, config, source, device, trusted)
+    if loaded.data is None:
+        loaded.data = loaded.build("data")
+    if data_state:  # what training learned about the data (data=csv: its scaling)
+        try:
+            loaded.data.load_state_dict(data_state)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise UserError(
+                f"{source}: data_state_dict does not fit data {type(loaded.data).__name__} ({err})"
+            ) from None
     if program is not None:
         loaded.model = program.to(device)  # exported in eval mode; .eval() is not supported
         return loaded

@@ -137,8 +137,9 @@ def test_regression_predict_writes_features_and_predictions(train_cfg, tmp_path)
         )
     )
     rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["x", "prediction"]  # the input's own column, then the prediction
     for row in rows:
-        assert abs(float(row["prediction"]) - (0.7 * float(row["feature_0"]) + 0.3)) < 0.05
+        assert abs(float(row["prediction"]) - (0.7 * float(row["x"]) + 0.3)) < 0.05
 
 
 # ---------------------------------------------------------------- the CLI, as a user runs it
