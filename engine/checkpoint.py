@@ -178,6 +178,11 @@ def _rank_states(value: Any, state: dict) -> str | None:
     return None
 
 
+def _fields(record: Any, /, **kinds: Any) -> bool:
+    """A small dict (or None) whose named values are of these types."""
+    return record is None or all(_is(record.get(name), k) for name, k in kinds.items())
+
+
 def _run_id(key: Any, value: Any) -> bool:
     """loggers: e.g. mlflow_run_id -> the tracker's run id."""
     return _is(key, str) and key.endswith("_id") and len(key) <= 64 and _is(value, str) and 0 < len(value) <= 256
@@ -207,14 +212,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
         (dict, _NONE),
         _expect(
             "monitor (text), value (a number or None) and epoch (an integer or None)",
-            lambda v: (
-                v is None
-                or (
-                    _is(v.get("monitor"), (str, _NONE))
-                    and _is(v.get("value"), _NUMBER_OR_NONE)
-                    and _is(v.get("epoch"), (int, _NONE))
-                )
-            ),
+            lambda v: _fields(v, monitor=(str, _NONE), value=_NUMBER_OR_NONE, epoch=(int, _NONE)),
         ),
     ),
     "world_size": ((int,), _int_in(1, 1 << 16)),
@@ -226,13 +224,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
         _expect(
             "monitor (text), best (a number or None) and wait (an integer from 0 to 10000000)",
             lambda v: (
-                v is None
-                or (
-                    _is(v.get("monitor"), str)
-                    and _is(v.get("best"), _NUMBER_OR_NONE)
-                    and _is(v.get("wait"), int)
-                    and 0 <= v["wait"] <= 10**7
-                )
+                _fields(v, monitor=str, best=_NUMBER_OR_NONE, wait=int) and (v is None or 0 <= v["wait"] <= 10**7)
             ),
         ),
     ),
@@ -286,9 +278,9 @@ def check_size(
 
     def size(node: Any, depth: int, where: str) -> int:
         if isinstance(node, torch.Tensor):
-            claimed = node.numel() * node.element_size()
             if node.layout != torch.strided:
                 raise UserError(f"{source}: refused: {where}: a {node.layout} tensor (only dense tensors are expected)")
+            claimed = node.numel() * node.element_size()
             if claimed > node.untyped_storage().nbytes() + OVERLAP_SLACK:
                 raise UserError(
                     f"{source}: refused: {where}: a tensor of shape {tuple(node.shape)} with strides {node.stride()}"
@@ -320,9 +312,7 @@ def check_size(
 
 
 # ----------------------------------------------------------------------------- loading
-def load_file(
-    path: Path | str, map_location: str | torch.device = "cpu", *, check: bool = True, mmap: bool = True
-) -> Any:
+def load_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(weights_only=True)` (never runs code) with one-line errors."""
     path = Path(path)
     if not path.exists():
@@ -331,11 +321,11 @@ def load_file(
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
     try:
         is_zip = zipfile.is_zipfile(path)
-        if check and is_zip:
+        if is_zip:
             verify(path)
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
     except UserError:
         raise
     except pickle.UnpicklingError as err:
@@ -660,11 +650,6 @@ class Progress:
         """Record the epoch's row; True when `monitor` improved (NaN never improves)."""
         self.history.append(row)
         self.epoch, self.step_in_epoch, self.losses, self.checked = row["epoch"], 0, [], 0
-        if monitor not in row:
-            raise UserError(
-                f"checkpoint.monitor={monitor!r}: not a logged metric; "
-                f"expected one of {[k for k in row if k not in ('epoch', 'step')]}"
-            )
         value = float(row[monitor])
         better = self.best_value is None or (value < self.best_value if mode == "min" else value > self.best_value)
         if math.isfinite(value) and better:
@@ -830,12 +815,9 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
 def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any, int]:
     """(RNG state, epoch step losses, step in epoch) of this rank. Another world size: rank 0
     takes the saved RNG state, and a half-done epoch restarts (its per-rank slices changed)."""
-    saved_world, step, shares = (
-        checkpoint.get("world_size", 1),
-        checkpoint.get("step_in_epoch", 0),
-        checkpoint.get("rank_states"),
-    )
+    saved_world, step = checkpoint.get("world_size", 1), checkpoint.get("step_in_epoch", 0)
     if saved_world == world_size():
+        shares = checkpoint.get("rank_states")
         if shares and len(shares) == saved_world:
             return shares[rank()]["rng_state"], shares[rank()]["epoch_step_losses"], step
         return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
