@@ -49,6 +49,7 @@ import math
 import operator
 import pickle
 import platform
+import random
 import re
 import sys
 import warnings
@@ -59,6 +60,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -88,8 +90,9 @@ WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"  # an exp
 
 
 # ------------------------------------------------------------------ the schema of each key
-_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+def _is(value: Any, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """isinstance, where True is not a number."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def _brief(value: Any, limit: int = 80) -> str:
@@ -99,10 +102,12 @@ def _brief(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _expect(wanted: str, ok: Callable[[Any], bool]) -> Callable[[Any, dict], str | None]:
+    return lambda value, state: None if ok(value) else f"expected {wanted}, got {_brief(value)}"
+
+
 def _int_in(low: int, high: int) -> Callable[[Any, dict], str | None]:
-    return lambda value, state: (
-        None if low <= value <= high else f"expected an integer from {low} to {high}, got {value}"
-    )
+    return _expect(f"an integer from {low} to {high}", lambda value: low <= value <= high)
 
 
 def _tensors(value: Any, state: dict | None = None) -> str | None:
@@ -110,60 +115,39 @@ def _tensors(value: Any, state: dict | None = None) -> str | None:
     if not isinstance(value, dict):
         return f"should be a dict of tensors, got {type(value).__name__}"
     bad = [k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    return (f"entry {bad[0]!r} should map a name to a tensor, got {type(value[bad[0]]).__name__}") if bad else None
+    return f"entry {bad[0]!r} should map a name to a tensor, got {type(value[bad[0]]).__name__}" if bad else None
 
 
-def _tensor(value: Any, shape: tuple[int, ...], dtypes: tuple, what: str) -> str | None:
-    if isinstance(value, torch.Tensor) and tuple(value.shape) == shape and value.dtype in dtypes:
-        return None
-    names = "/".join(str(d).removeprefix("torch.") for d in dtypes)
-    return f"{what} should be a {names} tensor of shape {list(shape)}, got {_brief(value)}"
-
-
-_TORCH_RNG_SHAPE = tuple(torch.get_rng_state().shape)
 _INTS = (torch.int64, torch.int32, *((torch.uint32,) if hasattr(torch, "uint32") else ()))
 
 
 def _rng(value: Any, state: dict | None = None) -> str | None:
-    """engine.runtime.rng_state(): Python's/NumPy's MT19937 (624 words), torch's, CUDA's."""
+    """engine.runtime.rng_state(), tried on fresh generators: each library refuses what it cannot
+    use. By hand: what they take unchecked (numpy reads past its 624 words at a larger pos)."""
     try:
-        py, nps, cuda = value["python"], value["numpy"], value.get("cuda")
-        problem = (
-            _tensor(py["state"], (625,), _INTS, "python state")
-            or _tensor(nps["keys"], (624,), _INTS, "numpy keys")
-            or _tensor(value["torch"], _TORCH_RNG_SHAPE, (torch.uint8,), "torch state")
-        )
-        if problem:
-            return problem
-        words = py["state"][:624].long(), nps["keys"].long()
-        if (
-            any(bool((w < 0).any() or (w >= 2**32).any()) for w in words)
-            or not 0 <= int(py["state"][624]) <= 624
-            or py["version"] != 3
-            or not (py["gauss"] is None or _number(py["gauss"]))
-            or nps["kind"] != "MT19937"
-            or not _int(nps["pos"])
-            or not 0 <= nps["pos"] <= 624
-            or nps["has_gauss"] not in (0, 1)
-            or not _int(nps["has_gauss"])
-            or not _number(nps["cached_gaussian"])
+        py, nps, cuda = value["python"], value["numpy"], value.get("cuda") or []
+        if not (
+            py["state"].dtype in _INTS
+            and nps["keys"].dtype in _INTS
+            and tuple(nps["keys"].shape) == (624,)
+            and 0 <= nps["pos"] <= 624
+            and (py["gauss"] is None or _is(py["gauss"]))
+            and len(cuda) <= 1024
+            and all(t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 1024 for t in cuda)
         ):
-            return "python/numpy generator states are not those of a saved state"
-    except (KeyError, TypeError, AttributeError, IndexError):
-        return "expected python, numpy and torch generator states"
-    if cuda is not None and (
-        not isinstance(cuda, (list, tuple))
-        or len(cuda) > 1024
-        or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 1024 for t in cuda
+            return "python/numpy/cuda generator states are not those of a saved state"
+        random.Random().setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+        np.random.RandomState().set_state(
+            (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
         )
-    ):
-        return "cuda should be a list of per-device uint8 generator states"
+        torch.Generator().set_state(value["torch"])
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError, OverflowError) as err:
+        return f"expected python, numpy and torch generator states ({first_line(err, 120)})"
     return None
 
 
 def _losses(value: Any, state: dict, what: str = "") -> str | None:
-    steps = state.get("step_in_epoch", 0) if _int(state.get("step_in_epoch", 0)) else 0
+    steps = state.get("step_in_epoch", 0) if _is(state.get("step_in_epoch", 0), int) else 0
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 1 and value.numel() == steps:
         return None
     return (
@@ -172,19 +156,10 @@ def _losses(value: Any, state: dict, what: str = "") -> str | None:
     )
 
 
-def _record(wanted: str, **fields: Callable[[Any], bool]) -> Callable[[Any, dict], str | None]:
-    """A small dict of named values, e.g. best = {monitor, value, epoch}; None allowed."""
-    return lambda value, state: (
-        None
-        if value is None or all(ok(value.get(k)) for k, ok in fields.items())
-        else f"expected {wanted}, got {_brief(value)}"
-    )
-
-
 def _history(value: Any, state: dict) -> str | None:
     """metrics.csv rows: column name -> number, the same columns in every row."""
     for index, row in enumerate(value):
-        if not isinstance(row, dict) or not all(isinstance(k, str) and _number(v) for k, v in row.items()):
+        if not isinstance(row, dict) or not all(isinstance(k, str) and _is(v) for k, v in row.items()):
             return f"entry {index} should map column names to numbers, got {_brief(row)}"
         if list(row) != list(value[0]):
             return f"entry {index} has columns {list(row)}, entry 0 has {list(value[0])}"
@@ -216,7 +191,18 @@ def _rank_states(value: Any, state: dict) -> str | None:
     return None
 
 
+def _fields(record: Any, /, **kinds: Any) -> bool:
+    """A small dict (or None) whose named values are of these types."""
+    return record is None or all(_is(record.get(name), k) for name, k in kinds.items())
+
+
+def _run_id(key: Any, value: Any) -> bool:
+    """loggers: e.g. mlflow_run_id -> the tracker's run id."""
+    return _is(key, str) and key.endswith("_id") and len(key) <= 64 and _is(value, str) and 0 < len(value) <= 256
+
+
 _NONE = type(None)
+_NUMBER_OR_NONE = (int, float, _NONE)
 # key -> (allowed types, check of shape, size and range); each key's meaning: the docstring.
 SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | None]] = {
     "epoch": ((int,), _int_in(0, 10**7)),
@@ -224,10 +210,9 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "optimizer_state_dict": ((dict,), None),  # checked against the optimizer on restore
     "loss": (
         (int, float, torch.Tensor, _NONE),
-        lambda v, s: (
-            None
-            if not isinstance(v, torch.Tensor) or (v.numel() == 1 and v.is_floating_point())
-            else f"should be a number or a one-element float tensor, got {_brief(v)}"
+        _expect(
+            "a number or a one-element float tensor",
+            lambda v: not isinstance(v, torch.Tensor) or (v.numel() == 1 and v.is_floating_point()),
         ),
     ),
     "global_step": ((int,), _int_in(0, 10**12)),
@@ -238,11 +223,9 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "scaler_state_dict": ((dict, _NONE), None),
     "best": (
         (dict, _NONE),
-        _record(
+        _expect(
             "monitor (text), value (a number or None) and epoch (an integer or None)",
-            monitor=lambda v: v is None or isinstance(v, str),
-            value=lambda v: v is None or _number(v),
-            epoch=lambda v: v is None or _int(v),
+            lambda v: _fields(v, monitor=(str, _NONE), value=_NUMBER_OR_NONE, epoch=(int, _NONE)),
         ),
     ),
     "world_size": ((int,), _int_in(1, 1 << 16)),
@@ -252,28 +235,18 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "data_state_dict": ((dict,), lambda v, s: _data_state(v)),
     "early_stopping": (
         (dict, _NONE),
-        _record(
+        _expect(
             "monitor (text), best (a number or None) and wait (an integer from 0 to 10000000)",
-            monitor=lambda v: isinstance(v, str),
-            best=lambda v: v is None or _number(v),
-            wait=lambda v: _int(v) and 0 <= v <= 10**7,
+            lambda v: (
+                _fields(v, monitor=str, best=_NUMBER_OR_NONE, wait=int) and (v is None or 0 <= v["wait"] <= 10**7)
+            ),
         ),
     ),
     "loggers": (
         (dict,),
-        lambda v, s: (
-            None
-            if len(v) <= 16
-            and all(
-                isinstance(k, str)
-                and k.endswith("_id")
-                and len(k) <= 64
-                and isinstance(i, str)
-                and 0 < len(i) <= 256
-                and i.isprintable()
-                for k, i in v.items()
-            )
-            else f"expected names ending in _id -> run ids (text), got {_brief(v)}"
+        _expect(
+            "names ending in _id -> run ids (text)",
+            lambda v: len(v) <= 16 and all(_run_id(k, i) and i.isprintable() for k, i in v.items()),
         ),
     ),
     "config": ((dict,), lambda v, s: plain_problem(v)),  # no `${`, no objects
@@ -281,11 +254,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "format_version": ((int,), None),
     "saved_files": (
         (list,),
-        lambda v, s: (
-            None
-            if len(v) <= 100_000 and all(isinstance(n, str) and len(n) < 4096 for n in v)
-            else "expected a list of file names"
-        ),
+        _expect("a list of file names", lambda v: len(v) <= 100_000 and all(_is(n, str) and len(n) < 4096 for n in v)),
     ),
     "history": ((list,), _history),
 }
@@ -316,54 +285,48 @@ OVERLAP_SLACK = 1 << 20  # bytes a tensor may claim beyond its storage (an expan
 def check_size(
     obj: Any, source: Path | str, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH, what: str = ""
 ) -> None:
-    """Refuse a cycle, deep nesting, too many nodes (shared references counted per use,
-    each container measured once), or a tensor claiming more memory than its storage."""
+    """Refuse a cycle, deep nesting, too many nodes (shared references counted per use, each
+    container walked once), or a tensor claiming more memory than its storage."""
     sizes: dict[int, int] = {}
     active: set[int] = set()  # containers being walked: seeing one again is a cycle
-
-    def refuse(why: str) -> UserError:
-        return UserError(f"{source}: refused: {why}")
 
     def size(node: Any, depth: int, where: str) -> int:
         if isinstance(node, torch.Tensor):
             if node.layout != torch.strided:
-                raise refuse(f"{where}: a {node.layout} tensor (only dense tensors are expected)")
-            claimed, stored = node.numel() * node.element_size(), node.untyped_storage().nbytes()
-            if claimed > stored + OVERLAP_SLACK:
-                raise refuse(
-                    f"{where}: a tensor of shape {tuple(node.shape)} with strides "
-                    f"{node.stride()} claims {claimed} bytes from a {stored}-byte storage"
+                raise UserError(f"{source}: refused: {where}: a {node.layout} tensor (only dense tensors are expected)")
+            claimed = node.numel() * node.element_size()
+            if claimed > node.untyped_storage().nbytes() + OVERLAP_SLACK:
+                raise UserError(
+                    f"{source}: refused: {where}: a tensor of shape {tuple(node.shape)} with strides {node.stride()}"
+                    f" claims {claimed} bytes from a {node.untyped_storage().nbytes()}-byte storage"
                 )
             return 1
         if not isinstance(node, (dict, list, tuple)):
             return 1
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise refuse(f"{where or 'the file'} contains itself (a reference cycle)")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise UserError(f"{source}: refused: {where or 'the file'} contains itself (a reference cycle)")
         if depth > max_depth:
-            raise refuse(f"{where or 'the file'} is nested deeper than {max_depth} levels")
-        active.add(key)
+            raise UserError(f"{source}: refused: {where or 'the file'} is nested deeper than {max_depth} levels")
+        active.add(id(node))
         total = 1
         for name, value in node.items() if isinstance(node, dict) else enumerate(node):
             total += size(value, depth + 1, f"{where}[{name!r}]")
             if total > max_nodes:
-                raise refuse(
-                    f"{where or 'the file'} holds more than {max_nodes} values "
+                raise UserError(
+                    f"{source}: refused: {where or 'the file'} holds more than {max_nodes} values "
                     f"(counting shared references once per use)"
                 )
-        active.discard(key)
-        sizes[key] = total
+        active.discard(id(node))
+        sizes[id(node)] = total
         return total
 
     size(obj, 0, what)
 
 
 # ----------------------------------------------------------------------------- loading
-def load_file(
-    path: Path | str, map_location: str | torch.device = "cpu", *, check: bool = True, mmap: bool = True
-) -> Any:
+def load_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(weights_only=True)` (never runs code) with one-line errors."""
     path = Path(path)
     if not path.exists():
@@ -372,20 +335,27 @@ def load_file(
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
     try:
         is_zip = zipfile.is_zipfile(path)
-        if check and is_zip:
+        if is_zip:
             verify(path)
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
     except UserError:
         raise
     except pickle.UnpicklingError as err:
         found = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # torch words it several ways
         if found:  # a class or function reference: loading it would run code
+            name = found.group(1)
+            advice = (  # a pickled class: a whole model, torch.save(model, PATH)
+                "; if it is a whole model saved with torch.save(model, PATH), save model.state_dict() instead, or"
+                " convert it where its class is defined and you trust the file: torch.save(torch.load(PATH,"
+                " weights_only=False).state_dict(), 'weights.pt'), then use weights=weights.pt"
+                if name.rsplit(".", 1)[-1][:1].isupper()
+                else ""
+            )
             raise UserError(
-                f"{path}: refused: the file holds objects other than tensors and "
-                f"plain containers, which could run code when loaded (it names "
-                f"{found.group(1)}){_whole_model_advice(found.group(1))}"
+                f"{path}: refused: the file holds objects other than tensors and plain containers, which could run"
+                f" code when loaded (it names {name}){advice}"
             ) from None
         if "weights only load failed" in str(err).lower():  # torch's advice is not for us
             detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
@@ -398,26 +368,13 @@ def load_file(
         raise UserError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
 
 
-def _whole_model_advice(name: str) -> str:
-    """A pickled class (`torch.save(model, PATH)`): how to get a weights-only file."""
-    if not name.rsplit(".", 1)[-1][:1].isupper():
-        return ""
-    return (
-        "; if it is a whole model saved with torch.save(model, PATH), save "
-        "model.state_dict() instead, or convert it where its class is defined and you "
-        "trust the file: torch.save(torch.load(PATH, weights_only=False).state_dict(), "
-        "'weights.pt'), then use weights=weights.pt"
-    )
-
-
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """A training checkpoint, verified and checked key by key; only model_state_dict is needed."""
     state = load_file(path, map_location)
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(
-            f"{path}: not a training checkpoint (expected a dict with keys "
-            f"['epoch', 'model_state_dict', 'optimizer_state_dict', 'loss']); for "
-            f"a bare state_dict use weights=PATH"
+            f"{path}: not a training checkpoint (expected a dict with keys ['epoch', 'model_state_dict',"
+            f" 'optimizer_state_dict', 'loss']); for a bare state_dict use weights=PATH"
         )
     check_size(state, path)
     if isinstance(state.get("config"), (dict, list)):
@@ -477,31 +434,16 @@ def load_model_state(model: nn.Module, state: Any, source: Path | str, strict: b
         raise UserError(f"{source}: state_dict {problem}")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
-    fits = {
-        k: k in own and v.shape == own[k].shape and not (v.is_complex() and not own[k].is_complex())
-        for k, v in state.items()
-    }
+    shared = [k for k in own if k in state]
+    to_real = [k for k in shared if state[k].is_complex() and not own[k].is_complex()]
+    reshaped = [k for k in shared if state[k].shape != own[k].shape]
     problems = [
         f"{what} {_short(keys)}"
         for what, keys in (
-            (
-                "dtype mismatch",
-                [
-                    f"{k} {state[k].dtype} vs model {own[k].dtype}"
-                    for k in own
-                    if k in state and state[k].is_complex() and not own[k].is_complex()
-                ],
-            ),
+            ("dtype mismatch", [f"{k} {state[k].dtype} vs model {own[k].dtype}" for k in to_real]),
             ("missing keys", [k for k in own if k not in state]),
             ("unexpected keys", [k for k in state if k not in own]),
-            (
-                "shape mismatch",
-                [
-                    f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in own
-                    if k in state and state[k].shape != own[k].shape
-                ],
-            ),
+            ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in reshaped]),
         )
         if keys
     ]
@@ -510,16 +452,15 @@ def load_model_state(model: nn.Module, state: Any, source: Path | str, strict: b
             f"{source}: weights do not fit the model ({'; '.join(problems)}); "
             f"check model=/data= or pass strict=false to load what matches"
         )
-    matching = {k: v for k, v in state.items() if fits[k]}
+    matching = {k: state[k] for k in shared if k not in to_real and k not in reshaped}
     try:
         model.load_state_dict(matching, strict=False)
     except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
         raise UserError(f"{source}: weights do not fit the model ({first_line(err, 300)})") from None
     if problems and 2 * len(matching) < len(own):  # mostly random: an error, not a model
         raise UserError(
-            f"{source}: strict=false would load only {len(matching)} of {len(own)} "
-            f"tensors (fewer than half); expected keys {_short(list(own))}, found "
-            f"{_short(list(state))}; check model=/data= or the file"
+            f"{source}: strict=false would load only {len(matching)} of {len(own)} tensors (fewer than half);"
+            f" expected keys {_short(list(own))}, found {_short(list(state))}; check model=/data= or the file"
         )
     if problems:
         print(
@@ -598,10 +539,7 @@ _PT2_RECORDS = re.compile(
     r"|data/weights/(weight_\d+|model_weights_config\.json)"
     r"|data/constants/(tensor_\d+|model_constants_config\.json))"
 )
-_EXPR_TOKEN = re.compile(
-    r"\s+|\d+(\.\d+)?([eE][-+]?\d+)?|'[a-z]+\d*'|[A-Za-z_]\w*|\*\*"
-    r"|[-+*/%(),<>=!&|~]"
-)
+_EXPR_TOKEN = re.compile(r"\s+|\d+(\.\d+)?([eE][-+]?\d+)?|'[a-z]+\d*'|[A-Za-z_]\w*|\*\*|[-+*/%(),<>=!&|~]")
 _EXPR_NAMES = set(
     "Symbol Integer Rational Float positive integer real nonnegative True False oo Max Min "
     "Abs Eq Ne Lt Le Gt Ge And Or Not FloorDiv ModularIndexing Where PythonMod Mod CleanDiv "
@@ -612,12 +550,11 @@ _EXPR_NAMES = set(
 
 
 def _safe_expr(text: Any) -> bool:
-    words = [m.group(0) for m in _EXPR_TOKEN.finditer(text)] if isinstance(text, str) else []
-    return (
-        isinstance(text, str)
-        and "__" not in text
-        and "".join(words) == text
-        and all(not (w[0].isalpha() or w[0] == "_") or w in _EXPR_NAMES or re.fullmatch(r"[a-z]+\d+", w) for w in words)
+    if not isinstance(text, str) or "__" in text:
+        return False
+    words = [m.group(0) for m in _EXPR_TOKEN.finditer(text)]
+    return "".join(words) == text and all(
+        not (w[0].isalpha() or w[0] == "_") or w in _EXPR_NAMES or re.fullmatch(r"[a-z]+\d+", w) for w in words
     )
 
 
@@ -640,27 +577,28 @@ def _exprs(raw: bytes) -> list[Any]:
 def check_pt2(path: Path) -> None:
     """Refuse a .pt2 that torch.export.load could run code from (see above)."""
     verify(path)  # CRC of every record; a damaged zip is one line
-    bad = lambda why: UserError(f"{path}: refused .pt2: {why}")  # noqa: E731
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         odd = [n for n in names if not _PT2_RECORDS.fullmatch(n)]
         if odd or not any(n.endswith("/models/model.json") for n in names):
-            raise bad(f"records other than a plain torch.export program ({odd[:3]})")
+            raise UserError(f"{path}: refused .pt2: records other than a plain torch.export program ({odd[:3]})")
         for name in names:
             raw = archive.read(name)
             if name.endswith("_config.json"):
                 for fqn, meta in json.loads(raw).get("config", {}).items():
                     if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
-                        raise bad(f"{fqn} is stored as a pickle")
+                        raise UserError(f"{path}: refused .pt2: {fqn} is stored as a pickle")
             elif name.endswith("/models/model.json"):
                 unsafe = [e for e in _exprs(raw) if not _safe_expr(e)]
                 if unsafe:
-                    raise bad(f"shape expression {str(unsafe[0])[:80]!r} is not a plain formula")
+                    raise UserError(
+                        f"{path}: refused .pt2: shape expression {str(unsafe[0])[:80]!r} is not a plain formula"
+                    )
             elif name.endswith("/sample_inputs/model.pt"):
                 try:  # torch retries a failed weights-only load with weights_only=False
                     torch.load(io.BytesIO(raw), weights_only=True)
                 except Exception:
-                    raise bad("its sample inputs are not weights-only") from None
+                    raise UserError(f"{path}: refused .pt2: its sample inputs are not weights-only") from None
 
 
 def load_pt2(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -726,11 +664,6 @@ class Progress:
         """Record the epoch's row; True when `monitor` improved (NaN never improves)."""
         self.history.append(row)
         self.epoch, self.step_in_epoch, self.losses, self.checked = row["epoch"], 0, [], 0
-        if monitor not in row:
-            raise UserError(
-                f"checkpoint.monitor={monitor!r}: not a logged metric; "
-                f"expected one of {[k for k in row if k not in ('epoch', 'step')]}"
-            )
         value = float(row[monitor])
         better = self.best_value is None or (value < self.best_value if mode == "min" else value > self.best_value)
         if math.isfinite(value) and better:
@@ -753,11 +686,19 @@ def check_finite(progress: Progress) -> None:
         k = progress.accumulate  # windows of k batches from the epoch's start
         step = progress.global_step - -(-len(progress.losses) // k) + first // k + 1
         raise UserError(
-            f"non-finite loss at epoch {progress.epoch + 1}, step {step} "
-            f"(batch {first + 1} of the epoch); lower optimizer.lr or check the "
-            f"data; the last good checkpoint is kept"
+            f"non-finite loss at epoch {progress.epoch + 1}, step {step} (batch {first + 1} of the epoch);"
+            f" lower optimizer.lr or check the data; the last good checkpoint is kept"
         )
     progress.checked = len(progress.losses)
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
+    for package in ("torchvision", "hydra-core"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
 
 
 def build_checkpoint(parts: dict[str, Any], progress: Progress, config: dict | DictConfig) -> dict[str, Any]:
@@ -778,9 +719,8 @@ def build_checkpoint(parts: dict[str, Any], progress: Progress, config: dict | D
         bad = [k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         raise UserError(
             f"non-finite weights [{', '.join(bad[:3])}{' ...' if bad[3:] else ''}]"
-            f" at epoch {progress.epoch + (1 if progress.step_in_epoch else 0)}, step"
-            f" {progress.global_step}: not saved; lower optimizer.lr; the last good "
-            f"checkpoint is kept"
+            f" at epoch {progress.epoch + (1 if progress.step_in_epoch else 0)}, step {progress.global_step}:"
+            f" not saved; lower optimizer.lr; the last good checkpoint is kept"
         )
     losses, history = progress.losses, progress.history
     state.update(
@@ -843,15 +783,9 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
                 print(f"resume: the checkpoint has no {PARTS[name]}; it starts afresh")
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
         raise UserError(
-            f"{source}: optimizer/scheduler state does not fit this config "
-            f"({err}); check optimizer=/scheduler= overrides"
+            f"{source}: optimizer/scheduler state does not fit this config ({err}); check"
+            f" optimizer=/scheduler= overrides"
         ) from None
-    lacking = [k for k in optimizer.defaults if k not in optimizer.param_groups[0]]
-    if lacking:  # e.g. an Adam state loaded into SGD: its first step would fail
-        raise UserError(
-            f"{source}: optimizer state is not {type(optimizer).__name__}'s (no "
-            f"{lacking[:4]} in its param_groups); check optimizer="
-        )
     if tutorial and is_main():
         fresh = [
             k
@@ -861,10 +795,9 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
         if scheduler is not None and state.get("scheduler_state_dict") is None:
             fresh.append("scheduler_state_dict")
         print(
-            f"resume: a general checkpoint (no format_version): its epoch "
-            f"{state.get('epoch', 'key (absent)')} is read as the tutorials' 0-based "
-            f"loop index, so {epoch} epoch(s) are done and training goes on at epoch "
-            f"{epoch + 1}"
+            f"resume: a general checkpoint (no format_version): its epoch {state.get('epoch', 'key (absent)')} is"
+            f" read as the tutorials' 0-based loop index, so {epoch} epoch(s) are done and training goes on at"
+            f" epoch {epoch + 1}"
         )
         print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
     check_optimizer_state(optimizer, source)
@@ -876,7 +809,7 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
     check_step_in_epoch(step_in_epoch, data, source)
     check_history_columns(state.get("history") or [], data, source)
     if rng is not None:
-        try:  # load_checkpoint checked shapes and ranges; a generator may still refuse it
+        try:  # load_checkpoint tried it on fresh generators; a CUDA one may still refuse it
             set_rng_state(rng)
         except (ValueError, TypeError, RuntimeError, OverflowError) as err:
             raise UserError(f"{source}: rng_state cannot be restored ({first_line(err, 160)})") from None
@@ -896,33 +829,21 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
 def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any, int]:
     """(RNG state, epoch step losses, step in epoch) of this rank. Another world size: rank 0
     takes the saved RNG state, and a half-done epoch restarts (its per-rank slices changed)."""
-    saved_world = checkpoint.get("world_size", 1)
-    step = checkpoint.get("step_in_epoch", 0)
-    shares = checkpoint.get("rank_states")
+    saved_world, step = checkpoint.get("world_size", 1), checkpoint.get("step_in_epoch", 0)
     if saved_world == world_size():
+        shares = checkpoint.get("rank_states")
         if shares and len(shares) == saved_world:
-            mine = shares[rank()]
-            return mine["rng_state"], mine["epoch_step_losses"], step
+            return shares[rank()]["rng_state"], shares[rank()]["epoch_step_losses"], step
         return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
     if is_main():
         warnings.warn(
-            f"the checkpoint was written by {saved_world} process(es), this run has "
-            f"{world_size()}: each process now sees other samples, so the result "
-            f"will not match an uninterrupted run"
+            f"the checkpoint was written by {saved_world} process(es), this run has {world_size()}: each process"
+            f" now sees other samples, so the result will not match an uninterrupted run"
             + (f"; epoch {checkpoint['epoch'] + 1} restarts from its first batch" if step else ""),
             stacklevel=3,
         )
     rng = checkpoint.get("rng_state") if is_main() else None
     return (rng, None, 0) if step else (rng, checkpoint.get("epoch_step_losses"), step)
-
-
-@functools.cache
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
-    for package in ("torchvision", "hydra-core"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return versions
 
 
 # -------------------------------------------------- may this checkpoint resume this run
@@ -985,29 +906,13 @@ NEW_SCHEDULE = (
 
 
 def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
-    """Refuse an exact resume on other data, global batch or model (no fingerprint: no check)."""
+    """Refuse an exact resume on other data or global batch (no fingerprint: no check). Another
+    model is refused before, by load_model_state, naming the misfit keys."""
     saved = state.get("fingerprint")
-    if not isinstance(saved, dict) or now is None:
+    if not isinstance(saved, dict) or now is None or weights_mode:
         return
+    data = []
     try:
-        before, after = saved.get("model") or {}, now["model"]
-        model = (
-            []
-            if not before or before == after
-            else [
-                f"{what} {keys[:3]}"
-                for what, keys in (
-                    (
-                        "shapes",
-                        [f"{k} {before[k]} -> {after[k]}" for k in after if k in before and before[k] != after[k]],
-                    ),
-                    ("no longer has", [k for k in before if k not in after]),
-                    ("new", [k for k in after if k not in before]),
-                )
-                if keys
-            ]
-        )
-        data = []
         for name, split in (saved.get("data") or {}).items():
             current = now["data"].get(name)
             if current is None:
@@ -1016,24 +921,15 @@ def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: 
                 data.append(f"{name} split {split.get('size')} -> {current['size']} samples")
             elif None not in (split.get("hash"), current["hash"]) and split["hash"] != current["hash"]:
                 data.append(f"{name} split content changed")
-    except (AttributeError, TypeError, KeyError, ValueError):  # a crafted or damaged file
-        raise UserError(
-            f"{source}: key 'fingerprint' is malformed (expected the model's "
-            f"parameter shapes and each split's size and hash)"
-        ) from None
-    batch = saved.get("global_batch_size")
-    if batch is not None and batch != now["global_batch_size"]:
-        data.append(
-            f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
-            f" x processes; trainer.global_batch_size=N keeps it whatever the count)"
-        )
-    if model:
-        raise UserError(
-            f"{source}: the model differs from the checkpoint's "
-            f"({'; '.join(model)}); check model=/data= overrides, or start a new "
-            f"run with run_name=NEW_NAME"
-        )
-    if data and not weights_mode:
+        batch = saved.get("global_batch_size")
+        if batch is not None and batch != now["global_batch_size"]:
+            data.append(
+                f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
+                f" x processes; trainer.global_batch_size=N keeps it whatever the count)"
+            )
+    except (AttributeError, TypeError, KeyError, ValueError, RuntimeError):  # a crafted or damaged file
+        raise UserError(f"{source}: key 'fingerprint' is malformed (expected each split's size and hash)") from None
+    if data:
         raise UserError(
             f"{source}: {'; '.join(data)} since the checkpoint, so an exact resume is impossible; {NEW_SCHEDULE}"
         )
@@ -1052,13 +948,10 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
             continue
         if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
             value = OmegaConf.to_container(value)
-        before = (
-            saved_opt.get(key)
-            if saved is not None
-            else group0.get("initial_lr", group0[key])
-            if key == "lr"
-            else group0[key]
-        )
+        if saved is not None:
+            before = saved_opt.get(key)
+        else:
+            before = group0.get("initial_lr", group0[key]) if key == "lr" else group0[key]
         if before is None or before == value:
             continue
         for group in optimizer.param_groups:
@@ -1083,34 +976,36 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
                 setattr(scheduler, key, value)
                 changes.append(f"scheduler.{key} {before} -> {value}")
     if changes and is_main():
-        lr = (
-            f" (lr now {group0['lr']:.4g})"
-            if scheduler is not None and any(c.startswith("optimizer.lr") for c in changes)
-            else ""
-        )
+        lr_changed = scheduler is not None and any(c.startswith("optimizer.lr") for c in changes)
+        lr = f" (lr now {group0['lr']:.4g})" if lr_changed else ""
         print(f"resume: applied config changes to the restored state: {', '.join(changes)}{lr}")
     return {c.split(" ", 1)[0] for c in changes}
 
 
 def check_optimizer_state(optimizer, source: str) -> None:
-    """Settings of the right kind, buffers of their parameter's shape (load_state_dict doesn't)."""
+    """The optimizer's own kind of settings, buffers of their parameter's shape (load_state_dict
+    checks neither)."""
+    lacking = [k for k in optimizer.defaults if k not in optimizer.param_groups[0]]
+    if lacking:  # e.g. an Adam state loaded into SGD: its first step would fail
+        raise UserError(
+            f"{source}: optimizer state is not {type(optimizer).__name__}'s (no {lacking[:4]} in its"
+            f" param_groups); check optimizer="
+        )
     for group in optimizer.param_groups:
         for key, default in optimizer.defaults.items():  # lr, momentum, ...: same kind
             value = group.get(key)
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: expected true or false")
-            if _number(default) and not (
-                (_number(value) or isinstance(value, torch.Tensor) and value.numel() == 1)
-                and math.isfinite(float(value))
+            if _is(default) and not (
+                (_is(value) or isinstance(value, torch.Tensor) and value.numel() == 1) and math.isfinite(float(value))
             ):
                 raise UserError(f"{source}: optimizer param_groups {key}={_brief(value, 60)}: expected a finite number")
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                     raise UserError(
-                        f"{source}: optimizer state {name!r} has shape "
-                        f"{list(value.shape)}, its parameter {list(param.shape)}; "
-                        f"the checkpoint does not fit this model"
+                        f"{source}: optimizer state {name!r} has shape {list(value.shape)}, its parameter"
+                        f" {list(param.shape)}; the checkpoint does not fit this model"
                     )
 
 
@@ -1135,21 +1030,15 @@ def check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
     steps = batches_per_epoch(samples, batch, world_size())
     if step_in_epoch > steps:  # == steps: saved on the epoch's last step, before validation
         raise UserError(
-            f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data "
-            f"has {steps} batches; the checkpoint does not fit data.*"
+            f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data has {steps} batches; the"
+            f" checkpoint does not fit data.*"
         )
 
 
 # Scheduler entries that count progress; the others are settings (T_max, step_size, ...).
-_SCHEDULE_PROGRESS = {
-    "last_epoch",
-    "_step_count",
-    "_last_lr",
-    "_get_lr_called_within_step",
-    "_is_initial",
-    "base_lrs",
-    "verbose",
-}
+_SCHEDULE_PROGRESS = set(
+    "last_epoch _step_count _last_lr _get_lr_called_within_step _is_initial base_lrs verbose".split()
+)
 
 
 def check_schedule_length(
@@ -1164,9 +1053,8 @@ def check_schedule_length(
     now = str((cfg.get("scheduler") or {}).get("interval", "epoch"))
     if isinstance(was, str) and was != now:
         raise UserError(
-            f"{source}: scheduler.interval changed {was} -> {now}: the saved "
-            f"schedule counts {was}s; keep scheduler.interval={was} for an exact "
-            f"resume, or {NEW_SCHEDULE}"
+            f"{source}: scheduler.interval changed {was} -> {now}: the saved schedule counts {was}s; keep"
+            f" scheduler.interval={was} for an exact resume, or {NEW_SCHEDULE}"
         )
     before = (config.get("trainer") or {}).get("epochs")
     if before in (None, cfg.trainer.epochs):
@@ -1179,29 +1067,16 @@ def check_schedule_length(
     if derived:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
         raise UserError(
-            f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} "
-            f"and the schedule depends on it ({shown}); keep "
-            f"trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}"
+            f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} and the schedule depends on it"
+            f" ({shown}); keep trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}"
         )
 
 
 # Keys that change what is printed, logged or where, not the weights: no warning on resume.
-_IGNORED_CHANGES = {
-    "resume",
-    "resume_mode",
-    "trainer.epochs",
-    "trainer.device",
-    "debug",
-    "run_name",
-    "trainer.max_time",
-    "checkpoint.root",
-    "weights",
-    "strict",
-    "weights_key",
-    "trainer.model_summary",
-    "trainer.print_every_s",
-    "trainer.log_every_n_steps",
-}
+_IGNORED_CHANGES = set(
+    "resume resume_mode trainer.epochs trainer.device debug run_name trainer.max_time checkpoint.root weights"
+    " strict weights_key trainer.model_summary trainer.print_every_s trainer.log_every_n_steps".split()
+)
 
 
 def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
@@ -1211,15 +1086,14 @@ def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozens
         k
         for k in now.keys() | before.keys()
         if now.get(k) != before.get(k)
-        and k not in _IGNORED_CHANGES
-        and k not in ignore
+        and k not in _IGNORED_CHANGES | ignore
         and not k.endswith("T_max")
-        and not k.startswith("logger.")
-    )  # trackers: what is recorded
+        and not k.startswith("logger.")  # trackers: what is recorded
+    )
     if changed:
         warnings.warn(
-            f"resuming with a config that differs from the checkpoint's in "
-            f"{changed[:8]}: the result will not match an uninterrupted run",
+            f"resuming with a config that differs from the checkpoint's in {changed[:8]}: the result will not"
+            f" match an uninterrupted run",
             stacklevel=3,
         )
 
