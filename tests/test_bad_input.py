@@ -134,7 +134,15 @@ def test_resume_from_a_checkpoint_of_another_architecture(root):
 COMPOSE_CASES = [
     ("train", ["trainer.epoch=5"], ["trainer.epoch=5", "did you mean 'epochs'", "valid keys: epochs, device"]),
     ("train", ["checkpoint.evry_n_epochs=2"], ["every_n_epochs"]),
-    ("train", ["model=foo"], ["model=foo", "valid options: linear_regression, quadratic, small_cnn, vgg16"]),
+    # the options on disk: a user's own model YAML is one of them
+    (
+        "train",
+        ["model=foo"],
+        [
+            "model=foo",
+            "valid options: " + ", ".join(sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))),
+        ],
+    ),
     ("train", ["model=smal_cnn"], ["did you mean 'small_cnn'"]),
     ("train", ["data=nope"], ["data=nope", "digits", "quadratic_csv"]),
     ("train", ["experiment=nope"], ["experiment=nope", "digits_cnn", "vgg16_cifar10"]),
