@@ -373,7 +373,9 @@ class CheckpointSaver:
         self._best: dict[str, Any] | None = None  # best state not written yet (save_best_only)
         _LIVE.add(self)
 
-    def save(self, state: dict[str, Any], name: str, best: bool = False) -> Path:
+    def save(self, state: dict[str, Any], name: str, best: bool = False, then: Callable | None = None) -> Path:
+        """`then()` once the file is durable (checkpoint.async: in the writer thread, before the
+        next save starts): the trackers get the values it holds, not before, not later."""
         start = time.monotonic()
         self.wait()  # at most one write in flight; a failed background write raises here
         path = self.run_dir / name
@@ -381,13 +383,26 @@ class CheckpointSaver:
             self.saved.append(name)
         state["saved_files"] = saved = list(self.saved)
         self.saved = saved[-self.keep_last :]  # what prune() keeps once the file is durable
-        pending, self._best = (None if best else self._best), None
+        best_state, self._best = (None if best else self._best), None
+
+        def write(state: dict[str, Any]) -> None:
+            if best_state is not None:  # first: a resume from `path` must find its best.pt
+                atomic_save(best_state, self.run_dir / "best.pt")
+            atomic_save(state, path)
+            atomic_link(path, self.run_dir / "last.pt")
+            if best:
+                atomic_link(path, self.run_dir / "best.pt")
+            prune(self.run_dir, saved, self.keep_last)
+            self.last_seconds = time.monotonic() - start
+            if then is not None:
+                then()
+
         if not self.background:
-            self._write(state, path, best, saved, start, pending)
+            write(state)
             return path
-        args = (self._snapshot.take(state), path, best, saved, start, pending)
+        args = (write, self._snapshot.take(state))
         # not a daemon: the process never exits with a write half done
-        self._thread = threading.Thread(target=self._write, args=args, name="checkpoint-writer", daemon=False)
+        self._thread = threading.Thread(target=self._in_background, args=args, name="checkpoint-writer", daemon=False)
         self._thread.start()
         return path
 
@@ -419,19 +434,10 @@ class CheckpointSaver:
             _LIVE.discard(self)
             unlock_file(self.run_dir / LOCK_NAME)
 
-    def _write(self, state: dict, path: Path, best: bool, saved: list, start: float, best_state: dict | None) -> None:
+    def _in_background(self, write: Callable, state: dict[str, Any]) -> None:
         try:
-            if best_state is not None:  # first: a resume from `path` must find its best.pt
-                atomic_save(best_state, self.run_dir / "best.pt")
-            atomic_save(state, path)
-            atomic_link(path, self.run_dir / "last.pt")
-            if best:
-                atomic_link(path, self.run_dir / "best.pt")
-            prune(self.run_dir, saved, self.keep_last)
-            self.last_seconds = time.monotonic() - start
+            write(state)
         except BaseException as err:
-            if not self.background:
-                raise
             self._error = err  # raised in the main thread by wait()
 
 
