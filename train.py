@@ -144,7 +144,7 @@ def fit(cfg: DictConfig) -> dict:
     def save(name: str, best: bool = False, final: bool = False) -> Path:
         check_finite(progress)
         # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes
-        path = ddp.on_main(saver.save, checkpoint(), name, best=best)
+        path = ddp.on_main(saver.save, checkpoint(), name, best=best, then=loggers.hand_over())
         after_save(final)
         return path
 
@@ -159,8 +159,6 @@ def fit(cfg: DictConfig) -> dict:
             plotted, plotted_at = len(progress.history), time.perf_counter()
         if final:  # the process exits next: with checkpoint.async the file must be done
             ddp.on_main(saver.wait)
-        # the trackers get the values a checkpoint holds once it is written (async: the last's)
-        loggers.saved(durable=final or not saver.background)
 
     def finish(only_missing: bool = False) -> dict:
         return finish_run(

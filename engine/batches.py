@@ -1,13 +1,11 @@
-"""Batches whose order is a pure function of (seed, epoch).
-
-A resumed run can therefore skip the batches an interrupted epoch already consumed without
-loading them, and every rank of a distributed run can take its own slice of the same order.
-DataLoader's RandomSampler draws from the global RNG instead, which is why it is not used.
-"""
+"""Batches whose order is a pure function of (seed, epoch), not of the global RNG (as
+DataLoader's RandomSampler): a resume skips an interrupted epoch's consumed batches without
+loading them, and every rank of a distributed run takes its own slice of the same order."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import multiprocessing.util  # registers its exit handler before ours (below)
 import os
@@ -35,9 +33,9 @@ class TensorSplit:
 
 
 Split = TensorSplit | Dataset
-
-
 ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision-free in practice
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, preempt_signal()) if s is not None)
+MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
 
 
 def batches_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
@@ -48,32 +46,14 @@ def batches_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * ORDER_SEED_STRIDE + epoch)
-    return torch.randperm(n, generator=gen)
-
-
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, preempt_signal()) if s is not None)
-MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers leave the stop to the main process (engine/training.py): a worker
-    killed by a scheduler's SIGTERM to the process group would crash the main process before
-    it could save. (Its copy of the run-folder lock is dropped at fork: engine/run_dir.py.)"""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if MASKABLE:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * ORDER_SEED_STRIDE + epoch))
 
 
 def _kill_workers_at_exit() -> None:
-    """At exit, multiprocessing's own handler SIGTERMs daemonic children (DataLoader workers)
-    and then joins them with no timeout; ours ignore SIGTERM (above), so a loader still open
-    when the program ends (after a worker's error or a stop mid-epoch the iterator lives on in
-    the traceback) hung the exit forever. Registered after that handler (atexit runs the
-    last registered first), this SIGKILLs them: they hold nothing worth saving.
-    Chosen over closing each iterator (torch has no public close) because it covers every
-    way out: a UserError, Interrupted, a bug's traceback."""
+    """multiprocessing's exit handler SIGTERMs daemonic children, then joins them with no
+    timeout; DataLoader workers ignore SIGTERM (`_init_worker`), so a loader still alive at
+    exit (in a traceback, after an error or a stop mid-epoch) hung the exit. Registered after
+    it (atexit runs the last first), this SIGKILLs them: they hold nothing worth saving."""
     if hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report them as crashed
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
@@ -101,19 +81,15 @@ class Batches:
         world_size: int = 1,
         limit: int | float | None = None,
     ) -> None:
-        self.split, self.batch_size, self.device = split, batch_size, device
-        self.shuffle, self.seed = shuffle, seed
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.rank, self.world_size = rank, world_size
+        self.split, self.batch_size, self.device, self.shuffle, self.seed = split, batch_size, device, shuffle, seed
+        self.num_workers, self.pin_memory, self.rank, self.world_size = num_workers, pin_memory, rank, world_size
         self.n = len(split)
         self.per_rank = -(-self.n // world_size)  # ceil: short ranks repeat a few samples
         self.count = batches_per_epoch(self.n, batch_size, world_size)
         if limit is not None:  # trainer.limit_*_batches: an int is batches, a float a fraction
             self.count = min(self.count, limit if isinstance(limit, int) else max(1, int(self.count * limit)))
-        if isinstance(split, TensorSplit):
-            # Small in-memory data lives on the device once; batches are index_select views.
-            self.x = split.x.to(device)
-            self.y = split.y.to(device)
+        if isinstance(split, TensorSplit):  # small in-memory data lives on the device once
+            self.x, self.y = split.x.to(device), split.y.to(device)
 
     def __len__(self) -> int:
         return self.count
@@ -133,57 +109,47 @@ class Batches:
         """A resumed epoch's position must lie inside this (possibly limited) epoch."""
         if start > self.count:
             raise UserError(
-                f"the checkpoint is at batch {start} of its epoch, but an epoch "
-                f"now has {self.count} batches (trainer.limit_train_batches / "
-                f"trainer.overfit_batches changed?); resume with the limits it "
-                f"was saved with"
+                f"the checkpoint is at batch {start} of its epoch, but an epoch now has {self.count} batches "
+                "(trainer.limit_train_batches / trainer.overfit_batches changed?); resume with the limits it "
+                "was saved with"
             )
 
     def indices(self, epoch: int) -> torch.Tensor:
         order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
         if self.world_size > 1:  # as DistributedSampler: pad by wrapping, then stride
-            pad = self.per_rank * self.world_size - self.n
-            if pad:
-                order = torch.cat([order, order[:pad]])
+            order = torch.cat([order, order[: self.per_rank * self.world_size - self.n]])
             order = order[self.rank :: self.world_size]
         return order
 
     def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `epoch`, beginning at batch number `start` (none when `start` is past
-        the last batch: a resume from a checkpoint saved on the epoch's last step)."""
+        """Batches of `epoch` from batch number `start` (none when `start` is past the last
+        batch: a resume from a checkpoint saved on the epoch's last step)."""
         if start >= len(self):
             return iter(())
         if hasattr(self.split, "set_epoch"):  # data/augment.py seeds by epoch
             self.split.set_epoch(epoch)
         order = self.indices(epoch)[start * self.batch_size : self.count * self.batch_size]
         if isinstance(self.split, TensorSplit):
-            return self._tensor_batches(order.to(self.x.device))
+            return ((self.x[idx], self.y[idx]) for idx in order.to(self.x.device).split(self.batch_size))
         return self._loader_batches(order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self()
 
-    def _tensor_batches(self, order: torch.Tensor):
-        x, y = self.x, self.y
-        for idx in order.split(self.batch_size):
-            yield x[idx], y[idx]
-
-    def _loader_batches(self, order: torch.Tensor):
-        assert isinstance(self.split, Dataset)
-        batch_sampler = order.split(self.batch_size)
+    def _loader_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # An own generator: the loader must not draw worker seeds from the global RNG, or a
         # mid-epoch resume would shift the dropout stream.
         loader = DataLoader(
             self.split,
-            batch_sampler=[b.tolist() for b in batch_sampler],
+            batch_sampler=[b.tolist() for b in order.split(self.batch_size)],
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed),
             worker_init_fn=_init_worker if self.num_workers else None,
         )
-        # The workers are forked with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a
-        # Ctrl-C (which reach the whole process group) can never kill one before its
-        # worker_init_fn ignores them; the main process, which saves and exits, gets them.
+        # Workers fork with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a Ctrl-C (to the
+        # whole process group) never kills one before _init_worker ignores them; the main
+        # process, which saves and exits, gets them.
         blocking = self.num_workers and MASKABLE
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if blocking else None
         try:
@@ -193,28 +159,22 @@ class Batches:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         non_blocking = self.device.type == "cuda"
         for x, y in batches:
-            yield (x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking))
+            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
 
-def _init_worker(worker_id: int) -> None:
-    _ignore_stop_signals(worker_id)
-    die_with_parent(worker_id)
-
-
-def die_with_parent(worker_id: int = 0) -> None:
-    """In a DataLoader worker: ask Linux to kill this worker when its parent dies (even by
-    SIGKILL or the OOM killer, when PyTorch's own cleanup never runs), so no worker
-    outlives the run. A no-op where prctl does not exist."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the call: follow it now
-        os._exit(1)
+def _init_worker(_worker_id: int) -> None:
+    """A DataLoader worker leaves the stop to the main process (a scheduler's SIGTERM to the
+    process group must not crash the run before it saves) and dies with it (prctl, even on a
+    SIGKILL or the OOM killer). Its copy of the run-folder lock is dropped at fork (run_dir)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if MASKABLE:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call: follow it now
+            os._exit(1)
 
 
 def pin_memory_for(data: Any, device: torch.device) -> bool:

@@ -1,19 +1,8 @@
-"""torch.distributed for train.py: one process per device under torchrun, nothing otherwise.
-
-torchrun starts N copies of train.py and sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT in each. When WORLD_SIZE > 1, `setup_distributed` joins the default process group
-(nccl for CUDA devices, gloo for CPU) and the helpers below become collectives; without
-torchrun every helper is a no-op, so `python train.py` runs the single-process code unchanged.
-A SLURM job step or a submitit job of several tasks takes the same path (adopt_scheduler_env).
-
-Rules the helpers keep, so that no rank ever waits forever for another:
-  * every rank calls a collective helper at the same points in the same order;
-  * rank 0 alone touches the run directory (checkpoints, metrics.csv, plots, config.yaml):
-    the callers say so at each write, with `on_main` (which hands its result - or its error -
-    to every rank, and doubles as the barrier after a save) or `rank_zero_only`;
-  * a decision one rank can take alone (a NaN loss, a stop signal, the time budget) is
-    all-reduced before anyone acts on it.
-"""
+"""torch.distributed for train.py: one process per device under torchrun (or a SLURM / submitit
+job step of several tasks); otherwise every helper is a no-op. No rank waits forever: all call
+the collectives at the same points in the same order, rank 0 alone writes the run folder
+(`on_main`, `rank_zero_only`), and a decision one rank can take alone (a NaN loss, a stop
+signal, the time budget) is all-reduced before anyone acts on it."""
 
 from __future__ import annotations
 
@@ -47,9 +36,6 @@ class FollowerError(UserError):
     quiet = True
 
 
-# ------------------------------------------------------------------------------ who am I
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -60,10 +46,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
 
 
 def is_main() -> bool:
@@ -80,12 +62,9 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
-# ----------------------------------------------------------------------------- set up
-
-
 def setup_distributed(cfg: DictConfig) -> torch.device:
-    """Resolve the device and the per-process batch size; join the process group under
-    torchrun. Returns this process's device (cuda:LOCAL_RANK on GPUs)."""
+    """Resolve the device and the per-process batch size; join the process group (nccl on
+    CUDA, gloo on the CPU) under torchrun. Returns this process's device (cuda:LOCAL_RANK)."""
     global _comm_device
     adopt_scheduler_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,35 +74,33 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
         return device
     if device.type == "mps":
         raise UserError(
-            "trainer.device=mps: torch.distributed has no MPS backend; run "
-            "torchrun with trainer.device=cpu, or plain python train.py on MPS"
+            "trainer.device=mps: torch.distributed has no MPS backend; run torchrun with trainer.device=cpu, "
+            "or plain python train.py on MPS"
         )
     if device.type == "cuda":
-        requested = str(cfg.trainer.device)
-        if requested not in ("auto", "cuda"):
+        if str(cfg.trainer.device) not in ("auto", "cuda"):
             raise UserError(
-                f"trainer.device={requested}: under torchrun each process uses "
-                f"cuda:LOCAL_RANK; use trainer.device=auto or cuda and pick GPUs "
-                f"with CUDA_VISIBLE_DEVICES"
+                f"trainer.device={cfg.trainer.device}: under torchrun each process uses cuda:LOCAL_RANK; use "
+                "trainer.device=auto or cuda and pick GPUs with CUDA_VISIBLE_DEVICES"
             )
-        index = int(os.environ.get("LOCAL_RANK", 0))
-        if index >= torch.cuda.device_count():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
             raise UserError(
-                f"LOCAL_RANK={index}: only {torch.cuda.device_count()} CUDA "
-                f"device(s) on this node; lower torchrun --nproc_per_node"
+                f"LOCAL_RANK={device.index}: only {torch.cuda.device_count()} CUDA device(s) on this node; "
+                "lower torchrun --nproc_per_node"
             )
-        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
         atexit.register(_shutdown)
     _comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     if rank() == 0:
         per_rank = int(cfg.data.batch_size)
         print(
-            f"distributed: {world} processes ({dist.get_backend()}), data.batch_size="
-            f"{per_rank} per process, global batch {per_rank * world}",
+            f"distributed: {world} processes ({dist.get_backend()}), data.batch_size={per_rank} per process, "
+            f"global batch {per_rank * world}",
             flush=True,
         )
     else:  # one progress log: the other ranks' stdout goes nowhere (stderr stays)
@@ -135,22 +112,14 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
 # (world size, rank, local rank, node list, job id) variables of a scheduler's task
 _SCHEDULERS = {
     "slurm": ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID"),
-    "submitit_local": (
-        "SUBMITIT_LOCAL_NTASKS",
-        "SUBMITIT_LOCAL_GLOBALID",
-        "SUBMITIT_LOCAL_LOCALID",
-        None,
-        "SUBMITIT_LOCAL_JOB_ID",
-    ),
-}
+    "submitit_local": tuple(f"SUBMITIT_LOCAL_{v}" for v in ("NTASKS", "GLOBALID", "LOCALID", "NODELIST", "JOB_ID")),
+}  # submitit has no node list (all tasks on this host): MASTER_ADDR is 127.0.0.1
 
 
 def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
-    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (where unset) from a
-    SLURM job step or a submitit local job, so that one process per task joins the process
-    group as under torchrun. Nothing when torchrun set WORLD_SIZE, or outside a scheduler's
-    task (a plain `python train.py` in an salloc shell is not a step: no
-    SLURM_STEP_NUM_TASKS). Returns the scheduler's name, or None."""
+    """Set torchrun's variables (where unset) from a SLURM job step or a submitit local job of
+    several tasks; nothing when WORLD_SIZE is set or outside a step (a plain `python train.py`
+    in an salloc shell has no SLURM_STEP_NUM_TASKS). Returns the scheduler's name, or None."""
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env:  # torchrun (or the user) decided
         return None
@@ -158,11 +127,8 @@ def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
         if world in env and rank_ in env:
             if int(env[world]) <= 1:
                 return None
-            env["WORLD_SIZE"], env["RANK"] = env[world], env[rank_]
-            env["LOCAL_RANK"] = env.get(local, "0")
-            env.setdefault("MASTER_ADDR", first_host(env.get(nodes, "")) if nodes else "")
-            if not env["MASTER_ADDR"]:
-                env["MASTER_ADDR"] = "127.0.0.1"
+            env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"] = env[world], env[rank_], env.get(local, "0")
+            env.setdefault("MASTER_ADDR", first_host(env.get(nodes, "")) or "127.0.0.1")
             # One port per job (the same in every task): jobs sharing a node do not collide.
             env.setdefault("MASTER_PORT", str(20000 + int(re.sub(r"\D", "", env.get(job, "0")) or 0) % 20000))
             return name
@@ -170,8 +136,7 @@ def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what
-    `scontrol show hostnames | head -1` says)."""
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
     depth, end = 0, len(nodelist)
     for i, ch in enumerate(nodelist):  # the first group ends at a comma outside brackets
         depth += {"[": 1, "]": -1}.get(ch, 0)
@@ -187,9 +152,8 @@ def _shutdown() -> None:
 
 
 def _resolve_batch_size(cfg: DictConfig, world: int) -> None:
-    """trainer.global_batch_size, when set, fixes the global batch: data.batch_size (per
-    process) becomes global / world size, so the same command trains the same way on any
-    number of processes."""
+    """trainer.global_batch_size fixes the global batch: data.batch_size (per process) becomes
+    global / world size, so the same command trains the same way on any number of processes."""
     total = cfg.trainer.get("global_batch_size")
     if total is None:
         return
@@ -208,10 +172,11 @@ def setup_data(data: Any) -> None:
     if not is_distributed():
         return
     on_main(data.setup)
-    if not is_main() and local_rank() == 0:
+    node_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if node_first and not is_main():
         data.setup()
     dist.barrier()
-    if local_rank() != 0:
+    if not node_first:
         data.setup()
 
 
@@ -224,11 +189,9 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside torch.compile and DistributedDataParallel wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
+    while isinstance(inner := getattr(model, "_orig_mod", None) or getattr(model, "module", None), torch.nn.Module):
         model = inner
+    return model
 
 
 def rank_args() -> dict[str, int]:
@@ -237,17 +200,13 @@ def rank_args() -> dict[str, int]:
 
 
 def shard(split: Split) -> Split:
-    """This rank's strided share of an evaluation split, without padding (so all-reduced
-    sums count every sample exactly once)."""
+    """This rank's strided share of an evaluation split, without padding (so all-reduced sums
+    count every sample exactly once)."""
     if not is_distributed():
         return split
-    r, w = rank(), world_size()
     if isinstance(split, TensorSplit):
-        return TensorSplit(split.x[r::w], split.y[r::w])
-    return Subset(split, range(r, len(split), w))
-
-
-# ----------------------------------------------------------------------------- collectives
+        return TensorSplit(split.x[rank() :: world_size()], split.y[rank() :: world_size()])
+    return Subset(split, range(rank(), len(split), world_size()))
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -262,24 +221,17 @@ def all_sum(values: list[float]) -> list[float]:
 def mean_over_ranks(value: float) -> float:
     """Mean of a per-rank value. The train loss: every rank has the same number of samples
     per step (padded like DistributedSampler), so this is the sample-weighted mean."""
-    if not is_distributed():
-        return value
     return all_sum([value])[0] / world_size()
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any rank."""
-    if not is_distributed():
-        return flag
     return all_sum([1.0 if flag else 0.0])[0] > 0
 
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `fn(*args, **kwargs)` on rank 0 only; every rank returns its result or raises its
-    error.
-
-    The broadcast also makes the other ranks wait until `fn` is done (the barrier after a
-    save), and an error on rank 0 stops every rank instead of leaving them waiting."""
+    """`fn(*args, **kwargs)` on rank 0 only; every rank returns its result or raises its error.
+    The broadcast doubles as the barrier after a save; rank 0's error stops every rank."""
     if not is_distributed():
         return fn(*args, **kwargs)
     box: list[Any] = [None]
@@ -301,9 +253,7 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def broadcast_from_main(tensors: Any) -> None:
     """Overwrite each tensor with rank 0's values (in place), e.g. BatchNorm statistics."""
-    if not is_distributed():
-        return
-    for tensor in tensors:
+    for tensor in tensors if is_distributed() else ():
         dist.broadcast(tensor, src=0)
 
 
@@ -317,7 +267,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 
 
 def should_stop(stop: Any, reserve: float | None = None, step: int | None = None, every: int = 1) -> bool:
-    """Stop now? Signals and the time budget arrive on each rank at its own moment, so under
+    """Stop now? Signals and the time budget reach each rank at its own moment, so under
     torchrun the ranks agree on every `every`-th step (and at epoch ends, step=None); one
     rank stopping alone would leave the others waiting in the next all-reduce."""
     local = stop.reason is not None or (reserve is not None and stop.out_of_time(reserve))

@@ -1,7 +1,7 @@
 """Experiment tracking (configs/logger/): metrics.csv always, TensorBoard and MLflow when
 chosen (`logger=[csv,tensorboard,mlflow]`); rank 0 only under torchrun.
 
-Trackers get a value only once a checkpoint holding it is written (`Loggers.saved`): a killed
+Trackers get a value only once a checkpoint holding it is written (`Loggers.hand_over`): a killed
 run's tracker never holds what its resume trains again, so a resume deletes nothing and goes on
 logging in the same tracker run (the MLflow run id is the checkpoint's `loggers` key)."""
 
@@ -275,7 +275,6 @@ class Loggers:
         self.csv, self.trackers, self.carried = csv, trackers, carried
         self.steps = any(isinstance(tracker, TensorBoardLogger) for tracker in trackers)
         self.pending: list[dict] = []  # epoch rows and {step, train_loss_step}, in order
-        self.held = 0  # pending[:held]: in the checkpoint being written (checkpoint.async)
         self._closer = weakref.finalize(self, _close_all, list(trackers), "KILLED")
 
     def log_step(self, step: int, loss: torch.Tensor) -> None:
@@ -286,19 +285,20 @@ class Loggers:
         append_csv(self.csv, row)
         self.pending.append(row)  # dropped at the save when there are no trackers
 
-    def saved(self, durable: bool = True) -> None:
-        """A checkpoint holding every value so far was saved: they go to the trackers. Not
-        `durable` (checkpoint.async, still being written): those of the save before, which
-        is complete now (a save waits for the previous write)."""
-        upto = len(self.pending) if durable else self.held
-        ready, self.pending = self.pending[:upto], self.pending[upto:]
-        self.held = len(self.pending)
-        for tracker in self.trackers if ready else []:
-            tracker.send(ready)
+    def hand_over(self) -> Callable[[], None]:
+        """The values so far, held by the checkpoint being written: sends them to the trackers
+        once it is durable (CheckpointSaver.save's `then`; checkpoint.async: its writer thread)."""
+        ready, self.pending = self.pending, []
+
+        def send() -> None:
+            for tracker in self.trackers if ready else []:
+                tracker.send(ready)
+
+        return send
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool = False) -> None:
         """After the last write: the values left, each tracker's end of run, then close."""
-        self.saved()
+        self.hand_over()()
         for tracker in self.trackers:
             tracker.finish(run_dir, history, metrics, again)
         self.close("FINISHED")

@@ -1,15 +1,8 @@
-"""A run folder and everything that writes to it.
-
-    checkpoints/RUN_NAME/   .lock (flock: one training process at a time)
-        epoch_NNNN.pt, step_NNNNNNNN.pt  periodic checkpoints (the newest checkpoint.keep_last)
-        last.pt, best.pt                 hard links to periodic files (or copies)
-        .NAME.PID.tmp, NAME.corrupt[.N]  a write in progress; a damaged file set aside
-        metrics.csv, config.yaml, loss_curve.png, test_metrics.json, export/
-
-Every file is written under a temporary name and renamed over its name: a kill or a full disk
-leaves the old file or the new one, never a part. Reading a checkpoint is passed in (`load`):
-engine/checkpoint.py writes its exports through this module.
-"""
+"""A run folder and everything that writes to it: checkpoints/RUN_NAME/ holds .lock (flock),
+epoch_NNNN.pt / step_NNNNNNNN.pt (the newest checkpoint.keep_last), last.pt / best.pt (hard
+links), metrics.csv, config.yaml, loss_curve.png, test_metrics.json, export/. Every file is
+written under a temporary name and renamed over its name: a kill or a full disk leaves the old
+file or the new one, never a part; a damaged checkpoint is set aside as NAME.corrupt[.N]."""
 
 from __future__ import annotations
 
@@ -47,7 +40,6 @@ LOCK_NAME = ".lock"
 Loader = Callable[[Any, Any], dict]  # (path, map_location) -> a verified checkpoint
 
 
-# --------------------------------------------------------------------------- names
 def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
     """`run_name` (default: `name`), plus the job's overrides in a multirun (a folder per job).
     `hydra_cfg`: a finished job's (default: the running job's)."""
@@ -71,10 +63,9 @@ def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
     return run_dir
 
 
-# ---------------------------------------------------------------------------- lock
 # Hand-written, not filelock: the refusal names the holding pid, and forked workers drop their
-# copy. A killed run's flock goes with its last descriptor, so nothing stale is ever left; the
-# file stays (deleting it would let a third process lock a new file the second never sees).
+# copy. A killed run's flock goes with its last descriptor; the file stays (deleting it would
+# let a third process lock a new file the second never sees).
 _held: dict[str, int] = {}  # lock file -> descriptor: a second train() in this process reuses it
 
 
@@ -96,9 +87,8 @@ def lock_file(path: Path, busy: str) -> None:
     except OSError as err:  # busy, or a file system without flock (some network mounts)
         holder = _holder(fd) if isinstance(err, BlockingIOError) else None
         os.close(fd)
-        raise UserError(
-            busy.replace("{holder}", holder) if holder else f"{path}: cannot lock it ({err.strerror or err})"
-        ) from None
+        why = busy.replace("{holder}", holder) if holder else f"{path}: cannot lock it ({err.strerror or err})"
+        raise UserError(why) from None
     _held[key] = fd
 
 
@@ -119,15 +109,12 @@ def _holder(fd: int) -> str:
 
 
 def _lock_run(run_dir: Path) -> None:
-    lock_file(
-        run_dir / LOCK_NAME,
-        f"{run_dir} is in use by another training process "
-        "({holder}); wait for it to finish or stop it, or pick another run_name=",
-    )
+    busy = f"{run_dir} is in use by another training process ({{holder}}); wait for it to finish or stop it"
+    lock_file(run_dir / LOCK_NAME, busy + ", or pick another run_name=")
 
 
 def _drop_inherited_locks() -> None:
-    """A forked child (DataLoader worker) outliving a killed run must not lock it."""
+    """A forked child (DataLoader worker) outliving a killed run must not hold its lock."""
     for fd in _held.values():
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -138,7 +125,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-# ------------------------------------------------------- where the scripts may write
+# ------------------------------------------------------------------------- writing files
 def _replace(path: Path, write: Callable[[IO], object], binary: bool, durable: bool) -> None:
     """`write(handle)` into a temporary file renamed over `path`. On failure the temporary goes
     and the OSError is raised (torch's zip writer wraps it in a RuntimeError)."""
@@ -181,13 +168,7 @@ def write_atomic(path: Path, write: Callable[[IO], object], binary: bool = False
     return path
 
 
-def check_output(
-    path: Path,
-    own_kind: Callable[[Path], bool],
-    what: str,
-    reads: tuple[Path | None, ...] = (),
-    name: str | None = None,
-) -> None:
+def check_output(path: Path, own_kind: Callable[[Path], bool], what: str, reads: tuple = (), name: str = "") -> None:
     """evaluate.py / predict.py replace an existing file only when it is their own kind of
     output (by content: a renamed checkpoint is still a checkpoint), never one being read."""
     name = name or f"output={path}"
@@ -198,9 +179,8 @@ def check_output(
         raise UserError(f"{name}: is a folder; expected a file name")
     if path.exists() and not own_kind(path):
         raise UserError(
-            f"{name}: exists and is not {what}; refusing to overwrite it (a "
-            f"checkpoint, export, metrics.csv or config.yaml is never "
-            f"overwritten); choose another output="
+            f"{name}: exists and is not {what}; refusing to overwrite it (a checkpoint, export, metrics.csv "
+            "or config.yaml is never overwritten); choose another output="
         )
 
 
@@ -226,23 +206,19 @@ def is_png(path: Path) -> bool:
 
 def check_export_dir(out_dir: Path) -> None:
     """An export folder is new, empty or an earlier export: not a run's, nor another config's."""
-    if not out_dir.is_dir():
-        if out_dir.exists():
-            raise UserError(f"{out_dir}: exists and is not a folder; expected an export folder")
-        return
-    run_files = sorted(p.name for p in out_dir.iterdir() if RUN_FILES.match(p.name))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; expected an export folder")
+    run_files = sorted(p.name for p in out_dir.iterdir() if RUN_FILES.match(p.name)) if out_dir.is_dir() else []
     if run_files:
-        raise UserError(
-            f"{out_dir}: is a run folder ({', '.join(run_files[:3])}); export "
-            f"into a folder of its own, e.g. {out_dir / 'export'}"
-        )
+        where = f"export into a folder of its own, e.g. {out_dir / 'export'}"
+        raise UserError(f"{out_dir}: is a run folder ({', '.join(run_files[:3])}); {where}")
     if (out_dir / "config.yaml").exists() and not (out_dir / "model.safetensors").is_file():
         raise UserError(
             f"{out_dir}: has a config.yaml that is not an export's; refusing to overwrite it; choose another folder"
         )
 
 
-# ------------------------------------------------------------------ checkpoint files
+# ------------------------------------------------------------------------ checkpoint files
 class CheckpointWriteError(UserError):
     """The disk refused a write; the previous checkpoints are intact."""
 
@@ -253,11 +229,11 @@ class EarlyWriteback:
 
     CHUNK = 32 << 20
 
-    def __init__(self, out) -> None:
+    def __init__(self, out: IO) -> None:
         self.out, self.written, self.started = out, 0, 0
         self.advise = getattr(os, "posix_fadvise", None)
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.CHUNK):  # a 400 MiB record goes in chunks
             self.written += self.out.write(view[start : start + self.CHUNK])
@@ -270,7 +246,7 @@ class EarlyWriteback:
                 self.started = self.written
         return len(view)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.out, name)
 
 
@@ -279,10 +255,8 @@ def atomic_save(state: dict[str, Any], path: Path) -> None:
     try:
         _replace(path, lambda raw: torch.save(state, EarlyWriteback(raw)), True, durable=True)
     except OSError as err:
-        raise CheckpointWriteError(
-            f"{path}: checkpoint write failed ({err.strerror or err}); the previous "
-            f"checkpoints in {path.parent} are intact"
-        ) from None
+        why = f"checkpoint write failed ({err.strerror or err}); the previous checkpoints in {path.parent} are intact"
+        raise CheckpointWriteError(f"{path}: {why}") from None
 
 
 def atomic_link(source: Path, link: Path) -> None:
@@ -314,7 +288,7 @@ def verify(path: Path) -> None:
 
 
 class Snapshot:
-    """Copies a state's tensors into CPU buffers reused between saves (allocating costs more
+    """CPU copies of a state's tensors, in buffers reused between saves (allocating costs more
     than copying), storage by storage: views and tied weights still share one, so the file
     holds the same records as a synchronous save."""
 
@@ -323,31 +297,26 @@ class Snapshot:
 
     def take(self, state: Any) -> Any:
         copies: dict[tuple[str, int], torch.UntypedStorage] = {}
-        used: list[torch.UntypedStorage] = []
 
         def storage_copy(source: torch.UntypedStorage) -> torch.UntypedStorage:
             # tensors sharing a storage share its copy; empty storages are never shared
-            key = (str(source.device), source.data_ptr() or -len(used) - 1)
+            key = (str(source.device), source.data_ptr() or -len(copies) - 1)
             if key not in copies:
-                buffer = self.buffers[len(used)] if len(used) < len(self.buffers) else None
+                buffer = self.buffers[len(copies)] if len(copies) < len(self.buffers) else None
                 on_gpu = source.device.type == "cuda"
                 if buffer is None or buffer.nbytes() != source.nbytes():
                     buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=on_gpu).untyped_storage()
                 buffer.copy_(source, non_blocking=on_gpu)
                 copies[key] = buffer
-                used.append(buffer)
             return copies[key]
 
         def walk(obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor):
-                if (
-                    type(obj) is not torch.Tensor or obj.layout != torch.strided or obj.is_quantized
-                ):  # rare kinds: a plain deep copy
-                    return copy.deepcopy(obj.detach()).cpu()
-                out = torch.empty(0, dtype=obj.dtype).set_(
-                    storage_copy(obj.untyped_storage()), obj.storage_offset(), obj.size(), obj.stride()
-                )
+            if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_quantized:
+                storage = storage_copy(obj.untyped_storage())
+                out = torch.empty(0, dtype=obj.dtype).set_(storage, obj.storage_offset(), obj.size(), obj.stride())
                 return out.requires_grad_(obj.requires_grad)
+            if isinstance(obj, torch.Tensor):  # rare kinds (subclasses, sparse): a plain deep copy
+                return copy.deepcopy(obj.detach()).cpu()
             if isinstance(obj, dict):
                 out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
                 out.update((key, walk(value)) for key, value in obj.items())
@@ -359,14 +328,12 @@ class Snapshot:
             if isinstance(obj, tuple):
                 items = [walk(v) for v in obj]
                 return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-            if obj is None or type(obj) in (int, float, str, bool):
-                return obj
             return copy.deepcopy(obj)
 
         result = walk(state)
         if torch.cuda.is_initialized():  # the non-blocking copies have landed
             torch.cuda.synchronize()
-        self.buffers = used
+        self.buffers = list(copies.values())
         return result
 
 
@@ -391,26 +358,24 @@ class CheckpointSaver:
     flight; its error raises at the next save(), wait() or close(), or prints at exit."""
 
     def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None, background: bool = False) -> None:
-        self.run_dir, self.keep_last = run_dir, keep_last
-        names = list(saved) if isinstance(saved, (list, tuple)) else []
-        self.saved = [n for n in names if _retainable(run_dir, n)]
-        if ignored := [n for n in names if n not in self.saved]:
+        self.run_dir, self.keep_last, self.background = run_dir, keep_last, background
+        self.saved = [name for name in saved or [] if _retainable(run_dir, name)]
+        if ignored := [name for name in saved or [] if name not in self.saved]:
             print(
-                f"warning: {run_dir}: the checkpoint's saved_files lists {len(ignored)} name(s) "
-                f"that are not this run's periodic checkpoints, e.g. {ignored[0]!r}; "
-                f"retention ignores them and never deletes them",
+                f"warning: {run_dir}: the checkpoint's saved_files lists {len(ignored)} name(s) that are not this "
+                f"run's periodic checkpoints, e.g. {ignored[0]!r}; retention ignores them and never deletes them",
                 file=sys.stderr,
             )
         self.last_seconds = 0.0  # the latest save's duration, for trainer.max_time
-        self.background = background  # checkpoint.async: a save is durable only later
-        self._snapshot = Snapshot() if background else None
+        self._snapshot = Snapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._best: dict[str, Any] | None = None  # best state not written yet (save_best_only)
-        if background:
-            _LIVE.add(self)
+        _LIVE.add(self)
 
-    def save(self, state: dict[str, Any], name: str, best: bool = False) -> Path:
+    def save(self, state: dict[str, Any], name: str, best: bool = False, then: Callable | None = None) -> Path:
+        """`then()` once the file is durable (checkpoint.async: in the writer thread, before the
+        next save starts): the trackers get the values it holds, not before, not later."""
         start = time.monotonic()
         self.wait()  # at most one write in flight; a failed background write raises here
         path = self.run_dir / name
@@ -418,15 +383,27 @@ class CheckpointSaver:
             self.saved.append(name)
         state["saved_files"] = saved = list(self.saved)
         self.saved = saved[-self.keep_last :]  # what prune() keeps once the file is durable
-        pending, self._best = (None if best else self._best), None
-        if self._snapshot is None:
-            self._write(state, path, best, saved, start, pending)
-        else:
-            args = (self._snapshot.take(state), path, best, saved, start, pending)
-            self._thread = threading.Thread(
-                target=self._write_in_background, args=args, name="checkpoint-writer", daemon=False
-            )
-            self._thread.start()  # not a daemon: the process never exits with a write half done
+        best_state, self._best = (None if best else self._best), None
+
+        def write(state: dict[str, Any]) -> None:
+            if best_state is not None:  # first: a resume from `path` must find its best.pt
+                atomic_save(best_state, self.run_dir / "best.pt")
+            atomic_save(state, path)
+            atomic_link(path, self.run_dir / "last.pt")
+            if best:
+                atomic_link(path, self.run_dir / "best.pt")
+            prune(self.run_dir, saved, self.keep_last)
+            self.last_seconds = time.monotonic() - start
+            if then is not None:
+                then()
+
+        if not self.background:
+            write(state)
+            return path
+        args = (write, self._snapshot.take(state))
+        # not a daemon: the process never exits with a write half done
+        self._thread = threading.Thread(target=self._in_background, args=args, name="checkpoint-writer", daemon=False)
+        self._thread.start()
         return path
 
     def save_best_only(self, state: dict[str, Any]) -> None:
@@ -453,36 +430,18 @@ class CheckpointSaver:
         try:
             self.wait()
         finally:
-            self._snapshot = Snapshot() if self._snapshot is not None else None
+            self._snapshot = Snapshot()
             _LIVE.discard(self)
             unlock_file(self.run_dir / LOCK_NAME)
 
-    def _write_in_background(self, *args: Any) -> None:
+    def _in_background(self, write: Callable, state: dict[str, Any]) -> None:
         try:
-            self._write(*args)
-        except BaseException as err:  # kept for the main thread, raised by wait()
-            self._error = err
-
-    def _write(
-        self,
-        state: dict[str, Any],
-        path: Path,
-        best: bool,
-        saved: list[str],
-        start: float,
-        pending_best: dict[str, Any] | None,
-    ) -> None:
-        if pending_best is not None:  # first: a resume from `path` must find its best.pt
-            atomic_save(pending_best, self.run_dir / "best.pt")
-        atomic_save(state, path)
-        atomic_link(path, self.run_dir / "last.pt")
-        if best:
-            atomic_link(path, self.run_dir / "best.pt")
-        prune(self.run_dir, saved, self.keep_last)
-        self.last_seconds = time.monotonic() - start
+            write(state)
+        except BaseException as err:
+            self._error = err  # raised in the main thread by wait()
 
 
-_LIVE: weakref.WeakSet[CheckpointSaver] = weakref.WeakSet()  # background savers, seen at exit
+_LIVE: weakref.WeakSet[CheckpointSaver] = weakref.WeakSet()  # savers with a write maybe in flight
 
 
 @atexit.register
@@ -546,7 +505,7 @@ def _set_aside(paths: list[Path], why: str) -> None:
     warnings.warn(f"skipped {paths[0]}: {why}; kept it as {moved[0]}{links}", stacklevel=3)
 
 
-# -------------------------------------------------------------- opening a run
+# ---------------------------------------------------------------------------- opening a run
 def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None]:
     """The run folder (locked), its saver and the checkpoint to resume from. Rank 0 decides;
     the other ranks read the file it names."""
@@ -563,10 +522,8 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path,
         try:
             resumed = with_history(load(source, device), source) if source else None
         except UserError as err:
-            raise UserError(
-                f"rank {ddp.rank()}: {err} (with several nodes, checkpoint.root "
-                f"must be on a file system every node shares)"
-            ) from None
+            hint = "with several nodes, checkpoint.root must be on a file system every node shares"
+            raise UserError(f"rank {ddp.rank()}: {err} ({hint})") from None
         saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last)
     if resumed and str(cfg.resume) != "auto" and Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
         # another folder's run keeps its best value (exact resume); accept_run brings its file
@@ -576,13 +533,14 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path,
 
 def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
     run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
+    resume = None if cfg.resume is None else str(cfg.resume)
+    # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
+    weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
     try:
         if run_dir.is_dir():  # before reading or cleaning anything in it
             _lock_run(run_dir)
         existing = sorted(p.name for p in run_dir.glob("*.pt"))
-        # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
-        weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
-        if weights_mode and (cfg.resume is None or str(cfg.resume) == "auto"):
+        if weights_mode and resume in (None, "auto"):
             raise UserError(
                 "resume_mode=weights: name the checkpoint to start from with resume=PATH (and a new run_name=)"
             )
@@ -590,42 +548,33 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, Ch
             raise UserError(
                 f"resume_mode=weights starts a new run, but {run_dir} already has checkpoints; set run_name=NEW_NAME"
             )
-        resumed = source = None
-        if cfg.resume is None:
-            if existing:
-                raise UserError(
-                    f"{run_dir} already has checkpoints ({', '.join(existing[:4])}"
-                    f"{' ...' if len(existing) > 4 else ''}); continue it with "
-                    f"resume=auto or start another with run_name=NEW_NAME"
-                )
-        elif str(cfg.resume) == "auto":
+        if resume is None and existing:
+            listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+            how = "continue it with resume=auto or start another with run_name=NEW_NAME"
+            raise UserError(f"{run_dir} already has checkpoints ({listed}); {how}")
+        source = resumed = None
+        if resume == "auto":
             for tmp in run_dir.glob(".*.tmp"):  # half-written by a process that died mid-save
                 tmp.unlink(missing_ok=True)
             found = find_latest(run_dir, load, device)
-            if found is None:
-                print(f"resume=auto: no checkpoint in {run_dir}, starting a new run")
-            else:
-                print(f"resuming from {found[0]}")
+            print(
+                f"resuming from {found[0]}" if found else f"resume=auto: no checkpoint in {run_dir}, starting a new run"
+            )
+            if found:
                 source, resumed = str(found[0]), with_history(found[1], str(found[0]))
-        else:
-            path = Path(str(cfg.resume))
+        elif resume is not None:
+            path = Path(resume)
             source, resumed = str(path), with_history(load(path, device), str(path))
             if existing and path.resolve().parent != run_dir.resolve():
-                raise UserError(
-                    f"resume={path}: {run_dir} already has checkpoints of another "
-                    f"run; set run_name=NEW_NAME to continue {path} there"
-                )
+                how = f"set run_name=NEW_NAME to continue {path} there"
+                raise UserError(f"resume={path}: {run_dir} already has checkpoints of another run; {how}")
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock_run(run_dir)  # a new folder is locked once it exists (no-op if held)
     except BaseException:  # refused: an in-process caller may go on, a later run must not wait
         unlock_file(run_dir / LOCK_NAME)
         raise
-    saver = CheckpointSaver(
-        run_dir,
-        cfg.checkpoint.keep_last,
-        None if weights_mode else (resumed or {}).get("saved_files"),
-        background=bool(cfg.checkpoint.get("async", False)),
-    )
+    saved = None if weights_mode else (resumed or {}).get("saved_files")
+    saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last, saved, background=bool(cfg.checkpoint.get("async")))
     weakref.finalize(saver, unlock_file, run_dir / LOCK_NAME)  # however train() ends
     return run_dir, saver, resumed, source
 
@@ -638,16 +587,15 @@ def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None, trains: boo
     def on_rank0() -> None:
         if trains or not (run_dir / "config.yaml").exists():
             write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
-        _bring_best_along(run_dir, resumed)
+        _bring_best_along(run_dir, resumed or {})
 
     ddp.on_main(on_rank0)
 
 
-def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
+def _bring_best_along(run_dir: Path, resumed: dict) -> None:
     """The inherited best epoch's file (the resumed one, or epoch_N.pt beside it) becomes
     best.pt; if it is gone, the run's end uses last.pt instead (engine/metrics.py)."""
-    source = (resumed or {}).get("best_from")
-    best_epoch = ((resumed or {}).get("best") or {}).get("epoch")
+    source, best_epoch = resumed.get("best_from"), (resumed.get("best") or {}).get("epoch")
     if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
         return
     for candidate in (Path(source), Path(source).parent / f"epoch_{best_epoch:04d}.pt"):
@@ -661,26 +609,25 @@ def _bring_best_along(run_dir: Path, resumed: dict | None) -> None:
             return
 
 
-def with_history(state: dict, source: str | None) -> dict:
-    """A checkpoint's metrics rows, from the metrics.csv beside it (older formats carry them)."""
-    if "history" in state or "format_version" not in state or source is None:
+def with_history(state: dict, source: str) -> dict:
+    """A checkpoint's metrics rows, from the metrics.csv beside it (other programs' files and
+    ones that carry them are left as they are)."""
+    if "history" in state or "format_version" not in state:
         return state
     csv_path = Path(source).parent / "metrics.csv"
     history = read_history(csv_path, int(state["epoch"]))
     if len(history) < int(state["epoch"]) and ddp.is_main():
         print(
-            f"note: {csv_path} has rows for {len(history)} of the checkpoint's "
-            f"{state['epoch']} epochs; metrics.csv and loss_curve.png start from those"
+            f"note: {csv_path} has rows for {len(history)} of the checkpoint's {state['epoch']} epochs; "
+            "metrics.csv and loss_curve.png start from those"
         )
     return {**state, "history": history}
 
 
 def read_history(path: Path, epoch: int) -> list[dict]:
     """metrics.csv's rows for epochs 1..`epoch`, as int/float: rewritten, the same bytes."""
-    if not path.is_file():
-        return []
     history: list[dict] = []
-    with open(path, newline="") as rows:
+    with contextlib.suppress(FileNotFoundError), open(path, newline="") as rows:
         for row in csv.DictReader(rows):
             try:
                 parsed = {k: int(v) if k in ("epoch", "step") else float(v) for k, v in row.items()}

@@ -119,6 +119,77 @@ def test_at_most_one_write_in_flight(tmp_path, monkeypatch):
     assert os.path.samefile(saver.run_dir / "last.pt", saver.run_dir / "step_00000003.pt")
 
 
+def test_then_runs_when_the_background_write_is_durable(tmp_path, monkeypatch):
+    """The trackers get a checkpoint's values as soon as its file is durable, not at the next
+    save: a kill between two async saves leaves them with what the newest file holds."""
+    release, durable, seen = threading.Event(), threading.Event(), []
+    real_save = engine.run_dir.atomic_save
+
+    def held_save(state, path):
+        assert release.wait(30)
+        real_save(state, path)
+
+    def then():
+        seen.append(os.path.samefile(saver.run_dir / "last.pt", saver.run_dir / "step_00000001.pt"))
+        durable.set()
+
+    monkeypatch.setattr(engine.run_dir, "atomic_save", held_save)
+    _, state = _state()
+    saver = _saver(tmp_path, "run", True)
+    saver.save(state, "step_00000001.pt", then=then)
+    assert not durable.wait(0.3)  # still writing: nothing handed to the trackers
+    release.set()
+    assert durable.wait(30) and seen == [True]  # no save(), wait() or close() needed
+    saver.close()
+
+
+def test_train_async_trackers_hold_what_the_newest_durable_checkpoint_holds(tmp_path, monkeypatch):
+    import train
+    from engine.loggers import TensorBoardLogger
+
+    sent: list[dict] = []
+    real_send = TensorBoardLogger.send
+
+    def recording_send(self, entries):
+        sent.extend(entries)
+        real_send(self, entries)
+
+    monkeypatch.setattr(TensorBoardLogger, "send", recording_send)
+    written: list = []
+    real_save, real_wait = engine.run_dir.atomic_save, CheckpointSaver.wait
+
+    def recording_save(state, path):
+        real_save(state, path)
+        written.append((path.name, state["global_step"]))
+
+    def checked_wait(self):
+        real_wait(self)  # the newest write is durable now
+        periodic = [step for name, step in written if name != "best.pt"]
+        if periodic:  # every value the file holds, and none after it
+            assert max(entry["step"] for entry in sent) == periodic[-1]
+
+    monkeypatch.setattr(engine.run_dir, "atomic_save", recording_save)
+    monkeypatch.setattr(CheckpointSaver, "wait", checked_wait)
+    cfg = compose(
+        "train",
+        [
+            "experiment=quadratic_csv",
+            "trainer.epochs=3",
+            "trainer.device=cpu",
+            "trainer.log_every_n_steps=1",
+            "checkpoint.every_n_epochs=1",
+            "checkpoint.every_n_steps=3",
+            "checkpoint.async=true",
+            "logger=[csv,tensorboard]",
+            f"checkpoint.root={tmp_path}",
+            "run_name=tracked",
+        ],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(cfg)
+    assert len(written) > 3 and max(entry["step"] for entry in sent) == written[-1][1]
+
+
 def test_failed_background_write_raises_at_next_save_and_keeps_old_files(tmp_path, monkeypatch):
     _, state = _state()
     saver = _saver(tmp_path, "run", True)
