@@ -123,10 +123,8 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in params])
             self._log_rows(history, have=self._steps(run))
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
-            raise UserError(
-                f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; expected an MLflow SQLite file "
-                f"(sqlite:///PATH/mlflow.db) or a reachable MLflow server (http://HOST:PORT)"
-            ) from None
+            expected = "an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a reachable server (http://HOST:PORT)"
+            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; expected {expected}") from None
         print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
         if changed:
             more = " ..." if len(changed) > 6 else ""
@@ -304,7 +302,6 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
             write_csv(run_dir / "metrics.csv", history)
         except BaseException:
             _close_all(opened, "FAILED")
-            opened.clear()
             raise
 
     on_main(open_all)
@@ -327,9 +324,8 @@ def check_logger_config(section: Any) -> dict[str, dict]:
     for name, settings in chosen.items():
         if name not in KNOWN:
             raise UserError(f"logger.{name}: unknown tracker; expected csv, tensorboard or mlflow")
-        extra = (
-            [k for k in settings if k not in KNOWN[name]] if isinstance(settings, dict) else ["(expected a mapping)"]
-        )
+        keys = settings if isinstance(settings, dict) else ["(expected a mapping)"]
+        extra = [k for k in keys if k not in KNOWN[name]]
         if extra:
             raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: {', '.join(KNOWN[name]) or 'none'}")
     flush = chosen.get("tensorboard", {}).get("flush_secs", 30)

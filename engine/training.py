@@ -80,12 +80,9 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.module = self.averaged.module  # the averaged model, what validation runs
         if channels_last:  # as train.py trains the model
             self.module.to(memory_format=torch.channels_last)
-
-    @property
-    def module(self) -> nn.Module:  # the averaged model, what validation runs
-        return self.averaged.module
 
     def update(self, model: nn.Module) -> None:
         self.averaged.update_parameters(model)
@@ -125,10 +122,8 @@ class EarlyStopping:
     @property
     def reason(self) -> str:
         best = "none" if self.best is None else f"{self.best:.4g}"
-        return (
-            f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} "
-            f"for {self.wait} epochs (patience {self.patience}, best {best})"
-        )
+        since = f"for {self.wait} epochs (patience {self.patience}, best {best})"
+        return f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} {since}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "best": self.best, "wait": self.wait}
@@ -245,21 +240,18 @@ def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, s
         for module, training in modes.items():  # each module's own flag (frozen BN stays)
             module.training = training
     called = {row[0] for row in rows}
-    never = [
-        (name, type(m).__name__, "-", f"{parameter_counts(m)[0]:,}") for name, m in leaves.items() if name not in called
-    ]
-    return rows + never
+    never = [(name, m) for name, m in leaves.items() if name not in called]
+    return rows + [(name, type(m).__name__, "-", f"{parameter_counts(m)[0]:,}") for name, m in never]
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     if len(rows) > MAX_ROWS:
         half = MAX_ROWS // 2
         rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] + rows[-half:]
-    header = ("layer", "type", "output shape", "params")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    table = [("layer", "type", "output shape", "params"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
     return [
-        "  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3].rjust(widths[3])]).rstrip()
-        for r in [header, *rows]
+        "  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3].rjust(widths[3])]).rstrip() for r in table
     ]
 
 
@@ -267,15 +259,11 @@ def model_summary(model: nn.Module, split: Split, device: torch.device) -> str:
     """What train.py prints at the start (`trainer.model_summary`): parameter counts, size, and
     the layer table for the first two samples of `split`."""
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        return (
-            f"model {type(model).__name__}: lazy (uninitialised) parameters; no summary "
-            f"before the first batch (trainer.model_summary=false hides this line)"
-        )
+        why = "lazy (uninitialised) parameters; no summary before the first batch"
+        return f"model {type(model).__name__}: {why} (trainer.model_summary=false hides this line)"
     total, trainable = parameter_counts(model)
-    lines = [
-        f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable, "
-        f"{total - trainable:,} frozen), {size_mib(model):.2f} MiB with buffers"
-    ]
+    counts = f"{total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen)"
+    lines = [f"model {type(model).__name__}: {counts}, {size_mib(model):.2f} MiB with buffers"]
     try:
         with torch.random.fork_rng(devices=[]):  # a Dataset drawing in __getitem__
             if isinstance(split, TensorSplit):
