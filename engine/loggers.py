@@ -1,9 +1,6 @@
-"""Experiment tracking (configs/logger/): metrics.csv always, TensorBoard and MLflow when
-chosen (`logger=[csv,tensorboard,mlflow]`); rank 0 only under torchrun.
-
-Trackers get a value only once a checkpoint holding it is written (`Loggers.hand_over`): a killed
-run's tracker never holds what its resume trains again, so a resume deletes nothing and goes on
-logging in the same tracker run (the MLflow run id is the checkpoint's `loggers` key)."""
+"""Experiment tracking (configs/logger/): metrics.csv always, TensorBoard and MLflow when chosen;
+rank 0 only. Trackers get a value once a checkpoint holds it (`Loggers.hand_over`): a resume deletes
+nothing and goes on in the same tracker run (the MLflow run id is the checkpoint's `loggers` key)."""
 
 from __future__ import annotations
 
@@ -33,9 +30,8 @@ FOLDER_TAG = "run_folder"  # MLflow tag: finds a run whose process died before a
 
 
 class TensorBoardLogger:
-    """Event files in <run>/tensorboard/ (x axis: global step), made at the first send. A
-    resumed writer hides steps after its checkpoint (`purge_step`): only a resume from an
-    earlier checkpoint than the last finds any."""
+    """Event files in <run>/tensorboard/ (x axis: global step), made at the first send. A resumed
+    writer hides the steps after its checkpoint (`purge_step`), left by a resume from an earlier one."""
 
     def __init__(self, run_dir: Path, config: dict, history: list[dict], step: int, flush_secs: int) -> None:
         self.dir, self.writer = run_dir / "tensorboard", None
@@ -44,9 +40,7 @@ class TensorBoardLogger:
             tempfile.TemporaryFile(dir=self.dir).close()
         except OSError as err:
             what = "not a folder" if self.dir.exists() and not self.dir.is_dir() else err.strerror
-            raise UserError(
-                f"{self.dir}: {what}; logger=tensorboard expected a folder it can write its event files to"
-            ) from None
+            raise UserError(f"{self.dir}: {what}; logger=tensorboard expected a folder it can write to") from None
         self.new = not any(self.dir.glob("events.out.tfevents.*"))
         self.config, self.history, self.step, self.flush = config, list(history), step, flush_secs
 
@@ -55,9 +49,8 @@ class TensorBoardLogger:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
-            self.writer = SummaryWriter(
-                str(self.dir), flush_secs=self.flush, purge_step=self.step + 1 if not self.new else None
-            )
+            purge = None if self.new else self.step + 1
+            self.writer = SummaryWriter(str(self.dir), flush_secs=self.flush, purge_step=purge)
             if self.new:  # a new run (or the first with tensorboard): config, earlier epochs
                 text = OmegaConf.to_yaml(self.config).replace("\n", "\n    ")
                 self.writer.add_text("config", "    " + text, self.step)
@@ -84,10 +77,9 @@ class TensorBoardLogger:
 
 
 class MLflowLogger:
-    """One MLflow run per training run, opened at start so that its id is in the first
-    checkpoint; one of this folder that never got a value (killed before that) is taken again.
-    A resume reopens it and logs the checkpoint's epochs it lacks (tracking failed mid-run),
-    unless it holds later ones (a resume from an earlier checkpoint: MLflow cannot delete)."""
+    """One MLflow run per training run, opened at start so that its id is in the first checkpoint.
+    A resume reopens it and logs the epochs it lacks; MLflow cannot delete, so one holding later
+    epochs (a resume from an earlier checkpoint) is left as it is and a new run starts."""
 
     def __init__(
         self,
@@ -104,13 +96,11 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient  # installed: check_logger_config
 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # table creation chatter
-        # It logs, with a traceback, the errors it then raises to us: said in one line.
-        logging.getLogger("mlflow.store.db").setLevel(logging.CRITICAL)
+        logging.getLogger("mlflow.store.db").setLevel(logging.CRITICAL)  # tracebacks of what it raises
         self.artifacts, self.failed = artifacts, False
         self.db = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
         try:
-            # MLflow creates a new SQLite store's tables on first use: two runs doing it at
-            # once clash (a table that already exists); a flock on <db>.lock takes turns.
+            # Two runs creating a new SQLite store's tables at once clash: a flock on <db>.lock takes turns.
             if self.db is not None:
                 self.db.parent.mkdir(parents=True, exist_ok=True)
             with open(f"{self.db}.lock", "a") if self.db else nullcontext() as lock:
@@ -119,46 +109,32 @@ class MLflowLogger:
 
                     fcntl.flock(lock, fcntl.LOCK_EX)  # closing the file releases it
                 self.client = MlflowClient(tracking_uri)
-            # The start-up probe: MLflow retries a server that is not there for 4 minutes;
-            # this gets one try of 5 s (unless set). patch.dict undoes it; later calls retry.
+            # MLflow retries a missing server for 4 minutes: the start-up probe tries once (5 s).
             with patch.dict(os.environ, {k: v for k, v in QUICK.items() if k not in os.environ}):
                 self.client.search_experiments(max_results=1)
-            run = self._open_run(
-                run_id, history[-1]["epoch"] if history else 0, experiment, run_name, str(run_dir.resolve())
-            )
-            self.run_id, have = run.info.run_id, self._steps(run)
+            epoch = history[-1]["epoch"] if history else 0
+            run = self._open_run(run_id, epoch, experiment, run_name, str(run_dir.resolve()))
+            self.run_id, params = run.info.run_id, run.data.params
             if run.info.status != "RUNNING":
                 self.client.update_run(self.run_id, status="RUNNING")
             # Params cannot change within a run: a resume keeps them and names those changed.
             flat = {k: str(v)[:PARAM_LENGTH] for k, v in _flatten(config).items()}
-            changed = [k for k, v in flat.items() if run.data.params.get(k, v) != v]
-            self.client.log_batch(
-                self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in run.data.params]
-            )
-            self._log_rows(
-                [
-                    {k: v for k, v in row.items() if k in ("epoch", "step") or row["epoch"] not in have.get(k, ())}
-                    for row in history
-                ]
-            )
+            changed = [k for k, v in flat.items() if params.get(k, v) != v]
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in params])
+            self._log_rows(history, have=self._steps(run))
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
-            raise UserError(
-                f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; "
-                f"expected an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a "
-                f"reachable MLflow server (http://HOST:PORT)"
-            ) from None
+            expected = "an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a reachable server (http://HOST:PORT)"
+            raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; expected {expected}") from None
         print(f"mlflow: run {self.run_id} in experiment {experiment!r} at {tracking_uri}")
         if changed:
-            print(
-                f"mlflow: params keep their first values; changed on resume: "
-                f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}"
-            )
+            more = " ..." if len(changed) > 6 else ""
+            print(f"mlflow: params keep their first values; changed on resume: {', '.join(changed[:6])}{more}")
 
     def _steps(self, run: Any) -> dict[str, set[int]]:
         return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
 
     def _open_run(self, run_id: str | None, epoch: int, experiment: str, run_name: str, folder: str) -> Any:
-        """The checkpoint's run, else this folder's run that never got a value, else new."""
+        """The checkpoint's run, else this folder's run that never got a value (killed before), else new."""
         from mlflow.exceptions import MlflowException
 
         if run_id:
@@ -177,13 +153,9 @@ class MLflowLogger:
         if found is not None and found.lifecycle_stage == "deleted":
             self.client.restore_experiment(found.experiment_id)
         # A SQLite store keeps the artifacts beside it, not in ./mlruns of the working folder.
-        where = self.db and (self.db.parent / "mlartifacts" / experiment.replace("/", "_"))
+        where = self.db and (self.db.parent / "mlartifacts" / experiment.replace("/", "_")).resolve().as_uri()
         try:
-            experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(experiment, artifact_location=where and where.resolve().as_uri())
-            )
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, where)
         except MlflowException:  # another job of a sweep created it just now
             experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
         for run in self.client.search_runs([experiment_id], "attributes.status != 'FINISHED'", max_results=1000):
@@ -191,15 +163,16 @@ class MLflowLogger:
                 return run
         return self.client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: folder})
 
-    def _log_rows(self, rows: list[dict]) -> None:
+    def _log_rows(self, rows: list[dict], have: dict[str, set[int]] | None = None) -> None:
+        """Each row's values at its epoch, but those `have` (key -> epochs) already holds."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now, have = int(time.time() * 1000), have or {}
         metrics = [
-            Metric(k, float(v), now, int(row["epoch"]))
+            Metric(key, float(value), now, int(row["epoch"]))
             for row in rows
-            for k, v in row.items()
-            if k not in ("epoch", "step")
+            for key, value in row.items()
+            if key not in ("epoch", "step") and row["epoch"] not in have.get(key, ())
         ]
         self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -212,14 +185,8 @@ class MLflowLogger:
 
         def finish() -> None:
             logged = self.client.get_run(self.run_id).data.metrics
-            self._log_rows(
-                [
-                    {
-                        "epoch": history[-1]["epoch"] if history else 0,
-                        **{k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged},
-                    }
-                ]
-            )
+            tests = {k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged}
+            self._log_rows([{"epoch": history[-1]["epoch"] if history else 0, **tests}])
             best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
             if self.artifacts and best.is_file():
                 self.client.log_artifact(self.run_id, str(best.resolve()))
@@ -239,16 +206,12 @@ class MLflowLogger:
             action()
         except Exception as err:  # noqa: BLE001
             self.failed = True
-            print(
-                f"warning: mlflow: {_reason(err)}; training goes on without MLflow "
-                f"(resume=auto fills in the missing epochs)",
-                flush=True,
-            )
+            why = f"{_reason(err)}; training goes on without MLflow (resume=auto fills in the missing epochs)"
+            print(f"warning: mlflow: {why}", flush=True)
 
 
 def _reason(err: BaseException) -> str:
-    """One line: the innermost OS or database error under MLflow's, requests' and
-    SQLAlchemy's wrappers, else the first sentence of the error."""
+    """The innermost OS or database error under MLflow's, requests' and SQLAlchemy's wrappers."""
     found, inner, depth = None, err, 0
     while inner is not None and (depth := depth + 1) < 20:
         if isinstance(getattr(inner, "orig", None), Exception):  # SQLAlchemy's DBAPIError
@@ -261,9 +224,10 @@ def _reason(err: BaseException) -> str:
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        flat.update(
-            _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
-        )
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -301,15 +265,11 @@ class Loggers:
         self.hand_over()()
         for tracker in self.trackers:
             tracker.finish(run_dir, history, metrics, again)
-        self.close("FINISHED")
-
-    def close(self, status: str = "KILLED") -> None:
         self._closer.detach()
-        _close_all(self.trackers, status)
+        _close_all(self.trackers, "FINISHED")
 
     def state_dict(self) -> dict[str, str]:
-        """The `loggers` key; a resumed one's entries stay when their tracker is not chosen
-        this time (choosing it again continues its run)."""
+        """The `loggers` key; a resumed run's entries stay while their tracker is not chosen."""
         mlflow = [t.run_id for t in self.trackers if isinstance(t, MLflowLogger)]
         return {**self.carried, **({"mlflow_run_id": mlflow[0]} if mlflow else {})}
 
@@ -320,45 +280,29 @@ def _close_all(trackers: list[Any], status: str) -> None:
 
 
 def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any) -> Loggers:
-    """The trackers `logger=` chose, opened to continue `resumed`'s run (rank 0: on_main,
-    where one that cannot start stops every rank), then metrics.csv is rewritten from the
-    history; none but metrics.csv under trainer.fast_dev_run (nothing is kept)."""
+    """The chosen trackers, continuing `resumed`'s run (rank 0: one that cannot start stops every
+    rank), then metrics.csv rewritten from the history; only metrics.csv under fast_dev_run."""
     carried = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
     chosen = {} if cfg.trainer.fast_dev_run else check_logger_config(cfg.get("logger"))
     opened: list[Any] = []
 
     def open_all() -> None:
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        history, root, folder = progress.history, Path(str(cfg.checkpoint.root)).resolve(), run_dir.resolve()
         try:
             if "tensorboard" in chosen:
-                opened.append(
-                    TensorBoardLogger(
-                        run_dir,
-                        config,
-                        progress.history,
-                        progress.global_step,
-                        int(chosen["tensorboard"].get("flush_secs", 30)),
-                    )
-                )
+                flush = int(chosen["tensorboard"].get("flush_secs", 30))
+                opened.append(TensorBoardLogger(run_dir, config, history, progress.global_step, flush))
             if "mlflow" in chosen:
-                settings, root = chosen["mlflow"], Path(str(cfg.checkpoint.root)).resolve()
-                name = run_dir.resolve().relative_to(root) if run_dir.resolve().is_relative_to(root) else run_dir.name
-                opened.append(
-                    MLflowLogger(
-                        str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db"),
-                        str(settings.get("experiment_name") or cfg.run_name or cfg.name),
-                        run_dir,
-                        str(name),
-                        config,
-                        progress.history,
-                        carried.get("mlflow_run_id"),
-                        bool(settings.get("artifacts", True)),
-                    )
-                )
-            write_csv(run_dir / "metrics.csv", progress.history)
+                settings = chosen["mlflow"]
+                uri = str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db")
+                experiment = str(settings.get("experiment_name") or cfg.run_name or cfg.name)
+                name = str(folder.relative_to(root) if folder.is_relative_to(root) else run_dir.name)
+                run_id, artifacts = carried.get("mlflow_run_id"), bool(settings.get("artifacts", True))
+                opened.append(MLflowLogger(uri, experiment, run_dir, name, config, history, run_id, artifacts))
+            write_csv(run_dir / "metrics.csv", history)
         except BaseException:
             _close_all(opened, "FAILED")
-            opened.clear()
             raise
 
     on_main(open_all)
@@ -367,28 +311,22 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
 
 def _same_run(cfg: DictConfig, run_dir: Path) -> bool:
     """A branch into another folder or resume_mode=weights starts new tracker runs."""
-    return (
-        str(cfg.get("resume_mode", "exact")) == "exact"
-        and cfg.resume is not None
-        and (str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve())
-    )
+    if str(cfg.get("resume_mode", "exact")) != "exact" or cfg.resume is None:
+        return False
+    return str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve()
 
 
 def check_logger_config(section: Any) -> dict[str, dict]:
     """`logger`: a mapping of tracker name to its settings, names and keys from KNOWN."""
-    if isinstance(section, DictConfig):
-        section = OmegaConf.to_container(section, resolve=True)
+    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
     if not isinstance(section or {}, dict):
         raise UserError(f"logger={section!r}: expected a mapping; choose trackers with logger=[csv,tensorboard,mlflow]")
     chosen = {name: settings or {} for name, settings in (section or {}).items()}
     for name, settings in chosen.items():
         if name not in KNOWN:
-            raise UserError(
-                f"logger.{name}: unknown tracker; expected csv, tensorboard or mlflow (logger=[csv,tensorboard])"
-            )
-        extra = (
-            [k for k in settings if k not in KNOWN[name]] if isinstance(settings, dict) else ["(expected a mapping)"]
-        )
+            raise UserError(f"logger.{name}: unknown tracker; expected csv, tensorboard or mlflow")
+        keys = settings if isinstance(settings, dict) else ["(expected a mapping)"]
+        extra = [k for k in keys if k not in KNOWN[name]]
         if extra:
             raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: {', '.join(KNOWN[name]) or 'none'}")
     flush = chosen.get("tensorboard", {}).get("flush_secs", 30)

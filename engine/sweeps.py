@@ -1,18 +1,13 @@
-"""Multirun (-m) sweeps: the summary callback (hydra.callbacks in train.yaml) and what the
-Optuna sweeper (hydra_plugins/torch_template/) shares with it: a job's run folder and best value.
-
-Each job leaves a record in <sweep dir>/.sweep_jobs/ ("running" at its start, "ok" or "failed"
-at its end; one still "running" when the sweep is over was interrupted). After each job, at the
-end and when the sweep stops early, this sweep's records (a re-run of the same command is the
-same sweep) become summary.csv, summary.md (sorted by checkpoint.monitor) and summary.png.
-"""
+"""Multirun (-m) sweeps: the summary callback (hydra.callbacks in train.yaml) and what the Optuna
+sweeper shares with it. Each job leaves a record in <sweep dir>/.sweep_jobs/: "running", then "ok" or
+"failed" (still "running" once the sweep is over: interrupted). After each job and at the end, this
+sweep's records (a re-run of the same command is the same sweep) become summary.csv/.md/.png."""
 
 from __future__ import annotations
 
 import atexit
 import csv
 import hashlib
-import io
 import json
 import math
 from contextlib import suppress
@@ -26,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.config import from_start_dir
 from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, one_line
+from engine.metrics import write_csv
 from engine.run_dir import run_dir_for, run_name_for, write_atomic
 
 RECORDS = ".sweep_jobs"
@@ -58,138 +54,94 @@ def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
 
 
 def best_of(run_dir: Path, monitor: str, mode: str) -> tuple[float | None, int | None]:
-    """(best finite value of `monitor`, its epoch) in the run's metrics.csv; (None, None)."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None, None
-    best: tuple[float | None, int | None] = (None, None)
-    with open(path, newline="") as rows:
+    """(best finite value of `monitor`, its first epoch) in the run's metrics.csv; else (None, None)."""
+    found: list[tuple[float, int]] = []
+    with suppress(OSError), open(run_dir / "metrics.csv", newline="") as rows:
         for row in csv.DictReader(rows):
-            try:
-                value, epoch = float(row[monitor]), int(row["epoch"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if math.isfinite(value) and (best[0] is None or (value < best[0] if mode == "min" else value > best[0])):
-                best = (value, epoch)
-    return best
+            with suppress(KeyError, TypeError, ValueError):
+                found.append((float(row[monitor]), int(row["epoch"])))
+    finite = [(value, epoch) for value, epoch in found if math.isfinite(value)]
+    pick = min if mode == "min" else max
+    return pick(finite, key=lambda item: item[0]) if finite else (None, None)
 
 
 class SweepSummary(Callback):
     """Records each job of a multirun and writes the sweep's summary."""
 
     def __init__(self, plot: bool = True) -> None:
-        self.plot = plot
-        self.sweep_dir: Path | None = None
-        self.sweep: str = ""
+        self.plot, self.sweep_dir, self.sweep = plot, None, ""
         self.monitor, self.mode = "val_loss", "min"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        if config.hydra.job.chdir:  # the jobs run inside their folders: keep to this one
-            self.sweep_dir = self.sweep_dir.absolute()
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may chdir into theirs
         self.sweep = sweep_id(list(config.hydra.overrides.task))
-        self.monitor = str(config.checkpoint.monitor)
-        self.mode = str(config.checkpoint.mode)
+        self.monitor, self.mode = str(config.checkpoint.monitor), str(config.checkpoint.mode)
         self.basic = str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
-        self.ended = False
-        atexit.register(self._stopped_early)  # Ctrl-C, a stopped job: the summary still
+        atexit.register(self.write, final=True)  # Ctrl-C, a stopped job: the summary still
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.ended = True
+        atexit.unregister(self.write)
         rows = self.write(final=True)
         if self.basic and any(r["status"] != "ok" for r in rows):  # exit 2 as a failed run
             raise SystemExit(EXIT_BAD_INPUT)
 
-    def _stopped_early(self) -> None:
-        if not self.ended:
-            self.write(final=True)
-
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.sweep_dir is None:  # a single run
-            return
-        job_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-        self._record(
-            config,
-            {
-                "status": "running",
-                "run_dir": str(job_run_dir(job_cfg, config)),
-                "monitor": str(config.checkpoint.monitor),
-                "mode": str(config.checkpoint.mode),
-            },
-        )
+        if self.sweep_dir is not None:  # else a single run
+            run_dir = job_run_dir(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), config)
+            monitor, mode = str(config.checkpoint.monitor), str(config.checkpoint.mode)
+            self._record(config, {"status": "running", "run_dir": str(run_dir), "monitor": monitor, "mode": mode})
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if self.sweep_dir is None:
-            return
-        error = job_error(job_return)
-        self._record(config, {"status": "ok"} if error is None else {"status": "failed", "error": error})
-        self.write()
+        if self.sweep_dir is not None:
+            error = job_error(job_return)
+            self._record(config, {"status": "ok"} if error is None else {"status": "failed", "error": error})
+            self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
         key = run_name_for(config, config.hydra).rpartition("/")[2]
         path = self.sweep_dir / RECORDS / f"{key}.json"  # a job run again starts afresh:
-        fresh = update["status"] == "running" or not path.is_file()
-        record = {} if fresh else json.loads(path.read_text())
+        record = {} if update["status"] == "running" or not path.is_file() else json.loads(path.read_text())
         record.update(update, sweep=self.sweep, job=key, overrides=list(config.hydra.overrides.task))
         write_atomic(path, lambda out: out.write(json.dumps(record, indent=1) + "\n"))
 
     def rows(self, final: bool) -> list[dict]:
         """This sweep's jobs; a "running" job is "interrupted" once the sweep is over."""
-        rows = []
+        records = []
         for path in sorted((self.sweep_dir / RECORDS).glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if record.get("sweep") != self.sweep:
-                continue
-            status = record.get("status", "failed")
-            status = "interrupted" if final and status == "running" else status
-            run_dir = Path(record.get("run_dir", ""))
-            best, epoch = best_of(run_dir, record.get("monitor", self.monitor), record.get("mode", self.mode))
-            row = {
-                "job": record.get("job"),
-                "overrides": " ".join(record.get("overrides", [])),
-                "status": status,
-                f"best_{self.monitor}": best,
-                "best_epoch": epoch,
-            }
-            if status == "ok":
-                with suppress(OSError, ValueError):  # no test_metrics.json, or a broken one
-                    tests = json.loads((run_dir / "test_metrics.json").read_text())
-                    row.update({k: v for k, v in tests.items() if k.startswith("test_")})
-            best_pt = run_dir / "best.pt"
-            row["best_pt"] = str(best_pt) if best_pt.is_file() else ""
-            row["error"] = record.get("error", "")
-            rows.append(row)
-        return rows
+            with suppress(OSError, ValueError):  # unreadable or not JSON: left out
+                records.append(json.loads(path.read_text()))
+        return [self._row(record, final) for record in records if record.get("sweep") == self.sweep]
+
+    def _row(self, record: dict, final: bool) -> dict:
+        status = record.get("status", "failed")
+        status = "interrupted" if final and status == "running" else status
+        run_dir = Path(record.get("run_dir", ""))
+        best, epoch = best_of(run_dir, record.get("monitor", self.monitor), record.get("mode", self.mode))
+        row = {"job": record.get("job"), "overrides": " ".join(record.get("overrides", [])), "status": status}
+        row.update({f"best_{self.monitor}": best, "best_epoch": epoch})
+        if status == "ok":
+            with suppress(OSError, ValueError):  # no test_metrics.json, or a broken one
+                tests = json.loads((run_dir / "test_metrics.json").read_text())
+                row.update({k: v for k, v in tests.items() if k.startswith("test_")})
+        best_pt = run_dir / "best.pt"
+        return {**row, "best_pt": str(best_pt) if best_pt.is_file() else "", "error": record.get("error", "")}
 
     def write(self, final: bool = False) -> list[dict]:
         """Write summary.csv, summary.md (and the plot); the rows."""
-        if self.sweep_dir is None:
-            return []
-        rows = self.rows(final)
+        rows = self.rows(final) if self.sweep_dir is not None else []
         if not rows:
             return rows
-        key = f"best_{self.monitor}"
-        ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * (1 if self.mode == "min" else -1)))
+        key, sign = f"best_{self.monitor}", 1 if self.mode == "min" else -1
+        ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * sign))
         columns = list(dict.fromkeys(k for row in ranked for k in row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(self.sweep_dir / "summary.csv", lambda out: out.write(text.getvalue()))
+        write_csv(self.sweep_dir / "summary.csv", [{c: row.get(c) for c in columns} for row in rows])
         write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(_markdown(ranked, columns, key, self.mode)))
         if self.plot:
             _plot(ranked, key, self.sweep_dir / "summary.png")
         if final:
             bad = ", ".join(f"{r['job']} {r['status']}" for r in rows if r["status"] != "ok")
-            print(
-                f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs"
-                + (f"; not ok: {bad}" if bad else ", all ok")
-                + ")",
-                flush=True,
-            )
+            verdict = f"; not ok: {bad}" if bad else ", all ok"
+            print(f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs{verdict})", flush=True)
         return rows
 
 
@@ -201,33 +153,21 @@ def _cell(value: Any) -> str:
 
 def _markdown(rows: list[dict], columns: list[str], key: str, mode: str) -> str:
     head = [c for c in columns if c not in ("job", "error")] + ["error"]
-    lines = [
-        f"# Sweep summary: sorted by {key} ({mode})",
-        "",
-        "| rank | " + " | ".join(head) + " |",
-        "|---" * (len(head) + 1) + "|",
-    ]
-    for rank, row in enumerate(rows, 1):
-        lines.append(f"| {rank} | " + " | ".join(_cell(row.get(c)) for c in head) + " |")
-    return "\n".join(lines) + "\n"
+    table = [["rank", *head], ["---"] * (len(head) + 1)]
+    table += [[str(rank), *(_cell(row.get(c)) for c in head)] for rank, row in enumerate(rows, 1)]
+    return f"# Sweep summary: sorted by {key} ({mode})\n\n" + "".join(f"| {' | '.join(r)} |\n" for r in table)
 
 
 def _plot(rows: list[dict], key: str, path: Path) -> None:
-    """Bar chart of the monitored value per job (matplotlib imported only here)."""
-    import matplotlib
+    """Bar chart of the monitored value per job; a Figure without pyplot leaves no global state."""
+    from matplotlib.figure import Figure  # imported only here: it takes a second
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in rows if r[key] is not None]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * max(len(shown), 1)))
-    try:
-        labels = [r["overrides"] or r["job"] for r in shown][::-1]
-        colors = ["tab:blue" if r["status"] == "ok" else "tab:gray" for r in shown][::-1]
-        ax.barh(range(len(shown)), [r[key] for r in shown][::-1], color=colors)
-        ax.set_yticks(range(len(shown)), [label[:60] for label in labels], fontsize=7)
-        ax.set_xlabel(f"{key} (gray: not ok)")
-        fig.tight_layout()
-        write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)
-    finally:
-        plt.close(fig)
+    shown = [r for r in rows if r[key] is not None][::-1]
+    fig = Figure(figsize=(8, 1.2 + 0.35 * max(len(shown), 1)))
+    ax = fig.subplots()
+    colors = ["tab:blue" if r["status"] == "ok" else "tab:gray" for r in shown]
+    ax.barh(range(len(shown)), [r[key] for r in shown], color=colors)
+    ax.set_yticks(range(len(shown)), [(r["overrides"] or r["job"])[:60] for r in shown], fontsize=7)
+    ax.set_xlabel(f"{key} (gray: not ok)")
+    fig.tight_layout()
+    write_atomic(path, lambda out: fig.savefig(out, format="png", dpi=100), binary=True)

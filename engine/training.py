@@ -1,11 +1,10 @@
-"""The trainer features of train.py's loop: lr schedules and accumulation windows, EMA of the
-weights, early stopping, `fast_dev_run`, the graceful stop (signals, max_time), the model
-summary. EMA and EarlyStopping are built from the config and keep their state by Fabric's
-state_dict()/load_state_dict(). Value ranges: engine/config.py, before the run."""
+"""The trainer features of train.py's loop: lr schedules, accumulation windows, EMA, early stopping,
+fast_dev_run, the graceful stop (signals, max_time), the model summary. Value ranges: engine/config.py."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine import distributed as ddp
@@ -27,15 +28,14 @@ from engine.config import build
 from engine.errors import EXIT_ABORTED, first_line, preempt_signal
 
 # ------------------------------------------------------------------ schedules, accumulation
-# Schedule lengths stay in epochs: with scheduler.interval=step these keys of the shipped
-# schedulers are scaled by optimizer steps per epoch (the curve gets smooth, not shorter).
+# With scheduler.interval=step these keys are scaled by optimizer steps per epoch: schedule
+# lengths stay in epochs (the curve gets smooth, not shorter).
 EPOCH_KEYS = ("T_max", "step_size", "warmup_epochs", "epochs")
 
 
 class WarmupCosine:
-    """lr factor at schedule step t: (t+1)/(warmup+1) while t < warmup, then cosine from 1 to
-    `floor` at step `total`. An object, not a function, so LambdaLR saves its settings in the
-    checkpoint (a resume with another trainer.epochs is refused, as for cosine's T_max)."""
+    """lr factor: (t+1)/(warmup+1) while t < warmup, then cosine from 1 to `floor` at step `total`.
+    An object, so LambdaLR saves its settings in the checkpoint (another trainer.epochs is refused)."""
 
     def __init__(self, warmup: int, total: int, floor: float) -> None:
         self.warmup, self.total, self.floor = warmup, total, floor
@@ -47,29 +47,22 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_epochs: int = 5, min_lr: float = 0.0, epochs: int = 100
-) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: Optimizer, warmup_epochs: int = 5, min_lr: float = 0.0, epochs: int = 100) -> LambdaLR:
     """configs/scheduler/warmup_cosine.yaml: linear warm-up, then cosine decay to `min_lr`."""
     floor = min_lr / optimizer.param_groups[0]["lr"]  # lr > 0: engine/config.py
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_epochs, epochs, floor))
+    return LambdaLR(optimizer, WarmupCosine(warmup_epochs, epochs, floor))
 
 
-def build_scheduler(
-    cfg: DictConfig, optimizer: torch.optim.Optimizer, batches: int
-) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
-    """(scheduler or None, True when it steps per optimizer step: scheduler.interval=step).
-    `batches`: training batches per epoch on this rank."""
-    section = cfg.get("scheduler")
-    if not section:
+def build_scheduler(cfg: DictConfig, optimizer: Optimizer, batches: int) -> tuple[LRScheduler | None, bool]:
+    """(scheduler or None, whether it steps per optimizer step); `batches`: per epoch on this rank."""
+    if not cfg.get("scheduler"):
         return None, False
-    section = OmegaConf.create(OmegaConf.to_container(section, resolve=True))
-    with open_dict(section):
-        per_step = section.pop("interval", "epoch") == "step"
-        steps = math.ceil(batches / int(cfg.trainer.get("accumulate_grad_batches", 1)))
-        section.update(
-            {key: section[key] * steps for key in EPOCH_KEYS if per_step and isinstance(section.get(key), int)}
-        )
+    section = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    per_step = section.pop("interval", "epoch") == "step"
+    steps = math.ceil(batches / int(cfg.trainer.get("accumulate_grad_batches", 1)))
+    for key in EPOCH_KEYS if per_step else ():
+        if isinstance(section.get(key), int):
+            section[key] *= steps
     return build(section, "scheduler")(optimizer), per_step
 
 
@@ -81,19 +74,15 @@ def window_length(batch: int, batches: int, size: int) -> int:
 
 # ------------------------------------------------------------------- stateful features
 class EMA:
-    """`trainer.ema_decay`: ema = decay * ema + (1 - decay) * weights after each optimizer
-    step (the first copies them), buffers too, with torch's AveragedModel. Checkpoints keep the
-    raw weights (training resumes from them) and these under `ema_state_dict`; validation,
-    best.pt, test, evaluate/predict and export use these (checkpoint.inference_weights)."""
+    """`trainer.ema_decay`: a moving average of the weights and buffers (torch's AveragedModel; the
+    first step copies). Checkpoints keep it beside the raw weights; validation, best.pt, test and
+    exports use it (checkpoint.inference_weights)."""
 
     def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.module = self.averaged.module  # the averaged model, what validation runs
         if channels_last:  # as train.py trains the model
             self.module.to(memory_format=torch.channels_last)
-
-    @property
-    def module(self) -> nn.Module:  # the averaged model, what validation runs
-        return self.averaged.module
 
     def update(self, model: nn.Module) -> None:
         self.averaged.update_parameters(model)
@@ -107,9 +96,8 @@ class EMA:
 
 
 class EarlyStopping:
-    """`early_stopping.patience`: stop once `monitor` has not improved by more than
-    `min_delta` for `patience` epochs in a row (Lightning's rule). Its counter is in the
-    checkpoint, so a resumed run stops at the epoch an uninterrupted one does."""
+    """`early_stopping.patience`: stop once `monitor` has not improved by more than `min_delta` for
+    `patience` epochs in a row (Lightning's rule); its counter is in the checkpoint."""
 
     def __init__(self, patience: int, monitor: str, mode: str, min_delta: float = 0.0) -> None:
         # str(): the config's Choice enums; the state must be plain to load weights_only
@@ -126,33 +114,25 @@ class EarlyStopping:
         value = float(row[self.monitor])
         if self.best is None:
             better = math.isfinite(value)
-        elif self.mode == "min":
-            better = value < self.best - self.min_delta
         else:
-            better = value > self.best + self.min_delta
+            better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
         self.best, self.wait = (value, 0) if better else (self.best, self.wait + 1)
         return self.stopped
 
     @property
     def reason(self) -> str:
         best = "none" if self.best is None else f"{self.best:.4g}"
-        return (
-            f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} "
-            f"for {self.wait} epochs (patience {self.patience}, best {best})"
-        )
+        since = f"for {self.wait} epochs (patience {self.patience}, best {best})"
+        return f"early stopping: {self.monitor} has not improved by more than {self.min_delta:g} {since}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "best": self.best, "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("monitor") != self.monitor:  # another metric: its counter does not apply
-            if ddp.is_main():
-                print(
-                    f"resume: early stopping now monitors {self.monitor} (the checkpoint's "
-                    f"counter is for {state.get('monitor')}); its count starts again"
-                )
-            return
-        self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+        if state.get("monitor") == self.monitor:
+            self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+        elif ddp.is_main():  # another metric: its counter does not apply
+            print(f"resume: early stopping now monitors {self.monitor}, not {state.get('monitor')}; its count restarts")
 
 
 # ------------------------------------------------------------------------- debug runs
@@ -161,20 +141,11 @@ def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
     batch in a scratch checkpoint root, removed after: nothing written. Returns its row."""
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     with tempfile.TemporaryDirectory(prefix="fast_dev_run-") as scratch, open_dict(cfg):
-        for key, value in {
-            "checkpoint.root": scratch,
-            "resume": None,
-            "trainer.epochs": 1,
-            "trainer.max_time": None,
-            "trainer.limit_train_batches": 1,
-            "trainer.limit_val_batches": 1,
-            "trainer.overfit_batches": None,
-            "checkpoint.every_n_steps": None,
-            "checkpoint.async": False,
-            "checkpoint.export": False,
-            "early_stopping.patience": None,
-        }.items():
-            OmegaConf.update(cfg, key, value)
+        batches = {"limit_train_batches": 1, "limit_val_batches": 1, "overfit_batches": None}
+        trainer = {"epochs": 1, "max_time": None, **batches}
+        checkpoint = {"root": scratch, "every_n_steps": None, "async": False, "export": False}
+        stopping = {"patience": None}
+        cfg.merge_with({"resume": None, "trainer": trainer, "checkpoint": checkpoint, "early_stopping": stopping})
         row = fit(cfg)
         if ddp.is_distributed():  # every rank done before rank 0 removes the folder
             torch.distributed.barrier()
@@ -184,25 +155,21 @@ def fast_dev_run(cfg: DictConfig, fit: Callable[[DictConfig], dict]) -> dict:
 
 
 # ---------------------------------------------------------------------- graceful stop
-# The signals that stopped a training loop of this process: the submitit launcher
-# (hydra_plugins/torch_template/launchers.py) requeues after the preemption notice, not
-# after SIGTERM or Ctrl-C.
+# The signals that stopped a training loop of this process: the submitit launcher requeues after
+# the preemption notice, not after SIGTERM or Ctrl-C.
 received: set[signal.Signals] = set()
 
 
 class StopSignal:
-    """SIGTERM (schedulers), SIGINT (Ctrl-C) or the preemption notice (errors.preempt_signal)
-    sets `reason`; the loop finishes the step, saves and exits with EXIT_INTERRUPTED. A second
-    SIGINT aborts at once, as Ctrl-C pressed twice should. `max_time`: seconds of wall clock."""
+    """SIGTERM, SIGINT or the preemption notice (errors.preempt_signal) sets `reason`: the loop
+    finishes the step, saves and exits with EXIT_INTERRUPTED; a second SIGINT aborts at once.
+    `max_time`: seconds of wall clock."""
 
     def __init__(self, max_time: float | None = None) -> None:
         self.reason: str | None = None
         self.deadline = time.monotonic() + max_time if max_time else None
-        self._previous = {
-            sig: signal.signal(sig, self._handle)
-            for sig in dict.fromkeys((signal.SIGINT, signal.SIGTERM, preempt_signal()))
-            if sig is not None
-        }
+        signals = dict.fromkeys(sig for sig in (signal.SIGINT, signal.SIGTERM, preempt_signal()) if sig is not None)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.reason is not None and signum == signal.SIGINT:
@@ -210,11 +177,8 @@ class StopSignal:
             os._exit(EXIT_ABORTED)
         received.add(signal.Signals(signum))
         self.reason = signal.Signals(signum).name
-        print(
-            f"\n{self.reason}: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
-            file=sys.stderr,
-            flush=True,
-        )
+        message = f"\n{self.reason}: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)"
+        print(message, file=sys.stderr, flush=True)
 
     def out_of_time(self, reserve: float) -> bool:
         """True once the wall-clock budget minus `reserve` seconds (a save) is spent."""
@@ -239,8 +203,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def size_mib(model: nn.Module) -> float:
     """Memory of the parameters and buffers (what a checkpoint of the weights holds)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
 
 
 def _shape(output: Any) -> str:
@@ -254,26 +217,21 @@ def _shape(output: Any) -> str:
 
 
 def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, str, str]]:
-    """(name, type, output shape, params) per leaf call in order, by forward hooks (no
-    torchinfo); "(reused)" for a module called again, shape "-" for one never called. Eval,
-    no grad, forked RNG, train flags put back: a run with the summary is bitwise one without."""
+    """(name, type, output shape, params) per leaf call in order, by forward hooks (no torchinfo):
+    "(reused)" for a module called again, shape "-" for one never called. Eval, no grad, forked
+    RNG, train flags put back: a run with the summary is bitwise one without."""
     leaves = {name: m for name, m in model.named_modules() if not any(m.children())}
     rows: list[tuple[str, str, str, str]] = []
-    called: set[str] = set()
 
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, _args: Any, output: Any) -> None:
-            params = sum(p.numel() for p in module.parameters())
-            rows.append((name, type(module).__name__, _shape(output), "(reused)" if name in called else f"{params:,}"))
-            called.add(name)
+    def hook(name: str, module: nn.Module, _args: Any, output: Any) -> None:
+        reused = any(row[0] == name for row in rows)
+        params = "(reused)" if reused else f"{parameter_counts(module)[0]:,}"
+        rows.append((name, type(module).__name__, _shape(output), params))
 
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in leaves.items()]
+    handles = [m.register_forward_hook(functools.partial(hook, name)) for name, m in leaves.items()]
     modes = {m: m.training for m in model.modules()}
-    devices = [inputs.device] if inputs.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []), torch.no_grad():
             model.eval()
             model(inputs)
     finally:
@@ -281,49 +239,40 @@ def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, s
             handle.remove()
         for module, training in modes.items():  # each module's own flag (frozen BN stays)
             module.training = training
-    rows += [
-        (name, type(m).__name__, "-", f"{sum(p.numel() for p in m.parameters()):,}")
-        for name, m in leaves.items()
-        if name not in called
-    ]
-    return rows
+    called = {row[0] for row in rows}
+    never = [(name, m) for name, m in leaves.items() if name not in called]
+    return rows + [(name, type(m).__name__, "-", f"{parameter_counts(m)[0]:,}") for name, m in never]
 
 
-def _table(rows: list[tuple[str, str, str, str]], max_rows: int) -> list[str]:
-    if len(rows) > max_rows:
-        half = max_rows // 2
+def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    if len(rows) > MAX_ROWS:
+        half = MAX_ROWS // 2
         rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] + rows[-half:]
-    header = ("layer", "type", "output shape", "params")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    table = [("layer", "type", "output shape", "params"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
     return [
-        "  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3].rjust(widths[3])]).rstrip()
-        for r in [header, *rows]
+        "  " + "  ".join([*(r[i].ljust(widths[i]) for i in range(3)), r[3].rjust(widths[3])]).rstrip() for r in table
     ]
 
 
-def model_summary(model: nn.Module, split: Split, device: torch.device, max_rows: int = MAX_ROWS) -> str:
-    """What train.py prints at the start (`trainer.model_summary`): parameter counts, size,
-    and the layer table for the first two samples of `split`."""
+def model_summary(model: nn.Module, split: Split, device: torch.device) -> str:
+    """What train.py prints at the start (`trainer.model_summary`): parameter counts, size, and
+    the layer table for the first two samples of `split`."""
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        return (
-            f"model {type(model).__name__}: lazy (uninitialised) parameters; no summary "
-            f"before the first batch (trainer.model_summary=false hides this line)"
-        )
+        why = "lazy (uninitialised) parameters; no summary before the first batch"
+        return f"model {type(model).__name__}: {why} (trainer.model_summary=false hides this line)"
     total, trainable = parameter_counts(model)
-    lines = [
-        f"model {type(model).__name__}: {total:,} parameters ({trainable:,} trainable, "
-        f"{total - trainable:,} frozen), {size_mib(model):.2f} MiB with buffers"
-    ]
+    counts = f"{total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen)"
+    lines = [f"model {type(model).__name__}: {counts}, {size_mib(model):.2f} MiB with buffers"]
     try:
         with torch.random.fork_rng(devices=[]):  # a Dataset drawing in __getitem__
-            inputs = (
-                split.x[:2]
-                if isinstance(split, TensorSplit)
-                else torch.stack([torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))])
-            ).to(device)
+            if isinstance(split, TensorSplit):
+                inputs = split.x[:2].to(device)
+            else:
+                inputs = torch.stack([torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))]).to(device)
         rows = layer_rows(model, inputs)
     except Exception as err:  # the summary never decides whether a run starts
         lines.append(f"  (no layer table: the forward of a sample batch failed: {first_line(err)})")
     else:
-        lines += [f"  layers for an input batch of shape {list(inputs.shape)}:", *_table(rows, max_rows)]
+        lines += [f"  layers for an input batch of shape {list(inputs.shape)}:", *_table(rows)]
     return "\n".join(lines)
