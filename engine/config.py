@@ -153,7 +153,10 @@ EvaluateConfig = _schema(
     loss=None,
 )
 PredictConfig = _schema(
-    "PredictConfig", {"input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig
+    "PredictConfig",
+    {"input": str, "output": str, "batch_size": int, "invert": bool, "loss": Any},
+    InferenceConfig,
+    loss=None,
 )
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
 for _script, _schema in SCHEMAS.items():

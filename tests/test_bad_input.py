@@ -75,7 +75,10 @@ TRAIN_CASES = [
     (["model=small_cnn"], ["model.in_channels", "data.in_channels", "does not fit"]),
     (["data=image_folder", "model=small_cnn"], ["data.root", "required", "data.root=VALUE"]),
     # Found when the data module is built (after the run folder is opened): a new run name.
-    (["experiment=digits_cnn", "run_name=digits16", "data.image_size=16"], ["data=digits", "data.image_size=8"]),
+    (
+        ["experiment=digits_cnn", "run_name=digits4", "data.image_size=4"],
+        ["data=digits", "data.image_size=4", "8 to 256"],
+    ),
     (["data.num_features=2", "run_name=linear2"], ["data.num_features=2", "one feature"]),
     (["experiment=digits_cnn", "model.padding=abc"], ["model.padding='abc'", "integer or null"]),
     (
