@@ -28,7 +28,16 @@ from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
 from engine.run_dir import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
-from engine.training import EMA, EarlyStopping, StopSignal, build_scheduler, fast_dev_run, model_summary, window_length
+from engine.training import (
+    EMA,
+    EarlyStopping,
+    StopSignal,
+    build_scheduler,
+    check_fits,
+    fast_dev_run,
+    model_summary,
+    window_length,
+)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -52,9 +61,10 @@ def fit(cfg: DictConfig) -> dict:
     if cfg.weights:  # warm start: a new run from the weights in a file (strict=false: what fits)
         load_state_dict_file(model, Path(str(cfg.weights)), cfg.strict is not False, cfg.weights_key)
         print(f"initial weights from {cfg.weights}")
+    loss_fn = build(cfg.loss, "loss")
+    check_fits(model, loss_fn, data.split("train"), device, cfg)  # one line naming layer and key
     if cfg.trainer.model_summary and ddp.is_main():  # once, rank 0, RNG untouched
         print(model_summary(model, data.split("train"), device))
-    loss_fn = build(cfg.loss, "loss")
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"

@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from engine import distributed as ddp
 from engine.batches import Split, TensorSplit
 from engine.checkpoint import load_model_state
 from engine.config import build
-from engine.errors import EXIT_ABORTED, first_line, preempt_signal
+from engine.errors import EXIT_ABORTED, UserError, first_line, preempt_signal
 
 # ------------------------------------------------------------------ schedules, accumulation
 # With scheduler.interval=step these keys are scaled by optimizer steps per epoch: schedule
@@ -255,6 +256,80 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     ]
 
 
+def sample_batch(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two samples of `split` as a batch (forked RNG: a Dataset drawing in __getitem__)."""
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(split, TensorSplit):
+            return split.x[:2].to(device), split.y[:2].to(device)
+        pairs = [split[i] for i in range(min(2, len(split)))]
+        return tuple(torch.stack([torch.as_tensor(p[k]) for p in pairs]).to(device) for k in (0, 1))
+
+
+def check_fits(model: nn.Module, loss_fn: Any, split: Split, device: torch.device, cfg: DictConfig) -> None:
+    """A model that does not fit the data (or a loss that does not fit the model) stops here, before
+    the run folder is touched: one line with the layer, the input shape it got and the key to change."""
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return  # a lazy model is sized by its first batch
+    x, y = sample_batch(split, device)
+    entered: list[tuple[str, nn.Module, Any]] = []  # leaves whose forward began and has not ended
+    leaves = [(n, m) for n, m in model.named_modules() if not any(m.children())]
+
+    def began(name: str, module: nn.Module, args: Any) -> None:
+        entered.append((name, module, args))
+
+    def ended(*_: Any) -> None:
+        entered.pop()
+
+    handles = [m.register_forward_pre_hook(functools.partial(began, n)) for n, m in leaves]
+    handles += [m.register_forward_hook(ended) for _, m in leaves]
+    modes = {m: m.training for m in model.modules()}
+    what = f"model={_choice(cfg, 'model')} does not fit data={_choice(cfg, 'data')}"
+    keys = "data.image_size, data.in_channels" if x.dim() == 4 else "data.features"
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            model.eval()
+            try:
+                output = model(x)
+            except Exception as err:
+                where = "its forward"
+                if entered:
+                    name, module, args = entered[-1]
+                    shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                    where = f"layer {name} ({type(module).__name__}) got input of shape {shapes[0] if shapes else '?'}"
+                raise UserError(
+                    f"{what}: {where} ({first_line(err, 120)}); the data gives inputs of shape {list(x.shape)}: "
+                    f"change {keys} or the model"
+                ) from None
+            try:
+                with warnings.catch_warnings():  # MSELoss warns of broadcasting, then fails
+                    warnings.simplefilter("ignore")
+                    loss_fn(output, y)
+            except Exception as err:
+                raise UserError(
+                    f"loss {type(loss_fn).__name__} does not fit the model's output {list(output.shape)} and targets "
+                    f"{list(y.shape)} ({first_line(err, 120)}); class labels: loss=cross_entropy (log_softmax "
+                    f"outputs: loss=nll), numbers: loss=mse or l1"
+                ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """What the command line picked for `group` (its _target_ when Hydra's choices are unknown)."""
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
+    if group in choices:
+        return str(choices[group])
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices[group])
+    except Exception:  # composed without Hydra's runtime (tests, the compose API)
+        return str(OmegaConf.select(cfg, f"{group}._target_", default="?"))
+
+
 def model_summary(model: nn.Module, split: Split, device: torch.device) -> str:
     """What train.py prints at the start (`trainer.model_summary`): parameter counts, size, and
     the layer table for the first two samples of `split`."""
@@ -265,11 +340,7 @@ def model_summary(model: nn.Module, split: Split, device: torch.device) -> str:
     counts = f"{total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen)"
     lines = [f"model {type(model).__name__}: {counts}, {size_mib(model):.2f} MiB with buffers"]
     try:
-        with torch.random.fork_rng(devices=[]):  # a Dataset drawing in __getitem__
-            if isinstance(split, TensorSplit):
-                inputs = split.x[:2].to(device)
-            else:
-                inputs = torch.stack([torch.as_tensor(split[i][0]) for i in range(min(2, len(split)))]).to(device)
+        inputs = sample_batch(split, device)[0]
         rows = layer_rows(model, inputs)
     except Exception as err:  # the summary never decides whether a run starts
         lines.append(f"  (no layer table: the forward of a sample batch failed: {first_line(err)})")
