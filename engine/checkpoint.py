@@ -176,6 +176,27 @@ def _data_state(value: dict) -> str | None:
     return None
 
 
+def data_state_of(config: dict, source: Path | str) -> dict | None:
+    """An export's `data_state` (plain lists in its config) as the data module's state: numbers
+    -> float32 tensors, text stays."""
+    state = config.get("data_state")
+    if state is None:
+        return None
+    try:
+        state = {
+            k: torch.tensor(v, dtype=torch.float32)
+            if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            else v
+            for k, v in state.items()
+        }
+    except (AttributeError, TypeError, ValueError):
+        state = {"data_state": state}  # not a dict of lists: refused below
+    problem = _data_state(state)
+    if problem:
+        raise UserError(f"{source}: data_state: {problem}")
+    return state
+
+
 def _rank_states(value: Any, state: dict) -> str | None:
     world = state.get("world_size", 1)
     if value is not None and len(value) != world:

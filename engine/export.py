@@ -24,12 +24,15 @@ from engine.errors import cli_errors, first_line
 from engine.run_dir import check_export_dir, write_atomic
 
 
-def export(state_dict: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path) -> Path:
-    """Both files, each written atomically, never into a run folder's own files."""
+def export(
+    state_dict: dict[str, torch.Tensor], config: dict[str, Any], out_dir: Path, data_state: dict | None = None
+) -> Path:
+    """Both files, each written atomically, never into a run folder's own files. config.yaml also
+    holds the data module's state as plain lists (data=csv: the scaling predict applies)."""
     from safetensors.torch import save  # lazy: safetensors costs start-up time
 
     check_export_dir(out_dir)
-    keep = {k: config[k] for k in ("data", "model", "loss", "seed") if k in config}
+    keep = _kept(config, ("data", "model", "loss", "seed"), data_state)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     weights = save(tensors, metadata={"format": "pt", "config": json.dumps(keep)})
     write_atomic(out_dir / WEIGHTS, lambda out: out.write(weights), binary=True)
@@ -44,19 +47,28 @@ def export_checkpoint(
     path without .pt, best.pt -> best/); with `model` and an `example` batch, model.pt2 too."""
     ckpt = load_checkpoint(source)
     saved_sections(ckpt.get("config"), source)  # what evaluate.py would refuse is refused
-    weights, config = inference_weights(ckpt), ckpt.get("config") or {}
+    weights, config, data_state = inference_weights(ckpt), ckpt.get("config") or {}, ckpt.get("data_state_dict")
     out_dir = out_dir or source.with_suffix("")
-    export(weights, config, out_dir)
+    export(weights, config, out_dir, data_state)
     if model is not None and example is not None:
         model.load_state_dict(weights)
-        export_pt2(model, example, config, out_dir / PT2)
+        export_pt2(model, example, config, out_dir / PT2, data_state)
     return out_dir
 
 
-def export_pt2(model: torch.nn.Module, example: torch.Tensor, config: dict[str, Any], path: Path) -> Path | None:
+def _kept(config: dict[str, Any], keys: tuple[str, ...], data_state: dict | None) -> dict[str, Any]:
+    keep = {k: config[k] for k in keys if k in config}
+    if data_state:
+        keep["data_state"] = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in data_state.items()}
+    return keep
+
+
+def export_pt2(
+    model: torch.nn.Module, example: torch.Tensor, config: dict[str, Any], path: Path, data_state: dict | None = None
+) -> Path | None:
     """`torch.export` `model` (any batch size) to `path`, the data/loss config inside; a model it
     cannot trace gets a one-line warning and no file (the safetensors export still serves)."""
-    keep = {k: config[k] for k in ("data", "loss", "seed") if k in config}
+    keep = _kept(config, ("data", "loss", "seed"), data_state)
     try:
         with quiet_torch():
             batch = {0: torch.export.Dim("batch")}

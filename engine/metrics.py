@@ -19,6 +19,7 @@ from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import (
     CONFIG,
+    data_state_of,
     inference_weights,
     is_export,
     load_checkpoint,
@@ -316,8 +317,10 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
         source = Path(str(ckpt))
         if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
             (program, saved), state = load_pt2(source), None
+            data_state = data_state_of(saved, source)
         elif is_export(source):
             saved, state = load_export(source)
+            data_state = data_state_of(saved, source)
         elif source.is_dir():
             raise UserError(
                 f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
