@@ -142,7 +142,7 @@ def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> N
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
-        for combination in _combinations(overrides, len(overrides) < len(argv)):
+        for combination in _combinations(overrides) if len(overrides) < len(argv) else [overrides]:
             cfg = compose_checked(config_name, combination)
             if config_name == "train":
                 validate_train(cfg)
@@ -171,11 +171,9 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _combinations(overrides: list[str]) -> list[list[str]]:
     """A multirun sweep (`optimizer.lr=0.1,0.01`, `model=a,b`): every value of every swept key,
     once, with the other sweeps at their first value."""
-    if not multirun:
-        return [overrides]  # outside multirun a comma is an error compose explains
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
@@ -225,9 +223,6 @@ def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
         return f"{first} Remove the + prefix to change it"
     if first.startswith("Could not delete from config"):
         return first
-    deleted = [o for o in overrides if o.startswith("~")]
-    if deleted and "not in struct" in str(cause or err):
-        return f"{deleted[0]}: cannot delete {deleted[0][1:].split('=')[0]!r}: train, evaluate and predict need it"
     return f"{first} ({first_line(cause, 1000)})" if cause is not None and str(cause).strip() else first
 
 

@@ -32,7 +32,7 @@ REQUIRED_SECTIONS = ("trainer", "checkpoint", "data", "model", "loss", "optimize
 # Values of the right type that would still overflow torch's C integers or the machine.
 MAX_COUNT = 2**31 - 1
 MAX_BATCH = 1 << 24
-MAX_LR = 1e6
+MAX_LR = 10**6
 
 # ------------------------------------------------------------------------------ the schema
 
@@ -141,7 +141,7 @@ for _script, _schema_class in SCHEMAS.items():
 
 class Range(NamedTuple):
     """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
-    unbounded for a number; a str: the key whose value bounds it."""
+    unbounded for a number; a str: the key whose value bounds it. Null or absent values pass."""
 
     kind: type
     low: float
@@ -193,20 +193,14 @@ def is_number(value: Any) -> bool:
 
 def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
     high = OmegaConf.select(cfg, rule.high) if isinstance(rule.high, str) else rule.high
-    if rule.kind is int:
-        if not (is_number(value) and isinstance(value, int) and value >= rule.low):
-            raise UserError(f"{key}={value!r}: expected an integer >= {rule.low}")
-        limit = MAX_COUNT if high is None else high
-        if value > limit:
-            raise UserError(f"{key}={value}: expected at most {limit}{rule.note}")
-        return
-    finite = is_number(value) and (isinstance(value, int) or math.isfinite(value))  # isfinite(huge int) overflows
-    above = finite and (value > rule.low if rule.open_low else value >= rule.low)
+    high = MAX_COUNT if high is None and rule.kind is int else high
+    kind_ok = is_number(value) and (isinstance(value, int) or rule.kind is float and math.isfinite(value))
+    above = kind_ok and (value > rule.low if rule.open_low else value >= rule.low)
     if above and (high is None or (value < high if rule.open_high else value <= high)):
         return
-    text = f"a number {'>' if rule.open_low else '>='} {rule.low:g}"
-    if high is not None:
-        shown = f"{rule.high} ({high})" if isinstance(rule.high, str) else format(high, "g")
+    text = f"{'an integer' if rule.kind is int else 'a number'} {'>' if rule.open_low else '>='} {rule.low}"
+    if high is not None and (above or rule.kind is float):  # an integer's bound: once it is passed
+        shown = f"{rule.high} ({high})" if isinstance(rule.high, str) else high
         text += f" and {'<' if rule.open_high else '<='} {shown}"
     raise UserError(f"{key}={value!r}: expected {text}{rule.note}")
 

@@ -80,10 +80,9 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(main)
     def wrapper(cfg: Any) -> Any:
         _task_started()
-        try:
-            debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or cfg.get("debug", False) is True
-        except Exception:  # a broken config is reported by the checks, not here
-            debug = False
+        debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        with contextlib.suppress(Exception):  # a broken config is reported by the checks, not here
+            debug = debug or cfg.get("debug", False) is True
         try:
             return main(cfg)
         except Interrupted as err:
