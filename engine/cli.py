@@ -142,7 +142,8 @@ def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> N
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
-        for combination in _combinations(overrides) if len(overrides) < len(argv) else [overrides]:
+        multirun = len(overrides) < len(argv)  # outside multirun a comma is an error compose explains
+        for combination in _combinations(overrides) if multirun else [overrides]:
             cfg = compose_checked(config_name, combination)
             if config_name == "train":
                 validate_train(cfg)

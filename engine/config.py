@@ -386,9 +386,7 @@ def check_target_section(section: Any, key: str) -> None:
     except Exception as err:  # ImportError (Hydra's, naming the cause), errors raised by the import
         raise UserError(f"{key}._target_={target!r}: cannot be imported ({first_line(err.__cause__ or err)})") from None
     if key == "data" and (not is_data_module(obj) or inspect.isabstract(obj)):
-        raise UserError(
-            f"data._target_={target}: expected a data module (a data.base.DataModule that implements setup())"
-        )
+        raise UserError(f"data._target_={target}: expected a data module (a data.base.DataModule with setup())")
     if key == "model" and (
         inspect.isclass(obj) and not issubclass(obj, torch.nn.Module) or not callable(obj) or is_data_module(obj)
     ):

@@ -73,9 +73,8 @@ def _task_started() -> None:
 
 
 def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input: one line on stderr and exit code 2 (in a multirun job: the `failed_job` result,
-    so the sweep goes on); `debug=true` or HYDRA_FULL_ERROR=1 prints the traceback too. Any other
-    exception is a bug: Hydra prints its traceback and exits 1."""
+    """Bad input: one line on stderr, exit code 2 (a multirun job returns `failed_job`: the sweep
+    goes on), the traceback too with debug=true. A bug propagates: Hydra's traceback, exit 1."""
 
     @functools.wraps(main)
     def wrapper(cfg: Any) -> Any:
