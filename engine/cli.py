@@ -1,9 +1,7 @@
 """The command line: `run_main` starts a script's `@hydra.main` function; an override that does
 not compose is one line naming it and what is valid, exit 2 (Hydra: many lines, exit 1). A
-single run composes once, inside Hydra (asked to raise, engine.errors); only a failure is
-composed again, piece by piece, to name the culprit. A multirun checks every job first. Other
-flags (--help, --cfg, ...), debug=true and HYDRA_FULL_ERROR=1 are left to Hydra.
-`validate_train`/`validate_inference`: each script's checks before any work starts."""
+multirun checks every job first. `validate_train`/`validate_inference`: each script's checks
+before any work starts."""
 
 from __future__ import annotations
 
@@ -11,26 +9,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from omegaconf import errors as oe
 
-from engine.config import (
-    CONFIG_DIR,
-    check_config,
-    check_limits,
-    check_required_sections,
-    config_groups,
-    did_you_mean,
-    group_options,
-    schema_error,
-)
+from engine import config
 from engine.errors import EXIT_BAD_INPUT, UserError, compose_errors_raised, first_line
 from engine.loggers import check_logger_config
 from engine.run_dir import run_dir_for
@@ -38,15 +27,14 @@ from engine.runtime import resolve_device
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 SHELL_COMPLETION_FLAGS = ("-sc", "--shell-completion")
-COMPLETION_COMMANDS = ("install", "uninstall", "query")
 COMPOSE_ERRORS = (HydraException, oe.OmegaConfBaseException, ValueError, TypeError)
 
 
 def validate_train(cfg: DictConfig) -> None:
     """Everything train.py needs to know is right, before it opens the run folder."""
-    check_required_sections(cfg)
-    check_config(cfg, "train")
-    check_limits(cfg, required=("data.batch_size", "optimizer.lr"))
+    config.check_required_sections(cfg)
+    config.check_config(cfg, "train")
+    config.check_limits(cfg, required=("data.batch_size", "optimizer.lr"))
     check_logger_config(cfg.get("logger"))  # logger=: known trackers and keys
     resolve_device(cfg.trainer.device)
     if cfg.get("weights") and cfg.resume is not None and str(cfg.resume) != "auto":
@@ -68,8 +56,8 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
         )
     if cfg.get("weights") and (cfg.get("model") is None or cfg.get("data") is None):
         raise UserError(f"weights={cfg.weights}: name the architecture and data too, e.g. model=small_cnn data=digits")
-    check_config(cfg, script)
-    check_limits(cfg)
+    config.check_config(cfg, script)
+    config.check_limits(cfg)
     try:
         resolve_device(cfg.get("device", "auto"))
     except UserError as err:  # resolve_device names train.py's key
@@ -79,8 +67,9 @@ def validate_inference(cfg: DictConfig, script: str) -> None:
 
 
 def run_main(main: Callable[[], Any], config_name: str) -> None:
-    """Call a script's `@hydra.main` function; a config that does not compose ends in one
-    line on stderr and exit code 2."""
+    """Call a script's `@hydra.main` function. A single run composes once, inside Hydra (asked
+    to raise); only a failure is composed again, piece by piece, to name the culprit. Other
+    flags (--help, --cfg, ...), debug=true and HYDRA_FULL_ERROR=1 are left to Hydra."""
     argv = sys.argv[1:]
     if any(a in SHELL_COMPLETION_FLAGS for a in argv) and not _full_errors(argv):
         _shell_completion(main, argv)
@@ -96,8 +85,20 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
         except COMPOSE_ERRORS as err:
             if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
                 raise
-            print(f"error: {explain(err, config_name, argv)}", file=sys.stderr)
-            sys.exit(EXIT_BAD_INPUT)
+            _bad_input(explain(err, config_name, argv))
+
+
+def _left_to_hydra(argv: list[str]) -> bool:
+    return any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv) or _full_errors(argv)
+
+
+def _full_errors(argv: list[str]) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in map(str.lower, argv)
+
+
+def _bad_input(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def _task_ran(err: BaseException) -> bool:
@@ -109,14 +110,6 @@ def _task_ran(err: BaseException) -> bool:
     return tb is not None
 
 
-def _left_to_hydra(argv: list[str]) -> bool:
-    return any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv) or _full_errors(argv)
-
-
-def _full_errors(argv: list[str]) -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1" or "debug=true" in map(str.lower, argv)
-
-
 def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
     """Hydra's --shell-completion needs one of install=, uninstall=, query= with a shell it
     knows, or raises a traceback (as on a failed query): one line here."""
@@ -125,23 +118,20 @@ def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
 
     shells = sorted(plugin.provides() for plugin in Plugins.instance().discover(CompletionPlugin))
     args = [a for a in argv if a not in SHELL_COMPLETION_FLAGS]
-    commands = [a.partition("=") for a in args if a.partition("=")[0] in COMPLETION_COMMANDS]
-    problem = None
+    commands = [a.partition("=") for a in args if a.partition("=")[0] in ("install", "uninstall", "query")]
     if len(commands) != 1 or commands[0][2] not in shells:
         problem = "expected one of install=SHELL, uninstall=SHELL or query=SHELL"
     else:
         try:
             with compose_errors_raised():  # Hydra raises instead of printing a traceback
                 main()
+            return
         except Exception as err:  # noqa: BLE001 - e.g. query=bash outside a shell's completion
             problem = f"failed ({type(err).__name__}: {str(err).strip()[:80]})"
-    if problem:
-        print(
-            f"error: --shell-completion {' '.join(args) or '(nothing)'}: {problem} "
-            f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_BAD_INPUT)
+    _bad_input(
+        f"--shell-completion {' '.join(args) or '(nothing)'}: {problem} "
+        f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash"
+    )
 
 
 def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:
@@ -152,15 +142,15 @@ def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> N
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     try:
-        for combination in _combinations(overrides, len(overrides) < len(argv)):
+        multirun = len(overrides) < len(argv)  # outside multirun a comma is an error compose explains
+        for combination in _combinations(overrides) if multirun else [overrides]:
             cfg = compose_checked(config_name, combination)
             if config_name == "train":
                 validate_train(cfg)
             elif config_name in ("evaluate", "predict"):
                 validate_inference(cfg, config_name)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _bad_input(str(err))
 
 
 def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -174,7 +164,7 @@ def compose_checked(config_name: str, overrides: Sequence[str]) -> DictConfig:
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config.CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # as under @hydra.main: `${hydra:...}` resolves
     with open_dict(cfg):
@@ -182,15 +172,13 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _combinations(overrides: list[str]) -> list[list[str]]:
     """A multirun sweep (`optimizer.lr=0.1,0.01`, `model=a,b`): every value of every swept key,
     once, with the other sweeps at their first value."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
         return [overrides]  # compose reports the parse error
-    if not multirun:
-        return [overrides]  # outside multirun a comma is an error compose explains
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
         if override.is_sweep_override():
@@ -211,87 +199,56 @@ def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
     """One line for a config that did not compose with these overrides; composes again, part
     by part, where Hydra's message does not name the override or the valid choices."""
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
-    first = first_line(err, 1000)
-    if not isinstance(err, (HydraException, oe.OmegaConfBaseException)):
-        return _culprit(config_name, overrides, first)  # `=5`, `data=[1,2]`: Hydra's bugs
+    first, cause, groups = first_line(err, 1000), err.__cause__, config.config_groups()
+    if not isinstance(err, (HydraException, oe.OmegaConfBaseException)):  # `=5`, `data=[1,2]`: Hydra's bugs
+        return _culprit(config_name, overrides, first, groups)
     if isinstance(err, MissingConfigException):
         group, _, choice = str(err.missing_cfg_file or "").rpartition("/")
-        options = list(err.options or []) or group_options(group)
-        if group and options:
-            return (
-                f"{group}={choice}: unknown {group} choice{did_you_mean(choice, options)}; "
-                f"valid options: {', '.join(options)}"
-            )
-        return first
+        options = list(err.options or []) or config.group_options(group)
+        if not (group and options):
+            return first
+        hint = config.did_you_mean(choice, options)
+        return f"{group}={choice}: unknown {group} choice{hint}; valid options: {', '.join(options)}"
     if isinstance(err, OverrideParseException):
         return f"{err.override}: cannot parse this override ({err.message.splitlines()[0]})"
-    cause = err.__cause__
-    if getattr(cause, "full_key", None) and isinstance(cause, (oe.ConfigAttributeError, oe.ConfigKeyError)):
-        return _unknown_key(str(cause.full_key), config_name, overrides)
+    if isinstance(cause, (oe.ConfigAttributeError, oe.ConfigKeyError)) and cause.full_key:
+        return _unknown_key(cause, overrides, groups)
     if isinstance(cause, oe.ValidationError):  # a value of the wrong type for the schema
-        return schema_error(cause)
+        return config.schema_error(cause)
     if first.startswith("Ambiguous value for argument"):
         text = first.split("'")[1] if "'" in first else first
         return (
-            f"{text}: a comma makes a sweep: add -m to run one job per value, or write "
-            f"[a,b] for a list or quote the value for text"
+            f"{text}: a comma makes a sweep: add -m for one job per value, write [a,b] for a list or quote it for text"
         )
     if first.startswith("Could not append to config"):
         return f"{first} Remove the + prefix to change it"
     if first.startswith("Could not delete from config"):
         return first
-    deleted = [o for o in overrides if o.startswith("~")]
-    if deleted and "not in struct" in str(cause or err):
-        return f"{deleted[0]}: cannot delete {deleted[0][1:].split('=')[0]!r}: train, evaluate and predict need it"
-    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
-    return f"{first} ({detail})" if detail else first
+    return f"{first} ({first_line(cause, 1000)})" if cause is not None and str(cause).strip() else first
 
 
-def _culprit(config_name: str, overrides: list[str], first: str) -> str:
+def _culprit(config_name: str, overrides: list[str], first: str, groups: list[str]) -> str:
     """The override Hydra failed on with a plain exception (it does not say which)."""
     for override in overrides:
         try:
             _compose(config_name, [override])
         except Exception:  # noqa: BLE001 - this one fails alone: it is the culprit
             key, _, value = override.partition("=")
-            group = key.lstrip("+~")
-            if group in config_groups():
-                return (
-                    f"{override}: {value!r} is not one of the {group} choices; valid "
-                    f"options: {', '.join(group_options(group))}"
-                )
+            if (group := key.lstrip("+~")) in groups:
+                options = ", ".join(config.group_options(group))
+                return f"{override}: {value!r} is not one of the {group} choices; valid options: {options}"
             return f"{override}: cannot apply this override ({first})"
     return f"{' '.join(overrides)}: cannot apply these overrides ({first})"
 
 
-def _unknown_key(full_key: str, config_name: str, overrides: list[str]) -> str:
-    """`trainer.epoch`: the valid keys of `trainer` as composed with the same group choices
-    (so `model.foo` lists the chosen model's keys)."""
-    offending = next(
-        (
-            o
-            for o in overrides
-            if o.lstrip("+~").split("=")[0] == full_key or o.lstrip("+~").split("=")[0].startswith(full_key + ".")
-        ),
-        full_key,
-    )
-    parent, _, name = full_key.rpartition(".")
-    groups = set(config_groups())
-    try:
-        base = _compose(config_name, [o for o in overrides if o.split("=")[0].lstrip("+~") in groups])
-    except Exception:
-        base = _compose(config_name, [])
-    node = OmegaConf.select(base, parent) if parent else base
-    group = full_key.split(".")[0]
-    if group in groups and (not parent and group not in base or parent and node is None):
-        return (
-            f"{offending}: no {group} config is selected; choose one first with "
-            f"{group}=NAME ({', '.join(group_options(group))})"
-        )
+def _unknown_key(cause: oe.OmegaConfBaseException, overrides: list[str], groups: list[str]) -> str:
+    """`trainer.epoch`: the valid keys of `trainer` as composed (`model.foo`: the chosen model's)."""
+    key, node = str(cause.full_key), cause.parent_node
+    named = [o for o in overrides if f"{o.lstrip('+~').split('=')[0]}.".startswith(f"{key}.")]  # key or below
+    offending, group = named[0] if named else key, key.split(".")[0]
+    if "." in key and group in groups and not node:
+        options = ", ".join(config.group_options(group))
+        return f"{offending}: no {group} config is selected; choose one first with {group}=NAME ({options})"
     if not isinstance(node, DictConfig):
-        return f"{offending}: unknown key {full_key!r}"
-    valid = [str(k) for k in node if not str(k).startswith("_")]
-    return (
-        f"{offending}: unknown key {name!r} in {parent or 'the config'}"
-        f"{did_you_mean(name, valid)}; valid keys: {', '.join(valid)}"
-    )
+        return f"{offending}: unknown key {key!r}"
+    return config.unknown_key(offending, key, [str(k) for k in node if not str(k).startswith("_") and k != "hydra"])
