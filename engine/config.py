@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import enum
 import functools
+import importlib.util
 import inspect
 import math
 import os
@@ -20,7 +21,7 @@ from hydra._internal.utils import _locate
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf import errors as oe
 
 from engine.errors import UserError, first_line
@@ -486,10 +487,55 @@ def _reported(function: Any, key: str, target: Any, source: Any, *args: Any, **k
         ) from err
 
 
+def drop_other_optimizers_keys(cfg: DictConfig) -> None:
+    """optimizer=adamw on an experiment tuned for SGD (its `optimizer.momentum`): a key the chosen
+    optimizer does not take but another torch.optim optimizer does, set by a preset rather than on
+    the command line, is dropped with a note. Typed keys and unknown keys stay (and are refused)."""
+    section = cfg.get("optimizer")
+    target = section.get("_target_") if isinstance(section, DictConfig) else None
+    try:
+        params, open_ended = _parameters(locate(str(target)))
+    except Exception:  # no or a bad _target_: check_config says so
+        return
+    typed = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    if typed is None and HydraConfig.initialized():
+        typed = HydraConfig.get().overrides.task
+    typed = {str(o).split("=")[0].lstrip("+~") for o in typed or []}
+    foreign = [
+        key
+        for key in section
+        if not str(key).startswith("_")
+        and key not in params
+        and key in _OPTIMIZER_KEYS
+        and f"optimizer.{key}" not in typed
+    ]
+    if foreign and not open_ended:
+        with open_dict(section):
+            for key in foreign:
+                del section[key]
+        print(f"note: {target} takes no {', '.join(foreign)} (set for another optimizer by a preset); dropped")
+
+
+_OPTIMIZER_KEYS = {
+    name
+    for cls in vars(torch.optim).values()
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+    for name in inspect.signature(cls).parameters
+}
+
+
 # ------------------------------------------------------- a file's config (README Security)
 
-# What a file's config may name in `_target_` (a downloaded one could otherwise run os.system).
-SAFE_TARGET_MODULES = ("data.", "models.", "torch.nn.", "torchvision.transforms.v2.")
+# What a file's config may name in `_target_` (a downloaded one could otherwise run os.system):
+# torch.nn and torchvision.transforms.v2 classes, and classes of the project's own modules (the
+# user's code anywhere in it) but not of the engine, the scripts, the tests or installed packages.
+LIBRARY_TARGETS = ("torch.nn.", "torchvision.transforms.v2.")
+PROJECT = Path(__file__).resolve().parents[1]
+NOT_USER_CODE = ("engine", "train", "evaluate", "predict", "tests", "hydra_plugins", "benchmarks")
+ALLOWED_TARGETS = (
+    "classes of your project's own modules (not engine, the scripts or tests), torch.nn or "
+    "torchvision.transforms.v2; for an installed package's model, subclass or wrap it in a module of your project"
+)
 # `_convert_` values a file may use; `_partial_` is refused (objects to build, not factories).
 FILE_CONVERT_MODES = ("none", "partial", "object", "all")
 
@@ -540,10 +586,7 @@ def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
     target = config.get("_target_")
     if "_target_" in config and not _safe_target(target):
         shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
-        raise UserError(
-            f"{source}: refused {where}._target_={shown}: a file's config may only name "
-            "data.*, models.*, torch.nn or torchvision.transforms.v2 classes"
-        )
+        raise UserError(f"{source}: refused {where}._target_={shown}: a file's config may only name {ALLOWED_TARGETS}")
     if config.get("_partial_", False) is not False:
         raise UserError(f"{source}: refused {where}._partial_: a file's config builds objects, not partial functions")
     if "_convert_" in config and config["_convert_"] not in FILE_CONVERT_MODES:
@@ -556,8 +599,24 @@ def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
         _check_special_keys(value, source, f"{where}.{key}")
 
 
+def project_module(name: str) -> bool:
+    """`name` is in a module of this project (the user's code), found without importing it."""
+    top = name.split(".")[0]
+    if top in NOT_USER_CODE or not top.isidentifier():
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    where = spec and (spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or []), None))
+    if not where:
+        return False
+    path = Path(where).resolve()
+    return path.is_relative_to(PROJECT) and not {".venv", "site-packages"} & set(path.relative_to(PROJECT).parts)
+
+
 def _safe_target(target: Any) -> bool:
-    if not isinstance(target, str) or not target.startswith(SAFE_TARGET_MODULES):
+    if not isinstance(target, str) or not (target.startswith(LIBRARY_TARGETS) or project_module(target)):
         return False
     try:
         obj = locate(target)
@@ -565,12 +624,12 @@ def _safe_target(target: Any) -> bool:
         return False
     module = getattr(obj, "__module__", "") or ""
     if is_data_module(obj):
-        return module.startswith("data.")
+        return project_module(module)
     if target.startswith("torchvision.transforms.v2."):  # data.augment
         return is_transform_class(obj)
     if inspect.isclass(obj):
-        return issubclass(obj, torch.nn.Module) and module.startswith(SAFE_TARGET_MODULES)
-    return inspect.isfunction(obj) and module.startswith("models.")
+        return issubclass(obj, torch.nn.Module) and (module.startswith("torch.nn.") or project_module(module))
+    return inspect.isfunction(obj) and module.startswith("models.") and project_module(module)  # model builders
 
 
 def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")) -> DictConfig:
