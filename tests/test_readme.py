@@ -8,6 +8,8 @@ Conventions for README.md:
 - ```python: snippets a user copies; each runs as a script at its place in the order.
 - ```text and unlabelled blocks are not run: output samples, and commands that cannot run here
   (a GPU, a cluster, the internet, a user's own paths).
+- ```python title=PATH (any language): a file the reader saves at PATH; it is written there at
+  its place in the order, not run.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ class Block:
     lang: str
     line: int  # line number of the opening fence
     lines: list[tuple[int, str]]  # (line number, text)
+    title: str | None = None  # ```python title=models/my_net.py: a file the user saves
 
 
 def readme_blocks(text: str) -> list[Block]:
     blocks, current = [], None
     for number, line in enumerate(text.splitlines(), 1):
-        fence = re.match(r"^\s*```\s*([\w+-]*)", line)
+        fence = re.match(r"^\s*```\s*([\w+-]*)(?:\s+title=(\S+))?", line)
         if current is None and fence:
-            current = Block(fence.group(1).lower(), number, [])
+            current = Block(fence.group(1).lower(), number, [], fence.group(2))
         elif current is not None and line.strip().startswith("```"):
             blocks.append(current)
             current = None
@@ -105,6 +108,14 @@ def scratch_copy(dest: Path) -> Path:
     return dest
 
 
+def save_titled(block: Block, work: Path) -> Path:
+    """A ```lang title=PATH block: the file the README asks the reader to save at PATH."""
+    path = work / block.title
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text for _, text in block.lines) + "\n")
+    return path
+
+
 def _run(args: list[str], cwd: Path, env: dict, where: str, shown: str) -> None:
     """Run one README command; on failure say which line, the command and its output."""
     try:
@@ -149,6 +160,9 @@ def test_readme_runs_in_order(tmp_path):
         env.pop(key, None)
     ran, timings = 0, []
     for block in readme_blocks(readme):
+        if block.title:  # a file the reader saves (e.g. their model), then uses
+            save_titled(block, work)
+            continue
         if block.lang not in RUN:
             continue
         if block.lang == "python":
