@@ -194,9 +194,14 @@ def is_eval_json(path: Path) -> bool:
 
 
 def is_predictions_csv(path: Path) -> bool:
-    """predict.py's CSV: the header's first column is `input`."""
+    """predict.py's CSV: the header ends with `prediction` (or `prediction_N`) or `class,probability`."""
     with open(path, "rb") as handle:
-        return handle.readline(4096).split(b",")[0].strip() == b"input"
+        header = handle.readline(1 << 16).rstrip(b"\r\n").split(b",")
+    return (
+        header[-1] == b"prediction"
+        or header[-1].startswith(b"prediction_")
+        or header[-2:] == [b"class", b"probability"]
+    )
 
 
 def is_png(path: Path) -> bool:

@@ -368,4 +368,4 @@ def test_own_outputs_are_rewritten(trained_run, tmp_path, points, capsys):
         )
     assert json.loads((tmp_path / "m.json").read_text())["source"] == str(folder / "best.pt")
     assert (tmp_path / "m_predictions.png").is_file()
-    assert (tmp_path / "p.csv").read_text().startswith("input,")
+    assert (tmp_path / "p.csv").read_text().startswith("x,prediction\n")  # the input's column, the prediction
