@@ -88,6 +88,14 @@ class ImageFolderData(DataModule):
     def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str], torch.Tensor]:
         return load_images(path, self.transform, invert=invert)
 
+    # The class folders' names, kept in checkpoints: predict.py writes them without data.root.
+    def state_dict(self) -> dict:
+        return {"classes": list(getattr(self, "classes", None) or [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("classes"):
+            self.classes = list(state["classes"])
+
 
 class _ClassFolders(ImageFolder):
     """torchvision's ImageFolder reading only root/<class>/<image files>: its own walk

@@ -145,3 +145,48 @@ def test_image_folder_resizes_and_converts(tmp_path):
     assert data.classes == ["cat", "dog"]
     assert x.shape == (1, 16, 16)
     assert sum(len(data.split(s)) for s in ("train", "val", "test")) == 10
+
+
+def test_image_folder_class_names_are_predicted_without_the_training_folder(tmp_path):
+    """The class folders' names travel in the checkpoint (the data part's state): predict.py
+    writes `cat`/`dog`, not 0/1, even once data.root is gone."""
+    import csv
+    import shutil
+
+    from conftest import compose
+
+    from predict import predict
+    from train import train
+
+    root = tmp_path / "images"
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20, 20), tuple(max(0, c - 9 * i) for c in color)).save(root / cls / f"{i}.png")
+    train(
+        compose(
+            "train",
+            [
+                "data=image_folder",
+                f"data.root={root}",
+                "data.num_classes=2",
+                "data.image_size=8",
+                "data.num_workers=0",
+                "model=small_cnn",
+                "trainer.epochs=2",
+                f"checkpoint.root={tmp_path}",
+                "run_name=pets",
+            ],
+        )
+    )
+    (tmp_path / "new").mkdir()
+    shutil.copy(root / "dog" / "0.png", tmp_path / "new" / "a.png")
+    shutil.rmtree(root)
+    out = predict(
+        compose(
+            "predict",
+            [f"ckpt={tmp_path / 'pets' / 'best.pt'}", f"input={tmp_path / 'new'}", f"output={tmp_path / 'p.csv'}"],
+        )
+    )
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["input", "class", "probability"] and rows[0]["class"] in ("cat", "dog")
