@@ -85,8 +85,9 @@ def runnable(command: str) -> str | None:
         extra = shlex.split(args.group(1))[0] if args else ""
         return f"{python} train.py resume=auto {extra}"  # the Makefile's train recipe
     # `python`, `python3`, `.venv/bin/python` where a command starts (also after && ; | and
-    # in $( ... )).
-    return re.sub(r"(^|[;&|(]\s*)(?:\.venv/bin/)?python3?(?=\s)", lambda m: m.group(1) + python, command)
+    # in $( ... ), and after `timeout [-s SIGNAL] SECONDS`).
+    start = r"(^|[;&|(]\s*|\btimeout\s+(?:-s\s+\w+\s+)?\d+\s+)"
+    return re.sub(start + r"(?:\.venv/bin/)?python3?(?=\s)", lambda m: m.group(1) + python, command)
 
 
 def scratch_copy(dest: Path) -> Path:
@@ -149,6 +150,7 @@ def test_readme_blocks_are_parsed():
     python = shlex.quote(sys.executable)
     assert runnable(commands[0][1]) == f"{python} train.py resume=auto "
     assert runnable(commands[2][1]) == f"{python} a.py    b=1 && {python} c.py"
+    assert runnable("timeout -s INT 8 python t.py || echo x") == f"timeout -s INT 8 {python} t.py || echo x"
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def test_the_walk_runs_as_written_and_the_template_tests_still_pass(tmp_path):
             assert result.returncode == 0, (
                 f"README.md line {number}: {command}\n{result.stdout[-2000:]}\n{result.stderr}"
             )
-            ran.append(command)
+            ran.append((command, result.stdout + result.stderr))
     assert len(ran) >= 8
 
     # What the user wrote: a model in 2 files, a dataset in 1, each at most 40 lines.
@@ -60,6 +60,9 @@ def test_the_walk_runs_as_written_and_the_template_tests_still_pass(tmp_path):
     assert rows[0] == [*header[:10], "prediction"] and len(rows) == 4  # the input's own columns
     assert all(0 < float(r[-1]) < 400 for r in rows[1:])  # in the target's units, not standardised
     # stopped by Ctrl-C and by max_time, resumed: one metrics row per epoch, none twice
+    stops = [out for command, out in ran if "mnist_long" in command]
+    assert "stopped: exit 124" in stops[0] and "saved" in stops[0], stops[0][-1000:]  # Ctrl-C: a checkpoint
+    assert "resumed at epoch" in stops[1] and "stopped again: exit 3" in stops[1], stops[1][-1000:]
     epochs = [int(r["epoch"]) for r in csv.DictReader(open(runs / "mnist_long" / "metrics.csv"))]
     assert epochs == list(range(1, len(epochs) + 1))
 
