@@ -235,7 +235,7 @@ def fit(cfg: DictConfig) -> dict:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(raw_model)
+                ema.update(raw_model, progress.global_step)  # warm-up: the steps before
             progress.global_step += 1
 
             if progress.global_step % log_every == 0:  # the only per-step host sync

@@ -76,16 +76,22 @@ def window_length(batch: int, batches: int, size: int) -> int:
 # ------------------------------------------------------------------- stateful features
 class EMA:
     """`trainer.ema_decay`: a moving average of the weights and buffers (torch's AveragedModel; the
-    first step copies). Checkpoints keep it beside the raw weights; validation, best.pt, test and
-    exports use it (checkpoint.inference_weights)."""
+    first step copies) with TensorFlow's warm-up, as timm and Lightning users know it: the decay of
+    update n (optimizer steps before it) is min(decay, (1 + n) / (10 + n)), so a short run is not
+    stuck near its first weights. n is the run's global_step: exact on resume. Checkpoints keep it
+    beside the raw weights; validation, best.pt, test and exports use it (checkpoint.inference_weights)."""
 
     def __init__(self, model: nn.Module, decay: float, channels_last: bool = False) -> None:
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay, self.decay_now = decay, decay
+        average = lambda ema, current, n: get_ema_multi_avg_fn(self.decay_now)(ema, current, n)  # noqa: E731
+        self.averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
         self.module = self.averaged.module  # the averaged model, what validation runs
         if channels_last:  # as train.py trains the model
             self.module.to(memory_format=torch.channels_last)
 
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """`step`: optimizer steps done before this one (train.py: progress.global_step)."""
+        self.decay_now = min(self.decay, (1 + step) / (10 + step))
         self.averaged.update_parameters(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

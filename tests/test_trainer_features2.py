@@ -132,8 +132,9 @@ def test_ema_weights_equal_a_hand_computed_ema_after_3_steps(train_cfg, tmp_path
     run_dir = tmp_path / "linear_regression"
     raw = [_ckpt(run_dir / f"step_{n:08d}.pt")["model_state_dict"] for n in (1, 2, 3)]
     expected = dict(raw[0])  # the first update copies the weights
-    for weights in raw[1:]:
-        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    for n, weights in enumerate(raw[1:], start=1):  # warm-up: update n decays by min(decay, (1+n)/(10+n))
+        d = min(decay, (1 + n) / (10 + n))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
     got = _ckpt(run_dir / "step_00000003.pt")["ema_state_dict"]
     assert got.keys() == expected.keys()
     for key in expected:
@@ -141,18 +142,22 @@ def test_ema_weights_equal_a_hand_computed_ema_after_3_steps(train_cfg, tmp_path
         assert not torch.equal(got[key], raw[2][key])  # the average is not the raw weights
 
 
-def test_ema_module_matches_hand_ema_on_random_steps():
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.999])
+def test_ema_module_matches_hand_ema_with_warmup_on_random_steps(decay):
+    """TensorFlow's/timm's warm-up: update n uses min(decay, (1+n)/(10+n)); with decay 0.5 the cap
+    takes over after 8 updates, 0.9 and 0.999 stay in the warm-up for these 12."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema, decay, hand = EMA(model, 0.9), 0.9, None
+    ema, hand = EMA(model, decay), None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
+    for n in range(12):
         model(torch.randn(8, 3)).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        ema.update(model)
+        ema.update(model, n)
         now = {k: v.detach().clone().double() for k, v in model.state_dict().items() if v.is_floating_point()}
-        hand = now if hand is None else {k: decay * hand[k] + (1 - decay) * now[k] for k in hand}
+        d = min(decay, (1 + n) / (10 + n))
+        hand = now if hand is None else {k: d * hand[k] + (1 - d) * now[k] for k in hand}
     for key, value in hand.items():  # parameters and BatchNorm statistics alike
         torch.testing.assert_close(ema.state_dict()[key].double(), value, rtol=1e-6, atol=1e-7)
 
