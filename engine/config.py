@@ -34,10 +34,10 @@ REQUIRED_SECTIONS = ("trainer", "checkpoint", "data", "model", "loss", "optimize
 MAX_COUNT = 2**31 - 1
 MAX_BATCH = 1 << 24
 MAX_LR = 10**6
+TRANSFORMS = "torchvision.transforms.v2."
+
 
 # ------------------------------------------------------------------------------ the schema
-
-
 class Choice(enum.StrEnum):
     """A key with fixed values (OmegaConf 2.3 has no Literal); its members' names are their values."""
 
@@ -120,29 +120,24 @@ TrainConfig = _schema(
     },
     **dict.fromkeys(_FREE),
 )
-_INFERENCE = {"ckpt": str | None, "weights": str | None, "strict": bool, "weights_key": str | None, "device": str}
 InferenceConfig = _schema(
-    "InferenceConfig", {**_INFERENCE, "seed": int, "debug": bool, "data": Any, "model": Any}, data=None, model=None
+    "InferenceConfig",
+    {"ckpt": str | None, "weights": str | None, "strict": bool, "weights_key": str | None, "device": str}
+    | {"seed": int, "debug": bool, **dict.fromkeys(("data", "model", "loss"), Any)},
+    **dict.fromkeys(("data", "model", "loss")),
 )
 EvaluateConfig = _schema(
-    "EvaluateConfig",
-    {"split": Split, "batch_size": int | None, "output": str | None, "loss": Any},
-    InferenceConfig,
-    loss=None,
+    "EvaluateConfig", {"split": Split, "batch_size": int | None, "output": str | None}, InferenceConfig
 )
 PredictConfig = _schema(
-    "PredictConfig",
-    {"input": str, "output": str, "batch_size": int, "invert": bool, "loss": Any},
-    InferenceConfig,
-    loss=None,
+    "PredictConfig", {"input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig
 )
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
 for _script, _schema_class in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema_class)
 
+
 # --------------------------------------------------------------- ranges: each key, once
-
-
 class Range(NamedTuple):
     """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
     unbounded for a number; a str: the key whose value bounds it. Null or absent values pass."""
@@ -257,8 +252,6 @@ def check_monitor(cfg: DictConfig, task: str) -> None:
 
 
 # ------------------------------------------------------------- sections, keys and types
-
-
 def config_groups() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
@@ -272,11 +265,8 @@ def check_required_sections(cfg: DictConfig) -> None:
     """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
     for key in REQUIRED_SECTIONS:
         if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
-            how = (
-                f"pick one with {key}=NAME ({', '.join(group_options(key))})"
-                if key in config_groups()
-                else "do not delete it"
-            )
+            options = group_options(key)
+            how = f"pick one with {key}=NAME ({', '.join(options)})" if options else "do not delete it"
             raise UserError(f"{key}: a required section is missing or null; {how}")
 
 
@@ -357,14 +347,9 @@ locate = _locate
 
 def is_transform_class(obj: Any) -> bool:
     """A torchvision.transforms.v2 transform class, from its bases (not importing torchvision)."""
-    return (
-        inspect.isclass(obj)
-        and (obj.__module__ or "").startswith("torchvision.transforms.v2")
-        and any(
-            base.__name__ == "Transform" and base.__module__.startswith("torchvision.transforms.v2")
-            for base in obj.__mro__
-        )
-    )
+    if not inspect.isclass(obj) or not (obj.__module__ or "").startswith(TRANSFORMS):
+        return False
+    return any(base.__name__ == "Transform" and base.__module__.startswith(TRANSFORMS) for base in obj.__mro__)
 
 
 def is_data_module(obj: Any) -> bool:
@@ -497,19 +482,14 @@ def drop_other_optimizers_keys(cfg: DictConfig) -> None:
         params, open_ended = _parameters(locate(str(target)))
     except Exception:  # no or a bad _target_: check_config says so
         return
+    if open_ended:
+        return
     typed = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
     if typed is None and HydraConfig.initialized():
         typed = HydraConfig.get().overrides.task
     typed = {str(o).split("=")[0].lstrip("+~") for o in typed or []}
-    foreign = [
-        key
-        for key in section
-        if not str(key).startswith("_")
-        and key not in params
-        and key in _OPTIMIZER_KEYS
-        and f"optimizer.{key}" not in typed
-    ]
-    if foreign and not open_ended:
+    foreign = [key for key in section if key in _OPTIMIZER_KEYS - params.keys() and f"optimizer.{key}" not in typed]
+    if foreign:
         with open_dict(section):
             for key in foreign:
                 del section[key]
@@ -529,7 +509,7 @@ _OPTIMIZER_KEYS = {
 # What a file's config may name in `_target_` (a downloaded one could otherwise run os.system):
 # torch.nn and torchvision.transforms.v2 classes, and classes of the project's own modules (the
 # user's code anywhere in it) but not of the engine, the scripts, the tests or installed packages.
-LIBRARY_TARGETS = ("torch.nn.", "torchvision.transforms.v2.")
+LIBRARY_TARGETS = ("torch.nn.", TRANSFORMS)
 PROJECT = Path(__file__).resolve().parents[1]
 NOT_USER_CODE = ("engine", "train", "evaluate", "predict", "tests", "hydra_plugins", "benchmarks")
 ALLOWED_TARGETS = (
@@ -625,7 +605,7 @@ def _safe_target(target: Any) -> bool:
     module = getattr(obj, "__module__", "") or ""
     if is_data_module(obj):
         return project_module(module)
-    if target.startswith("torchvision.transforms.v2."):  # data.augment
+    if target.startswith(TRANSFORMS):  # data.augment
         return is_transform_class(obj)
     if inspect.isclass(obj):
         return issubclass(obj, torch.nn.Module) and (module.startswith("torch.nn.") or project_module(module))

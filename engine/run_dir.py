@@ -293,9 +293,8 @@ def verify(path: Path) -> None:
 
 
 class Snapshot:
-    """CPU copies of a state's tensors, in buffers reused between saves (allocating costs more
-    than copying), storage by storage: views and tied weights still share one, so the file
-    holds the same records as a synchronous save."""
+    """CPU copies of a state's tensors in buffers reused between saves (allocating costs more than
+    copying), storage by storage: views and tied weights share one, as in a synchronous save."""
 
     def __init__(self) -> None:
         self.buffers: list[torch.UntypedStorage] = []
@@ -357,10 +356,9 @@ def _retainable(run_dir: Path, name: Any) -> bool:
 
 
 class CheckpointSaver:
-    """Writes a periodic file, points last.pt (and best.pt) at it, prunes, in that order.
-    `saved` (kept in each checkpoint): the files this run wrote, the only ones it deletes.
-    background=True (checkpoint.async): save() snapshots and returns; one thread write in
-    flight; its error raises at the next save(), wait() or close(), or prints at exit."""
+    """Writes a periodic file, points last.pt (and best.pt) at it, prunes only what this run wrote
+    (`saved`, kept in each checkpoint). background=True (checkpoint.async): one write in flight
+    at a time; its error raises at the next save(), wait() or close(), or prints at exit."""
 
     def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None, background: bool = False) -> None:
         self.run_dir, self.keep_last, self.background = run_dir, keep_last, background
