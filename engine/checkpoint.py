@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import operator
-import pickle
 import platform
 import random
 import re
@@ -184,10 +183,7 @@ def data_state_of(config: dict, source: Path | str) -> dict | None:
         return None
     try:
         state = {
-            k: torch.tensor(v, dtype=torch.float32)
-            if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            else v
-            for k, v in state.items()
+            k: torch.tensor(v, dtype=torch.float32) if v and all(_is(x) for x in v) else v for k, v in state.items()
         }
     except (AttributeError, TypeError, ValueError):
         state = {"data_state": state}  # not a dict of lists: refused below
@@ -354,16 +350,14 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any
         raise UserError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        verify(path)
     try:
-        is_zip = zipfile.is_zipfile(path)
-        if is_zip:
-            verify(path)
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
-    except UserError:
-        raise
-    except pickle.UnpicklingError as err:
+    except Exception as err:
         found = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # torch words it several ways
         if found:  # a class or function reference: loading it would run code
             name = found.group(1)
@@ -378,15 +372,11 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any
                 f"{path}: refused: the file holds objects other than tensors and plain containers, which could run"
                 f" code when loaded (it names {name}){advice}"
             ) from None
+        reason = first_line(err)
         if "weights only load failed" in str(err).lower():  # torch's advice is not for us
             detail = re.search(r"Unsupported operand \d+|Unsupported class \S+", str(err))
-            raise UserError(
-                f"{path}: not a readable checkpoint (the weights-only loader "
-                f"cannot read it{': ' + detail.group(0) if detail else ''})"
-            ) from None
-        raise UserError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
+            reason = f"the weights-only loader cannot read it{': ' + detail.group(0) if detail else ''}"
+        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
@@ -735,34 +725,29 @@ def build_checkpoint(parts: dict[str, Any], progress: Progress, config: dict | D
             continue  # trainer features and trackers: absent when off
         state[PARTS[name]] = value
     weights = state["model_state_dict"]  # never write a NaN/inf model: one host sync
-    floats = [t for t in weights.values() if t.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
-        bad = [k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    finite = {k: torch.isfinite(t).all() for k, t in weights.items() if t.is_floating_point()}
+    if finite and not bool(torch.stack(list(finite.values())).all()):
+        bad = [k for k, ok in finite.items() if not ok]
         raise UserError(
             f"non-finite weights [{', '.join(bad[:3])}{' ...' if bad[3:] else ''}]"
             f" at epoch {progress.epoch + (1 if progress.step_in_epoch else 0)}, step {progress.global_step}:"
             f" not saved; lower optimizer.lr; the last good checkpoint is kept"
         )
     losses, history = progress.losses, progress.history
+    best = {"monitor": str(config["checkpoint"]["monitor"]), "value": progress.best_value, "epoch": progress.best_epoch}
     state.update(
-        {
-            "epoch": progress.epoch,
-            "global_step": progress.global_step,
-            "loss": float(losses[-1]) if losses else history[-1]["train_loss"] if history else None,
-            "step_in_epoch": progress.step_in_epoch,
-            "epoch_step_losses": torch.stack(losses).cpu() if losses else torch.zeros(0),
-            "rng_state": rng_state(),  # rank 0's; every rank's in rank_states under torchrun
-            "best": {
-                "monitor": str(config["checkpoint"]["monitor"]),
-                "value": progress.best_value,
-                "epoch": progress.best_epoch,
-            },
-            "config": config,
-            "versions": dict(_versions()),
-            "format_version": FORMAT_VERSION,
-            "world_size": world_size(),
-            "fingerprint": progress.fingerprint,
-        }
+        epoch=progress.epoch,
+        global_step=progress.global_step,
+        loss=float(losses[-1]) if losses else history[-1]["train_loss"] if history else None,
+        step_in_epoch=progress.step_in_epoch,
+        epoch_step_losses=torch.stack(losses).cpu() if losses else torch.zeros(0),
+        rng_state=rng_state(),  # rank 0's; every rank's in rank_states under torchrun
+        best=best,
+        config=config,
+        versions=dict(_versions()),
+        format_version=FORMAT_VERSION,
+        world_size=world_size(),
+        fingerprint=progress.fingerprint,
     )
     if is_distributed():  # a collective: every rank builds the checkpoint, rank 0 saves it
         state["rank_states"] = gather_to_main(
@@ -808,11 +793,8 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
             f" optimizer=/scheduler= overrides"
         ) from None
     if tutorial and is_main():
-        fresh = [
-            k
-            for k in ("optimizer_state_dict", "global_step", "rng_state", "history", "best", "config")
-            if k not in state
-        ]
+        wanted = ("optimizer_state_dict", "global_step", "rng_state", "history", "best", "config")
+        fresh = [k for k in wanted if k not in state]
         if scheduler is not None and state.get("scheduler_state_dict") is None:
             fresh.append("scheduler_state_dict")
         print(
@@ -827,8 +809,8 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
     if not tutorial:
         warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
-    check_step_in_epoch(step_in_epoch, data, source)
-    check_history_columns(state.get("history") or [], data, source)
+    if data is not None:  # None: a test's bare parts
+        check_fits_data(step_in_epoch, state.get("history") or [], data, source)
     if rng is not None:
         try:  # load_checkpoint tried it on fresh generators; a CUDA one may still refuse it
             set_rng_state(rng)
@@ -969,10 +951,8 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
             continue
         if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
             value = OmegaConf.to_container(value)
-        if saved is not None:
-            before = saved_opt.get(key)
-        else:
-            before = group0.get("initial_lr", group0[key]) if key == "lr" else group0[key]
+        current = group0.get("initial_lr", group0[key]) if key == "lr" else group0[key]
+        before = saved_opt.get(key) if saved is not None else current
         if before is None or before == value:
             continue
         for group in optimizer.param_groups:
@@ -1030,30 +1010,18 @@ def check_optimizer_state(optimizer, source: str) -> None:
                     )
 
 
-def check_history_columns(history: list, data: Any, source: str) -> None:
-    """Saved rows go back into metrics.csv beside this run's: the same columns."""
-    task = getattr(data, "task", None)
-    if not history or task is None:
-        return
-    columns = ["epoch", "step", "train_loss", "val_loss", *(["val_acc"] if task == "classification" else []), "lr"]
-    if list(history[0]) != columns:
-        raise UserError(f"{source}: history rows have columns {list(history[0])}; a {task} run writes {columns}")
-
-
-def check_step_in_epoch(step_in_epoch: int, data: Any, source: str) -> None:
-    """Now the data is known: a saved mid-epoch position must lie inside an epoch."""
-    if not step_in_epoch:
-        return
-    try:
-        samples, batch = len(data.split("train")), int(data.batch_size)
-    except (AttributeError, TypeError):  # not a DataModule (a test double): nothing to check
-        return
-    steps = batches_per_epoch(samples, batch, world_size())
+def check_fits_data(step_in_epoch: int, history: list, data: Any, source: str) -> None:
+    """Now the data is known: a mid-epoch position inside an epoch, saved metrics rows (they go
+    back into metrics.csv beside this run's) with this task's columns."""
+    steps = batches_per_epoch(len(data.split("train")), int(data.batch_size), world_size())
     if step_in_epoch > steps:  # == steps: saved on the epoch's last step, before validation
         raise UserError(
             f"{source}: step_in_epoch={step_in_epoch} but an epoch of this data has {steps} batches; the"
             f" checkpoint does not fit data.*"
         )
+    columns = ["epoch", "step", "train_loss", "val_loss", *(["val_acc"] if data.task == "classification" else []), "lr"]
+    if history and list(history[0]) != columns:
+        raise UserError(f"{source}: history rows have columns {list(history[0])}; a {data.task} run writes {columns}")
 
 
 # Scheduler entries that count progress; the others are settings (T_max, step_size, ...).
