@@ -55,8 +55,23 @@ class CSVData(DataModule):
         return {"features": list(self.features), "classes": self.classes, **self.stats}
 
     def load_state_dict(self, state: dict) -> None:
-        self.features, self.classes = list(state["features"]), state["classes"]
-        self.stats = {k: v for k, v in state.items() if k not in ("features", "classes")}
+        """A checkpoint's state, checked against itself: a crafted one fails here in one line."""
+        features, classes = list(state["features"]), state["classes"]
+        stats = {k: v for k, v in state.items() if k not in ("features", "classes")}
+        sizes = {"mean": len(features), "std": len(features)} if self.standardize else {}
+        if self.standardize and self.task == "regression":
+            sizes.update(target_mean=1, target_std=1)
+        if (
+            not features
+            or {k: len(v) for k, v in stats.items()} != sizes
+            or (classes is None) != (self.task == "regression")
+            or not all(bool(torch.isfinite(v).all()) for v in stats.values())
+            or not all(bool((stats[k] > 0).all()) for k in ("std", "target_std") if k in stats)
+        ):
+            raise ValueError(
+                f"expected finite stats {sizes} (std > 0) for {len(features)} feature(s), task {self.task}"
+            )
+        self.features, self.classes, self.stats = features, classes, stats
         self._splits = None  # set up again with these
 
     @property

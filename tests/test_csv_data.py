@@ -145,3 +145,39 @@ def test_csv_run_resumes_bit_for_bit(tmp_path):
     for key, tensor in one["model_state_dict"].items():
         assert torch.equal(tensor, two["model_state_dict"][key]), key
     assert all(torch.equal(one["data_state_dict"][k], two["data_state_dict"][k]) for k in ("mean", "std"))
+
+
+def test_crafted_data_state_is_one_line_never_a_traceback(tmp_path):
+    """A hostile checkpoint's data_state_dict (seeded corruptions): predict refuses in one line."""
+    _, features, target = random_csv(3, tmp_path / "mine.csv", "regression")
+    train_csv(tmp_path / "mine.csv", target, tmp_path, "loss=mse")
+    state = torch.load(tmp_path / "mine" / "best.pt", weights_only=True)
+    pd.DataFrame({f: [1.0] for f in features}).to_csv(tmp_path / "new.csv", index=False)
+    corruptions = [
+        lambda d: d.update(mean=d["mean"][:-1] if len(d["mean"]) > 1 else torch.zeros(5)),
+        lambda d: d.update(std=torch.zeros_like(d["std"])),
+        lambda d: d.update(target_mean=torch.tensor([float("nan")])),
+        lambda d: d.update(classes=["a", "b"]),
+        lambda d: d.pop("features"),
+        lambda d: d.update(features=[]),
+        lambda d: d.update(features=5),
+        lambda d: d.update(extra=torch.ones(2)),
+    ]
+    rng = random.Random(0)
+    for index in rng.sample(range(len(corruptions)), len(corruptions)):
+        crafted = {**state, "data_state_dict": dict(state["data_state_dict"])}
+        corruptions[index](crafted["data_state_dict"])
+        torch.save(crafted, tmp_path / "crafted.pt")
+        with pytest.raises(UserError) as info:
+            predict(
+                compose(
+                    "predict",
+                    [
+                        f"ckpt={tmp_path / 'crafted.pt'}",
+                        f"input={tmp_path / 'new.csv'}",
+                        f"output={tmp_path / 'p.csv'}",
+                    ],
+                )
+            )
+        assert_one_line(info.value, "crafted.pt", "data_state")
+        assert not (tmp_path / "p.csv").exists()
