@@ -54,8 +54,8 @@ def fit(cfg: DictConfig) -> dict:
 
     check_augment(cfg.data)  # data.augment, one line per mistake
     data = build(cfg.data, "data")
-    data.fill_sizes(cfg.data)  # data=csv: num_features/num_outputs from its columns (model=mlp)
     ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
+    data.fill_sizes(cfg.data)  # data=csv: num_features/num_outputs from its columns (model=mlp)
     check_monitor(cfg, data.task)
     model = build(cfg.model, "model").to(device)
     if cfg.weights:  # warm start: a new run from the weights in a file (strict=false: what fits)
