@@ -25,13 +25,27 @@ from engine.metrics import write_csv
 from engine.run_dir import run_dir_for, run_name_for, write_atomic
 
 RECORDS = ".sweep_jobs"
-# Overrides that do not make another sweep (re-running with resume=auto continues this one).
-SAME_SWEEP = ("resume", "resume_mode", "debug", "trainer.device")
+# Overrides (and their subkeys) that change no result: a re-run with them continues the same
+# sweep and study (resume=auto, more trials, another launcher or tracker).
+SAME_SWEEP = (
+    "resume", "resume_mode", "debug", "trainer.device", "trainer.print_every_s", "trainer.model_summary",
+    "logger", "checkpoint.async", "checkpoint.keep_last", "checkpoint.export", "checkpoint.export_pt2",
+    "hydra.sweeper.n_trials", "hydra.sweeper.n_jobs", "hydra/launcher", "hydra.launcher", "hydra.sweep.dir",
+)  # fmt: skip
+
+
+def result_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change results, sorted: what names a sweep and its Optuna study."""
+
+    def same(override: str) -> bool:
+        key = override.split("=")[0].lstrip("+~")
+        return any(key == k or key.startswith(k + ".") for k in SAME_SWEEP)
+
+    return sorted(o for o in overrides if not same(o))
 
 
 def sweep_id(overrides: list[str]) -> str:
-    kept = sorted(o for o in overrides if o.split("=")[0].lstrip("+~") not in SAME_SWEEP)
-    return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:12]
+    return hashlib.sha1("\n".join(result_overrides(overrides)).encode()).hexdigest()[:12]
 
 
 def job_error(ret: JobReturn) -> str | None:
