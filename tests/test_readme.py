@@ -72,9 +72,8 @@ def bash_commands(block: Block) -> list[tuple[int, str]]:
     return commands
 
 
-def runnable(command: str) -> str | None:
-    """The command for this checkout's interpreter, or None for a make target to skip."""
-    python = shlex.quote(sys.executable)
+def runnable(command: str, python: str = shlex.quote(sys.executable)) -> str | None:
+    """The command for this checkout's interpreter (`python`), or None for a make target to skip."""
     make = re.match(r"^\s*make\s+(\w+)(.*)$", command)
     if make:
         target, rest = make.groups()
@@ -107,6 +106,21 @@ def scratch_copy(dest: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     return dest
+
+
+def python_server(work: Path, address: Path, env: dict) -> subprocess.Popen:
+    """tests/readme_python.py's server, ready, in the scratch copy; the test kills it at the end."""
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "readme_python.py"), "--serve", str(address)],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert server.stdout.readline().strip() == "ready", "tests/readme_python.py --serve did not start"
+    return server
 
 
 def save_titled(block: Block, work: Path) -> Path:
@@ -160,7 +174,27 @@ def test_readme_runs_in_order(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key in ("HYDRA_FULL_ERROR", "PYTHONPATH", "TEST_FAULTS"):
         env.pop(key, None)
-    ran, timings = 0, []
+    python = shlex.quote(sys.executable)
+    if not sys.platform.startswith("linux"):  # no fork server: every command starts Python
+        timings = run_in_order(readme, work, tmp_path, env, python)
+    else:  # `python X.py` forked from a server that imported torch once
+        server = python_server(work, tmp_path / "python.sock", env)
+        env["README_PYTHON_SERVER"] = str(tmp_path / "python.sock")
+        try:
+            timings = run_in_order(
+                readme, work, tmp_path, env, f"{python} {shlex.quote(str(REPO / 'tests' / 'readme_python.py'))}"
+            )
+        finally:
+            server.kill()
+    print("README commands, slowest first (pytest -s shows this):")
+    for seconds, what in sorted(timings, reverse=True):
+        print(f"  {seconds:6.1f} s  {what}")
+    assert len(timings) >= 10, f"only {len(timings)} README commands ran: are the blocks still labelled ```bash?"
+
+
+def run_in_order(readme: str, work: Path, scratch: Path, env: dict, python: str) -> list[tuple[float, str]]:
+    """Every runnable block of `readme` in order, in `work`; (seconds, what) per command run."""
+    timings = []
     for block in readme_blocks(readme):
         if block.title:  # a file the reader saves (e.g. their model), then uses
             save_titled(block, work)
@@ -168,27 +202,22 @@ def test_readme_runs_in_order(tmp_path):
         if block.lang not in RUN:
             continue
         if block.lang == "python":
-            script = tmp_path / f"readme_line_{block.line}.py"
+            script = scratch / f"readme_line_{block.line}.py"
             script.write_text("\n".join(text for _, text in block.lines) + "\n")
             where = f"README.md ```python block at line {block.line}"
             started = time.perf_counter()
             _run([sys.executable, str(script)], work, env, where, script.read_text())
             timings.append((time.perf_counter() - started, f"python block at line {block.line}"))
-            ran += 1
             continue
         for number, command in bash_commands(block):
-            line = runnable(command)
+            line = runnable(command, python)
             if line is None:
                 continue
             where = f"README.md line {number} (```bash block at line {block.line})"
             started = time.perf_counter()
             _run(["bash", "-c", f"set -o pipefail\n{line}"], work, env, where, command)
             timings.append((time.perf_counter() - started, f"line {number}: {command[:70]}"))
-            ran += 1
-    print("README commands, slowest first (pytest -s shows this):")
-    for seconds, what in sorted(timings, reverse=True):
-        print(f"  {seconds:6.1f} s  {what}")
-    assert ran >= 10, f"only {ran} README commands ran: are the blocks still labelled ```bash?"
+    return timings
 
 
 def test_a_failing_command_is_reported_with_its_line_and_output(tmp_path):
@@ -203,3 +232,58 @@ def test_a_failing_command_is_reported_with_its_line_and_output(tmp_path):
     message = str(failed.value)
     assert message.startswith("README.md line 7 (```bash block at line 5) failed with exit code 3")
     assert "python train.py x=1" in message and "progress" in message and "boom" in message
+
+
+SCRIPTS = {  # what a user's `python X.py` may do: output, input, exit codes, signals, its argv
+    "ok.py": "import sys\nprint('out', sys.argv[1:])\nprint('err', file=sys.stderr)\n",
+    "code.py": "import sys\nsys.exit(int(input()))\n",
+    "boom.py": "raise ValueError('boom')\n",
+    "message.py": "raise SystemExit('bad input')\n",
+    "ctrl_c.py": "import time\nprint('waiting', flush=True)\ntime.sleep(30)\n",
+    "handled.py": "import signal, sys, time\n"
+    "signal.signal(signal.SIGINT, lambda *a: sys.exit(3))\nprint('waiting', flush=True)\ntime.sleep(30)\n",
+    "sub/where.py": "import os, sys\nprint(os.getcwd(), sys.path[0], os.environ.get('MARK'))\n",
+}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
+def test_readme_python_runs_a_script_as_python_does(tmp_path):
+    """The doctest's `python` (tests/readme_python.py) is indistinguishable from the interpreter:
+    the same output, exit code, stdin, folder, sys.path[0] and environment, and the same result
+    for Ctrl-C (`timeout -s INT`) with and without a handler."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, text in SCRIPTS.items():
+        (work / name).parent.mkdir(exist_ok=True)
+        (work / name).write_text(text)
+    env = {**os.environ, "MARK": "m1"}
+    server = python_server(work, tmp_path / "s.sock", env)
+    client = f"{shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'tests' / 'readme_python.py'))}"
+    commands = [
+        "python ok.py a 'b c'",
+        "echo 4 | python code.py",
+        "python boom.py",
+        "python message.py",
+        "timeout -s INT 1 python ctrl_c.py",
+        "timeout -s INT 1 python handled.py",
+        "MARK=m2 python sub/where.py",
+        "python -c 'print(7)'",
+    ]
+    try:
+        for command in commands:
+            results = []
+            for python, extra in (
+                (shlex.quote(sys.executable), {}),
+                (client, {"README_PYTHON_SERVER": str(tmp_path / "s.sock")}),
+            ):
+                line = command.replace("python", python, 1)
+                done = subprocess.run(
+                    ["bash", "-c", line], cwd=work, env={**env, **extra}, capture_output=True, text=True, timeout=60
+                )
+                results.append(
+                    (done.returncode, done.stdout, done.stderr.replace(str(REPO / "tests" / "readme_python.py"), ""))
+                )
+            assert results[0][:2] == results[1][:2], command
+            assert results[0][2].splitlines()[-1:] == results[1][2].splitlines()[-1:], command
+    finally:
+        server.kill()
