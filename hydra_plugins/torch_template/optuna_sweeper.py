@@ -169,9 +169,13 @@ class OptunaSweeper(Sweeper):
                 f"hydra.sweeper.study_name"
             )
         if searched is not None and searched != identity:
+            was, now = (
+                _cap(" ".join(sorted(set(a) - set(b))) or "(none)")
+                for a, b in ((searched, identity), (identity, searched))
+            )
             raise UserError(
-                f"{storage}: study {name!r} searched with {_cap(' '.join(searched), 120) or 'no overrides'}, not "
-                f"{_cap(' '.join(identity), 120) or 'none'}; pick another hydra.sweeper.study_name (null: one per set)"
+                f"{storage}: study {name!r} was searched with {was}, now {now}: another search; pick another "
+                "hydra.sweeper.study_name (null: a study per set of overrides)"
             )
         # every stored trial, before a trial is asked for (and left RUNNING)
         checked = {t.number: checked_params(t, distributions, storage or "memory") for t in trials}
@@ -251,8 +255,6 @@ def make_sampler(conf: SamplerConf, number: int) -> Any:
     if conf.name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, **startup)
     if conf.name == "random":
-        if startup:
-            raise UserError("hydra.sweeper.sampler.n_startup_trials: not a setting of the random sampler (all random)")
         return optuna.samplers.RandomSampler(seed=seed)
     if conf.name == "cmaes":
         try:
@@ -281,26 +283,36 @@ def open_storage(url: str | None) -> Any:
     by a parallel trial's job instead of failing at once."""
     import optuna
 
-    if url is None or _sqlite_file(url) is None:
-        return url
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    if url is None:
+        return None
+    timeout = {} if _sqlite_file(url) is None else {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    return optuna.storages.RDBStorage(url, **timeout)
 
 
 class TrialPruning:
     """This job's Optuna trial (hydra.sweeper.pruner): each epoch reports the monitored value and
-    says whether to stop. A job resumed after a kill replays its checkpoint's history and decides as
-    the unbroken job did: at an epoch the storage already had a later report of, it went on."""
+    says whether to stop. A job resumed after a kill reports what the storage lacks and decides as
+    the unbroken job did: the pruner judges the newest report, and a prune decided before the kill
+    stands (Hyperband's decisions change its trial's state: asked again, it would answer otherwise)."""
 
-    def __init__(self, trial: Any, frozen: Any, epochs: int) -> None:
-        self.trial, self.epochs = trial, epochs
+    def __init__(self, storage: Any, study_name: str, number: int, pruner: Any, epochs: int) -> None:
+        import optuna
+
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+        frozen = storage.get_trial(trial_id)
+        self.trial, self.epochs = optuna.Trial(study, trial_id), epochs
         self.stored, self.decided = dict(frozen.intermediate_values), frozen.user_attrs.get(PRUNED_AT)
+
+    def _report(self, epoch: int, value: float) -> None:
+        if epoch not in self.stored:  # (reported before a kill: the same value, as training resumes exactly)
+            self.trial.report(value, epoch)
+            self.stored[epoch] = value
 
     def prune(self, epoch: int, value: float) -> bool:
         """Report `value` at `epoch`; True: the trial is pruned (never at the last epoch: complete)."""
-        if epoch not in self.stored:
-            self.trial.report(value, epoch)
-            self.stored[epoch] = value
-        if epoch < max(self.stored) or epoch >= self.epochs:
+        self._report(epoch, value)
+        if epoch >= self.epochs:
             return False
         if self.decided is not None or self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_AT, epoch)
@@ -310,9 +322,7 @@ class TrialPruning:
     def resume(self, history: list[dict], monitor: str) -> bool:
         """A resumed job: report what its history has and the storage lacks; pruned again?"""
         for row in history:
-            if row["epoch"] not in self.stored:
-                self.trial.report(row[monitor], row["epoch"])
-                self.stored[row["epoch"]] = row[monitor]
+            self._report(row["epoch"], row[monitor])
         return bool(history) and self.prune(history[-1]["epoch"], history[-1][monitor])
 
 
@@ -327,13 +337,9 @@ def trial_pruning(cfg: DictConfig) -> TrialPruning | None:
     if not str(conf.get("_target_", "")).endswith(".OptunaSweeper") or conf.get("trial") is None:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(str(conf.storage))
-    pruner = make_pruner(PrunerConf(**conf.pruner), int(cfg.trainer.epochs))
-    study = optuna.load_study(study_name=str(conf.study_name), storage=storage, pruner=pruner)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(
-        storage.get_study_id_from_name(str(conf.study_name)), int(conf.trial)
-    )
-    return TrialPruning(optuna.Trial(study, trial_id), storage.get_trial(trial_id), int(cfg.trainer.epochs))
+    epochs = int(cfg.trainer.epochs)
+    pruner = make_pruner(PrunerConf(**conf.pruner), epochs)
+    return TrialPruning(open_storage(str(conf.storage)), str(conf.study_name), int(conf.trial), pruner, epochs)
 
 
 def _quoted(text: str) -> str:
