@@ -100,7 +100,6 @@ CheckpointConfig = _schema(
         "export_pt2": bool,
     },
 )
-CVConfig = _schema("CVConfig", {"folds": int | None, "fold": int | None}, folds=None, fold=None)
 _FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
 TrainConfig = _schema(
     "TrainConfig",
@@ -117,11 +116,9 @@ TrainConfig = _schema(
         "trainer": TrainerConfig,
         "early_stopping": EarlyStoppingConfig,
         "checkpoint": CheckpointConfig,
-        "cv": CVConfig,
         **dict.fromkeys(_FREE, Any),
     },
     **dict.fromkeys(_FREE),
-    cv=CVConfig,  # k-fold cross-validation: cv.folds, cv.fold (null: off)
 )
 InferenceConfig = _schema(
     "InferenceConfig",

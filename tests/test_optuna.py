@@ -13,12 +13,19 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from conftest import run_script
+from conftest import compose, run_script
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.torch_template.optuna_sweeper import OptunaSweeper, PrunerConf, TrialPruning, make_pruner
+from hydra_plugins.torch_template.optuna_sweeper import (
+    OptunaSweeper,
+    PrunerConf,
+    SamplerConf,
+    TrialPruning,
+    make_pruner,
+    make_sampler,
+)
 from tests.faults import fault_env
 from tests.helpers import raises_user_error
 
@@ -161,7 +168,9 @@ def test_bad_settings_are_one_line_before_any_file(tmp_path, options, needles):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_cmaes_without_its_package_is_one_line(tmp_path, monkeypatch):
+def test_cmaes_is_optunas_cma_es_sampler_and_one_line_without_its_package(tmp_path, monkeypatch):
+    pytest.importorskip("cmaes")  # the dev extra installs it
+    assert isinstance(make_sampler(SamplerConf("cmaes", seed=1), 0), optuna.samplers.CmaEsSampler)
     monkeypatch.setitem(sys.modules, "cmaes", None)  # import cmaes -> ImportError
     s = _sweeper(tmp_path / "sweep", None, sampler={"name": "cmaes"})
     raises_user_error(s._sweep, [], needles=("cmaes", "pip install cmaes"))
@@ -349,6 +358,8 @@ def test_cv_fold_in_params_runs_each_trial_on_every_fold_and_tells_the_mean(tmp_
 
 def test_cv_folds_through_train_py(tmp_path):
     """A stand-in for configs/cv/: cv.folds and hydra.sweeper.params' cv.fold, as a group."""
+    if "cv" not in compose("train"):
+        pytest.skip("no cv.folds/cv.fold keys in the train schema (k-fold data side not merged)")
     group = tmp_path / "conf" / "cvtest"
     group.mkdir(parents=True)
     (group / "3fold.yaml").write_text(

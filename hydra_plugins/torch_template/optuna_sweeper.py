@@ -53,7 +53,7 @@ class SamplerConf:
 class PrunerConf:
     name: str = "none"  # median | hyperband | none: stop a trial whose per-epoch checkpoint.monitor lags
     n_startup_trials: int = 5  # median: no pruning until this many trials completed
-    n_warmup_steps: int = 0  # median: no pruning up to this epoch
+    n_warmup_steps: int = 0  # median: no pruning at an epoch below this
 
 
 @dataclass
