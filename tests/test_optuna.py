@@ -75,12 +75,6 @@ def test_a_smoke_study_then_a_real_one_then_other_epochs_are_separate_studies(tm
     [new] = set(studies) - {name}
     assert [t.state for t in studies[new].trials] == [TrialState.COMPLETE]
 
-    # a named study refuses other overrides than the ones it searched with
-    named = (*ARGS, "hydra.sweeper.study_name=mine", "hydra.sweeper.n_trials=1")
-    run_script("train.py", *named, "trainer.epochs=1", root=tmp_path, timeout=120)
-    refused = run_script("train.py", *named, "trainer.epochs=2", root=tmp_path, check=False, timeout=120)
-    _one_error(refused, "study 'mine' was searched with trainer.epochs=1, now trainer.epochs=2", "study_name")
-
 
 def test_no_trial_completed_exits_2_and_the_summary_says_failed(tmp_path):
     missing = tmp_path / "missing.pt"
@@ -141,7 +135,8 @@ def test_sampler_settings_from_the_command_line_reach_the_study(tmp_path):
 
 def _sweeper(sweep_dir: Path, launcher, **options) -> OptunaSweeper:
     options.setdefault("params", {"optimizer.lr": "tag(log, interval(0.001, 0.5))"})
-    s = OptunaSweeper(study_name="s", **options)
+    options.setdefault("study_name", "s")
+    s = OptunaSweeper(**options)
     s.config = OmegaConf.create(
         {
             "hydra": {"sweep": {"dir": str(sweep_dir)}},
@@ -166,6 +161,22 @@ def test_bad_settings_are_one_line_before_any_file(tmp_path, options, needles):
     s = _sweeper(tmp_path / "sweep", None, **options)
     raises_user_error(s._sweep, [], needles=needles)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_named_study_refuses_other_overrides_than_it_searched_with(tmp_path):
+    launcher = FoldLauncher()
+    for epochs in (1, 1):  # the same search: continued
+        s = _sweeper(tmp_path / "sweep", launcher, n_trials=2, study_name="mine")
+        s._objective = lambda ret: 0.5
+        s._sweep([f"trainer.epochs={epochs}", "resume=auto", "trainer.device=cpu"])
+    assert len(launcher.batches) == 2
+    s = _sweeper(tmp_path / "sweep", launcher, n_trials=3, study_name="mine")
+    raises_user_error(
+        s._sweep,
+        ["trainer.epochs=2"],
+        needles=("study 'mine' was searched with trainer.epochs=1, now trainer.epochs=2",),
+    )
+    assert len(launcher.batches) == 2
 
 
 def test_cmaes_is_optunas_cma_es_sampler_and_one_line_without_its_package(tmp_path, monkeypatch):
@@ -269,7 +280,8 @@ def _trials(root: Path) -> list[tuple]:
     return [(t.number, t.state, t.value, t.params, t.intermediate_values) for t in study.trials]
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.slow  # (the seeded in-process kills above are the fast tier's)
+@pytest.mark.parametrize("seed", [0, 1])
 def test_a_pruned_sweep_killed_and_rerun_ends_as_the_unbroken_sweep(tmp_path, seed):
     unbroken = run_script("train.py", *PRUNING, root=tmp_path / "a", timeout=180)
     expected = _trials(tmp_path / "a")
@@ -293,6 +305,7 @@ def test_a_pruned_sweep_killed_and_rerun_ends_as_the_unbroken_sweep(tmp_path, se
 # ------------------------------------------------------------------ parallel trials, k folds
 
 
+@pytest.mark.slow
 def test_two_parallel_trials_on_one_sqlite_study_both_complete(tmp_path):
     result = run_script(
         "train.py",

@@ -343,7 +343,8 @@ def test_train_refuses_a_crafted_running_trial(tmp_path, attack):
     sweep_dir = tmp_path / "linear_regression"
     sweep_dir.mkdir()
     storage = storage_of(sweep_dir)
-    study = optuna.create_study(study_name=f"linear_regression-{sweep_id([*ARGS[1:], f'checkpoint.root={tmp_path}'])[:8]}", storage=storage)
+    name = f"linear_regression-{sweep_id([*ARGS[1:], f'checkpoint.root={tmp_path}'])[:8]}"  # the command's study
+    study = optuna.create_study(study_name=name, storage=storage)
     if attack == "resolver value":  # (stored as a choice: no other trial may have lr a float)
         name, params = "optimizer.lr", {"optimizer.lr": resolvers(marker)[0]}
     else:  # what the old sweeper passed as `model._target_=os.system model._args_=[touch ..]`
