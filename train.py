@@ -28,6 +28,7 @@ from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
 from engine.run_dir import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
+from engine.sweeps import PRUNED
 from engine.training import (
     EMA,
     EarlyStopping,
@@ -38,6 +39,7 @@ from engine.training import (
     model_summary,
     window_length,
 )
+from hydra_plugins.torch_template.optuna_sweeper import trial_pruning
 
 
 def train(cfg: DictConfig) -> dict:
@@ -119,6 +121,10 @@ def fit(cfg: DictConfig) -> dict:
     state["loggers"] = loggers = open_loggers(cfg, run_dir, resumed, progress)
     stopped = stopper is not None and stopper.stopped  # early stopping ended it before
     complete = bool(resumed) and (progress.epoch >= cfg.trainer.epochs or stopped)
+    # hparams_search with a pruner: this job's Optuna trial; resumed, it decides as the unbroken job did
+    pruning = None if complete or not ddp.is_main() else trial_pruning(cfg)
+    pruned = ddp.any_rank(pruning is not None and pruning.resume(progress.history, str(cfg.checkpoint.monitor)))
+    complete = complete or pruned
     # config.yaml: only now, with the checkpoint restored and the trackers open; a run that
     # trains nothing more keeps its own
     accept_run(run_dir, cfg, resumed, trains=not complete)
@@ -178,14 +184,14 @@ def fit(cfg: DictConfig) -> dict:
     if complete:
         print(
             f"run {run_dir} is already complete ({progress.epoch} epochs"
-            + (f"; {stopper.reason}" if stopped else "")
+            + (f"; {stopper.reason}" if stopped else "; pruned by Optuna" if pruned else "")
             + "); nothing to do. Raise "
             + ("early_stopping.patience" if stopped else "trainer.epochs")
             + " to train on, or pick a new run_name="
         )
         # an interruption after the last checkpoint: make the rest
         loggers.finish(run_dir, progress.history, finish(only_missing=True), again=True)
-        return progress.history[-1] if progress.history else {}
+        return {**progress.history[-1], PRUNED: pruned} if progress.history else {}
     print(
         f"run directory: {run_dir}"
         + (f" (resumed at epoch {progress.epoch}, step {progress.global_step})" if resumed else "")
@@ -274,10 +280,11 @@ def fit(cfg: DictConfig) -> dict:
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
         stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
+        pruned = ddp.any_rank(pruning is not None and pruning.prune(epoch, row[monitor])) and not stopping
         loggers.log_epoch(row)  # metrics.csv now (resume reads it); trackers after the save
         # torchrun: the ranks agree; a signal after this is seen at the next check
         stop_now = ddp.should_stop(stop)
-        periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping
+        periodic = epoch % every_n_epochs == 0 or epoch == epochs or stopping or pruned
         if periodic or stop_now:  # a stop during validation saves here
             save(f"epoch_{epoch:04d}.pt", best=improved, final=stop_now)
         elif improved:
@@ -291,8 +298,8 @@ def fit(cfg: DictConfig) -> dict:
             raise Interrupted(
                 f"{stop.reason}: saved {run_dir}/epoch_{epoch:04d}.pt after epoch {epoch}; continue with resume=auto"
             )
-        if stopping:
-            print(f"stopped after epoch {epoch} of {epochs}: {stopper.reason}", flush=True)
+        if stopping or pruned:
+            print(f"stopped after epoch {epoch} of {epochs}: {stopper.reason if stopping else 'pruned by Optuna'}")
             break
 
     ddp.on_main(saver.close)  # checkpoint.async: the last write is durable (or raised) here
@@ -306,7 +313,7 @@ def fit(cfg: DictConfig) -> dict:
         f"epoch {progress.best_epoch}), metrics.csv, loss_curve.png, test_metrics.json"
         + (", export/" if cfg.checkpoint.export else "")
     )
-    return progress.history[-1]
+    return {**progress.history[-1], PRUNED: pruned}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -25,6 +25,7 @@ from engine.metrics import write_csv
 from engine.run_dir import run_dir_for, run_name_for, write_atomic
 
 RECORDS = ".sweep_jobs"
+PRUNED = "pruned"  # a job's status (and key of its returned dict) when Optuna pruned its trial: not a failure
 # Overrides (and their subkeys) that change no result: a re-run with them continues the same
 # sweep and study (resume=auto, more trials, another launcher or tracker).
 SAME_SWEEP = (
@@ -54,6 +55,12 @@ def job_error(ret: JobReturn) -> str | None:
     if ret.status != JobStatus.COMPLETED:
         return f"{type(result).__name__}: {one_line(result)}"
     return str(result[JOB_FAILED]) if isinstance(result, dict) and JOB_FAILED in result else None
+
+
+def job_pruned(ret: JobReturn) -> bool:
+    """Did the job stop early on its Optuna trial's pruner (train.py returns {PRUNED: True})?"""
+    result = ret._return_value
+    return ret.status == JobStatus.COMPLETED and isinstance(result, dict) and result.get(PRUNED) is True
 
 
 def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
@@ -107,8 +114,8 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.sweep_dir is not None:
-            error = job_error(job_return)
-            self._record(config, {"status": "ok"} if error is None else {"status": "failed", "error": error})
+            error, status = job_error(job_return), PRUNED if job_pruned(job_return) else "ok"
+            self._record(config, {"status": status} if error is None else {"status": "failed", "error": error})
             self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
@@ -133,7 +140,7 @@ class SweepSummary(Callback):
         best, epoch = best_of(run_dir, record.get("monitor", self.monitor), record.get("mode", self.mode))
         row = {"job": record.get("job"), "overrides": " ".join(record.get("overrides", [])), "status": status}
         row.update({f"best_{self.monitor}": best, "best_epoch": epoch})
-        if status == "ok":
+        if status in ("ok", PRUNED):
             with suppress(OSError, ValueError):  # no test_metrics.json, or a broken one
                 tests = json.loads((run_dir / "test_metrics.json").read_text())
                 row.update({k: v for k, v in tests.items() if k.startswith("test_")})
@@ -153,8 +160,9 @@ class SweepSummary(Callback):
         if self.plot:
             _plot(ranked, key, self.sweep_dir / "summary.png")
         if final:
-            bad = ", ".join(f"{r['job']} {r['status']}" for r in rows if r["status"] != "ok")
-            verdict = f"; not ok: {bad}" if bad else ", all ok"
+            bad = ", ".join(f"{r['job']} {r['status']}" for r in rows if r["status"] not in ("ok", PRUNED))
+            pruned = sum(r["status"] == PRUNED for r in rows)
+            verdict = (f", {pruned} pruned" if pruned else "") + (f"; not ok: {bad}" if bad else ", all ok")
             print(f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs{verdict})", flush=True)
         return rows
 

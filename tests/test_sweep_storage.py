@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from engine.sweeps import sweep_id
 from hydra_plugins.torch_template.optuna_sweeper import OptunaSweeper, checked_params
 from tests.helpers import assert_one_line, deadline, raises_user_error
 
@@ -72,9 +73,13 @@ class Recorder:
 
 def sweeper(sweep_dir: Path, params: dict = SPACE, n_trials: int = 3, study: str = "s") -> OptunaSweeper:
     """The sweeper as Hydra sets it up, with the Recorder as launcher."""
-    s = OptunaSweeper(n_trials=n_trials, study_name=study, seed=0, params=params)
+    s = OptunaSweeper(n_trials=n_trials, study_name=study, sampler={"seed": 0}, params=params)
     s.config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(sweep_dir)}}, "checkpoint": {"mode": "min", "monitor": "val_loss"}}
+        {
+            "hydra": {"sweep": {"dir": str(sweep_dir)}},
+            "checkpoint": {"mode": "min", "monitor": "val_loss"},
+            "trainer": {"epochs": 2},
+        }
     )
     s.hydra_context, s.launcher = SimpleNamespace(config_loader=None), Recorder()
     return s
@@ -281,7 +286,8 @@ def test_corrupt_or_foreign_storage_is_refused_and_left_as_it_was(tmp_path):
 def test_a_changed_search_space_is_refused(tmp_path):
     sweep_dir = tmp_path / "sweep"
     s = sweeper(sweep_dir, n_trials=2)
-    s._sweep([])
+    with pytest.raises(SystemExit):  # every trial failed (the Recorder runs none)
+        s._sweep([])
     storage = storage_of(sweep_dir)
     changed = {**SPACE, "optimizer.lr": "choice(0.01, 0.1)"}  # interval -> choice
     for space, needle in ((changed, "optimizer.lr="), ({**SPACE, "seed": "choice(1, 2)"}, "seed=(missing)")):
@@ -303,7 +309,8 @@ def test_a_second_sweep_of_the_same_storage_is_refused_at_once(tmp_path):
                 s._sweep, [], needles=(storage_of(sweep_dir), f"in use by another sweep (pid {os.getpid()})")
             )
     assert not (sweep_dir / "optuna.db").exists() and s.launcher.jobs == []
-    s._sweep([])  # released: it runs
+    with pytest.raises(SystemExit):  # released: it runs (the Recorder's trials fail: exit 2)
+        s._sweep([])
     assert len(s.launcher.jobs) == 3
 
 
@@ -336,7 +343,8 @@ def test_train_refuses_a_crafted_running_trial(tmp_path, attack):
     sweep_dir = tmp_path / "linear_regression"
     sweep_dir.mkdir()
     storage = storage_of(sweep_dir)
-    study = optuna.create_study(study_name="linear_regression", storage=storage)
+    name = f"linear_regression-{sweep_id([*ARGS[1:], f'checkpoint.root={tmp_path}'])[:8]}"  # the command's study
+    study = optuna.create_study(study_name=name, storage=storage)
     if attack == "resolver value":  # (stored as a choice: no other trial may have lr a float)
         name, params = "optimizer.lr", {"optimizer.lr": resolvers(marker)[0]}
     else:  # what the old sweeper passed as `model._target_=os.system model._args_=[touch ..]`

@@ -103,14 +103,14 @@ def test_optuna_sweep_killed_in_its_second_trial_continues_to_n_trials(tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
     sweep = tmp_path / "linear_regression"
     storage = f"sqlite:///{sweep / 'optuna.db'}"
-    study = optuna.load_study(study_name="linear_regression", storage=storage)
+    study = optuna.load_study(study_name=None, storage=storage)  # the one study of this sweep
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "RUNNING"], states
 
     again = run_script("train.py", *args, root=tmp_path, timeout=120)
     assert "continuing 1 interrupted" in again.stdout
     assert "resumed at epoch 1" in again.stdout  # the 2nd trial's run continued, not redone
-    study = optuna.load_study(study_name="linear_regression", storage=storage)
+    study = optuna.load_study(study_name=None, storage=storage)  # the one study of this sweep
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert len({t.params["optimizer.lr"] for t in study.trials}) == 3
     rows = _rows(sweep / "summary.csv")
