@@ -100,6 +100,8 @@ CheckpointConfig = _schema(
         "export_pt2": bool,
     },
 )
+# k-fold cross-validation (configs/cv, with -m): which fold of how many is this run's val split.
+CVConfig = _schema("CVConfig", {"folds": int | None, "fold": int | None}, folds=None, fold=None)
 _FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
 TrainConfig = _schema(
     "TrainConfig",
@@ -116,6 +118,7 @@ TrainConfig = _schema(
         "trainer": TrainerConfig,
         "early_stopping": EarlyStoppingConfig,
         "checkpoint": CheckpointConfig,
+        "cv": CVConfig,
         **dict.fromkeys(_FREE, Any),
     },
     **dict.fromkeys(_FREE),
@@ -135,6 +138,16 @@ PredictConfig = _schema(
 SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
 for _script, _schema_class in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema_class)
+
+
+def _sweep_folder(name: str, run_name: str | None, overrides: ListConfig) -> str:
+    from engine.sweeps import sweep_folder  # engine.sweeps imports this module
+
+    return sweep_folder(name, run_name, list(overrides))
+
+
+# train.yaml's hydra.sweep.dir: <checkpoint.root>/${sweep_folder:${name},${run_name},${hydra.overrides.task}}
+OmegaConf.register_new_resolver("sweep_folder", _sweep_folder, replace=True)
 
 
 # --------------------------------------------------------------- ranges: each key, once
@@ -166,6 +179,8 @@ RANGES = {
     "checkpoint.every_n_epochs": Range(int, 1),
     "checkpoint.every_n_steps": Range(int, 1),
     "checkpoint.keep_last": Range(int, 1),
+    "cv.folds": Range(int, 2),
+    "cv.fold": Range(int, 0, "cv.folds", open_high=True),
     "data.batch_size": Range(int, 1, MAX_BATCH),
     "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this machine)"),
     "data.num_classes": Range(int, 1, 1_000_000),
@@ -208,6 +223,8 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
     """Every value of `cfg` against its range (null or absent passes unless `required`), the
     values that must agree, and that `data` and `model` name the right kind of object."""
     get = functools.partial(OmegaConf.select, cfg, default=None)
+    if get("cv.fold") is not None and get("cv.folds") is None:
+        raise UserError(f"cv.fold={get('cv.fold')!r}: needs cv.folds (pick a split with cv=5fold, or set cv.folds=K)")
     for key, rule in RANGES.items():
         if get(key) is not None or key in required:
             check_range(cfg, key, get(key), rule)
