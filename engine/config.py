@@ -635,7 +635,7 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
         raise UserError(
             f"{source}: no usable saved config ({'/'.join(need)}); evaluate it with weights={source} model=... data=..."
         )
-    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed")}
+    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed", "cv")}
     for key in need:
         if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
             raise UserError(f"{source}: saved config: {key} has no _target_ naming what to build")
@@ -645,6 +645,8 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
         for key in ("data", "model", "loss"):
             if config.get(key) is not None:
                 check_target_section(config[key], key)
+        if config.get("cv") is not None:  # a cross-validation run's fold (evaluate.py split=val)
+            check_limits(OmegaConf.create({"cv": config.cv}))
     except UserError as err:
         raise UserError(f"{source}: saved config: {err}") from None
     except Exception as err:  # omegaconf's errors on odd keys/values: one line
