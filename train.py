@@ -17,6 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import engine.sweeps  # noqa: F401 - registers ${sweep_folder:}, train.yaml's hydra.sweep.dir resolver
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for

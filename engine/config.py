@@ -140,16 +140,6 @@ for _script, _schema_class in SCHEMAS.items():
     ConfigStore.instance().store(name=f"{_script}_schema", node=_schema_class)
 
 
-def _sweep_folder(name: str, run_name: str | None, overrides: ListConfig) -> str:
-    from engine.sweeps import sweep_folder  # engine.sweeps imports this module
-
-    return sweep_folder(name, run_name, list(overrides))
-
-
-# train.yaml's hydra.sweep.dir: <checkpoint.root>/${sweep_folder:${name},${run_name},${hydra.overrides.task}}
-OmegaConf.register_new_resolver("sweep_folder", _sweep_folder, replace=True)
-
-
 # --------------------------------------------------------------- ranges: each key, once
 class Range(NamedTuple):
     """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,

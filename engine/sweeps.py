@@ -67,6 +67,12 @@ def sweep_folder(name: str, run_name: str | None, overrides: list[str]) -> str:
     return f"{run_name or name}/multirun/{safe}"
 
 
+# train.yaml's hydra.sweep.dir: ${checkpoint.root}/${sweep_folder:${name},${run_name},${hydra.overrides.task}}
+OmegaConf.register_new_resolver(
+    "sweep_folder", lambda name, run_name, overrides: sweep_folder(name, run_name, list(overrides)), replace=True
+)
+
+
 def pin_sweep_dir(config: DictConfig) -> str:
     """hydra.sweep.dir resolved once, in the sweep process, and handed to every job as an
     override (as Hydra hands on hydra.mode): a job's own overrides (one value per swept key)
