@@ -636,6 +636,8 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
             if config.get(key) is not None:
                 check_target_section(config[key], key)
         if config.get("cv") is not None:  # a cross-validation run's fold (evaluate.py split=val)
+            if not isinstance(config.cv, DictConfig) or set(config.cv) - {"folds", "fold"}:
+                raise UserError(f"cv={kept['cv']!r}: expected a section with keys folds, fold")
             check_limits(OmegaConf.create({"cv": config.cv}))
     except UserError as err:
         raise UserError(f"{source}: saved config: {err}") from None

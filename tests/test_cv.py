@@ -128,6 +128,27 @@ def test_a_fold_run_resumes_exactly_and_refuses_another_fold(tmp_path):
     assert again == run and len((run / "metrics.csv").read_text().splitlines()) == 3
     with pytest.raises(UserError, match=r"split.*since the checkpoint, so an exact resume is impossible"):
         train_run(tmp_path, "cv=3fold", "cv.fold=1", "trainer.epochs=3", f"resume={run / 'last.pt'}", name="f1")
+    # evaluate.py: the fold's own val split (the one best.pt was picked on); predict.py as for any run
+    best = min(float(row["val_loss"]) for row in _rows(run / "metrics.csv"))
+    run_script("evaluate.py", f"ckpt={run / 'best.pt'}", "split=val", f"output={tmp_path / 'val.json'}")
+    assert json.loads((tmp_path / "val.json").read_text())["val_loss"] == pytest.approx(best, rel=1e-5)
+    (tmp_path / "x.csv").write_text("x\n0.5\n")
+    run_script("predict.py", f"ckpt={run / 'best.pt'}", f"input={tmp_path / 'x.csv'}", f"output={tmp_path / 'p.csv'}")
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
+
+
+def test_a_crafted_cv_section_in_a_checkpoint_is_one_line():
+    from engine.config import saved_sections
+
+    good = compose("train", [])
+    base = {k: dict(good[k]) for k in ("data", "model")}
+    for cv, needle in (
+        ("x", "expected a section"),
+        ({"folds": 3, "fold": 5}, "cv.fold=5"),
+        ({"folds": "a"}, "cv.folds"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            saved_sections({**base, "cv": cv}, "f.pt")
 
 
 def _rows(path: Path) -> list[dict]:
