@@ -27,6 +27,8 @@ def evaluate(cfg: DictConfig) -> dict:
     validate_inference(cfg, "evaluate")
     loaded = load_for_inference(cfg)
     data, split = loaded.data, str(cfg.split)  # split: train | val | test
+    if "data" not in loaded.trusted and (cv := loaded.config.get("cv")):  # a cross-validation run:
+        data.use_fold(cv.get("fold"), cv.get("folds"))  # its fold's train and val (test: the same)
     classification = data.task == "classification"
     out, plot = _output_paths(cfg, loaded.source, classification)
     batches = Batches(data.split(split), data.batch_size, loaded.device)

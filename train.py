@@ -17,6 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import engine.sweeps  # noqa: F401 - registers ${sweep_folder:}, train.yaml's hydra.sweep.dir resolver
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches, pin_memory_for
@@ -56,6 +57,7 @@ def fit(cfg: DictConfig) -> dict:
 
     check_augment(cfg.data)  # data.augment, one line per mistake
     data = build(cfg.data, "data")
+    data.use_fold(cfg.cv.fold, cfg.cv.folds)  # cv=KFOLD: train+val cut into folds, this run's is val
     ddp.setup_data(data)  # torchrun: rank 0 prepares (downloads) first
     data.fill_sizes(cfg.data)  # data=csv: num_features/num_outputs from its columns (model=mlp)
     check_monitor(cfg, data.task)

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from omegaconf import open_dict
+from torch.utils.data import ConcatDataset, Subset
 
-from engine.batches import Split
+from engine.batches import Split, TensorSplit
 from engine.errors import UserError
 from engine.runtime import max_workers
 
@@ -21,6 +22,8 @@ class DataModule(ABC):
 
     task = "regression"  # or "classification"
     num_classes: int | None = None
+    fold: tuple[int, int] | None = None  # cross-validation: (fold, folds), set by use_fold
+    _folded: dict | None = None  # the splits with the fold applied (a new setup() applies it again)
 
     def __init__(
         self,
@@ -57,12 +60,25 @@ class DataModule(ABC):
         if self._splits is None:
             self.setup()
         assert self._splits is not None
+        if self.fold is not None and self._splits is not self._folded:
+            stratify = self.task == "classification"
+            self._splits = self._folded = fold_splits(self._splits, *self.fold, self.seed, stratify)
         if name not in self._splits:
             raise UserError(f"split {name!r} not available; have {sorted(self._splits)}")
         split = self._splits[name]
         if len(split) == 0:
             raise UserError(f"data: the {name!r} split is empty; use more data or change the data.*_fraction settings")
         return split
+
+    def use_fold(self, fold: int | None, folds: int | None) -> None:
+        """k-fold cross-validation (train.py's cv.fold of cv.folds): the splits train and val
+        become fold_splits'; None, None: the module's own splits."""
+        if folds is not None and fold is None:
+            raise UserError(
+                f"cv.folds={folds} without cv.fold: cross-validation trains one run per fold; run it as a "
+                f"sweep with -m, e.g. python train.py -m cv={folds}fold ..."
+            )
+        self.fold = None if folds is None else (int(fold), int(folds))
 
     def predict_inputs(self, path: Path, invert: bool = False) -> tuple[list[str] | dict[str, list], torch.Tensor]:
         """Read a user's input file/folder for predict.py: (file names, or the input's columns to
@@ -107,6 +123,56 @@ def seeded_split(n: int, fractions: list[float], seed: int) -> list[torch.Tensor
         out.append(perm[start : start + size])
         start += size
     return out
+
+
+def fold_assignment(n: int, folds: int, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Each of n samples' fold, 0 to folds-1, fixed by the seed: a seeded permutation dealt out
+    in turn, grouped by class when `labels` are given (stratified: each class's count per fold
+    is the floor or ceiling of its count / folds; fold sizes differ by at most one)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if labels is not None:
+        order = order[torch.argsort(labels[order], stable=True)]
+    assignment = torch.empty(n, dtype=torch.long)
+    assignment[order] = torch.arange(n) % folds
+    return assignment
+
+
+def fold_splits(splits: dict[str, Split], fold: int, folds: int, seed: int, stratify: bool) -> dict[str, Split]:
+    """The train and val splits pooled and cut into `folds` folds: fold `fold` is val, the rest
+    train; the other splits (test) as they were."""
+    pooled = _pooled(splits["train"], splits["val"])
+    if folds > len(pooled):
+        raise UserError(f"cv.folds={folds}: more folds than the {len(pooled)} samples of the train and val splits")
+    assignment = fold_assignment(len(pooled), folds, seed, split_labels(pooled) if stratify else None)
+    train, val = (assignment != fold).nonzero().flatten(), (assignment == fold).nonzero().flatten()
+    return {**splits, "train": _take(pooled, train), "val": _take(pooled, val)}
+
+
+def split_labels(split: Split) -> torch.Tensor:
+    """A classification split's class indices, without loading images where the data set
+    lists its targets (torchvision's ImageFolder, MNIST, CIFAR)."""
+    if isinstance(split, TensorSplit):
+        return split.y.reshape(len(split))
+    targets = getattr(split.dataset, "targets", None) if isinstance(split, Subset) else None
+    if targets is not None:
+        return torch.as_tensor(targets)[torch.as_tensor(split.indices, dtype=torch.long)]
+    return torch.as_tensor([int(split[i][1]) for i in range(len(split))])
+
+
+def _pooled(a: Split, b: Split) -> Split:
+    if isinstance(a, TensorSplit) and isinstance(b, TensorSplit):
+        return TensorSplit(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]))
+    if isinstance(a, Subset) and isinstance(b, Subset) and a.dataset is b.dataset:
+        return Subset(a.dataset, [*a.indices, *b.indices])  # one data set: its digest stays exact
+    return ConcatDataset([a, b])
+
+
+def _take(split: Split, index: torch.Tensor) -> Split:
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.x[index], split.y[index])
+    if isinstance(split, Subset):
+        return Subset(split.dataset, [split.indices[i] for i in index.tolist()])
+    return Subset(split, index.tolist())
 
 
 SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))

@@ -100,6 +100,8 @@ CheckpointConfig = _schema(
         "export_pt2": bool,
     },
 )
+# k-fold cross-validation (configs/cv, with -m): which fold of how many is this run's val split.
+CVConfig = _schema("CVConfig", {"folds": int | None, "fold": int | None}, folds=None, fold=None)
 _FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
 TrainConfig = _schema(
     "TrainConfig",
@@ -116,6 +118,7 @@ TrainConfig = _schema(
         "trainer": TrainerConfig,
         "early_stopping": EarlyStoppingConfig,
         "checkpoint": CheckpointConfig,
+        "cv": CVConfig,
         **dict.fromkeys(_FREE, Any),
     },
     **dict.fromkeys(_FREE),
@@ -166,6 +169,8 @@ RANGES = {
     "checkpoint.every_n_epochs": Range(int, 1),
     "checkpoint.every_n_steps": Range(int, 1),
     "checkpoint.keep_last": Range(int, 1),
+    "cv.folds": Range(int, 2),
+    "cv.fold": Range(int, 0, "cv.folds", open_high=True),
     "data.batch_size": Range(int, 1, MAX_BATCH),
     "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this machine)"),
     "data.num_classes": Range(int, 1, 1_000_000),
@@ -208,6 +213,8 @@ def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
     """Every value of `cfg` against its range (null or absent passes unless `required`), the
     values that must agree, and that `data` and `model` name the right kind of object."""
     get = functools.partial(OmegaConf.select, cfg, default=None)
+    if get("cv.fold") is not None and get("cv.folds") is None:
+        raise UserError(f"cv.fold={get('cv.fold')!r}: needs cv.folds (pick a split with cv=5fold, or set cv.folds=K)")
     for key, rule in RANGES.items():
         if get(key) is not None or key in required:
             check_range(cfg, key, get(key), rule)
@@ -618,7 +625,7 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
         raise UserError(
             f"{source}: no usable saved config ({'/'.join(need)}); evaluate it with weights={source} model=... data=..."
         )
-    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed")}
+    kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed", "cv")}
     for key in need:
         if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
             raise UserError(f"{source}: saved config: {key} has no _target_ naming what to build")
@@ -628,6 +635,10 @@ def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("dat
         for key in ("data", "model", "loss"):
             if config.get(key) is not None:
                 check_target_section(config[key], key)
+        if config.get("cv") is not None:  # a cross-validation run's fold (evaluate.py split=val)
+            if not isinstance(config.cv, DictConfig) or set(config.cv) - {"folds", "fold"}:
+                raise UserError(f"cv={kept['cv']!r}: expected a section with keys folds, fold")
+            check_limits(OmegaConf.create({"cv": config.cv}))
     except UserError as err:
         raise UserError(f"{source}: saved config: {err}") from None
     except Exception as err:  # omegaconf's errors on odd keys/values: one line

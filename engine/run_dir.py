@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from engine import distributed as ddp
+from engine.config import from_start_dir
 from engine.errors import UserError, first_line
 
 PERIODIC = re.compile(r"^(epoch_\d+|step_\d+)\.pt$")
@@ -40,20 +41,26 @@ LOCK_NAME = ".lock"
 Loader = Callable[[Any, Any], dict]  # (path, map_location) -> a verified checkpoint
 
 
-def run_name_for(cfg: DictConfig, hydra_cfg: Any = None) -> str:
-    """`run_name` (default: `name`), plus the job's overrides in a multirun (a folder per job).
-    `hydra_cfg`: a finished job's (default: the running job's)."""
-    base = str(cfg.run_name or cfg.name)
+def job_name(hydra_cfg: Any) -> str:
+    """A multirun job's folder name: its overrides (hydra.job.override_dirname), made safe."""
+    return re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname) or str(hydra_cfg.job.num)
+
+
+def run_dir_of(cfg: DictConfig, hydra_cfg: Any = None) -> Path:
+    """<checkpoint.root>/<run_name or name>; a multirun job's: <hydra.sweep.dir>/<its overrides>
+    (the sweep's folder, engine/sweeps.py). `hydra_cfg`: a finished job's (default: the running
+    job's)."""
     if hydra_cfg is None and HydraConfig.initialized():  # not when tests compose configs
         hydra_cfg = HydraConfig.get()
     if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
-        job = re.sub(r"[^\w.,=+-]", "_", hydra_cfg.job.override_dirname)
-        return f"{base}/{job or hydra_cfg.job.num}"
-    return base
+        sweep_dir = from_start_dir(str(hydra_cfg.sweep.dir))  # hydra.job.chdir=true
+        return run_dir_for(sweep_dir, job_name(hydra_cfg), key="hydra.job.override_dirname")
+    return run_dir_for(cfg.checkpoint.root, str(cfg.run_name or cfg.name))
 
 
 def run_dir_for(root: str | Path, run_name: str, key: str = "run_name") -> Path:
-    """<root>/<run_name>, refusing names that would leave the checkpoint root."""
+    """<root>/<run_name>, refusing names that would leave the root (checkpoint.root, or a
+    multirun's sweep folder)."""
     name = str(run_name)
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or name.startswith("~"):
         raise UserError(f"{key}={name!r}: expected a relative name inside checkpoint.root (no '..', no absolute path)")
@@ -535,7 +542,7 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path,
 
 
 def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
-    run_dir = run_dir_for(cfg.checkpoint.root, run_name_for(cfg))
+    run_dir = run_dir_of(cfg)
     resume = None if cfg.resume is None else str(cfg.resume)
     # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
     weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"

@@ -1,7 +1,10 @@
 """Multirun (-m) sweeps: the summary callback (hydra.callbacks in train.yaml) and what the Optuna
-sweeper shares with it. Each job leaves a record in <sweep dir>/.sweep_jobs/: "running", then "ok" or
-"failed" (still "running" once the sweep is over: interrupted). After each job and at the end, this
-sweep's records (a re-run of the same command is the same sweep) become summary.csv/.md/.png."""
+sweeper shares with it. A sweep's folder (hydra.sweep.dir; default <checkpoint.root>/<run_name or
+name>/multirun/<its overrides that change results>) holds its jobs' run folders, optuna.db and
+summary. Each job leaves a record in <sweep dir>/.sweep_jobs/: "running", then "ok" or "failed"
+(still "running" once the sweep is over: interrupted). After each job and at the end, this
+sweep's records (a re-run of the same command is the same sweep) become summary.csv/.md/.png, and
+with cv=KFOLD summary_cv.csv and a mean ± std table atop summary.md."""
 
 from __future__ import annotations
 
@@ -10,19 +13,22 @@ import csv
 import hashlib
 import json
 import math
+import re
+import statistics
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.grammar.utils import escape_special_characters
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from engine.config import from_start_dir
 from engine.errors import EXIT_BAD_INPUT, JOB_FAILED, one_line
 from engine.metrics import write_csv
-from engine.run_dir import run_dir_for, run_name_for, write_atomic
+from engine.run_dir import job_name, run_dir_of, write_atomic
 
 RECORDS = ".sweep_jobs"
 PRUNED = "pruned"  # a job's status (and key of its returned dict) when Optuna pruned its trial: not a failure
@@ -49,6 +55,45 @@ def sweep_id(overrides: list[str]) -> str:
     return hashlib.sha1("\n".join(result_overrides(overrides)).encode()).hexdigest()[:12]
 
 
+def sweep_folder(name: str, run_name: str | None, overrides: list[str]) -> str:
+    """<run_name or name>/multirun/<the overrides that change results, or 'default'>: the
+    default sweep folder under checkpoint.root (train.yaml's ${sweep_folder:...}), the same for
+    the same command re-run (resume=auto, more trials). Long or unsafe names get a hash."""
+    named = ("run_name", "checkpoint.root")  # the folder's start already
+    kept = [o for o in result_overrides(overrides) if o.split("=")[0].lstrip("+~") not in named]
+    text = ",".join(kept) or "default"
+    safe = re.sub(r"[^\w.,=+-]", "_", text)
+    if safe != text or len(safe) > 100:
+        safe = f"{safe[:80]}-{sweep_id(kept)[:8]}"
+    return f"{run_name or name}/multirun/{safe}"
+
+
+# train.yaml's hydra.sweep.dir: ${checkpoint.root}/${sweep_folder:${name},${run_name},${hydra.overrides.task}}
+OmegaConf.register_new_resolver(
+    "sweep_folder", lambda name, run_name, overrides: sweep_folder(name, run_name, list(overrides)), replace=True
+)
+
+
+def pin_sweep_dir(config: DictConfig) -> str:
+    """hydra.sweep.dir resolved once, in the sweep process, and handed to every job as an
+    override (as Hydra hands on hydra.mode): a job's own overrides (one value per swept key)
+    would name another folder. The command's fixed overrides, part of the sweep folder's name,
+    are left out of its jobs' folder names (hydra.job.override_dirname): <sweep>/optimizer.lr=0.1."""
+    sweep_dir = str(config.hydra.sweep.dir)
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    naming = config.hydra.job.config.override_dirname
+    exclude = [*naming.exclude_keys, *(o.key_or_group for o in parsed if not o.is_sweep_override())]
+    pinned = {
+        "hydra.sweep.dir": escape_special_characters(sweep_dir),
+        "hydra.job.config.override_dirname.exclude_keys": f"[{','.join(map(escape_special_characters, exclude))}]",
+    }
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweep.dir, naming.exclude_keys = sweep_dir, exclude
+        kept = [o for o in config.hydra.overrides.hydra if o.split("=")[0] not in pinned]
+        config.hydra.overrides.hydra = [*kept, *(f"{k}={v}" for k, v in pinned.items())]
+    return sweep_dir
+
+
 def job_error(ret: JobReturn) -> str | None:
     """Why a job failed (a user error it handed back, or a bug Hydra caught); None if ok."""
     result = ret._return_value
@@ -68,8 +113,7 @@ def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
     saved = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(hydra_cfg)
     try:
-        root = from_start_dir(str(job_cfg.checkpoint.root))  # hydra.job.chdir=true
-        return run_dir_for(root, run_name_for(job_cfg, hydra_cfg.hydra))
+        return run_dir_of(job_cfg, hydra_cfg.hydra)
     finally:
         HydraConfig.instance().cfg = saved
 
@@ -91,12 +135,13 @@ class SweepSummary(Callback):
 
     def __init__(self, plot: bool = True) -> None:
         self.plot, self.sweep_dir, self.sweep = plot, None, ""
-        self.monitor, self.mode = "val_loss", "min"
+        self.monitor, self.mode, self.folds = "val_loss", "min", None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may chdir into theirs
+        self.sweep_dir = Path(pin_sweep_dir(config)).absolute()  # jobs may chdir into theirs
         self.sweep = sweep_id(list(config.hydra.overrides.task))
         self.monitor, self.mode = str(config.checkpoint.monitor), str(config.checkpoint.mode)
+        self.folds = OmegaConf.select(config, "cv.folds")
         self.basic = str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         atexit.register(self.write, final=True)  # Ctrl-C, a stopped job: the summary still
 
@@ -119,7 +164,7 @@ class SweepSummary(Callback):
             self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
-        key = run_name_for(config, config.hydra).rpartition("/")[2]
+        key = job_name(config.hydra)
         path = self.sweep_dir / RECORDS / f"{key}.json"  # a job run again starts afresh:
         record = {} if update["status"] == "running" or not path.is_file() else json.loads(path.read_text())
         record.update(update, sweep=self.sweep, job=key, overrides=list(config.hydra.overrides.task))
@@ -156,7 +201,11 @@ class SweepSummary(Callback):
         ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * sign))
         columns = list(dict.fromkeys(k for row in ranked for k in row))
         write_csv(self.sweep_dir / "summary.csv", [{c: row.get(c) for c in columns} for row in rows])
-        write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(_markdown(ranked, columns, key, self.mode)))
+        cv = cv_rows(rows, key, self.mode, self.folds)
+        if cv:
+            write_csv(self.sweep_dir / "summary_cv.csv", cv)
+        markdown = _cv_markdown(cv, key) + _markdown(ranked, columns, key, self.mode)
+        write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(markdown))
         if self.plot:
             _plot(ranked, key, self.sweep_dir / "summary.png")
         if final:
@@ -165,6 +214,43 @@ class SweepSummary(Callback):
             verdict = (f", {pruned} pruned" if pruned else "") + (f"; not ok: {bad}" if bad else ", all ok")
             print(f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs{verdict})", flush=True)
         return rows
+
+
+CV_FOLD = "cv.fold="
+
+
+def cv_rows(rows: list[dict], key: str, mode: str, folds: int | None = None) -> list[dict]:
+    """Cross-validation: per group of jobs that differ only in cv.fold, the mean and sample std
+    (ddof=1) over its completed folds of `key` (best_<monitor>) and each test_ metric; best first."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        words = row["overrides"].split()
+        if any(w.startswith(CV_FOLD) for w in words):
+            groups.setdefault(" ".join(w for w in words if not w.startswith(CV_FOLD)), []).append(row)
+    metrics = [key, *sorted({k for r in rows for k in r if k.startswith("test_")})]
+    out = []
+    for overrides, jobs in groups.items():
+        done = [r for r in jobs if r["status"] == "ok"]
+        row = {"overrides": overrides, "folds_done": len(done), "folds": folds or len(jobs)}
+        for metric in metrics:
+            values = [float(r[metric]) for r in done if isinstance(r.get(metric), (int, float))]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else None
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(row)
+    sign = 1 if mode == "min" else -1
+    return sorted(out, key=lambda r: (r[f"{key}_mean"] is None, (r[f"{key}_mean"] or 0.0) * sign))
+
+
+def _cv_markdown(rows: list[dict], key: str) -> str:
+    if not rows:
+        return ""
+    metrics = [c[: -len("_mean")] for c in rows[0] if c.endswith("_mean")]
+    table = [["rank", "overrides", "folds done", *(f"{m} (mean ± std)" for m in metrics)], ["---"] * (len(metrics) + 3)]
+    for rank, row in enumerate(rows, 1):
+        cells = [f"{_cell(row[f'{m}_mean'])} ± {_cell(row[f'{m}_std'])}" for m in metrics]
+        table.append([str(rank), _cell(row["overrides"]), f"{row['folds_done']} of {row['folds']}", *cells])
+    lines = "".join(f"| {' | '.join(r)} |\n" for r in table)
+    return f"# Cross-validation: mean ± sample std over the completed folds, sorted by {key}\n\n{lines}\n"
 
 
 def _cell(value: Any) -> str:

@@ -223,7 +223,7 @@ def test_submitit_local_sweep_preempted_and_requeued_ends_as_uninterrupted(tmp_p
     runs = {p.parent.name: p.parent for p in (tmp_path / "slurm").rglob("last.pt")}
     assert len(runs) == 2
     for lr in ("0.1", "0.01"):
-        run_dir = next(d for name, d in runs.items() if f"optimizer.lr={lr}," in name)
+        run_dir = runs[f"optimizer.lr={lr}"]
         assert (run_dir / "step_00000007.pt").exists()  # the save on the notice
         reference = train_run(tmp_path / "plain", f"optimizer.lr={lr}", *settings, name=lr)
         assert_same_run(run_dir, reference, epochs=3)

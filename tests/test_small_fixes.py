@@ -116,7 +116,7 @@ def test_chdir_keeps_paths_relative_to_the_start_folder(tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_chdir_multirun_lands_in_the_sweep_folder(tmp_path):
     """`-m hydra.job.chdir=true`: each job runs in its own folder; runs, records and summary
-    still land in START/ROOT/NAME (not START/ROOT/NAME/ROOT/NAME)."""
+    still land in START/ROOT/NAME/multirun/SWEEP (not under the job's folder)."""
     result = subprocess.run(
         [
             sys.executable,
@@ -135,11 +135,11 @@ def test_chdir_multirun_lands_in_the_sweep_folder(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": ""},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    sweep = tmp_path / "ck" / "linear_regression"
-    assert not (sweep / "ck").exists()
+    [sweep] = (tmp_path / "ck" / "linear_regression" / "multirun").iterdir()
+    assert not list(tmp_path.glob("ck/linear_regression/multirun/*/ck"))
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and all(",ok," in row for row in rows[1:]), rows
-    assert len(list(sweep.glob("optimizer.lr=0.0[12],*/best.pt"))) == 2
+    assert len(list(sweep.glob("optimizer.lr=0.0[12]/best.pt"))) == 2
 
 
 # ---------------------------------------------------------------- resume warnings

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from engine.sweeps import sweep_id
+from engine.sweeps import sweep_folder
 from hydra_plugins.torch_template.optuna_sweeper import OptunaSweeper, checked_params
 from tests.helpers import assert_one_line, deadline, raises_user_error
 
@@ -340,11 +340,10 @@ def _one_error(result, *needles: str) -> str:
 @pytest.mark.parametrize("attack", ["resolver value", "special keys"])
 def test_train_refuses_a_crafted_running_trial(tmp_path, attack):
     marker = tmp_path / "MARKER"
-    sweep_dir = tmp_path / "linear_regression"
-    sweep_dir.mkdir()
+    sweep_dir = tmp_path / sweep_folder("linear_regression", None, list(ARGS[1:]))  # the command's folder
+    sweep_dir.mkdir(parents=True)
     storage = storage_of(sweep_dir)
-    name = f"linear_regression-{sweep_id([*ARGS[1:], f'checkpoint.root={tmp_path}'])[:8]}"  # the command's study
-    study = optuna.create_study(study_name=name, storage=storage)
+    study = optuna.create_study(study_name=sweep_dir.name, storage=storage)
     if attack == "resolver value":  # (stored as a choice: no other trial may have lr a float)
         name, params = "optimizer.lr", {"optimizer.lr": resolvers(marker)[0]}
     else:  # what the old sweeper passed as `model._target_=os.system model._args_=[touch ..]`
@@ -369,8 +368,8 @@ def test_train_refuses_a_crafted_running_trial(tmp_path, attack):
 
 @pytest.mark.slow
 def test_train_refuses_a_second_sweep_at_once(tmp_path):
-    sweep_dir = tmp_path / "linear_regression"
-    sweep_dir.mkdir()
+    sweep_dir = tmp_path / sweep_folder("linear_regression", None, list(ARGS[1:]))
+    sweep_dir.mkdir(parents=True)
     with open(sweep_dir / "optuna.db.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = run_script("train.py", *ARGS, root=tmp_path, check=False, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 from conftest import compose, run_script
 from omegaconf import OmegaConf
 
-from engine.sweeps import SweepSummary, best_of, sweep_id
+from engine.sweeps import SweepSummary, best_of, cv_rows, sweep_folder, sweep_id
 from tests.faults import fault_env
 
 FAST = ("trainer.model_summary=false", "checkpoint.export=false", "checkpoint.every_n_epochs=1")
@@ -21,6 +21,12 @@ FAST = ("trainer.model_summary=false", "checkpoint.export=false", "checkpoint.ev
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _sweep(root: Path, name: str = "linear_regression") -> Path:
+    """The one sweep folder under <root>/<name>/multirun/."""
+    [sweep] = (root / name / "multirun").iterdir()
+    return sweep
 
 
 def test_sweep_id_ignores_resume_and_device():
@@ -70,7 +76,7 @@ def test_multirun_summary_lists_every_job_sorted_with_a_failed_one(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "non-finite" in result.stderr
-    sweep = tmp_path / "linear_regression"
+    sweep = _sweep(tmp_path)
     rows = _rows(sweep / "summary.csv")
     by_lr = {r["overrides"].split("optimizer.lr=")[1].split()[0]: r for r in rows}
     assert sorted(by_lr) == ["0.01", "0.1", "1000000.0"] and len(rows) == 3
@@ -101,16 +107,16 @@ def test_optuna_sweep_killed_in_its_second_trial_continues_to_n_trials(tmp_path)
     # 4 steps an epoch, 8 a trial: step 14 is in the 2nd trial's 2nd epoch.
     killed = run_script("train.py", *args, root=tmp_path, check=False, timeout=120, env=fault_env("kill_at_step=14"))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    sweep = tmp_path / "linear_regression"
+    sweep = _sweep(tmp_path)
     storage = f"sqlite:///{sweep / 'optuna.db'}"
-    study = optuna.load_study(study_name=None, storage=storage)  # the one study of this sweep
+    study = optuna.load_study(study_name=sweep.name, storage=storage)
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "RUNNING"], states
 
     again = run_script("train.py", *args, root=tmp_path, timeout=120)
     assert "continuing 1 interrupted" in again.stdout
     assert "resumed at epoch 1" in again.stdout  # the 2nd trial's run continued, not redone
-    study = optuna.load_study(study_name=None, storage=storage)  # the one study of this sweep
+    study = optuna.load_study(study_name=sweep.name, storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert len({t.params["optimizer.lr"] for t in study.trials}) == 3
     rows = _rows(sweep / "summary.csv")
@@ -143,7 +149,7 @@ def test_multirun_stopped_by_ctrl_c_lists_the_job_interrupted_and_resume_complet
     # 8 steps a job: step 10 is the 2nd job's 2nd step; Ctrl-C stops the whole sweep (exit 3).
     stopped = run_script("train.py", *args, root=tmp_path, check=False, timeout=120, env=fault_env("int_at_step=10"))
     assert stopped.returncode == 3, stopped.stderr[-2000:]
-    sweep = tmp_path / "linear_regression"
+    sweep = _sweep(tmp_path)
     status = {r["overrides"].split()[0]: r["status"] for r in _rows(sweep / "summary.csv")}
     assert status == {"optimizer.lr=0.01": "ok", "optimizer.lr=0.1": "interrupted"}
     again = run_script("train.py", *args, "resume=auto", root=tmp_path, timeout=120)
@@ -172,3 +178,92 @@ def test_optuna_objective_fails_a_diverged_trial_and_reads_the_best_value(tmp_pa
     [log_lr, choice] = parse(["optimizer.lr=tag(log, interval(0.001, 0.5))", "data.batch_size=choice(8, 16)"])
     assert _distribution(log_lr) == FloatDistribution(0.001, 0.5, log=True)
     assert _distribution(choice) == CategoricalDistribution([8, 16])
+
+
+def test_sweep_folder_is_named_by_the_overrides_that_change_results():
+    lrs = ["optimizer.lr=0.1,0.01", "trainer.epochs=2"]
+    folder = sweep_folder("lin", None, lrs)
+    assert folder == "lin/multirun/optimizer.lr=0.1,0.01,trainer.epochs=2"
+    again = ["trainer.epochs=2", "resume=auto", "optimizer.lr=0.1,0.01", "trainer.device=cpu", "checkpoint.root=/x"]
+    assert sweep_folder("lin", None, again) == folder  # the same command re-run finds it
+    assert (
+        sweep_folder("lin", "mine", [*lrs, "run_name=mine"]) == "mine/multirun/optimizer.lr=0.1,0.01,trainer.epochs=2"
+    )
+    assert sweep_folder("lin", None, []) == "lin/multirun/default"
+    odd = sweep_folder("lin", None, ["data.path=/a/b.csv"])  # unsafe characters: made safe, hashed
+    assert odd.startswith("lin/multirun/data.path=_a_b.csv-") and "/" not in odd.split("multirun/")[1]
+    assert odd != sweep_folder("lin", None, ["data.path=_a_b.csv"])
+    long = sweep_folder("lin", None, [f"model.k{i}={i}" for i in range(40)])
+    assert len(long.split("/")[-1]) <= 100
+
+
+def test_cv_rows_give_mean_and_sample_std_over_completed_folds():
+    rng = __import__("random").Random(5)
+    rows, by_hand = [], {}
+    for lr in ("0.1", "0.01"):
+        values = [rng.uniform(0, 1) for _ in range(4)]
+        for fold, value in enumerate(values):
+            status = "failed" if lr == "0.01" and fold == 3 else "ok"  # not counted
+            rows.append(
+                {"overrides": f"cv.fold={fold} optimizer.lr={lr} cv=4fold", "status": status, "best_val_loss": value}
+                | ({"test_acc": value / 2} if status == "ok" else {})
+            )
+        by_hand[lr] = values[:3] if lr == "0.01" else values
+    rows.append({"overrides": "optimizer.lr=1.0", "status": "ok", "best_val_loss": 0.0})  # no fold: not grouped
+    cv = cv_rows(rows, "best_val_loss", "min", folds=4)
+    assert len(cv) == 2 and cv[0]["best_val_loss_mean"] <= cv[1]["best_val_loss_mean"]  # best first (min)
+    for row in cv:
+        lr = row["overrides"].split("optimizer.lr=")[1].split()[0]
+        assert row["overrides"] == f"optimizer.lr={lr} cv=4fold"
+        assert (row["folds_done"], row["folds"]) == (len(by_hand[lr]), 4)
+        assert row["best_val_loss_mean"] == pytest.approx(sum(by_hand[lr]) / len(by_hand[lr]))
+        mean = row["best_val_loss_mean"]
+        var = sum((v - mean) ** 2 for v in by_hand[lr]) / (len(by_hand[lr]) - 1)  # ddof=1
+        assert row["best_val_loss_std"] == pytest.approx(var**0.5)
+        assert row["test_acc_mean"] == pytest.approx(mean / 2)
+
+
+@pytest.mark.slow
+def test_two_sweeps_side_by_side_each_keep_their_folder_and_a_rerun_finds_its_own(tmp_path):
+    fast = ("trainer.model_summary=false", "checkpoint.export=false")  # keys that name no sweep
+    first = ("-m", "optimizer.lr=0.1,0.01", "trainer.epochs=1", *fast)
+    second = ("-m", "optimizer.lr=0.05", "trainer.epochs=2", *fast)
+    run_script("train.py", *first, root=tmp_path, timeout=120)
+    run_script("train.py", *second, root=tmp_path, timeout=120)
+    folders = {p.name: p for p in (tmp_path / "linear_regression" / "multirun").iterdir()}
+    assert sorted(folders) == ["optimizer.lr=0.05,trainer.epochs=2", "optimizer.lr=0.1,0.01,trainer.epochs=1"]
+    for name, jobs in (
+        ("optimizer.lr=0.1,0.01,trainer.epochs=1", ["optimizer.lr=0.01", "optimizer.lr=0.1"]),
+        ("optimizer.lr=0.05,trainer.epochs=2", ["0"]),  # nothing swept: the job's number
+    ):
+        sweep = folders[name]
+        assert sorted(p.parent.name for p in sweep.glob("*/best.pt")) == jobs  # the runs inside
+        rows = _rows(sweep / "summary.csv")
+        assert sorted(r["job"] for r in rows) == jobs and all(r["status"] == "ok" for r in rows)
+        assert all(Path(r["best_pt"]).parent.parent == sweep for r in rows)
+        assert (sweep / "summary.md").is_file() and (sweep / "multirun.yaml").is_file()
+    summary = folders["optimizer.lr=0.1,0.01,trainer.epochs=1"] / "summary.csv"
+    results = lambda: sorted((r["job"], r["status"], r["best_val_loss"], r["test_loss"]) for r in _rows(summary))  # noqa: E731
+    before = results()
+    again = run_script("train.py", *first, "resume=auto", "trainer.device=cpu", root=tmp_path, timeout=120)
+    assert again.stdout.count("is already complete") == 2  # its own runs, found again
+    assert len(list((tmp_path / "linear_regression" / "multirun").iterdir())) == 2
+    assert results() == before
+    # hydra.sweep.dir=: the runs and the summary there, outside checkpoint.root
+    elsewhere = tmp_path / "elsewhere" / "s1"
+    run_script("train.py", *second, f"hydra.sweep.dir={elsewhere}", root=tmp_path / "ck", timeout=120)
+    assert [p.parent.name for p in elsewhere.glob("*/best.pt")] == ["0"]
+    assert _rows(elsewhere / "summary.csv")[0]["status"] == "ok" and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_submitit_job_is_one_line_and_exit_2_with_the_summary_written(tmp_path):
+    # 4 steps an epoch: the trainer.epochs=1 job ends at step 4, the epochs=3 one is killed at step 6.
+    args = ("-m", "hydra/launcher=submitit_local", "trainer.epochs=1,3", "data.batch_size=8", *FAST)
+    result = run_script("train.py", *args, root=tmp_path, check=False, timeout=240, env=fault_env("kill_at_step=6"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: sweep job "), result.stderr[-2000:]
+    assert "trainer.epochs=3" in errors[0] and "killed" in errors[0] and "Traceback" not in result.stderr
+    status = {r["job"]: r["status"] for r in _rows(_sweep(tmp_path) / "summary.csv")}
+    assert status == {"trainer.epochs=1": "ok", "trainer.epochs=3": "interrupted"}

@@ -197,5 +197,6 @@ def test_cli_vgg16_one_step_at_32px(tmp_path):
 @pytest.mark.slow
 def test_cli_multirun_gives_each_job_its_own_run_directory(tmp_path):
     run_script("train.py", "-m", "optimizer.lr=0.1,0.01", "trainer.epochs=2", root=tmp_path)
-    runs = sorted(p.parent.name for p in (tmp_path / "linear_regression").glob("*/last.pt"))
-    assert runs == ["optimizer.lr=0.01,trainer.epochs=2", "optimizer.lr=0.1,trainer.epochs=2"]
+    sweep = tmp_path / "linear_regression" / "multirun" / "optimizer.lr=0.1,0.01,trainer.epochs=2"
+    runs = sorted(p.parent.name for p in sweep.glob("*/last.pt"))
+    assert runs == ["optimizer.lr=0.01", "optimizer.lr=0.1"]

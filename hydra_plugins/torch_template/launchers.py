@@ -6,6 +6,8 @@ before a time limit) and requeues at once, mid-step. Here the training loop's ha
 (engine/training.py) takes the signal, finishes the step, saves and exits 3; only then does
 `__call__` hand the signal to submitit's handler, and `checkpoint()` adds resume=auto. A job
 SLURM requeued itself (SLURM_RESTART_COUNT > 0) resumes alike. SIGTERM and Ctrl-C just stop.
+A job killed outright (SIGKILL, out of memory, node failure) leaves no result: one `error:` line
+naming it, the sweep goes on, and ends with exit 2 (the job `interrupted` in the summary).
 """
 
 import copyreg
@@ -24,7 +26,7 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 
 from engine import training
-from engine.errors import EXIT_INTERRUPTED, preempt_signal
+from engine.errors import EXIT_INTERRUPTED, failed_job, preempt_signal
 
 
 def with_resume_auto(overrides: list[str]) -> list[str]:
@@ -50,8 +52,17 @@ class _Requeue(base.BaseSubmititLauncher):
     """The requeue decisions; the launching itself is hydra-submitit-launcher's."""
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
+        """The plugin's launch, with a killed job's result a failed job's instead of submitit's
+        UncompletedJobError (the plugin waits for each job with `Job.results`)."""
+        from submitit.core.core import Job
+
         picklable_modules()  # submitit pickles the task function next
-        return super().launch(job_overrides, initial_job_idx)
+        results = Job.results
+        Job.results = lambda job: _results_or_killed(job, results)
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        finally:
+            Job.results = results
 
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> Any:
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:  # SLURM requeued it
@@ -72,6 +83,28 @@ class _Requeue(base.BaseSubmititLauncher):
         """The job to requeue: the same one, continuing its run."""
         picklable_modules()
         return super().checkpoint(with_resume_auto(list(sweep_overrides)), *args, **kwargs)
+
+
+def _results_or_killed(job: Any, results: Any) -> list:
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        return results(job)
+    except UncompletedJobError:
+        try:
+            overrides = list(job.submission().args[0])
+        except Exception:  # noqa: BLE001 - its submission file gone too: named by its id alone
+            overrides = []
+        shown = " ".join(o for o in overrides if not o.startswith("resume=")) or "?"
+        message = (
+            f"sweep job {job.job_id} ({shown}) was killed before it finished (log: {job.paths.stderr}); "
+            "the same command with resume=auto continues it"
+        )
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+        ret.return_value = failed_job(message)
+        return [ret]
 
 
 class RequeueLocalLauncher(_Requeue, base.LocalLauncher):

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import EXIT_BAD_INPUT, UserError, first_line, one_line
 from engine.run_dir import lock_file, unlock_file
-from engine.sweeps import best_of, job_error, job_pruned, job_run_dir, result_overrides, sweep_id
+from engine.sweeps import best_of, job_error, job_pruned, job_run_dir, result_overrides
 
 CV_FOLD = "cv.fold"  # in params: one job per fold for each trial, not a search dimension
 PRUNED_AT = "pruned_at_epoch"  # a trial's user attr: its job decided to prune it (a resumed job obeys it)
@@ -62,7 +62,7 @@ class OptunaSweeperConf:
     n_trials: int = 20  # finished trials of the study in all (re-runs count what is done)
     n_jobs: int = 1  # trials launched at once, in one batch (hydra/launcher=submitit_local: side by side)
     direction: str | None = None  # minimize | maximize; null: from checkpoint.mode
-    study_name: str | None = None  # null: the sweep folder's name + a hash of the result overrides
+    study_name: str | None = None  # null: the sweep folder's name (named by the overrides that change results)
     storage: str | None = None  # null: sqlite:///<sweep dir>/optuna.db
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
@@ -147,7 +147,7 @@ class OptunaSweeper(Sweeper):
             fixed.append("resume=auto")  # a re-run trial continues its run folder
         mode = str(self.config.checkpoint.mode)
         direction = opt.direction or ("maximize" if mode == "max" else "minimize")
-        name = opt.study_name or f"{sweep_dir.name}-{sweep_id(arguments)[:8]}"
+        name = opt.study_name or sweep_dir.name  # the folder is named by the result overrides
         identity = result_overrides(arguments)
         pruner = make_pruner(opt.pruner, int(self.config.trainer.epochs))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
