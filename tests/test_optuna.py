@@ -34,12 +34,19 @@ ARGS = ("-m", "hparams_search=linear_optuna", "trainer.model_summary=false", "ch
 
 
 def _studies(root: Path) -> dict[str, optuna.Study]:
-    storage = f"sqlite:///{root / 'linear_regression' / 'optuna.db'}"
-    return {n: optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)}
+    """Every study of every sweep folder (<root>/linear_regression/multirun/<overrides>/optuna.db)."""
+    studies = {}
+    for db in sorted((root / "linear_regression" / "multirun").glob("*/optuna.db")):
+        storage = f"sqlite:///{db}"
+        studies.update(
+            {n: optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)}
+        )
+    return studies
 
 
 def _summary(root: Path) -> list[dict]:
-    with open(root / "linear_regression" / "summary.csv", newline="") as f:
+    [summary] = (root / "linear_regression" / "multirun").glob("*/summary.csv")  # the one sweep's
+    with open(summary, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -59,7 +66,7 @@ def test_a_smoke_study_then_a_real_one_then_other_epochs_are_separate_studies(tm
     )
     assert "trainer.fast_dev_run=true: an in-memory study, nothing stored" in smoke.stdout
     assert smoke.stdout.count("nothing was written") == 3 and "best trial" in smoke.stdout
-    assert not (tmp_path / "linear_regression" / "optuna.db").exists()
+    assert not list(tmp_path.rglob("optuna.db"))
 
     real = run_script("train.py", *ARGS, "hydra.sweeper.n_trials=2", "trainer.epochs=2", root=tmp_path, timeout=120)
     [(name, study)] = _studies(tmp_path).items()
@@ -92,7 +99,7 @@ def test_torchrun_is_refused_in_one_line(tmp_path):
     result = run_script("train.py", *ARGS, root=tmp_path, check=False, timeout=60, env={"WORLD_SIZE": "2", "RANK": "0"})
     _one_error(result, "under torchrun (WORLD_SIZE=2)", "python train.py -m hparams_search=")
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "linear_regression" / "optuna.db").exists()
+    assert not list(tmp_path.rglob("optuna.db"))
 
 
 # ------------------------------------------------------------------ sampler and pruner settings
@@ -323,7 +330,7 @@ def test_two_parallel_trials_on_one_sqlite_study_both_complete(tmp_path):
     assert (first.state, second.state) == (TrialState.COMPLETE, TrialState.COMPLETE)
     assert list(first.intermediate_values) == list(second.intermediate_values) == [1, 2, 3]
     assert second.datetime_start < first.datetime_complete  # asked together, launched in one batch
-    assert len(list((tmp_path / "linear_regression" / ".submitit").glob("*/*_result.pkl"))) == 2
+    assert len(list((tmp_path / "linear_regression" / "multirun").glob("*/.submitit/*/*_result.pkl"))) == 2
     assert "all ok" in result.stdout
 
 
