@@ -6,6 +6,7 @@ TensorBoard and one value per epoch in the same MLflow run."""
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,53 @@ def test_logger_config_mistakes_are_one_line_errors(section, message):
 
 def test_checkpoint_loggers_key_is_checked():
     check_checkpoint({"loggers": {"mlflow_run_id": "0123abcd"}}, "f.pt")
-    for bad in ({"mlflow_run_id": 5}, {"mlflow": "x"}, {"mlflow_run_id": ""}, ["x"]):
+    rows = torch.tensor([[3.0, 0.5], [4.0, float("nan")]], dtype=torch.float64)
+    check_checkpoint({"loggers": {"tensorboard_step": 3, "tensorboard_losses": rows}}, "f.pt")
+    check_checkpoint({"loggers": {"tensorboard_step": 9, "tensorboard_losses": torch.zeros(0, 2).double()}}, "f.pt")
+    for bad in (
+        {"mlflow_run_id": 5},
+        {"mlflow": "x"},
+        {"mlflow_run_id": ""},
+        ["x"],
+        {"tensorboard_step": 0},
+        {"tensorboard_step": True},
+        {"tensorboard_step": 2.0},
+        {"tensorboard_step": 4, "tensorboard_losses": rows},  # a step before the start
+        {"tensorboard_losses": rows.float()},
+        {"tensorboard_losses": rows.flip(0)},  # not rising
+        {"tensorboard_losses": rows + 0.5},  # not whole steps
+        {"tensorboard_losses": torch.tensor([[float("nan"), 1.0]], dtype=torch.float64)},
+        {"tensorboard_losses": rows[:, 0]},
+        {"tensorboard_losses": [[3, 0.5]]},
+    ):
         with pytest.raises(UserError, match="key 'loggers'"):
             check_checkpoint({"loggers": bad}, "f.pt")
+
+
+def test_a_checkpoint_records_what_its_hand_over_sends(tmp_path):
+    """The step loss handed over with a step checkpoint on an epoch's last step shares its step
+    with the epoch row the next checkpoint hands over: that checkpoint records it too, as a
+    resume from it purges that step and sends it all again."""
+    from types import SimpleNamespace
+
+    from engine.loggers import Loggers, TensorBoardLogger
+
+    progress = SimpleNamespace(global_step=0)
+    loggers = Loggers(tmp_path / "metrics.csv", [TensorBoardLogger(tmp_path, {}, [], 0, 30)], {}, progress, [])
+    assert loggers.state_dict()["tensorboard_step"] == 1
+    for step in (1, 2, 3, 4):
+        progress.global_step = step
+        loggers.log_step(step, torch.tensor(step / 10))
+    held = loggers.state_dict()  # the step checkpoint at step 4, then its hand-over
+    assert held["tensorboard_step"] == 1 and held["tensorboard_losses"][:, 0].tolist() == [1, 2, 3, 4]
+    loggers.hand_over()()
+    loggers.log_epoch({"epoch": 1, "step": 4, "train_loss": 0.25})
+    held = loggers.state_dict()
+    assert held["tensorboard_step"] == 4 and held["tensorboard_losses"].tolist() == [[4.0, float(torch.tensor(0.4))]]
+    loggers.hand_over()()
+    assert loggers.state_dict()["tensorboard_step"] == 5 and not len(loggers.state_dict()["tensorboard_losses"])
+    check_checkpoint({"loggers": held}, "f.pt")
+    loggers.finish(tmp_path, [], {})
 
 
 def _csv_rows(run_dir: Path) -> list[dict]:
@@ -237,3 +282,53 @@ def test_a_classifier_logs_its_test_confusion_matrix(tmp_path):
     events = EventAccumulator(str(tmp_path / "cm" / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert "test_confusion_matrix" in events.Tags()["images"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(server, tmp_path_factory) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's scalars of a run never killed (the step losses do not depend on the cadence)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    server.run(*RUN, "logger=[csv,tensorboard]", "checkpoint.export=false", root=root)
+    return _scalars(root / "r" / "tensorboard")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_kills_leave_each_value_once_in_every_tracker(server, uninterrupted, tmp_path, seed):
+    """Seeded: a random cadence (epoch, step or both; async or not), one or two SIGKILLs at a
+    random step (the first before the first checkpoint too) or right after a checkpoint is
+    durable, before its hand-over to the trackers; then resume=auto to the end. TensorBoard
+    reads each step once with the uninterrupted values, MLflow has one run with one value per
+    epoch."""
+    mlflow = pytest.importorskip("mlflow")
+    rng = random.Random(seed)
+    cadence = rng.choice(
+        [("checkpoint.every_n_epochs=2",), ("checkpoint.every_n_epochs=3",), ("checkpoint.every_n_steps=3",)]
+        + [("checkpoint.every_n_steps=4",), ("checkpoint.every_n_epochs=1", "checkpoint.every_n_steps=5")]
+    )
+    extra = (*cadence, f"checkpoint.async={rng.choice(['true', 'false'])}", "logger=[csv,tensorboard,mlflow]")
+    faults = [rng.choice([f"kill_at_step={rng.randint(1, 23)}", f"kill_after_write={rng.randint(1, 2)}"])]
+    faults += [f"kill_after_write={rng.randint(1, 2)}"] if rng.random() < 0.5 else []
+    why = f"seed {seed}: {extra} {faults}"
+    for fault in faults:
+        killed = server.run(*RUN, *extra, "resume=auto", root=tmp_path, env=fault_env(fault), check=False)
+        assert killed.returncode in (-9, 0), (why, killed.stderr[-2000:])  # 0: the write never came
+    server.run(*RUN, *extra, "resume=auto", root=tmp_path)
+
+    run_dir, ends = tmp_path / "r", [e * STEPS_PER_EPOCH for e in range(1, EPOCHS + 1)]
+    scalars, rows = _scalars(run_dir / "tensorboard"), _csv_rows(run_dir)
+    for tag in ("train_loss", "val_loss", "lr", "epoch"):
+        assert [s for s, _ in scalars[tag]] == ends, (why, tag)
+        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[tag]) for r in rows], rel=1e-6), (why, tag)
+    assert scalars["train_loss_step"] == uninterrupted["train_loss_step"], why
+    assert [s for s, _ in scalars["test_loss"]] == [ends[-1]], why
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    assert run.info.status == "FINISHED", why
+    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"]["mlflow_run_id"] == run.info.run_id
+    for key in ("train_loss", "val_loss", "lr", "test_loss"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        epochs = [EPOCHS] if key == "test_loss" else list(range(1, EPOCHS + 1))
+        assert [step for step, _ in history] == epochs, (why, key)
+        if key != "test_loss":
+            assert [v for _, v in history] == pytest.approx([float(r[key]) for r in rows]), (why, key)
