@@ -25,6 +25,9 @@ Kill points. TEST_FAULTS="name=N,..." (e.g. `kill_in_write=2,term_at_step=37`):
                      twice while saving)
   kill_after_write=N SIGKILL as soon as the Nth checkpoint write is renamed into place
                      (durable), before anything else: links, retention, the trackers' hand-over
+  kill_in_hand_over=N
+                     SIGKILL as soon as TensorBoard has the Nth batch of values this process
+                     sends it (before MLflow gets them)
   kill_at_step=N     SIGKILL after optimizer step N, after that step's periodic save
   term_at_step=N     SIGTERM after step N (a scheduler's preemption notice)
   int_at_step=N      SIGINT after step N (Ctrl-C)
@@ -164,6 +167,7 @@ _STEP_SIGNALS = {
     "usr2_at_step": signal.SIGUSR2,
 }
 _WRITE_POINTS = ("kill_in_write", "enospc_in_write", "int_in_write", "kill_after_write")
+_OTHER_POINTS = ("kill_in_hand_over",)
 _CHECKPOINT_TMP = re.compile(r"^\.(epoch_\d+|step_\d+|best|last)\.pt\.\d+\.tmp$")
 _RESUMED = re.compile(r"\(resumed at epoch \d+, step (\d+)\)")
 
@@ -172,7 +176,7 @@ class _Kills:
     """What is armed in this process, and the counters the points are numbered by."""
 
     def __init__(self, faults: dict[str, int]) -> None:
-        self.faults, self.step, self.writes, self.kill_after = faults, 0, 0, ""
+        self.faults, self.step, self.writes, self.kill_after, self.sends = faults, 0, 0, "", 0
 
 
 _ARMED: _Kills | None = None
@@ -183,8 +187,8 @@ def parse(spec: str) -> dict[str, int]:
     faults = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
-        if name not in _STEP_SIGNALS and name not in _WRITE_POINTS:
-            known = ", ".join([*_STEP_SIGNALS, *_WRITE_POINTS])
+        if name not in (*_STEP_SIGNALS, *_WRITE_POINTS, *_OTHER_POINTS):
+            known = ", ".join([*_STEP_SIGNALS, *_WRITE_POINTS, *_OTHER_POINTS])
             raise ValueError(f"TEST_FAULTS: unknown fault {name!r} (known: {known})")
         faults[name] = int(value)
     return faults
@@ -285,6 +289,18 @@ def _install_kills(kills: _Kills) -> None:
 
     torch.save = save
     os.replace = replace
+    if "kill_in_hand_over" in kills.faults:
+        from engine.loggers import TensorBoardLogger
+
+        real_send = TensorBoardLogger.send
+
+        def send(self, entries):
+            real_send(self, entries)
+            kills.sends += 1
+            if kills.sends == kills.faults["kill_in_hand_over"]:
+                _signal_self(signal.SIGKILL)
+
+        TensorBoardLogger.send = send
     builtins.print = print_
     torch.amp.GradScaler.step = scaler_step
     register_optimizer_step_post_hook(after_step)
