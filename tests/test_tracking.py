@@ -263,7 +263,7 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_tracker_values(server, tmp
     assert [s for s, _ in scalars["val_loss"]] == [e * STEPS_PER_EPOCH for e in range(1, EPOCHS + 1)]
     [after] = client.search_runs([run.info.experiment_id])
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
-    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"] == {"mlflow_run_id": run.info.run_id}
+    assert torch.load(run_dir / "last.pt", weights_only=True)["loggers"]["mlflow_run_id"] == run.info.run_id
     rows = _csv_rows(run_dir)
     for key in ("train_loss", "val_loss", "lr"):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
