@@ -80,6 +80,36 @@ def test_checkpoint_loggers_key_is_checked():
             check_checkpoint({"loggers": bad}, "f.pt")
 
 
+def test_crafted_loggers_keys_are_one_line_errors(tmp_path):
+    """Seeded: a trained run's `loggers` with random entries (run ids, resend steps, loss rows
+    of any dtype and shape, NaN, huge numbers) loads or is refused in one line naming it."""
+    from conftest import train_run
+    from helpers import assert_one_line
+
+    from engine.checkpoint import load_checkpoint
+
+    run = train_run(tmp_path, "logger=tensorboard", "trainer.epochs=1", "trainer.model_summary=false")
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert set(state["loggers"]) == {"tensorboard_step", "tensorboard_losses"}
+    rng = random.Random(21)
+    values = [None, True, -1, 0, 1, 3, 10**13, 2.5, float("nan"), "x", "", "é" * 300, [], [[3, 0.5]], {"a": 1}]
+    values += [torch.zeros(()), torch.zeros(3), torch.zeros(2, 3), torch.zeros(1, 2, dtype=torch.int64)]
+    values += [torch.tensor([[3.0, 1.0], [float("inf"), 1.0]], dtype=torch.float64), torch.zeros(0, 2).double()]
+    keys = ["tensorboard_step", "tensorboard_losses", "mlflow_run_id", "wandb_id", "other", 5]
+    refused = 0
+    for _ in range(60):
+        crafted = dict(state["loggers"])
+        for _key in range(rng.randint(1, 3)):
+            crafted[rng.choice(keys)] = rng.choice(values)
+        torch.save({**state, "loggers": crafted}, tmp_path / "crafted.pt")
+        try:
+            load_checkpoint(tmp_path / "crafted.pt")
+        except UserError as err:
+            assert_one_line(err, "crafted.pt", "key 'loggers'")
+            refused += 1
+    assert refused >= 50  # a few random entries are valid ones
+
+
 def test_a_checkpoint_records_what_its_hand_over_sends(tmp_path):
     """The step loss handed over with a step checkpoint on an epoch's last step shares its step
     with the epoch row the next checkpoint hands over: that checkpoint records it too, as a
