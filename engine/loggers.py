@@ -55,6 +55,10 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
             purge = None if self.new else self.start
+            # TensorBoard reads files in name order (creation second, host, pid): the resend must
+            # come after the killed process's file, even one made this second
+            if f"{int(time.time()):010d}" in {p.name.split(".")[3] for p in self.dir.glob("events.out.tfevents.*")}:
+                time.sleep(1 - time.time() % 1)
             self.writer = SummaryWriter(str(self.dir), flush_secs=self.flush, purge_step=purge)
             if self.new:  # a new run (or the first with tensorboard): config, earlier epochs
                 text = OmegaConf.to_yaml(self.config).replace("\n", "\n    ")

@@ -170,6 +170,29 @@ def test_a_resume_sends_again_what_its_checkpoint_handed_over_or_not(tmp_path, h
     assert scalars["train_loss"] == [(row["step"], pytest.approx(row["train_loss"])) for row in rows]
 
 
+def test_a_resend_sorts_after_a_killed_file_of_the_same_second(tmp_path):
+    """TensorBoard reads event files in name order, and a name starts with its second: a
+    resume in the second of the killed process's file (whose host and pid sort later) must
+    still purge what that file holds and resend it after it."""
+    import time
+
+    from engine.loggers import TensorBoardLogger
+
+    killed = TensorBoardLogger(tmp_path / "killed", {}, [], 0, 30)
+    killed.send([{"step": step, "train_loss_step": 1.0} for step in range(1, 5)])
+    killed.close("KILLED")
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    stamp = int(time.time())
+    next(iter((tmp_path / "killed" / "tensorboard").iterdir())).rename(
+        folder / f"events.out.tfevents.{stamp:010d}.zzz.99999.0"
+    )
+    resumed = TensorBoardLogger(tmp_path, {}, [], 2, 30, start=3)  # the hand-over of 3 and 4 resent
+    resumed.send([{"step": step, "train_loss_step": 0.5} for step in range(3, 9)])
+    resumed.close("FINISHED")
+    assert _scalars(folder)["train_loss_step"] == [(1, 1.0), (2, 1.0)] + [(step, 0.5) for step in range(3, 9)]
+
+
 def _csv_rows(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as rows:
         return list(csv.DictReader(rows))
