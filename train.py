@@ -161,8 +161,10 @@ def fit(cfg: DictConfig) -> dict:
 
     def save(name: str, best: bool = False, final: bool = False) -> Path:
         check_finite(progress)
-        # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes
-        path = ddp.on_main(saver.save, checkpoint(), name, best=best, then=loggers.hand_over())
+        # checkpoint() on every rank (under torchrun it gathers their RNG states); rank 0 writes.
+        # It records the trackers' waiting values, which hand_over() then takes for after the write.
+        state = checkpoint()
+        path = ddp.on_main(saver.save, state, name, best=best, then=loggers.hand_over())
         after_save(final)
         return path
 

@@ -23,7 +23,10 @@ What an exact resume needs besides (the run goes on bit for bit, mid-epoch inclu
   ema_state_dict        dict   trainer.ema_decay only: the averaged weights (name -> tensor);
                                evaluate, predict, export and best.pt use them
   early_stopping        dict   early_stopping.patience only: {monitor, best, wait}
-  loggers               dict   logger=mlflow only: {mlflow_run_id}, the tracker run to continue
+  loggers               dict   logger=mlflow: {mlflow_run_id}, the tracker run to continue;
+                               logger=tensorboard: tensorboard_step, the first step this file's
+                               hand-over sends, and tensorboard_losses, a float64 tensor of
+                               (step, train_loss_step) rows from there on (a resume resends them)
   data_state_dict       dict   what training learned about the data (data=csv: column and class
                                names, the train split's mean and std): text lists and tensors
 Where it came from:
@@ -218,6 +221,23 @@ def _run_id(key: Any, value: Any) -> bool:
     return _is(key, str) and key.endswith("_id") and len(key) <= 64 and _is(value, str) and 0 < len(value) <= 256
 
 
+def _loggers(value: dict, state: dict) -> str | None:
+    """Run ids, and TensorBoard's resend: a start step and the (step, loss) rows from it, in order."""
+    start, losses = value.get("tensorboard_step", 1), value.get("tensorboard_losses", torch.zeros(0, 2).double())
+    ids = {k: v for k, v in value.items() if k not in ("tensorboard_step", "tensorboard_losses")}
+    if len(ids) > 16 or not all(_run_id(k, i) and i.isprintable() for k, i in ids.items()):
+        return f"expected names ending in _id -> run ids (text), got {_brief(ids)}"
+    if not _is(start, int) or not 1 <= start <= 10**12 + 1:
+        return f"tensorboard_step: expected a step from 1 to 1000000000001, got {_brief(start)}"
+    if not isinstance(losses, torch.Tensor) or losses.dtype != torch.float64 or list(losses.shape[1:]) != [2]:
+        return f"tensorboard_losses: expected a float64 tensor of (step, loss) rows, got {_brief(losses)}"
+    steps = losses[:, 0]
+    if not bool(((steps >= start) & (steps <= 10**12) & (steps == steps.round())).all() and (steps.diff() > 0).all()):
+        got = _brief(steps[:5].tolist())
+        return f"tensorboard_losses: expected whole steps from tensorboard_step={start} on, rising, got {got}"
+    return None
+
+
 _NONE = type(None)
 _NUMBER_OR_NONE = (int, float, _NONE)
 # key -> (allowed types, check of shape, size and range); each key's meaning: the docstring.
@@ -259,13 +279,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
             ),
         ),
     ),
-    "loggers": (
-        (dict,),
-        _expect(
-            "names ending in _id -> run ids (text)",
-            lambda v: len(v) <= 16 and all(_run_id(k, i) and i.isprintable() for k, i in v.items()),
-        ),
-    ),
+    "loggers": ((dict,), _loggers),
     "config": ((dict,), lambda v, s: plain_problem(v)),  # no `${`, no objects
     "versions": ((dict,), lambda v, s: plain_problem(v)),
     "format_version": ((int,), None),

@@ -1,6 +1,7 @@
 """Experiment tracking (configs/logger/): metrics.csv always, TensorBoard and MLflow when chosen;
-rank 0 only. Trackers get a value once a checkpoint holds it (`Loggers.hand_over`): a resume deletes
-nothing and goes on in the same tracker run (the MLflow run id is the checkpoint's `loggers` key)."""
+rank 0 only. Trackers get a value once a checkpoint holds it (`Loggers.hand_over`), and a
+checkpoint records what its hand-over sends (`loggers` key): a resume sends it again, so each
+value reaches a tracker once, whenever the process was killed, in the same tracker run."""
 
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ FOLDER_TAG = "run_folder"  # MLflow tag: finds a run whose process died before a
 
 class TensorBoardLogger:
     """Event files in <run>/tensorboard/ (x axis: global step), made at the first send. A resumed
-    writer hides the steps after its checkpoint (`purge_step`), left by a resume from an earlier one."""
+    writer hides the steps from `start` on (`purge_step`; default: after the checkpoint's `step`):
+    the first step of its checkpoint's hand-over, which the resume sends again whether or not it
+    ran before the process ended."""
 
-    def __init__(self, run_dir: Path, config: dict, history: list[dict], step: int, flush_secs: int) -> None:
+    def __init__(
+        self, run_dir: Path, config: dict, history: list[dict], step: int, flush_secs: int, start: int | None = None
+    ) -> None:
         self.dir, self.writer = run_dir / "tensorboard", None
         try:  # refused here in one line: the writer's thread would print a traceback
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -42,19 +47,23 @@ class TensorBoardLogger:
             what = "not a folder" if self.dir.exists() and not self.dir.is_dir() else err.strerror
             raise UserError(f"{self.dir}: {what}; logger=tensorboard expected a folder it can write to") from None
         self.new = not any(self.dir.glob("events.out.tfevents.*"))
-        self.config, self.history, self.step, self.flush = config, list(history), step, flush_secs
+        self.config, self.history, self.start, self.flush = config, list(history), start or step + 1, flush_secs
 
     def send(self, entries: list[dict]) -> None:
         """Epoch rows and {step, train_loss_step} entries, each at its global step."""
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: ~1 s
 
-            purge = None if self.new else self.step + 1
+            purge = None if self.new else self.start
+            # TensorBoard reads files in name order (creation second, host, pid): the resend must
+            # come after the killed process's file, even one made this second
+            if f"{int(time.time()):010d}" in {p.name.split(".")[3] for p in self.dir.glob("events.out.tfevents.*")}:
+                time.sleep(1 - time.time() % 1)
             self.writer = SummaryWriter(str(self.dir), flush_secs=self.flush, purge_step=purge)
             if self.new:  # a new run (or the first with tensorboard): config, earlier epochs
                 text = OmegaConf.to_yaml(self.config).replace("\n", "\n    ")
-                self.writer.add_text("config", "    " + text, self.step)
-                entries = self.history + entries
+                self.writer.add_text("config", "    " + text, self.start - 1)
+                entries = [row for row in self.history if row["step"] < self.start] + entries
         for entry in entries:
             for key, value in entry.items():
                 if key != "step":
@@ -62,7 +71,8 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
-        if again or not history:  # logged by the run that completed it
+        """Test metrics and figures at the last step; again: only when a resend purged them."""
+        if not history or (again and self.writer is None):
             return
         step = history[-1]["step"]
         self.send([{"step": step, **{k: v for k, v in metrics.items() if k.startswith("test_")}}])
@@ -122,6 +132,7 @@ class MLflowLogger:
             changed = [k for k, v in flat.items() if params.get(k, v) != v]
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in params])
             self._log_rows(history, have=self._steps(run))
+            self.epoch = epoch  # the epochs up to here are logged: a resend of them is skipped
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
             expected = "an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a reachable server (http://HOST:PORT)"
             raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; expected {expected}") from None
@@ -177,8 +188,8 @@ class MLflowLogger:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def send(self, entries: list[dict]) -> None:
-        """The epoch rows among `entries` (not the step losses)."""
-        self._guarded(lambda: self._log_rows([e for e in entries if "epoch" in e]))
+        """The epoch rows among `entries` (not the step losses) after those logged at start."""
+        self._guarded(lambda: self._log_rows([e for e in entries if e.get("epoch", 0) > self.epoch]))
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
         """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
@@ -235,10 +246,12 @@ class Loggers:
     """metrics.csv, written at once (a resume reads the history from it), and the chosen
     trackers, whose values wait in memory until a checkpoint holding them is written."""
 
-    def __init__(self, csv: Path, trackers: list[Any], carried: dict[str, str]) -> None:
-        self.csv, self.trackers, self.carried = csv, trackers, carried
+    def __init__(self, csv: Path, trackers: list[Any], carried: dict[str, str], progress: Any, resend: list) -> None:
+        self.csv, self.trackers, self.carried, self.progress = csv, trackers, carried, progress
         self.steps = any(isinstance(tracker, TensorBoardLogger) for tracker in trackers)
-        self.pending: list[dict] = []  # epoch rows and {step, train_loss_step}, in order
+        # epoch rows and {step, train_loss_step}, in order; first the resumed checkpoint's
+        self.pending: list[dict] = list(resend)
+        self.handed: list[dict] = []  # the last step loss handed over (its step may start `pending`)
         self._closer = weakref.finalize(self, _close_all, list(trackers), "KILLED")
 
     def log_step(self, step: int, loss: torch.Tensor) -> None:
@@ -253,6 +266,7 @@ class Loggers:
         """The values so far, held by the checkpoint being written: sends them to the trackers
         once it is durable (CheckpointSaver.save's `then`; checkpoint.async: its writer thread)."""
         ready, self.pending = self.pending, []
+        self.handed = [e for e in ready if "train_loss_step" in e][-1:] or self.handed
 
         def send() -> None:
             for tracker in self.trackers if ready else []:
@@ -268,10 +282,22 @@ class Loggers:
         self._closer.detach()
         _close_all(self.trackers, "FINISHED")
 
-    def state_dict(self) -> dict[str, str]:
-        """The `loggers` key; a resumed run's entries stay while their tracker is not chosen."""
+    def state_dict(self) -> dict[str, Any]:
+        """The `loggers` key: tracker run ids (a resumed run's stay while their tracker is not
+        chosen); with TensorBoard, what this checkpoint's hand-over sends (`pending`, called
+        before hand_over): the first step it touches and the step losses from there on (those
+        of `handed` at that step included), so that a resume purges from there and sends them
+        again (the epoch rows are in the history)."""
         mlflow = [t.run_id for t in self.trackers if isinstance(t, MLflowLogger)]
-        return {**self.carried, **({"mlflow_run_id": mlflow[0]} if mlflow else {})}
+        state: dict[str, Any] = {**self.carried, **({"mlflow_run_id": mlflow[0]} if mlflow else {})}
+        if self.steps:
+            start = self.pending[0]["step"] if self.pending else self.progress.global_step + 1
+            losses = [[e["step"], e["train_loss_step"]] for e in self.handed + self.pending if "train_loss_step" in e]
+            state["tensorboard_step"] = start
+            state["tensorboard_losses"] = torch.tensor(
+                [pair for pair in losses if pair[0] >= start], dtype=torch.float64
+            ).reshape(-1, 2)
+        return state
 
 
 def _close_all(trackers: list[Any], status: str) -> None:
@@ -282,9 +308,16 @@ def _close_all(trackers: list[Any], status: str) -> None:
 def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any) -> Loggers:
     """The chosen trackers, continuing `resumed`'s run (rank 0: one that cannot start stops every
     rank), then metrics.csv rewritten from the history; only metrics.csv under fast_dev_run."""
-    carried = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
+    saved = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
+    carried = {key: value for key, value in saved.items() if key.endswith("_id")}
     chosen = {} if cfg.trainer.fast_dev_run else check_logger_config(cfg.get("logger"))
     opened: list[Any] = []
+    # TensorBoard: the resumed checkpoint's hand-over, sent again after a purge from its start
+    start, resend = int(saved.get("tensorboard_step", progress.global_step + 1)), []
+    if "tensorboard" in chosen:
+        losses = saved.get("tensorboard_losses", torch.zeros(0, 2)).tolist()
+        resend = [{"step": int(step), "train_loss_step": loss} for step, loss in losses]
+        resend = sorted(resend + [row for row in progress.history if row["step"] >= start], key=lambda e: e["step"])
 
     def open_all() -> None:
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -292,7 +325,7 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
         try:
             if "tensorboard" in chosen:
                 flush = int(chosen["tensorboard"].get("flush_secs", 30))
-                opened.append(TensorBoardLogger(run_dir, config, history, progress.global_step, flush))
+                opened.append(TensorBoardLogger(run_dir, config, history, progress.global_step, flush, start))
             if "mlflow" in chosen:
                 settings = chosen["mlflow"]
                 uri = str(settings.get("tracking_uri") or f"sqlite:///{root}/mlflow.db")
@@ -306,7 +339,7 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
             raise
 
     on_main(open_all)
-    return Loggers(run_dir / "metrics.csv", opened, dict(carried))
+    return Loggers(run_dir / "metrics.csv", opened, carried, progress, resend if opened else [])
 
 
 def _same_run(cfg: DictConfig, run_dir: Path) -> bool:

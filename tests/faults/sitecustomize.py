@@ -23,6 +23,11 @@ Kill points. TEST_FAULTS="name=N,..." (e.g. `kill_in_write=2,term_at_step=37`):
   enospc_in_write=N  the Nth checkpoint write fails with ENOSPC (a full disk)
   int_in_write=N     SIGINT at each record of the Nth write after its first (Ctrl-C pressed
                      twice while saving)
+  kill_after_write=N SIGKILL as soon as the Nth checkpoint write is renamed into place
+                     (durable), before anything else: links, retention, the trackers' hand-over
+  kill_in_hand_over=N
+                     SIGKILL as soon as TensorBoard has the Nth batch of values this process
+                     sends it (before MLflow gets them)
   kill_at_step=N     SIGKILL after optimizer step N, after that step's periodic save
   term_at_step=N     SIGTERM after step N (a scheduler's preemption notice)
   int_at_step=N      SIGINT after step N (Ctrl-C)
@@ -161,7 +166,8 @@ _STEP_SIGNALS = {
     "int_at_step": signal.SIGINT,
     "usr2_at_step": signal.SIGUSR2,
 }
-_WRITE_POINTS = ("kill_in_write", "enospc_in_write", "int_in_write")
+_WRITE_POINTS = ("kill_in_write", "enospc_in_write", "int_in_write", "kill_after_write")
+_OTHER_POINTS = ("kill_in_hand_over",)
 _CHECKPOINT_TMP = re.compile(r"^\.(epoch_\d+|step_\d+|best|last)\.pt\.\d+\.tmp$")
 _RESUMED = re.compile(r"\(resumed at epoch \d+, step (\d+)\)")
 
@@ -170,7 +176,7 @@ class _Kills:
     """What is armed in this process, and the counters the points are numbered by."""
 
     def __init__(self, faults: dict[str, int]) -> None:
-        self.faults, self.step, self.writes = faults, 0, 0
+        self.faults, self.step, self.writes, self.kill_after, self.sends = faults, 0, 0, "", 0
 
 
 _ARMED: _Kills | None = None
@@ -181,8 +187,8 @@ def parse(spec: str) -> dict[str, int]:
     faults = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, value = item.partition("=")
-        if name not in _STEP_SIGNALS and name not in _WRITE_POINTS:
-            known = ", ".join([*_STEP_SIGNALS, *_WRITE_POINTS])
+        if name not in (*_STEP_SIGNALS, *_WRITE_POINTS, *_OTHER_POINTS):
+            known = ", ".join([*_STEP_SIGNALS, *_WRITE_POINTS, *_OTHER_POINTS])
             raise ValueError(f"TEST_FAULTS: unknown fault {name!r} (known: {known})")
         faults[name] = int(value)
     return faults
@@ -229,7 +235,7 @@ def _install_kills(kills: _Kills) -> None:
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    real_save, real_print = torch.save, builtins.print
+    real_save, real_print, real_replace = torch.save, builtins.print, os.replace
     real_scaler_step = torch.amp.GradScaler.step
 
     def save(obj, f, *args, **kwargs):
@@ -237,7 +243,9 @@ def _install_kills(kills: _Kills) -> None:
             return real_save(obj, f, *args, **kwargs)
         kills.writes += 1
         armed = {name: kills.faults.get(name) == kills.writes for name in _WRITE_POINTS}
-        if not any(armed.values()):
+        if armed["kill_after_write"]:
+            kills.kill_after = _target_name(f)
+        if not any(armed[name] for name in _WRITE_POINTS[:3]):
             return real_save(obj, f, *args, **kwargs)
         faulty = dict(kill=armed["kill_in_write"], enospc=armed["enospc_in_write"], interrupt=armed["int_in_write"])
         if isinstance(f, (str, bytes, os.PathLike)):  # a path: open it, so the writes pass here
@@ -251,6 +259,11 @@ def _install_kills(kills: _Kills) -> None:
             if resumed:
                 kills.step = int(resumed.group(1))
         return real_print(*args, **kwargs)
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if kills.kill_after and _target_name(src) == kills.kill_after:
+            _signal_self(signal.SIGKILL)
 
     def kill_at_next_forward(module, args) -> None:
         _signal_self(signal.SIGKILL)
@@ -275,6 +288,19 @@ def _install_kills(kills: _Kills) -> None:
         return result
 
     torch.save = save
+    os.replace = replace
+    if "kill_in_hand_over" in kills.faults:
+        from engine.loggers import TensorBoardLogger
+
+        real_send = TensorBoardLogger.send
+
+        def send(self, entries):
+            real_send(self, entries)
+            kills.sends += 1
+            if kills.sends == kills.faults["kill_in_hand_over"]:
+                _signal_self(signal.SIGKILL)
+
+        TensorBoardLogger.send = send
     builtins.print = print_
     torch.amp.GradScaler.step = scaler_step
     register_optimizer_step_post_hook(after_step)
