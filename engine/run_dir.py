@@ -571,6 +571,7 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, Ch
                 f"resuming from {found[0]}" if found else f"resume=auto: no checkpoint in {run_dir}, starting a new run"
             )
             if found:
+                _mend_links(run_dir, *found)
                 source, resumed = str(found[0]), with_history(found[1], str(found[0]))
         elif resume is not None:
             path = Path(resume)
@@ -587,6 +588,19 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, Ch
     saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last, saved, background=bool(cfg.checkpoint.get("async")))
     weakref.finalize(saver, unlock_file, run_dir / LOCK_NAME)  # however train() ends
     return run_dir, saver, resumed, source
+
+
+def _mend_links(run_dir: Path, path: Path, state: dict) -> None:
+    """last.pt (and best.pt, when `path` is the best epoch) point at the checkpoint resumed from:
+    a kill between a file's rename and its links left them at the one before."""
+    if path.name in LINKS:
+        return
+    best = (state.get("best") or {}).get("epoch") == state.get("epoch") and not state.get("step_in_epoch")
+    last, best_pt = run_dir / "last.pt", run_dir / "best.pt"
+    if not last.exists() or not last.samefile(path):
+        atomic_link(path, last)
+    if best and (not best_pt.exists() or _head(best_pt).get("epoch") != state.get("epoch")):
+        atomic_link(path, best_pt)
 
 
 def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None, trains: bool = True) -> None:

@@ -389,7 +389,7 @@ def _random_case(seed: int) -> tuple[tuple[str, ...], list[str]]:
         + [("checkpoint.every_n_steps=3",), ("checkpoint.every_n_epochs=1", "checkpoint.every_n_steps=5")]
     )
     extra = (*cadence, f"checkpoint.async={rng.choice(['true', 'false'])}", "logger=[csv,tensorboard,mlflow]")
-    # not after the write of the last checkpoint: the link last.pt is missing then (finish_run)
+    # (a kill after the write of the run's last checkpoint: test_a_kill_before_the_last_links_...)
     first = [f"kill_at_step={rng.randint(1, 23)}", f"kill_in_hand_over={rng.randint(1, 3)}"]
     first += ["kill_after_write=1"] if "every_n_epochs=6" not in cadence[0] else []
     faults = [rng.choice(first)]
@@ -428,3 +428,21 @@ def test_random_kills_leave_each_value_once_in_every_tracker(server, uninterrupt
         assert [step for step, _ in history] == epochs, (why, key)
         if key != "test_loss":
             assert [v for _, v in history] == pytest.approx([float(r[key]) for r in rows]), (why, key)
+
+
+@pytest.mark.parametrize("every", [6, 3])  # the run's only checkpoint; the 2nd of two
+def test_a_kill_before_the_last_links_resumes_to_a_complete_run(server, tmp_path, every):
+    """SIGKILL right after the last checkpoint is renamed into place, before last.pt/best.pt
+    point at it: resume=auto mends the links and makes the end of the run (test, export)."""
+    extra = (f"checkpoint.every_n_epochs={every}", "logger=[csv,tensorboard]")
+    kill = f"kill_after_write={EPOCHS // every}"
+    killed = server.run(*RUN, *extra, root=tmp_path, env=fault_env(kill), check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_dir = tmp_path / "r"
+    assert (run_dir / "epoch_0006.pt").is_file() and not (run_dir / "test_metrics.json").exists()
+    done = server.run(*RUN, *extra, "resume=auto", root=tmp_path)
+    assert "already complete" in done.stdout, done.stdout
+    assert (run_dir / "last.pt").samefile(run_dir / "epoch_0006.pt")
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["epoch"] == best["best"]["epoch"]
+    assert (run_dir / "test_metrics.json").is_file() and (run_dir / "export" / "model.safetensors").is_file()
