@@ -958,7 +958,8 @@ def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig
     saved = state.get("config")
     changes: list[str] = []
     group0 = optimizer.param_groups[0]
-    saved_opt = (saved or {}).get("optimizer") or {}
+    saved_opt = (saved or {}).get("optimizer")
+    saved_opt = saved_opt if isinstance(saved_opt, dict) else {}  # a crafted section: the config's values win
     for key, value in (cfg.get("optimizer") or {}).items():
         key = str(key)
         if key.startswith("_") or key not in group0:
