@@ -154,7 +154,7 @@ def fit(cfg: DictConfig) -> dict:
     # Stored in every checkpoint: plain values (a fixed-choice key is an Enum in cfg).
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     show_bar = sys.stdout.isatty()
-    plotted, plotted_at = len(progress.history), time.perf_counter()  # a run's first 30 s: no plot
+    plotted, plotted_at = len(progress.history), float("-inf")
 
     def checkpoint() -> dict:
         return build_checkpoint(state, progress, config)
@@ -172,9 +172,8 @@ def fit(cfg: DictConfig) -> dict:
         """`final`: the ranks agreed to stop (never a rank's own stop.reason, which a signal
         may set on one rank only: its collective below would wait for ranks that skip it)."""
         nonlocal plotted, plotted_at
-        # The loss curve too, so a stopped or long-running run has one; at most every 30 s (a plot
-        # of a long history costs up to a second; matplotlib's import 0.7 s), never at the last
-        # epoch (the end of the run draws it).
+        # The loss curve too, so a killed or stopped run has one; at most every 30 s (a plot of a
+        # long history costs up to a second), not at the last epoch (the end of the run draws it).
         due = final or (time.perf_counter() - plotted_at >= 30 and progress.epoch < epochs)
         if len(progress.history) > plotted and due:
             plot_losses(progress.history, run_dir / "loss_curve.png")
