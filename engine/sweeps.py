@@ -19,7 +19,6 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.grammar.utils import escape_special_characters
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -74,6 +73,13 @@ OmegaConf.register_new_resolver(
 )
 
 
+def quoted(text: str) -> str:
+    """`text` as a quoted Hydra override value: Hydra unescapes a backslash only before a quote,
+    so those (and a trailing run, which precedes the closing quote) are doubled."""
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
+
+
 def pin_sweep_dir(config: DictConfig) -> str:
     """hydra.sweep.dir resolved once, in the sweep process, and handed to every job as an
     override (as Hydra hands on hydra.mode): a job's own overrides (one value per swept key)
@@ -84,8 +90,8 @@ def pin_sweep_dir(config: DictConfig) -> str:
     naming = config.hydra.job.config.override_dirname
     exclude = [*naming.exclude_keys, *(o.key_or_group for o in parsed if not o.is_sweep_override())]
     pinned = {
-        "hydra.sweep.dir": escape_special_characters(sweep_dir),
-        "hydra.job.config.override_dirname.exclude_keys": f"[{','.join(map(escape_special_characters, exclude))}]",
+        "hydra.sweep.dir": quoted(sweep_dir),
+        "hydra.job.config.override_dirname.exclude_keys": f"[{','.join(map(quoted, exclude))}]",
     }
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.sweep.dir, naming.exclude_keys = sweep_dir, exclude

@@ -267,3 +267,22 @@ def test_a_killed_submitit_job_is_one_line_and_exit_2_with_the_summary_written(t
     assert "trainer.epochs=3" in errors[0] and "killed" in errors[0] and "Traceback" not in result.stderr
     status = {r["job"]: r["status"] for r in _rows(_sweep(tmp_path) / "summary.csv")}
     assert status == {"trainer.epochs=1": "ok", "trainer.epochs=3": "interrupted"}
+
+
+def test_quoted_values_come_back_from_hydras_parser_unchanged():
+    """Paths and names handed to jobs as overrides (the sweep folder, the storage URL): seeded
+    strings of Hydra's special characters, quotes and backslashes parse back to themselves."""
+    import random
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from engine.sweeps import quoted
+
+    parser, rng = OverridesParser.create(), random.Random(0)
+    alphabet = "ab/\\'\",=()[]{}: .$~*"
+    texts = ["", "\\", "'", "a\\", "C:\\runs\\", "it's", "x,y=z()"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(200)]
+    for text in texts:
+        assert parser.parse_override(f"k={quoted(text)}").value() == text, text
+        listed = parser.parse_override(f"k=[{quoted(text)},{quoted('b')}]").value()
+        assert listed == [text, "b"], text

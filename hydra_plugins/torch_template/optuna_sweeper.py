@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import EXIT_BAD_INPUT, UserError, first_line, one_line
 from engine.run_dir import lock_file, unlock_file
-from engine.sweeps import best_of, job_error, job_pruned, job_run_dir, result_overrides
+from engine.sweeps import best_of, job_error, job_pruned, job_run_dir, quoted, result_overrides
 
 CV_FOLD = "cv.fold"  # in params: one job per fold for each trial, not a search dimension
 PRUNED_AT = "pruned_at_epoch"  # a trial's user attr: its job decided to prune it (a resumed job obeys it)
@@ -190,7 +190,7 @@ class OptunaSweeper(Sweeper):
             print("optuna: pruning is off with cross-validation (cv.fold in params)", flush=True)
         # each trial's job finds its trial through the storage (it may run in another process)
         pruning = storage is not None and opt.pruner.name != "none" and not folds
-        find = [f"hydra.sweeper.{k}={_quoted(str(v))}" for k, v in (("storage", storage), ("study_name", name))]
+        find = [f"hydra.sweeper.{k}={quoted(str(v))}" for k, v in (("storage", storage), ("study_name", name))]
         returns, asked = [], len(trials)
         while done < opt.n_trials:
             batch = []  # (trial number, params): left RUNNING by a crash first (their run folders resume)
@@ -340,11 +340,6 @@ def trial_pruning(cfg: DictConfig) -> TrialPruning | None:
     epochs = int(cfg.trainer.epochs)
     pruner = make_pruner(PrunerConf(**conf.pruner), epochs)
     return TrialPruning(open_storage(str(conf.storage)), str(conf.study_name), int(conf.trial), pruner, epochs)
-
-
-def _quoted(text: str) -> str:
-    """`text` as a quoted Hydra override value."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _value(value: Any) -> str:
