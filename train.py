@@ -187,13 +187,10 @@ def fit(cfg: DictConfig) -> dict:
         )
 
     if complete:
-        print(
-            f"run {run_dir} is already complete ({progress.epoch} epochs"
-            + (f"; {stopper.reason}" if stopped else "; pruned by Optuna" if pruned else "")
-            + "); nothing to do. Raise "
-            + ("early_stopping.patience" if stopped else "trainer.epochs")
-            + " to train on, or pick a new run_name="
-        )
+        why = f"; {stopper.reason}" if stopped else "; pruned by Optuna" if pruned else ""
+        more = "early_stopping.patience" if stopped else "trainer.epochs"
+        how = "" if pruned else f". Raise {more} to train on, or pick a new run_name="
+        print(f"run {run_dir} is already complete ({progress.epoch} epochs{why}); nothing to do{how}")
         # an interruption after the last checkpoint: make the rest
         loggers.finish(run_dir, progress.history, finish(only_missing=True), again=True)
         return {**progress.history[-1], PRUNED: pruned} if progress.history else {}
