@@ -40,14 +40,16 @@ from engine.training import (
     model_summary,
     window_length,
 )
-from hydra_plugins.torch_template.optuna_sweeper import trial_pruning
+from hydra_plugins.torch_template.optuna_sweeper import is_pruned_trial_job, trial_pruning
 
 
 def train(cfg: DictConfig) -> dict:
     validate_train(cfg)
     if cfg.trainer.fast_dev_run:  # one train + one val batch in a scratch folder, removed after
         return fast_dev_run(cfg, fit)
-    return fit(cfg)
+    result = fit(cfg)
+    ddp.shutdown()  # torchrun: the run is done on every rank (finish_run's barrier)
+    return result
 
 
 def fit(cfg: DictConfig) -> dict:
@@ -124,8 +126,10 @@ def fit(cfg: DictConfig) -> dict:
     stopped = stopper is not None and stopper.stopped  # early stopping ended it before
     complete = bool(resumed) and (progress.epoch >= cfg.trainer.epochs or stopped)
     # hparams_search with a pruner: this job's Optuna trial; resumed, it decides as the unbroken job did
-    pruning = None if complete or not ddp.is_main() else trial_pruning(cfg)
-    pruned = ddp.any_rank(pruning is not None and pruning.resume(progress.history, str(cfg.checkpoint.monitor)))
+    trial_job = not complete and is_pruned_trial_job()  # every rank knows; rank 0 asks the study
+    pruning = trial_pruning(cfg) if trial_job and ddp.is_main() else None
+    agree = ddp.any_rank if trial_job and ddp.is_distributed() else bool  # no collective otherwise
+    pruned = agree(pruning is not None and pruning.resume(progress.history, str(cfg.checkpoint.monitor)))
     complete = complete or pruned
     # config.yaml: only now, with the checkpoint restored and the trackers open; a run that
     # trains nothing more keeps its own
@@ -282,7 +286,7 @@ def fit(cfg: DictConfig) -> dict:
         row["lr"] = lr
         improved = progress.end_epoch(row, monitor, mode)
         stopping = stopper is not None and stopper.update(row)  # early_stopping.patience
-        pruned = ddp.any_rank(pruning is not None and pruning.prune(epoch, row[monitor])) and not stopping
+        pruned = agree(pruning is not None and pruning.prune(epoch, row[monitor])) and not stopping
         loggers.log_epoch(row)  # metrics.csv now (resume reads it); trackers after the save
         # torchrun: the ranks agree; a signal after this is seen at the next check
         stop_now = ddp.should_stop(stop)

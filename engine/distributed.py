@@ -94,7 +94,7 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
         )
-        atexit.register(_shutdown)
+        atexit.register(shutdown)
     _comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     if rank() == 0:
         per_rank = int(cfg.data.batch_size)
@@ -146,7 +146,9 @@ def first_host(nodelist: str) -> str:
     return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", nodelist[:end]).strip()
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """Destroy the process group while the interpreter is whole: left to interpreter exit, gloo's
+    threads sometimes abort the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -326,16 +326,23 @@ class TrialPruning:
         return bool(history) and self.prune(history[-1]["epoch"], history[-1][monitor])
 
 
+def is_pruned_trial_job() -> bool:
+    """Is this job an Optuna trial with a pruner (read from its hydra config: the same on every
+    rank, so only such jobs pay a collective per epoch to agree on pruning)?"""
+    if not HydraConfig.initialized():
+        return False
+    conf = HydraConfig.get().sweeper
+    return str(conf.get("_target_", "")).endswith(".OptunaSweeper") and conf.get("trial") is not None
+
+
 def trial_pruning(cfg: DictConfig) -> TrialPruning | None:
     """The pruning of the Optuna trial this job runs, found through its hydra config and the
     storage; None outside an Optuna sweep with a pruner."""
     import optuna
 
-    if not HydraConfig.initialized():
+    if not is_pruned_trial_job():
         return None
     conf = HydraConfig.get().sweeper
-    if not str(conf.get("_target_", "")).endswith(".OptunaSweeper") or conf.get("trial") is None:
-        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     epochs = int(cfg.trainer.epochs)
     pruner = make_pruner(PrunerConf(**conf.pruner), epochs)
