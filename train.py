@@ -85,7 +85,8 @@ def fit(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         limit=overfit or cfg.trainer.limit_train_batches,
         **loader_args,
-        **ddp.rank_args(),
+        rank=ddp.rank(),
+        world_size=ddp.world_size(),  # each rank's slice of the same (seed, epoch) order
     )
     val_batches = (
         train_batches

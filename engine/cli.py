@@ -86,7 +86,7 @@ def run_main(main: Callable[[], Any], config_name: str) -> None:
         except COMPOSE_ERRORS as err:
             if _task_ran(err):  # a bug in a task that does not hand errors back (cli_errors)
                 raise
-            _bad_input(explain(err, config_name, argv))
+            _bad_input(explain(err, config_name, argv))  # no flags here: all are overrides
 
 
 def _left_to_hydra(argv: list[str]) -> bool:
@@ -112,38 +112,32 @@ def _task_ran(err: BaseException) -> bool:
 
 
 def _shell_completion(main: Callable[[], Any], argv: list[str]) -> None:
-    """Hydra's --shell-completion needs one of install=, uninstall=, query= with a shell it
-    knows, or raises a traceback (as on a failed query): one line here."""
+    """Hydra's --shell-completion without one of install=, uninstall=, query= and a shell it
+    knows raises a traceback (as does a failed query): one line here."""
     from hydra.core.plugins import Plugins
     from hydra.plugins.completion_plugin import CompletionPlugin
 
-    shells = sorted(plugin.provides() for plugin in Plugins.instance().discover(CompletionPlugin))
-    args = [a for a in argv if a not in SHELL_COMPLETION_FLAGS]
-    commands = [a.partition("=") for a in args if a.partition("=")[0] in ("install", "uninstall", "query")]
-    if len(commands) != 1 or commands[0][2] not in shells:
-        problem = "expected one of install=SHELL, uninstall=SHELL or query=SHELL"
-    else:
-        try:
-            with compose_errors_raised():  # Hydra raises instead of printing a traceback
-                main()
-            return
-        except Exception as err:  # noqa: BLE001 - e.g. query=bash outside a shell's completion
-            problem = f"failed ({type(err).__name__}: {str(err).strip()[:80]})"
-    _bad_input(
-        f"--shell-completion {' '.join(args) or '(nothing)'}: {problem} "
-        f"(SHELL: {', '.join(shells)}), e.g. --shell-completion install=bash"
-    )
+    try:
+        with compose_errors_raised():  # Hydra raises instead of printing a traceback
+            main()
+    except Exception as err:  # noqa: BLE001 - no subcommand, an unknown shell, query= outside a shell
+        shells = ", ".join(sorted(plugin.provides() for plugin in Plugins.instance().discover(CompletionPlugin)))
+        args = " ".join(a for a in argv if a not in SHELL_COMPLETION_FLAGS) or "(nothing)"
+        problem = f"{type(err).__name__}: {first_line(err, 80).rstrip(' :')}"  # Hydra's list of shells is on line 2
+        _bad_input(
+            f"--shell-completion {args}: {problem}; expected one of install=SHELL, uninstall=SHELL or query=SHELL "
+            f"(SHELL: {shells}), e.g. --shell-completion install=bash"
+        )
 
 
-def check_command_line(config_name: str, argv: Sequence[str] | None = None) -> None:
-    """Exit 2 with one line if the overrides in `argv` (default sys.argv[1:]) do not compose or
-    fail the script's checks, for every job of a multirun; nothing with Hydra's full errors."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """Exit 2 with one line if the overrides in `argv` do not compose or fail the script's
+    checks, for every job of a multirun; nothing with Hydra's full errors."""
     if _left_to_hydra(argv):
         return
     overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    multirun = len(overrides) < len(argv)  # outside multirun a comma is an error compose explains
     try:
-        multirun = len(overrides) < len(argv)  # outside multirun a comma is an error compose explains
         for combination in _combinations(overrides) if multirun else [overrides]:
             cfg = compose_checked(config_name, combination)
             if config_name == "train":
@@ -182,24 +176,20 @@ def _combinations(overrides: list[str]) -> list[list[str]]:
         return [overrides]  # compose reports the parse error
     choices = []
     for override, text in zip(parsed, overrides, strict=True):
-        if override.is_sweep_override():
-            try:
-                values = list(override.sweep_string_iterator())
-            except Exception:  # a sweep kind only a sweeper plugin understands
-                return []
-            choices.append([f"{override.get_key_element()}={v}" for v in values] or [text])
-        else:
-            choices.append([text])
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else []
+        except Exception:  # a sweep kind only a sweeper plugin understands
+            return []
+        choices.append([f"{override.get_key_element()}={v}" for v in values] or [text])
     first = [options[0] for options in choices]
     return [first] + [
         first[:index] + [option] + first[index + 1 :] for index, options in enumerate(choices) for option in options[1:]
     ]
 
 
-def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
+def explain(err: Exception, config_name: str, overrides: list[str]) -> str:
     """One line for a config that did not compose with these overrides; composes again, part
     by part, where Hydra's message does not name the override or the valid choices."""
-    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
     first, cause, groups = first_line(err, 1000), err.__cause__, config.config_groups()
     if not isinstance(err, (HydraException, oe.OmegaConfBaseException)):  # `=5`, `data=[1,2]`: Hydra's bugs
         return _culprit(config_name, overrides, first, groups)
@@ -223,8 +213,6 @@ def explain(err: Exception, config_name: str, argv: Sequence[str]) -> str:
         )
     if first.startswith("Could not append to config"):
         return f"{first} Remove the + prefix to change it"
-    if first.startswith("Could not delete from config"):
-        return first
     return f"{first} ({first_line(cause, 1000)})" if cause is not None and str(cause).strip() else first
 
 

@@ -27,8 +27,6 @@ from engine.runtime import resolve_device
 
 T = TypeVar("T")
 
-_comm_device = torch.device("cpu")  # where collective tensors live: the GPU under nccl
-
 
 class FollowerError(UserError):
     """Another rank's error, re-raised here so this rank exits too; printed by that rank only."""
@@ -65,7 +63,6 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
 def setup_distributed(cfg: DictConfig) -> torch.device:
     """Resolve the device and the per-process batch size; join the process group (nccl on
     CUDA, gloo on the CPU) under torchrun. Returns this process's device (cuda:LOCAL_RANK)."""
-    global _comm_device
     adopt_scheduler_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.trainer.device)
@@ -95,7 +92,6 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
         )
         atexit.register(shutdown)
-    _comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     if rank() == 0:
         per_rank = int(cfg.data.batch_size)
         print(
@@ -124,9 +120,7 @@ def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
     if "WORLD_SIZE" in env:  # torchrun (or the user) decided
         return None
     for name, (world, rank_, local, nodes, job) in _SCHEDULERS.items():
-        if world in env and rank_ in env:
-            if int(env[world]) <= 1:
-                return None
+        if int(env.get(world, 1)) > 1 and rank_ in env:
             env["WORLD_SIZE"], env["RANK"], env["LOCAL_RANK"] = env[world], env[rank_], env.get(local, "0")
             env.setdefault("MASTER_ADDR", first_host(env.get(nodes, "")) or "127.0.0.1")
             # One port per job (the same in every task): jobs sharing a node do not collide.
@@ -137,13 +131,8 @@ def adopt_scheduler_env(environ: dict[str, str] | None = None) -> str | None:
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):  # the first group ends at a comma outside brackets
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            end = i
-            break
-    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", nodelist[:end]).strip()
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist).group()  # up to a comma outside brackets
+    return re.sub(r"\[([^\]\-,]*)[^\]]*\]", r"\1", first).strip()
 
 
 def shutdown() -> None:
@@ -154,13 +143,11 @@ def shutdown() -> None:
 
 
 def _resolve_batch_size(cfg: DictConfig, world: int) -> None:
-    """trainer.global_batch_size fixes the global batch: data.batch_size (per process) becomes
-    global / world size, so the same command trains the same way on any number of processes."""
+    """trainer.global_batch_size (an integer >= 1 by config.check_limits) fixes the global batch:
+    data.batch_size becomes global / world size, so any number of processes trains the same way."""
     total = cfg.trainer.get("global_batch_size")
     if total is None:
         return
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise UserError(f"trainer.global_batch_size={total!r}: expected an integer >= 1 or null")
     if total % world:
         raise UserError(
             f"trainer.global_batch_size={total}: not divisible by the {world} processes; pick a multiple of {world}"
@@ -196,11 +183,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def rank_args() -> dict[str, int]:
-    """Batches(rank=..., world_size=...): each rank's slice of the same (seed, epoch) order."""
-    return {"rank": rank(), "world_size": world_size()}
-
-
 def shard(split: Split) -> Split:
     """This rank's strided share of an evaluation split, without padding (so all-reduced sums
     count every sample exactly once)."""
@@ -212,10 +194,11 @@ def shard(split: Split) -> Split:
 
 
 def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks (float64)."""
+    """Element-wise sum over ranks (float64; on this rank's GPU under nccl)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
 

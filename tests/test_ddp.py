@@ -307,11 +307,11 @@ def test_global_batch_size_sets_the_per_process_batch(total, world, expected):
     ("total", "message"), [(8, "not divisible by the 3 processes"), (0, "expected an integer >= 1")]
 )
 def test_bad_global_batch_size_is_one_line_error(total, message):
-    from omegaconf import OmegaConf
-
+    from engine.cli import compose_checked, validate_train
     from engine.distributed import _resolve_batch_size
     from engine.errors import UserError
 
-    cfg = OmegaConf.create({"trainer": {"global_batch_size": total}, "data": {"batch_size": 16}})
+    cfg = compose_checked("train", [f"trainer.global_batch_size={total}"])
     with pytest.raises(UserError, match=message):
-        _resolve_batch_size(cfg, 3)
+        validate_train(cfg)  # the value: an integer >= 1 (config.check_limits)
+        _resolve_batch_size(cfg, 3)  # and a multiple of the process count
