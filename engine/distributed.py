@@ -197,7 +197,7 @@ def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks (float64; on this rank's GPU under nccl)."""
     if not is_distributed():
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # "cuda": the current one, set_device'd
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
