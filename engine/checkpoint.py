@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Subset
 
@@ -92,6 +92,11 @@ WEIGHTS, CONFIG, PT2 = "model.safetensors", "config.yaml", "model.pt2"  # an exp
 
 
 # ------------------------------------------------------------------ the schema of each key
+# Each check takes (value, the whole state) and returns what is wrong with it, or None.
+Check = Callable[[Any, dict], str | None]
+_NONE = type(None)
+
+
 def _is(value: Any, kinds: type | tuple[type, ...] = (int, float)) -> bool:
     """isinstance, where True is not a number."""
     return isinstance(value, kinds) and not isinstance(value, bool)
@@ -104,11 +109,11 @@ def _brief(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _expect(wanted: str, ok: Callable[[Any], bool]) -> Callable[[Any, dict], str | None]:
+def _expect(wanted: str, ok: Callable[[Any], bool]) -> Check:
     return lambda value, state: None if ok(value) else f"expected {wanted}, got {_brief(value)}"
 
 
-def _int_in(low: int, high: int) -> Callable[[Any, dict], str | None]:
+def _int_in(low: int, high: int) -> Check:
     return _expect(f"an integer from {low} to {high}", lambda value: low <= value <= high)
 
 
@@ -168,7 +173,7 @@ def _history(value: Any, state: dict) -> str | None:
     return None
 
 
-def _data_state(value: dict) -> str | None:
+def _data_state(value: dict, state: dict | None = None) -> str | None:
     """A data module's state: names -> 1-D float tensors, lists of text, or None."""
     for key, item in value.items():
         tensor = isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() == 1
@@ -216,16 +221,15 @@ def _fields(record: Any, /, **kinds: Any) -> bool:
     return record is None or all(_is(record.get(name), k) for name, k in kinds.items())
 
 
-def _run_id(key: Any, value: Any) -> bool:
-    """loggers: e.g. mlflow_run_id -> the tracker's run id."""
-    return _is(key, str) and key.endswith("_id") and len(key) <= 64 and _is(value, str) and 0 < len(value) <= 256
-
-
 def _loggers(value: dict, state: dict) -> str | None:
-    """Run ids, and TensorBoard's resend: a start step and the (step, loss) rows from it, in order."""
+    """Run ids (e.g. mlflow_run_id: the tracker run to continue), and TensorBoard's resend: a
+    start step and the (step, loss) rows from it, in order."""
     start, losses = value.get("tensorboard_step", 1), value.get("tensorboard_losses", torch.zeros(0, 2).double())
     ids = {k: v for k, v in value.items() if k not in ("tensorboard_step", "tensorboard_losses")}
-    if len(ids) > 16 or not all(_run_id(k, i) and i.isprintable() for k, i in ids.items()):
+    if len(ids) > 16 or not all(
+        _is(k, str) and k.endswith("_id") and len(k) <= 64 and _is(i, str) and 0 < len(i) <= 256 and i.isprintable()
+        for k, i in ids.items()
+    ):
         return f"expected names ending in _id -> run ids (text), got {_brief(ids)}"
     if not _is(start, int) or not 1 <= start <= 10**12 + 1:
         return f"tensorboard_step: expected a step from 1 to 1000000000001, got {_brief(start)}"
@@ -238,10 +242,9 @@ def _loggers(value: dict, state: dict) -> str | None:
     return None
 
 
-_NONE = type(None)
 _NUMBER_OR_NONE = (int, float, _NONE)
 # key -> (allowed types, check of shape, size and range); each key's meaning: the docstring.
-SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | None]] = {
+SCHEMA: dict[str, tuple[tuple[type, ...], Check | None]] = {
     "epoch": ((int,), _int_in(0, 10**7)),
     "model_state_dict": ((dict,), _tensors),
     "optimizer_state_dict": ((dict,), None),  # checked against the optimizer on restore
@@ -269,7 +272,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
     "rank_states": ((list, _NONE), _rank_states),
     "fingerprint": ((dict, _NONE), None),  # its contents: check_fingerprint
     "ema_state_dict": ((dict,), _tensors),
-    "data_state_dict": ((dict,), lambda v, s: _data_state(v)),
+    "data_state_dict": ((dict,), _data_state),
     "early_stopping": (
         (dict, _NONE),
         _expect(
@@ -294,11 +297,13 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Callable[[Any, dict], str | None] | No
 def check_checkpoint(state: dict, path: Path | str) -> None:
     """Each present key's type, shape and range, one line naming the key; a tensor loss -> float."""
     for key, (kinds, check) in SCHEMA.items():
-        value = state.get(key)
-        if key in state and (not isinstance(value, kinds) or isinstance(value, bool)):
+        if key not in state:
+            continue
+        value = state[key]
+        if not _is(value, kinds):
             names = " or ".join("None" if k is _NONE else k.__name__ for k in kinds)
             raise UserError(f"{path}: key {key!r} should be {names}, got {type(value).__name__}")
-        problem = check(value, state) if key in state and check is not None else None
+        problem = check(value, state) if check is not None else None
         if problem:
             raise UserError(f"{path}: key {key!r}: {problem}")
     if isinstance(state.get("loss"), torch.Tensor):
@@ -770,17 +775,18 @@ def build_checkpoint(parts: dict[str, Any], progress: Progress, config: dict | D
     return state
 
 
-def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: DictConfig, data: Any) -> Progress:
+def restore_checkpoint(state: dict | None, parts: dict[str, Any], cfg: DictConfig, data: Any) -> Progress:
     """Check the checkpoint may resume this config, restore each part and the RNGs; the
     Progress to go on from. resume_mode=weights: model and optimizer buffers only."""
     model, optimizer, scheduler = parts["model"], parts["optimizer"], parts.get("scheduler")
     fingerprint = run_fingerprint(data, model, int(cfg.data.batch_size) * world_size()) if data is not None else None
-    if checkpoint is None:
+    if state is None:
         return Progress(fingerprint=fingerprint)
-    state, source = checkpoint, f"checkpoint (epoch {checkpoint.get('epoch')})"
+    source = f"checkpoint (epoch {state.get('epoch')})"
     weights_mode = str(cfg.get("resume_mode", "exact")) == "weights"
     load_model_state(model, state["model_state_dict"], source)  # names the misfit keys
-    check_fingerprint(state, fingerprint, source, weights_mode)
+    if fingerprint and state.get("fingerprint") and not weights_mode:  # no fingerprint (older files): unchecked
+        check_fingerprint(state["fingerprint"], fingerprint, source)
     tutorial = "format_version" not in state  # its `epoch`: the 0-based index of the last loop
     epoch = state.get("epoch", -1) + 1 if tutorial else state.get("epoch", 0)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -807,10 +813,8 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
             f" optimizer=/scheduler= overrides"
         ) from None
     if tutorial and is_main():
-        wanted = ("optimizer_state_dict", "global_step", "rng_state", "history", "best", "config")
-        fresh = [k for k in wanted if k not in state]
-        if scheduler is not None and state.get("scheduler_state_dict") is None:
-            fresh.append("scheduler_state_dict")
+        wanted = ["optimizer_state_dict", "global_step", "rng_state", "history", "best", "config"]
+        fresh = [k for k in wanted + ["scheduler_state_dict"] * (scheduler is not None) if state.get(k) is None]
         print(
             f"resume: a general checkpoint (no format_version): its epoch {state.get('epoch', 'key (absent)')} is"
             f" read as the tutorials' 0-based loop index, so {epoch} epoch(s) are done and training goes on at"
@@ -818,10 +822,7 @@ def restore_checkpoint(checkpoint: dict | None, parts: dict[str, Any], cfg: Dict
         )
         print(f"resume: not in the file, started fresh: {', '.join(fresh) or 'nothing'}")
     check_optimizer_state(optimizer, source)
-    applied = apply_optimizer_overrides(state, optimizer, scheduler, cfg)
-    check_schedule_length(state, fresh_schedule, cfg, source, ignore=applied)
-    if not tutorial:
-        warn_config_changes(state.get("config") or {}, cfg, ignore=applied)
+    apply_config_changes(state, optimizer, scheduler, fresh_schedule, cfg, source)
     rng, losses, step_in_epoch = resume_state_for_rank(state)  # this rank's share
     if data is not None:  # None: a test's bare parts
         check_fits_data(step_in_epoch, state.get("history") or [], data, source)
@@ -849,9 +850,8 @@ def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any,
     saved_world, step = checkpoint.get("world_size", 1), checkpoint.get("step_in_epoch", 0)
     if saved_world == world_size():
         shares = checkpoint.get("rank_states")
-        if shares and len(shares) == saved_world:
-            return shares[rank()]["rng_state"], shares[rank()]["epoch_step_losses"], step
-        return checkpoint.get("rng_state"), checkpoint.get("epoch_step_losses"), step
+        share = shares[rank()] if shares else checkpoint  # one per process: SCHEMA checked the count
+        return share.get("rng_state"), share.get("epoch_step_losses"), step
     if is_main():
         warnings.warn(
             f"the checkpoint was written by {saved_world} process(es), this run has {world_size()}: each process"
@@ -859,8 +859,7 @@ def resume_state_for_rank(checkpoint: dict[str, Any]) -> tuple[dict | None, Any,
             + (f"; epoch {checkpoint['epoch'] + 1} restarts from its first batch" if step else ""),
             stacklevel=3,
         )
-    rng = checkpoint.get("rng_state") if is_main() else None
-    return (rng, None, 0) if step else (rng, checkpoint.get("epoch_step_losses"), step)
+    return (checkpoint.get("rng_state") if is_main() else None), None, 0  # the epoch's losses: none, or restarted
 
 
 # -------------------------------------------------- may this checkpoint resume this run
@@ -922,80 +921,31 @@ NEW_SCHEDULE = (
 )
 
 
-def check_fingerprint(state: dict, now: dict | None, source: str, weights_mode: bool) -> None:
-    """Refuse an exact resume on other data or global batch (no fingerprint: no check). Another
-    model is refused before, by load_model_state, naming the misfit keys."""
-    saved = state.get("fingerprint")
-    if not isinstance(saved, dict) or now is None or weights_mode:
-        return
-    data = []
+def check_fingerprint(saved: dict, now: dict, source: str) -> None:
+    """Refuse an exact resume on other data or global batch. Another model is refused before,
+    by load_model_state, naming the misfit keys."""
+    changed = []
     try:
         for name, split in (saved.get("data") or {}).items():
             current = now["data"].get(name)
             if current is None:
                 continue
             if split.get("size") != current["size"]:
-                data.append(f"{name} split {split.get('size')} -> {current['size']} samples")
+                changed.append(f"{name} split {split.get('size')} -> {current['size']} samples")
             elif None not in (split.get("hash"), current["hash"]) and split["hash"] != current["hash"]:
-                data.append(f"{name} split content changed")
+                changed.append(f"{name} split content changed")
         batch = saved.get("global_batch_size")
         if batch is not None and batch != now["global_batch_size"]:
-            data.append(
+            changed.append(
                 f"global batch size {batch} -> {now['global_batch_size']} (data.batch_size"
                 f" x processes; trainer.global_batch_size=N keeps it whatever the count)"
             )
     except (AttributeError, TypeError, KeyError, ValueError, RuntimeError):  # a crafted or damaged file
         raise UserError(f"{source}: key 'fingerprint' is malformed (expected each split's size and hash)") from None
-    if data:
+    if changed:
         raise UserError(
-            f"{source}: {'; '.join(data)} since the checkpoint, so an exact resume is impossible; {NEW_SCHEDULE}"
+            f"{source}: {'; '.join(changed)} since the checkpoint, so an exact resume is impossible; {NEW_SCHEDULE}"
         )
-
-
-def apply_optimizer_overrides(state: dict, optimizer, scheduler, cfg: DictConfig) -> set[str]:
-    """The config's optimizer/scheduler values win over the file's (a changed lr rescales the
-    scheduled lr and base_lrs); returns the keys changed."""
-    saved = state.get("config")
-    changes: list[str] = []
-    group0 = optimizer.param_groups[0]
-    saved_opt = (saved or {}).get("optimizer")
-    saved_opt = saved_opt if isinstance(saved_opt, dict) else {}  # a crafted section: the config's values win
-    for key, value in (cfg.get("optimizer") or {}).items():
-        key = str(key)
-        if key.startswith("_") or key not in group0:
-            continue
-        if isinstance(value, ListConfig):  # Adam's betas: a plain list in the checkpoint
-            value = OmegaConf.to_container(value)
-        current = group0.get("initial_lr", group0[key]) if key == "lr" else group0[key]
-        before = saved_opt.get(key) if saved is not None else current
-        if before is None or before == value:
-            continue
-        for group in optimizer.param_groups:
-            if key == "lr":
-                base = group.get("initial_lr", group["lr"])
-                group["lr"] = group["lr"] * value / base if base else value
-                if "initial_lr" in group:
-                    group["initial_lr"] = value
-            else:
-                group[key] = value
-        if key == "lr" and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [value for _ in optimizer.param_groups]
-        changes.append(f"optimizer.{key} {before} -> {value}")
-    if scheduler is not None and state.get("scheduler_state_dict") is not None:
-        saved_sched = (saved or {}).get("scheduler") or {}
-        for key, value in (cfg.get("scheduler") or {}).items():
-            key = str(key)  # T_max follows trainer.epochs: check_schedule_length's
-            if key.startswith("_") or key == "T_max" or not hasattr(scheduler, key):
-                continue
-            before = saved_sched.get(key)
-            if before is not None and before != value:
-                setattr(scheduler, key, value)
-                changes.append(f"scheduler.{key} {before} -> {value}")
-    if changes and is_main():
-        lr_changed = scheduler is not None and any(c.startswith("optimizer.lr") for c in changes)
-        lr = f" (lr now {group0['lr']:.4g})" if lr_changed else ""
-        print(f"resume: applied config changes to the restored state: {', '.join(changes)}{lr}")
-    return {c.split(" ", 1)[0] for c in changes}
 
 
 def check_optimizer_state(optimizer, source: str) -> None:
@@ -1043,69 +993,84 @@ def check_fits_data(step_in_epoch: int, history: list, data: Any, source: str) -
 _SCHEDULE_PROGRESS = set(
     "last_epoch _step_count _last_lr _get_lr_called_within_step _is_initial base_lrs verbose".split()
 )
-
-
-def check_schedule_length(
-    state: dict, fresh: dict | None, cfg: DictConfig, source: str, ignore: set[str] = frozenset()
-) -> None:
-    """Refuse changing scheduler.interval, or trainer.epochs when the schedule derives from it
-    (cosine's T_max), unless given explicitly on resume (`ignore`)."""
-    saved, config = state.get("scheduler_state_dict"), state.get("config") or {}
-    if fresh is None or not isinstance(saved, dict):
-        return
-    was = (config.get("scheduler") or {}).get("interval") or "epoch"
-    now = str((cfg.get("scheduler") or {}).get("interval", "epoch"))
-    if isinstance(was, str) and was != now:
-        raise UserError(
-            f"{source}: scheduler.interval changed {was} -> {now}: the saved schedule counts {was}s; keep"
-            f" scheduler.interval={was} for an exact resume, or {NEW_SCHEDULE}"
-        )
-    before = (config.get("trainer") or {}).get("epochs")
-    if before in (None, cfg.trainer.epochs):
-        return
-    derived = {
-        k: (saved[k], v)
-        for k, v in fresh.items()
-        if k not in _SCHEDULE_PROGRESS and k in saved and saved[k] != v and f"scheduler.{k}" not in ignore
-    }
-    if derived:
-        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in derived.items())
-        raise UserError(
-            f"{source}: trainer.epochs changed {before} -> {cfg.trainer.epochs} and the schedule depends on it"
-            f" ({shown}); keep trainer.epochs={before} for an exact resume, or {NEW_SCHEDULE}"
-        )
-
-
 # Keys that change what is printed, logged or where, not the weights: no warning on resume.
-_IGNORED_CHANGES = set(
-    "resume resume_mode trainer.epochs trainer.device debug run_name trainer.max_time checkpoint.root weights"
-    " strict weights_key trainer.model_summary trainer.print_every_s trainer.log_every_n_steps".split()
+_UNTRAINED = re.compile(
+    r"resume|resume_mode|run_name|debug|weights|strict|weights_key|checkpoint\.root|logger\..*|.*T_max"
+    r"|trainer\.(epochs|device|max_time|model_summary|print_every_s|log_every_n_steps)"
 )
-
-
-def warn_config_changes(saved: dict, cfg: DictConfig, ignore: set[str] = frozenset()) -> None:
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    before = _flatten(saved)
-    changed = sorted(
-        k
-        for k in now.keys() | before.keys()
-        if now.get(k) != before.get(k)
-        and k not in _IGNORED_CHANGES | ignore
-        and not k.endswith("T_max")
-        and not k.startswith("logger.")  # trackers: what is recorded
-    )
-    if changed:
-        warnings.warn(
-            f"resuming with a config that differs from the checkpoint's in {changed[:8]}: the result will not"
-            f" match an uninterrupted run",
-            stacklevel=3,
-        )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def apply_config_changes(
+    state: dict, optimizer, scheduler, fresh_schedule: dict | None, cfg: DictConfig, source: str
+) -> None:
+    """Compare the saved config with this one, key by key: the new optimizer/scheduler settings
+    win over the file's (a new lr rescales the scheduled lr and base_lrs); a changed schedule
+    length (scheduler.interval, or trainer.epochs where the schedule derives from it, e.g.
+    cosine's T_max) is refused unless set explicitly; any other change that trains differently warns."""
+    group0, saved, schedule = optimizer.param_groups[0], state.get("config"), state.get("scheduler_state_dict")
+    if saved is None:  # a tutorial file: the config's settings against its optimizer's own
+        own = {k: list(v) if isinstance(v, tuple) else v for k, v in group0.items() if k != "params"}
+        saved = {"optimizer": {**own, "lr": group0.get("initial_lr", group0["lr"])}}
+    before = _flatten(saved)
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    changes = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys() if before.get(k) != now.get(k)}
+    applied = []
+    for key, (was, value) in sorted(changes.items()):
+        section, _, name = key.partition(".")
+        if None in (was, value) or name.startswith("_"):
+            continue
+        if section == "optimizer" and name in group0:
+            for group in optimizer.param_groups:
+                if name != "lr":
+                    group[name] = value
+                    continue
+                base = group.get("initial_lr", group["lr"])
+                group["lr"] = group["lr"] * value / base if base else value  # the schedule's phase kept
+                if "initial_lr" in group:
+                    group["initial_lr"] = value
+            if name == "lr" and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [value for _ in optimizer.param_groups]
+        elif section == "scheduler" and name != "T_max" and hasattr(scheduler, name) and schedule is not None:
+            setattr(scheduler, name, value)  # T_max follows trainer.epochs: checked below
+        else:
+            continue
+        applied.append(key)
+    if applied and is_main():
+        shown = ", ".join(f"{k} {changes[k][0]} -> {changes[k][1]}" for k in applied)
+        lr = f" (lr now {group0['lr']:.4g})" if scheduler is not None and "optimizer.lr" in applied else ""
+        print(f"resume: applied config changes to the restored state: {shown}{lr}")
+    if fresh_schedule is not None and isinstance(schedule, dict):
+        was, value = (v or "epoch" for v in changes.get("scheduler.interval", ("epoch", "epoch")))
+        if was != value:
+            raise UserError(
+                f"{source}: scheduler.interval changed {was} -> {value}: the saved schedule counts {was}s; keep"
+                f" scheduler.interval={was} for an exact resume, or {NEW_SCHEDULE}"
+            )
+        was, value = changes.get("trainer.epochs", (None, None))
+        if was is not None:
+            derived = [
+                f"{k} {schedule[k]} -> {v}"
+                for k, v in fresh_schedule.items()
+                if k not in _SCHEDULE_PROGRESS
+                and k in schedule
+                and schedule[k] != v
+                and f"scheduler.{k}" not in applied
+            ]
+            if derived:
+                raise UserError(
+                    f"{source}: trainer.epochs changed {was} -> {value} and the schedule depends on it"
+                    f" ({', '.join(derived)}); keep trainer.epochs={was} for an exact resume, or {NEW_SCHEDULE}"
+                )
+    changed = sorted(k for k in changes if k not in applied and not _UNTRAINED.fullmatch(k))
+    if changed and "format_version" in state:  # a tutorial file has no config to compare
+        warnings.warn(
+            f"resuming with a config that differs from the checkpoint's in {changed[:8]}: the result will not"
+            f" match an uninterrupted run",
+            stacklevel=3,
+        )
