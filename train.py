@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import engine.sweeps  # noqa: F401 - registers ${sweep_folder:}, train.yaml's hydra.sweep.dir resolver
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
-from engine.batches import Batches, pin_memory_for
+from engine.batches import Batches
 from engine.checkpoint import build_checkpoint, check_finite, load_checkpoint, load_state_dict_file, restore_checkpoint
 from engine.cli import run_main, validate_train
 from engine.config import build, check_monitor, paths_from_start_dir
@@ -74,7 +74,7 @@ def fit(cfg: DictConfig) -> dict:
     optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     classification = data.task == "classification"
-    loader_args = dict(num_workers=data.num_workers, pin_memory=pin_memory_for(data, device))
+    loader_args = dict(num_workers=data.num_workers, pin_memory=getattr(data, "pin_memory", False))
     overfit = cfg.trainer.overfit_batches  # debug: train and validate on the same N batches
     train_split = data.split("train") if overfit else augmented_train_split(data, cfg.seed)
     train_batches = Batches(

@@ -13,7 +13,6 @@ import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,8 +33,13 @@ class TensorSplit:
 
 Split = TensorSplit | Dataset
 ORDER_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) -> generator seed collision-free in practice
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, preempt_signal()) if s is not None)
 MASKABLE = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no process groups anyway
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The graceful stop's signals (engine.training.StopSignal), which DataLoader workers leave to
+    the main process; each once (a handler installed twice would be its own previous one)."""
+    return tuple(dict.fromkeys(s for s in (signal.SIGINT, signal.SIGTERM, preempt_signal()) if s is not None))
 
 
 def batches_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
@@ -76,13 +80,14 @@ class Batches:
         shuffle: bool = False,
         seed: int = 0,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = False,
         rank: int = 0,
         world_size: int = 1,
         limit: int | float | None = None,
     ) -> None:
         self.split, self.batch_size, self.device, self.shuffle, self.seed = split, batch_size, device, shuffle, seed
-        self.num_workers, self.pin_memory, self.rank, self.world_size = num_workers, pin_memory, rank, world_size
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.pin_memory = device.type == "cuda" if pin_memory == "auto" else bool(pin_memory)  # data.pin_memory
         self.n = len(split)
         self.per_rank = -(-self.n // world_size)  # ceil: short ranks repeat a few samples
         self.count = batches_per_epoch(self.n, batch_size, world_size)
@@ -96,14 +101,7 @@ class Batches:
 
     def batch_sizes(self) -> torch.Tensor:
         """Samples in each batch of an epoch (only the last one of a whole epoch is short)."""
-        full = -(-self.per_rank // self.batch_size)
-        sizes = torch.full((full,), self.batch_size)
-        sizes[-1] = self.per_rank - self.batch_size * (full - 1)
-        return sizes[: self.count]
-
-    def samples(self) -> int:
-        """Samples in one epoch of these batches (all of the split unless limited)."""
-        return int(self.batch_sizes().sum()) if self.count else 0
+        return (self.per_rank - torch.arange(self.count) * self.batch_size).clamp(max=self.batch_size)
 
     def check_start(self, start: int) -> None:
         """A resumed epoch's position must lie inside this (possibly limited) epoch."""
@@ -114,13 +112,6 @@ class Batches:
                 "was saved with"
             )
 
-    def indices(self, epoch: int) -> torch.Tensor:
-        order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
-        if self.world_size > 1:  # as DistributedSampler: pad by wrapping, then stride
-            order = torch.cat([order, order[: self.per_rank * self.world_size - self.n]])
-            order = order[self.rank :: self.world_size]
-        return order
-
     def __call__(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch` from batch number `start` (none when `start` is past the last
         batch: a resume from a checkpoint saved on the epoch's last step)."""
@@ -128,7 +119,11 @@ class Batches:
             return iter(())
         if hasattr(self.split, "set_epoch"):  # data/augment.py seeds by epoch
             self.split.set_epoch(epoch)
-        order = self.indices(epoch)[start * self.batch_size : self.count * self.batch_size]
+        order = epoch_order(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+        if self.world_size > 1:  # as DistributedSampler: pad by wrapping, then stride
+            order = torch.cat([order, order[: self.per_rank * self.world_size - self.n]])
+            order = order[self.rank :: self.world_size]
+        order = order[start * self.batch_size : self.count * self.batch_size]
         if isinstance(self.split, TensorSplit):
             return ((self.x[idx], self.y[idx]) for idx in order.to(self.x.device).split(self.batch_size))
         return self._loader_batches(order)
@@ -145,13 +140,12 @@ class Batches:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_init_worker if self.num_workers else None,
+            worker_init_fn=_init_worker,
         )
         # Workers fork with SIGTERM/SIGINT blocked, so a `kill -TERM -PGID` or a Ctrl-C (to the
         # whole process group) never kills one before _init_worker ignores them; the main
         # process, which saves and exits, gets them.
-        blocking = self.num_workers and MASKABLE
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if blocking else None
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals()) if self.num_workers and MASKABLE else None
         try:
             batches = iter(loader)
         finally:
@@ -166,18 +160,12 @@ def _init_worker(_worker_id: int) -> None:
     """A DataLoader worker leaves the stop to the main process (a scheduler's SIGTERM to the
     process group must not crash the run before it saves) and dies with it (prctl, even on a
     SIGKILL or the OOM killer). Its copy of the run-folder lock is dropped at fork (run_dir)."""
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
     if MASKABLE:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the call: follow it now
             os._exit(1)
-
-
-def pin_memory_for(data: Any, device: torch.device) -> bool:
-    """data.pin_memory: true, false, or auto (pinned host memory when training on CUDA)."""
-    pin = getattr(data, "pin_memory", False)
-    return device.type == "cuda" if pin == "auto" else bool(pin)

@@ -57,7 +57,7 @@ def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     numpy = dict(zip(NUMPY_STATE, np.random.get_state(), strict=True))
     numpy["keys"] = torch.from_numpy(numpy["keys"].astype(np.int64))
-    python = {"version": version, "state": torch.from_numpy(np.array(mt, dtype=np.int64)), "gauss": gauss}
+    python = {"version": version, "state": torch.tensor(mt), "gauss": gauss}  # int64: every value fits
     state = {"python": python, "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()

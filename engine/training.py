@@ -3,6 +3,7 @@ fast_dev_run, the graceful stop (signals, max_time), the model summary. Value ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -12,10 +13,11 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.optim import Optimizer
@@ -23,10 +25,10 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine import distributed as ddp
-from engine.batches import Split, TensorSplit
+from engine.batches import Split, TensorSplit, stop_signals
 from engine.checkpoint import load_model_state
 from engine.config import build
-from engine.errors import EXIT_ABORTED, UserError, first_line, preempt_signal
+from engine.errors import EXIT_ABORTED, UserError, first_line
 
 # ------------------------------------------------------------------ schedules, accumulation
 # With scheduler.interval=step these keys are scaled by optimizer steps per epoch: schedule
@@ -137,7 +139,7 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("monitor") == self.monitor:
-            self.best, self.wait = state.get("best"), int(state.get("wait", 0))
+            self.best, self.wait = state.get("best"), state["wait"]  # checkpoint.py checked the kinds
         elif ddp.is_main():  # another metric: its counter does not apply
             print(f"resume: early stopping now monitors {self.monitor}, not {state.get('monitor')}; its count restarts")
 
@@ -168,15 +170,14 @@ received: set[signal.Signals] = set()
 
 
 class StopSignal:
-    """SIGTERM, SIGINT or the preemption notice (errors.preempt_signal) sets `reason`: the loop
+    """SIGTERM, SIGINT or the preemption notice (batches.stop_signals) sets `reason`: the loop
     finishes the step, saves and exits with EXIT_INTERRUPTED; a second SIGINT aborts at once.
     `max_time`: seconds of wall clock."""
 
     def __init__(self, max_time: float | None = None) -> None:
         self.reason: str | None = None
         self.deadline = time.monotonic() + max_time if max_time else None
-        signals = dict.fromkeys(sig for sig in (signal.SIGINT, signal.SIGTERM, preempt_signal()) if sig is not None)
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in stop_signals()}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.reason is not None and signum == signal.SIGINT:
@@ -200,6 +201,7 @@ class StopSignal:
 
 # ---------------------------------------------------------------------- model summary
 MAX_ROWS = 30  # big models (VGG16: ~40 leaf calls): the first and last MAX_ROWS // 2
+Row = tuple[str, str, str, str]  # a leaf call: name, type, output shape, params
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -223,35 +225,58 @@ def _shape(output: Any) -> str:
     return type(output).__name__
 
 
-def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, str, str, str]]:
-    """(name, type, output shape, params) per leaf call in order, by forward hooks (no torchinfo):
-    "(reused)" for a module called again, shape "-" for one never called. Eval, no grad, forked
-    RNG, train flags put back: a run with the summary is bitwise one without."""
-    leaves = {name: m for name, m in model.named_modules() if not any(m.children())}
-    rows: list[tuple[str, str, str, str]] = []
+def _lazy(model: nn.Module) -> bool:
+    """A lazy model is sized by its first batch: nothing to check or show before."""
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
-    def hook(name: str, module: nn.Module, _args: Any, output: Any) -> None:
-        reused = any(row[0] == name for row in rows)
-        params = "(reused)" if reused else f"{parameter_counts(module)[0]:,}"
+
+@contextlib.contextmanager
+def _probe(model: nn.Module, device: torch.device) -> Iterator[tuple[list[Row], list[tuple[str, nn.Module, Any]]]]:
+    """Forwards of `model` inside record, by forward hooks (no torchinfo), a row per leaf call
+    ("(reused)" params for a module called again) and the leaf calls under way (where a failing
+    forward failed). Eval, no grad, forked RNG, train flags put back: the fit check and the
+    summary leave a run bitwise as it would be without them."""
+    rows: list[Row] = []
+    entered: list[tuple[str, nn.Module, Any]] = []
+
+    def began(name: str, module: nn.Module, args: Any) -> None:
+        entered.append((name, module, args))
+
+    def ended(name: str, module: nn.Module, _args: Any, output: Any) -> None:
+        entered.pop()
+        params = "(reused)" if any(row[0] == name for row in rows) else f"{parameter_counts(module)[0]:,}"
         rows.append((name, type(module).__name__, _shape(output), params))
 
-    handles = [m.register_forward_hook(functools.partial(hook, name)) for name, m in leaves.items()]
+    handles = [m.register_forward_pre_hook(functools.partial(began, n)) for n, m in _leaves(model)]
+    handles += [m.register_forward_hook(functools.partial(ended, n)) for n, m in _leaves(model)]
     modes = {m: m.training for m in model.modules()}
     try:
-        with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []), torch.no_grad():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             model.eval()
-            model(inputs)
+            yield rows, entered
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():  # each module's own flag (frozen BN stays)
             module.training = training
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if not any(m.children())]
+
+
+def layer_rows(model: nn.Module, inputs: torch.Tensor) -> list[Row]:
+    """The summary's table: a row per leaf call of `model(inputs)` in order, then one with
+    shape "-" per leaf never called."""
+    with _probe(model, inputs.device) as (rows, _):
+        model(inputs)
     called = {row[0] for row in rows}
-    never = [(name, m) for name, m in leaves.items() if name not in called]
-    return rows + [(name, type(m).__name__, "-", f"{parameter_counts(m)[0]:,}") for name, m in never]
+    return rows + [
+        (n, type(m).__name__, "-", f"{parameter_counts(m)[0]:,}") for n, m in _leaves(model) if n not in called
+    ]
 
 
-def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+def _table(rows: list[Row]) -> list[str]:
     if len(rows) > MAX_ROWS:
         half = MAX_ROWS // 2
         rows = rows[:half] + [("...", f"({len(rows) - 2 * half} more layers)", "", "")] + rows[-half:]
@@ -274,72 +299,48 @@ def sample_batch(split: Split, device: torch.device) -> tuple[torch.Tensor, torc
 def check_fits(model: nn.Module, loss_fn: Any, split: Split, device: torch.device, cfg: DictConfig) -> None:
     """A model that does not fit the data (or a loss that does not fit the model) stops here, before
     the run folder is touched: one line with the layer, the input shape it got and the key to change."""
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        return  # a lazy model is sized by its first batch
+    if _lazy(model):
+        return
     x, y = sample_batch(split, device)
-    entered: list[tuple[str, nn.Module, Any]] = []  # leaves whose forward began and has not ended
-    leaves = [(n, m) for n, m in model.named_modules() if not any(m.children())]
-
-    def began(name: str, module: nn.Module, args: Any) -> None:
-        entered.append((name, module, args))
-
-    def ended(*_: Any) -> None:
-        entered.pop()
-
-    handles = [m.register_forward_pre_hook(functools.partial(began, n)) for n, m in leaves]
-    handles += [m.register_forward_hook(ended) for _, m in leaves]
-    modes = {m: m.training for m in model.modules()}
     what = f"model={_choice(cfg, 'model')} does not fit data={_choice(cfg, 'data')}"
     keys = "data.image_size, data.in_channels" if x.dim() == 4 else "data.features"
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            model.eval()
-            try:
-                output = model(x)
-            except Exception as err:
-                where = "its forward"
-                if entered:
-                    name, module, args = entered[-1]
-                    shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
-                    where = f"layer {name} ({type(module).__name__}) got input of shape {shapes[0] if shapes else '?'}"
-                raise UserError(
-                    f"{what}: {where} ({first_line(err, 120)}); the data gives inputs of shape {list(x.shape)}: "
-                    f"change {keys} or the model"
-                ) from None
-            try:
-                with warnings.catch_warnings():  # MSELoss warns of broadcasting, then fails
-                    warnings.simplefilter("ignore")
-                    loss_fn(output, y)
-            except Exception as err:
-                raise UserError(
-                    f"loss {type(loss_fn).__name__} does not fit the model's output {list(output.shape)} and targets "
-                    f"{list(y.shape)} ({first_line(err, 120)}); class labels: loss=cross_entropy (log_softmax "
-                    f"outputs: loss=nll), numbers: loss=mse or l1"
-                ) from None
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    with _probe(model, device) as (_, entered):
+        try:
+            output = model(x)
+        except Exception as err:
+            where = "its forward"
+            if entered:
+                name, module, args = entered[-1]
+                shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                where = f"layer {name} ({type(module).__name__}) got input of shape {shapes[0] if shapes else '?'}"
+            raise UserError(
+                f"{what}: {where} ({first_line(err, 120)}); the data gives inputs of shape {list(x.shape)}: "
+                f"change {keys} or the model"
+            ) from None
+        try:
+            with warnings.catch_warnings():  # MSELoss warns of broadcasting, then fails
+                warnings.simplefilter("ignore")
+                loss_fn(output, y)
+        except Exception as err:
+            raise UserError(
+                f"loss {type(loss_fn).__name__} does not fit the model's output {list(output.shape)} and targets "
+                f"{list(y.shape)} ({first_line(err, 120)}); class labels: loss=cross_entropy (log_softmax "
+                f"outputs: loss=nll), numbers: loss=mse or l1"
+            ) from None
 
 
 def _choice(cfg: DictConfig, group: str) -> str:
-    """What the command line picked for `group` (its _target_ when Hydra's choices are unknown)."""
-    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) or {}
-    if group in choices:
-        return str(choices[group])
+    """What the command line picked for `group` (its _target_ when composed without Hydra's runtime)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return str(HydraConfig.get().runtime.choices[group])
-    except Exception:  # composed without Hydra's runtime (tests, the compose API)
+    except Exception:  # tests, the compose API
         return str(OmegaConf.select(cfg, f"{group}._target_", default="?"))
 
 
 def model_summary(model: nn.Module, split: Split, device: torch.device) -> str:
     """What train.py prints at the start (`trainer.model_summary`): parameter counts, size, and
     the layer table for the first two samples of `split`."""
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+    if _lazy(model):
         why = "lazy (uninitialised) parameters; no summary before the first batch"
         return f"model {type(model).__name__}: {why} (trainer.model_summary=false hides this line)"
     total, trainable = parameter_counts(model)
