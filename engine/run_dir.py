@@ -10,18 +10,19 @@ import atexit
 import contextlib
 import copy
 import csv
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
-import threading
 import time
 import warnings
 import weakref
 import zipfile
-from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -133,9 +134,10 @@ if hasattr(os, "register_at_fork"):
 
 
 # ------------------------------------------------------------------------- writing files
-def _replace(path: Path, write: Callable[[IO], object], binary: bool, durable: bool) -> None:
-    """`write(handle)` into a temporary file renamed over `path`. On failure the temporary goes
-    and the OSError is raised (torch's zip writer wraps it in a RuntimeError)."""
+def _replace(path: Path, write: Callable[[IO], object], binary: bool = True, durable: bool = True) -> None:
+    """`write(handle)` into a temporary file renamed over `path`; durable: fsynced, and its folder.
+    On failure the temporary goes and the OSError is raised (torch's zip writer wraps it in a
+    RuntimeError)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", newline="") as handle:
@@ -195,7 +197,7 @@ def is_eval_json(path: Path) -> bool:
     """evaluate.py's metrics JSON: an object with `samples` and `source` keys."""
     try:
         data = json.loads(path.read_bytes()) if path.stat().st_size < 1 << 20 else None
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError too
         return False
     return isinstance(data, dict) and {"samples", "source"} <= data.keys()
 
@@ -204,11 +206,7 @@ def is_predictions_csv(path: Path) -> bool:
     """predict.py's CSV: the header ends with `prediction` (or `prediction_N`) or `class,probability`."""
     with open(path, "rb") as handle:
         header = handle.readline(1 << 16).rstrip(b"\r\n").split(b",")
-    return (
-        header[-1] == b"prediction"
-        or header[-1].startswith(b"prediction_")
-        or header[-2:] == [b"class", b"probability"]
-    )
+    return bool(re.fullmatch(rb"prediction(_.*)?", header[-1])) or header[-2:] == [b"class", b"probability"]
 
 
 def is_png(path: Path) -> bool:
@@ -235,37 +233,10 @@ class CheckpointWriteError(UserError):
     """The disk refused a write; the previous checkpoints are intact."""
 
 
-class EarlyWriteback:
-    """torch.save's file, starting writeback every 32 MiB (fadvise) so the disk does not idle
-    while torch.save pickles (README, benchmark 3). The fsync still makes it durable."""
-
-    CHUNK = 32 << 20
-
-    def __init__(self, out: IO) -> None:
-        self.out, self.written, self.started = out, 0, 0
-        self.advise = getattr(os, "posix_fadvise", None)
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), self.CHUNK):  # a 400 MiB record goes in chunks
-            self.written += self.out.write(view[start : start + self.CHUNK])
-            if self.advise is not None and self.written - self.started >= self.CHUNK:
-                self.out.flush()
-                try:
-                    self.advise(self.out.fileno(), self.started, self.written - self.started, os.POSIX_FADV_DONTNEED)
-                except OSError:  # only a hint; some file systems refuse it
-                    self.advise = None
-                self.started = self.written
-        return len(view)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.out, name)
-
-
 def atomic_save(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file, fsync, rename over `path`, fsync the folder."""
     try:
-        _replace(path, lambda raw: torch.save(state, EarlyWriteback(raw)), True, durable=True)
+        _replace(path, lambda out: torch.save(state, out))
     except OSError as err:
         why = f"checkpoint write failed ({err.strerror or err}); the previous checkpoints in {path.parent} are intact"
         raise CheckpointWriteError(f"{path}: {why}") from None
@@ -301,13 +272,15 @@ def verify(path: Path) -> None:
 
 class Snapshot:
     """CPU copies of a state's tensors in buffers reused between saves (allocating costs more than
-    copying), storage by storage: views and tied weights share one, as in a synchronous save."""
+    copying), storage by storage: views and tied weights share one, as in a synchronous save. The
+    containers are copied by pickle, as torch.save writes them."""
 
     def __init__(self) -> None:
         self.buffers: list[torch.UntypedStorage] = []
 
     def take(self, state: Any) -> Any:
         copies: dict[tuple[str, int], torch.UntypedStorage] = {}
+        tensors: list[torch.Tensor] = []
 
         def storage_copy(source: torch.UntypedStorage) -> torch.UntypedStorage:
             # tensors sharing a storage share its copy; empty storages are never shared
@@ -321,27 +294,26 @@ class Snapshot:
                 copies[key] = buffer
             return copies[key]
 
-        def walk(obj: Any) -> Any:
+        def tensor_copy(obj: Any) -> int | None:  # pickle's persistent id: the copy's index
+            if not isinstance(obj, torch.Tensor):
+                return None
             if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_quantized:
-                storage = storage_copy(obj.untyped_storage())
-                out = torch.empty(0, dtype=obj.dtype).set_(storage, obj.storage_offset(), obj.size(), obj.stride())
-                return out.requires_grad_(obj.requires_grad)
-            if isinstance(obj, torch.Tensor):  # rare kinds (subclasses, sparse): a plain deep copy
-                return copy.deepcopy(obj.detach()).cpu()
-            if isinstance(obj, dict):
-                out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
-                out.update((key, walk(value)) for key, value in obj.items())
-                if getattr(obj, "__dict__", None) and hasattr(out, "__dict__"):  # `_metadata`
-                    out.__dict__.update(copy.deepcopy(obj.__dict__))
-                return out
-            if isinstance(obj, list):
-                return [walk(v) for v in obj]
-            if isinstance(obj, tuple):
-                items = [walk(v) for v in obj]
-                return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-            return copy.deepcopy(obj)
+                out = torch.empty(0, dtype=obj.dtype).set_(
+                    storage_copy(obj.untyped_storage()), obj.storage_offset(), obj.size(), obj.stride()
+                )
+                tensors.append(out.requires_grad_(obj.requires_grad))
+            else:  # rare kinds (subclasses, sparse): a plain deep copy
+                tensors.append(copy.deepcopy(obj.detach()).cpu())
+            return len(tensors) - 1
 
-        result = walk(state)
+        containers = io.BytesIO()
+        pickler = pickle.Pickler(containers, pickle.HIGHEST_PROTOCOL)
+        pickler.persistent_id = tensor_copy
+        pickler.dump(state)
+        containers.seek(0)
+        unpickler = pickle.Unpickler(containers)
+        unpickler.persistent_load = tensors.__getitem__
+        result = unpickler.load()
         if torch.cuda.is_initialized():  # the non-blocking copies have landed
             torch.cuda.synchronize()
         self.buffers = list(copies.values())
@@ -368,7 +340,7 @@ class CheckpointSaver:
     at a time; its error raises at the next save(), wait() or close(), or prints at exit."""
 
     def __init__(self, run_dir: Path, keep_last: int, saved: list[str] | None = None, background: bool = False) -> None:
-        self.run_dir, self.keep_last, self.background = run_dir, keep_last, background
+        self.run_dir, self.keep_last = run_dir, keep_last
         self.saved = [name for name in saved or [] if _retainable(run_dir, name)]
         if ignored := [name for name in saved or [] if name not in self.saved]:
             print(
@@ -377,9 +349,10 @@ class CheckpointSaver:
                 file=sys.stderr,
             )
         self.last_seconds = 0.0  # the latest save's duration, for trainer.max_time
+        # the writer thread is joined at exit before atexit runs: the process never exits mid-write
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if background else None
+        self._pending: Future | None = None
         self._snapshot = Snapshot()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._best: dict[str, Any] | None = None  # best state not written yet (save_best_only)
         _LIVE.add(self)
 
@@ -407,13 +380,10 @@ class CheckpointSaver:
             if then is not None:
                 then()
 
-        if not self.background:
+        if self._writer is None:
             write(state)
-            return path
-        args = (write, self._snapshot.take(state))
-        # not a daemon: the process never exits with a write half done
-        self._thread = threading.Thread(target=self._in_background, args=args, name="checkpoint-writer", daemon=False)
-        self._thread.start()
+        else:
+            self._pending = self._writer.submit(write, self._snapshot.take(state))
         return path
 
     def save_best_only(self, state: dict[str, Any]) -> None:
@@ -426,29 +396,25 @@ class CheckpointSaver:
 
     def wait(self) -> None:
         """Block until the background write is durable; raise its error."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
+        if self._pending is None:
+            return
+        error = self._pending.exception()  # Ctrl-C while waiting leaves it pending
+        self._pending = None
         if isinstance(error, CheckpointWriteError):
             raise CheckpointWriteError(f"{error} (background write, checkpoint.async=true)")
         if error is not None:
             raise error
 
     def close(self) -> None:
-        """Wait for the last write; free the buffers and the lock (for a later train())."""
+        """Wait for the last write; free the writer, the buffers and the lock (for a later train())."""
         try:
             self.wait()
         finally:
+            if self._writer is not None:
+                self._writer.shutdown()
             self._snapshot = Snapshot()
             _LIVE.discard(self)
             unlock_file(self.run_dir / LOCK_NAME)
-
-    def _in_background(self, write: Callable, state: dict[str, Any]) -> None:
-        try:
-            write(state)
-        except BaseException as err:
-            self._error = err  # raised in the main thread by wait()
 
 
 _LIVE: weakref.WeakSet[CheckpointSaver] = weakref.WeakSet()  # savers with a write maybe in flight
@@ -467,8 +433,6 @@ def _report_unseen_errors() -> None:
 def find_latest(run_dir: Path, load: Loader, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
     """The newest checkpoint of `run_dir` that `load` accepts; newer ones it refuses are set
     aside. Only names train.py writes, each inode once under its periodic name."""
-    if not run_dir.is_dir():
-        return None
     groups: dict[int, list[Path]] = {}
     for path in sorted(run_dir.glob("*.pt"), key=lambda p: (not PERIODIC.match(p.name), p.name)):
         if path.is_file() and (PERIODIC.match(path.name) or path.name in LINKS):
@@ -519,15 +483,16 @@ def _set_aside(paths: list[Path], why: str) -> None:
 def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None]:
     """The run folder (locked), its saver and the checkpoint to resume from. Rank 0 decides;
     the other ranks read the file it names."""
-    opened: list[Any] = []
+    opened: list[Any] = []  # rank 0's saver and checkpoint
 
-    def on_rank0() -> tuple[Path, str | None]:
-        opened.extend(_open(cfg, device, load))
-        return opened[0], opened[3]
+    def on_rank0() -> tuple[Path, Path | None]:
+        run_dir, saver, resumed, source = _open(cfg, device, load)
+        opened.extend((saver, resumed))
+        return run_dir, source
 
     run_dir, source = ddp.on_main(on_rank0)
     if opened:
-        saver, resumed = opened[1], opened[2]
+        saver, resumed = opened
     else:
         try:
             resumed = with_history(load(source, device), source) if source else None
@@ -535,13 +500,12 @@ def open_run(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path,
             hint = "with several nodes, checkpoint.root must be on a file system every node shares"
             raise UserError(f"rank {ddp.rank()}: {err} ({hint})") from None
         saver = CheckpointSaver(run_dir, cfg.checkpoint.keep_last)
-    if resumed and str(cfg.resume) != "auto" and Path(str(cfg.resume)).resolve().parent != run_dir.resolve():
-        # another folder's run keeps its best value (exact resume); accept_run brings its file
-        resumed["best_from"] = str(cfg.resume)
     return run_dir, saver, resumed
 
 
-def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, CheckpointSaver, dict | None, str | None]:
+def _open(
+    cfg: DictConfig, device: torch.device, load: Loader
+) -> tuple[Path, CheckpointSaver, dict | None, Path | None]:
     run_dir = run_dir_of(cfg)
     resume = None if cfg.resume is None else str(cfg.resume)
     # resume_mode=weights: a new schedule from a checkpoint's weights, so a new folder
@@ -562,7 +526,7 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, Ch
             listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
             how = "continue it with resume=auto or start another with run_name=NEW_NAME"
             raise UserError(f"{run_dir} already has checkpoints ({listed}); {how}")
-        source = resumed = None
+        source = state = None
         if resume == "auto":
             for tmp in run_dir.glob(".*.tmp"):  # half-written by a process that died mid-save
                 tmp.unlink(missing_ok=True)
@@ -572,13 +536,13 @@ def _open(cfg: DictConfig, device: torch.device, load: Loader) -> tuple[Path, Ch
             )
             if found:
                 _mend_links(run_dir, *found)
-                source, resumed = str(found[0]), with_history(found[1], str(found[0]))
+                source, state = found
         elif resume is not None:
-            path = Path(resume)
-            source, resumed = str(path), with_history(load(path, device), str(path))
-            if existing and path.resolve().parent != run_dir.resolve():
-                how = f"set run_name=NEW_NAME to continue {path} there"
-                raise UserError(f"resume={path}: {run_dir} already has checkpoints of another run; {how}")
+            source, state = Path(resume), load(Path(resume), device)
+            if existing and source.resolve().parent != run_dir.resolve():
+                how = f"set run_name=NEW_NAME to continue {source} there"
+                raise UserError(f"resume={source}: {run_dir} already has checkpoints of another run; {how}")
+        resumed = None if source is None else with_history(state, source)
         run_dir.mkdir(parents=True, exist_ok=True)
         _lock_run(run_dir)  # a new folder is locked once it exists (no-op if held)
     except BaseException:  # refused: an in-process caller may go on, a later run must not wait
@@ -606,23 +570,24 @@ def _mend_links(run_dir: Path, path: Path, state: dict) -> None:
 def accept_run(run_dir: Path, cfg: DictConfig, resumed: dict | None, trains: bool = True) -> None:
     """The checkpoint is restored: only now does the folder change. A complete run (`trains`
     false) keeps its config.yaml, the values that ran."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    text, source = OmegaConf.to_yaml(cfg, resolve=True), Path(str(cfg.resume))
 
     def on_rank0() -> None:
         if trains or not (run_dir / "config.yaml").exists():
             write_atomic(run_dir / "config.yaml", lambda out: out.write(text))
-        _bring_best_along(run_dir, resumed or {})
+        if resumed and str(cfg.resume) != "auto" and source.resolve().parent != run_dir.resolve():
+            _bring_best_along(run_dir, source, resumed)  # another folder's run keeps its best epoch
 
     ddp.on_main(on_rank0)
 
 
-def _bring_best_along(run_dir: Path, resumed: dict) -> None:
+def _bring_best_along(run_dir: Path, source: Path, resumed: dict) -> None:
     """The inherited best epoch's file (the resumed one, or epoch_N.pt beside it) becomes
     best.pt; if it is gone, the run's end uses last.pt instead (engine/metrics.py)."""
-    source, best_epoch = resumed.get("best_from"), (resumed.get("best") or {}).get("epoch")
-    if source is None or not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
+    best_epoch = (resumed.get("best") or {}).get("epoch")
+    if not isinstance(best_epoch, int) or (run_dir / "best.pt").exists():
         return
-    for candidate in (Path(source), Path(source).parent / f"epoch_{best_epoch:04d}.pt"):
+    for candidate in (source, source.parent / f"epoch_{best_epoch:04d}.pt"):
         try:
             head = _head(candidate)
         except Exception:  # missing or unreadable: try the next
@@ -633,7 +598,7 @@ def _bring_best_along(run_dir: Path, resumed: dict) -> None:
             return
 
 
-def with_history(state: dict, source: str) -> dict:
+def with_history(state: dict, source: str | Path) -> dict:
     """A checkpoint's metrics rows, from the metrics.csv beside it (other programs' files and
     ones that carry them are left as they are)."""
     if "history" in state or "format_version" not in state:
