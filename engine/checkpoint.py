@@ -36,8 +36,8 @@ Where it came from:
   saved_files           list   periodic files this run wrote: retention deletes only these
   history               list   older files only: the metrics rows (metrics.csv is the history)
 
-Also read here, checked: export folders (`model.safetensors` + `config.yaml`) and `model.pt2`
-programs. Writing: engine.run_dir (checkpoints), engine.export (exports).
+Also read here, checked: export folders (`model.safetensors` + `config.yaml`). Writing:
+engine.run_dir (checkpoints), engine.export (exports; a `model.pt2` is written, never read).
 """
 
 from __future__ import annotations
@@ -45,11 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
-import json
-import logging
 import math
-import operator
 import platform
 import random
 import re
@@ -506,7 +502,7 @@ def _short(items: list[str], limit: int = 6) -> str:
     return "[" + ", ".join(items[:limit]) + "]" + more
 
 
-# ------------------------------------------------------------ exports: folders, .pt2
+# -------------------------------------------------------------------------- export folders
 def is_export(path: Path) -> bool:
     """An export folder, or the model.safetensors file inside one."""
     if path.is_file() and path.name == WEIGHTS:
@@ -514,26 +510,22 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / WEIGHTS).is_file()
 
 
-def _export_config(config: Any, source: Path, sections: tuple[str, ...]) -> None:
-    """YAML aliases and JSON can be bombs too; then only project/torch.nn targets."""
-    check_size(config, source, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH)
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in sections):
-        raise UserError(f"{source}: expected {' and '.join(map(repr, sections))} sections")
-    check_loaded_targets(config, source)
-
-
 def load_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state_dict) of an export folder. safetensors holds only tensors: no code."""
     from safetensors.torch import load_file  # lazy: safetensors costs start-up time
 
     path = path.parent if path.is_file() else path
-    if not (path / CONFIG).is_file():
+    config_path = path / CONFIG
+    if not config_path.is_file():
         raise UserError(f"{path}: export folder has no {CONFIG}")
     try:
-        config = yaml.safe_load((path / CONFIG).read_text())
+        config = yaml.safe_load(config_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{path / CONFIG}: not valid YAML ({first_line(err)})") from None
-    _export_config(config, path / CONFIG, ("model", "data"))
+        raise UserError(f"{config_path}: not valid YAML ({first_line(err)})") from None
+    check_size(config, config_path, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH)  # a YAML alias bomb
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "data")):
+        raise UserError(f"{config_path}: expected 'model' and 'data' sections")
+    check_loaded_targets(config, config_path)
     try:
         return config, load_file(str(path / WEIGHTS))
     except Exception as err:  # SafetensorError, OSError, ValueError, ... one line for each
@@ -547,126 +539,6 @@ def load_export_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     model = build(saved_sections(config, path / CONFIG).model, "model", path / CONFIG)
     load_model_state(model, state, path / WEIGHTS)
     return model.eval(), config
-
-
-@contextlib.contextmanager
-def quiet_torch():
-    """torch.export logs pages of tracing detail on failure: the one-line message suffices."""
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-# torch.export.load is NOT weights-only: it unpickles some records, may load AOTInductor
-# libraries, and hands shape expressions to sympy (`eval`). Only a plain model's records pass,
-# none pickled, sample inputs weights-only, expressions of a small grammar, torch operators.
-_PT2_RECORDS = re.compile(
-    r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/model\.json|data/sample_inputs/model\.pt|extra/[\w.-]+"
-    r"|data/weights/(weight_\d+|model_weights_config\.json)"
-    r"|data/constants/(tensor_\d+|model_constants_config\.json))"
-)
-_EXPR_TOKEN = re.compile(r"\s+|\d+(\.\d+)?([eE][-+]?\d+)?|'[a-z]+\d*'|[A-Za-z_]\w*|\*\*|[-+*/%(),<>=!&|~]")
-_EXPR_NAMES = set(
-    "Symbol Integer Rational Float positive integer real nonnegative True False oo Max Min "
-    "Abs Eq Ne Lt Le Gt Ge And Or Not FloorDiv ModularIndexing Where PythonMod Mod CleanDiv "
-    "CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural FloatPow FloatTrueDiv "
-    "IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt RoundToInt "
-    "RoundDecimal ToFloat Identity".split()
-)
-
-
-def _safe_expr(text: Any) -> bool:
-    if not isinstance(text, str) or "__" in text:
-        return False
-    words = [m.group(0) for m in _EXPR_TOKEN.finditer(text)]
-    return "".join(words) == text and all(
-        not (w[0].isalpha() or w[0] == "_") or w in _EXPR_NAMES or re.fullmatch(r"[a-z]+\d+", w) for w in words
-    )
-
-
-def _exprs(raw: bytes) -> list[Any]:
-    """Every string of the program JSON that the deserializer hands to sympy."""
-    found: list[Any] = []
-
-    def collect(pairs: list[tuple[str, Any]]) -> dict:
-        for key, value in pairs:
-            if key == "expr_str":
-                found.append(value)
-            elif key == "range_constraints" and isinstance(value, dict):
-                found.extend(value)
-        return dict(pairs)
-
-    json.loads(raw, object_pairs_hook=collect)
-    return found
-
-
-def check_pt2(path: Path) -> None:
-    """Refuse a .pt2 that torch.export.load could run code from (see above)."""
-    verify(path)  # CRC of every record; a damaged zip is one line
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        odd = [n for n in names if not _PT2_RECORDS.fullmatch(n)]
-        if odd or not any(n.endswith("/models/model.json") for n in names):
-            raise UserError(f"{path}: refused .pt2: records other than a plain torch.export program ({odd[:3]})")
-        for name in names:
-            raw = archive.read(name)
-            if name.endswith("_config.json"):
-                for fqn, meta in json.loads(raw).get("config", {}).items():
-                    if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
-                        raise UserError(f"{path}: refused .pt2: {fqn} is stored as a pickle")
-            elif name.endswith("/models/model.json"):
-                unsafe = [e for e in _exprs(raw) if not _safe_expr(e)]
-                if unsafe:
-                    raise UserError(
-                        f"{path}: refused .pt2: shape expression {str(unsafe[0])[:80]!r} is not a plain formula"
-                    )
-            elif name.endswith("/sample_inputs/model.pt"):
-                try:  # torch retries a failed weights-only load with weights_only=False
-                    torch.load(io.BytesIO(raw), weights_only=True)
-                except Exception:
-                    raise UserError(f"{path}: refused .pt2: its sample inputs are not weights-only") from None
-
-
-def load_pt2(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """(module, saved data/loss config) of a model.pt2, checked first: never runs its code."""
-    try:
-        check_pt2(path)
-        extra = {"config.json": ""}
-        with quiet_torch():
-            program = torch.export.load(path, extra_files=extra)
-        config = json.loads(extra["config.json"] or "{}")
-    except UserError:
-        raise
-    except Exception as err:  # damaged JSON, a weights-only refusal, torch's own errors
-        raise UserError(f"{path}: not a readable .pt2 export ({first_line(err)})") from None
-    for node in program.graph.nodes:  # only torch operators (and getitem) may be called
-        target = node.target
-        if node.op == "call_function" and not (
-            isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
-        ):
-            raise UserError(f"{path}: refused .pt2: its graph calls {target!r}, not a torch operator")
-    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
-        raise UserError(f"{path}: .pt2 export has no data config (extra/config.json)")
-    _export_config(config, path, ())
-    return _Exported(program.module()), config
-
-
-class _Exported(nn.Module):
-    """An exported program (traced in eval mode) whose .eval()/.train() do nothing."""
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-    def train(self, mode: bool = True) -> _Exported:
-        return self
 
 
 # ------------------------------------------------------------------- building, restoring

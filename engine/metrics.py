@@ -19,13 +19,13 @@ from engine import distributed as ddp
 from engine.batches import Batches
 from engine.checkpoint import (
     CONFIG,
+    WEIGHTS,
     data_state_of,
     inference_weights,
     is_export,
     load_checkpoint,
     load_export,
     load_model_state,
-    load_pt2,
     load_state_dict_file,
 )
 from engine.config import build, saved_sections
@@ -141,26 +141,17 @@ def loss_figure(rows: list[dict]):
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
     ax.plot(epochs, [r["val_loss"] for r in rows], label="val loss")
-    ax.set(
-        xlabel="epoch",
-        ylabel="loss",
-        title=f"training and validation loss ({len(rows)} epochs)",
-        yscale="log" if min(r["val_loss"] for r in rows) > 0 else "linear",
-    )
+    scale = "log" if min(r["val_loss"] for r in rows) > 0 else "linear"
+    ax.set(xlabel="epoch", ylabel="loss", title=f"training and validation loss ({len(rows)} epochs)", yscale=scale)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def regression_figure(
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    predictions: torch.Tensor,
-    split: str = "test",
-):
-    """One input feature: the workflow tutorial's plot_predictions against x, data drawn above the
-    predictions. More features: predicted against true, on the diagonal a perfect model's line."""
+def regression_figure(train: tuple, test: tuple, predictions: torch.Tensor, split: str = "test"):
+    """train, test: (inputs, targets). One input feature: the workflow tutorial's plot_predictions
+    against x, data drawn above the predictions; more: predicted against true, and the diagonal."""
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     if train[0].dim() == 2 and train[0].shape[1] == 1:
         ax.scatter(train[0][:, -1], train[1][:, 0], s=8, c="tab:blue", label="training data", zorder=2)
@@ -191,42 +182,20 @@ def confusion_figure(matrix: torch.Tensor, names: list[str] | None = None):
     dark = float(matrix.max()) / 2
     for i in range(classes):
         for j in range(classes):
-            ax.text(
-                j,
-                i,
-                int(matrix[i, j]),
-                ha="center",
-                va="center",
-                fontsize=10,
-                color="white" if float(matrix[i, j]) > dark else "black",
-            )
-    total = float(matrix.sum())
-    ax.set(
-        xlabel="predicted class",
-        ylabel="true class",
-        title=f"accuracy {float(matrix.diag().sum()) / total if total else 0:.3f}",
-    )
+            color = "white" if float(matrix[i, j]) > dark else "black"
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=10, color=color)
+    accuracy = float(matrix.diag().sum()) / max(float(matrix.sum()), 1)
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"accuracy {accuracy:.3f}")
     fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------- the end of a run
-def finish_run(
-    cfg: DictConfig,
-    run_dir: Path,
-    model: torch.nn.Module,
-    data: Any,
-    loss_fn: Any,
-    device: torch.device,
-    history: list[dict],
-    ctx: Any = None,
-    only_missing: bool = False,
-) -> dict[str, Any]:
-    """loss_curve.png, test_metrics.json (best.pt on the test split) and export/; again, with
-    only_missing, on `resume=auto` of a complete run: a stop after the last checkpoint (kill,
-    Ctrl-C, full disk) is made good then. Loads best.pt into `model`; returns its metrics.
-    torchrun: rank 0 does it all; the barrier: a rank leaving right after a broadcast
-    sometimes aborted in gloo's teardown."""
+def finish_run(cfg, run_dir, model, data, loss_fn, device, history, ctx=None, only_missing=False) -> dict[str, Any]:
+    """loss_curve.png, test_metrics.json (best.pt on the test split, under the autocast `ctx`) and
+    export/; with only_missing (`resume=auto` of a complete run) only those a kill, Ctrl-C or full
+    disk left unmade. Loads best.pt into `model`; returns its metrics. torchrun: rank 0 does it all;
+    the barrier: a rank leaving right after a broadcast sometimes aborted in gloo's teardown."""
     result = ddp.on_main(_finish, cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missing)
     if ddp.is_distributed():
         torch.distributed.barrier()
@@ -234,7 +203,7 @@ def finish_run(
 
 
 def _finish(cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missing) -> dict:
-    plot, metrics_path, export_dir = (run_dir / "loss_curve.png", run_dir / "test_metrics.json", run_dir / "export")
+    plot, metrics_path, export_dir = run_dir / "loss_curve.png", run_dir / "test_metrics.json", run_dir / "export"
     # A run continued in a new folder from another run's checkpoint has no best.pt of its own
     # until an epoch beats the best it inherited: then its newest checkpoint stands in.
     best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
@@ -248,26 +217,15 @@ def _finish(cfg, run_dir, model, data, loss_fn, device, history, ctx, only_missi
         state = load_checkpoint(best, "cpu")
         load_model_state(ddp.unwrap(model), inference_weights(state), best)  # EMA when kept
         split, classification = data.split("test"), data.task == "classification"
-        result = evaluate(
-            ddp.unwrap(model),
-            Batches(split, data.batch_size, device, num_workers=data.num_workers),
-            loss_fn,
-            classification,
-            ctx,
-            confusion=classification,
-        )
+        batches = Batches(split, data.batch_size, device, num_workers=data.num_workers)
+        result = evaluate(ddp.unwrap(model), batches, loss_fn, classification, ctx, confusion=classification)
         metrics = {f"test_{k}": result[k] for k in ("loss", "acc") if k in result}
-        metrics.update(
-            epoch=int(state["epoch"]),
-            samples=len(split),
-            checkpoint=str(best),
-            **{k: result[k] for k in ("confusion_matrix",) if k in result},
-        )
+        metrics.update(epoch=int(state["epoch"]), samples=len(split), checkpoint=str(best))
+        if "confusion_matrix" in result:  # a classifier's, unless the split is empty
+            metrics["confusion_matrix"] = result["confusion_matrix"]
         write_atomic(metrics_path, lambda out: out.write(json.dumps(metrics, indent=2) + "\n"))
-        print(
-            f"test ({best.name}, epoch {metrics['epoch']}): "
-            + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_"))
-        )
+        scores = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("test_"))
+        print(f"test ({best.name}, epoch {metrics['epoch']}): {scores}")
         made.append(metrics_path.name)
     exported = is_export(export_dir) and (export_dir / CONFIG).is_file()
     if cfg.checkpoint.export and not (only_missing and exported):
@@ -301,73 +259,52 @@ class Loaded:
 
 
 def load_for_inference(cfg: DictConfig) -> Loaded:
-    """The model and data module of ckpt=PATH (a train.py checkpoint: its config says how to
-    build them), ckpt=DIR or .pt2 (an export), or weights=PATH (a bare state_dict, with
-    model=... data=... from the command line)."""
+    """The model and data module of ckpt=PATH (a train.py checkpoint or an export folder: its
+    config says how to build them) or weights=PATH (a bare state_dict, with model=... data=...
+    from the command line)."""
     device = resolve_device(cfg.get("device", "auto"))
-    ckpt, weights = cfg.get("ckpt"), cfg.get("weights")
-    program, trusted = None, set()  # trusted: sections from the command line, not the file
-    data, data_state = None, None
-    if bool(ckpt) == bool(weights):
+    ckpt = cfg.get("ckpt")  # or weights=; exactly one, and model/data with weights: cli.validate_inference
+    source = Path(str(ckpt or cfg.weights))
+    if source.suffix.lower() == ".pt2":  # never opened: torch.export.load is not weights-only
+        folder = f"its export folder ({source.parent})" if is_export(source.parent) else "an export folder"
         raise UserError(
-            "give exactly one of ckpt=PATH (a train.py checkpoint or export folder) "
-            "or weights=PATH (a bare state_dict, with model=... data=...)"
+            f"{source}: a .pt2 program is not loaded here: torch.export.load can run code from the file; evaluate"
+            f" or predict with {folder} or a checkpoint, and load a .pt2 you trust with torch.export.load"
         )
+    data, state, data_state = None, None, None
     if ckpt:
-        source = Path(str(ckpt))
-        if source.suffix == ".pt2" and source.is_file():  # a whole model: no model config
-            (program, saved), state = load_pt2(source), None
-            data_state = data_state_of(saved, source)
-        elif is_export(source):
+        if is_export(source):
             saved, state = load_export(source)
             data_state = data_state_of(saved, source)
         elif source.is_dir():
-            raise UserError(
-                f"ckpt={source}: a folder without {source / 'model.safetensors'}; "
-                f"expected a checkpoint file (.pt) or an export folder"
-            )
+            raise UserError(f"ckpt={source}: a folder without {WEIGHTS}; expected a .pt file or an export folder")
         else:
             checkpoint = load_checkpoint(source, "cpu")
             saved, state = checkpoint.get("config"), inference_weights(checkpoint)  # EMA
             data_state = checkpoint.get("data_state_dict")
-        # The file's config names the classes to build: only project/torch.nn ones.
-        config = saved_sections(
-            saved, source, ("data",) if program is not None else ("data", "model")
-        )  # .pt2: no model section
-        # A command-line data choice wins (evaluate on another dataset or a moved root).
-        if cfg.get("data") is not None:
+        config = saved_sections(saved, source)  # the file's classes to build: only project/torch.nn ones
+        trusted = set()
+        if cfg.get("data") is not None:  # a command-line data choice wins (another dataset, a moved root)
             config.data = OmegaConf.to_container(cfg.data, resolve=True)
             trusted = {"data"}
     else:
-        source = Path(str(weights))
-        if cfg.get("model") is None or cfg.get("data") is None:
-            raise UserError(f"weights={source}: name the architecture and data too, e.g. model=small_cnn data=digits")
         if cfg.get("batch_size"):
             cfg.data.batch_size = int(cfg.batch_size)
         data = build(cfg.data, "data")  # first: the model's size may come from it (model=mlp)
         data.fill_sizes(cfg.data)
-        config = OmegaConf.create(
-            {
-                k: OmegaConf.to_container(cfg[k], resolve=True) if cfg.get(k) is not None else None
-                for k in ("data", "model", "loss")
-            }
-        )
-        state, trusted = None, {"data", "model", "loss"}
+        sections = [k for k in ("data", "model", "loss") if cfg.get(k) is not None]
+        config = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in sections})
+        trusted = {"data", "model", "loss"}
     if cfg.get("batch_size"):
         config.data.batch_size = int(cfg.batch_size)
     loaded = Loaded(None, data, config, source, device, trusted)
-    if loaded.data is None:
+    if data is None:
         loaded.data = loaded.build("data")
     if data_state:  # what training learned about the data (data=csv: its scaling)
         try:
             loaded.data.load_state_dict(data_state)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise UserError(
-                f"{source}: data_state_dict does not fit data {type(loaded.data).__name__} ({err})"
-            ) from None
-    if program is not None:
-        loaded.model = program.to(device)  # exported in eval mode; .eval() is not supported
-        return loaded
+            raise UserError(f"{source}: data_state_dict does not fit {type(loaded.data).__name__} ({err})") from None
     if "weights" in config.model:  # never re-import pretrained weights over trained ones
         config.model.weights = None
     model = loaded.build("model")

@@ -3,11 +3,12 @@ and names no target outside the allow-list, wherever it hides.
 
 A seeded generator crafts configs that combine every OmegaConf resolver and Hydra's special
 keys at every depth and position (kwargs, list items, `_args_`, augment entries, nested
-dicts, keys, `_target_` itself), writes each into a checkpoint, an export folder and a .pt2,
-and runs it through every way a file's config is read: resume, `weights=`, evaluate/predict
+dicts, keys, `_target_` itself), writes each into a checkpoint and an export folder, and
+runs it through every way a file's config is read: resume, `weights=`, evaluate/predict
 (`load_for_inference`), `python -m engine.export`, and the README's `load_export_model`.
 Each must end in one line naming the key, never create the marker file, never show the
-secret from the environment. A few cases also run as the user does (subprocesses: exit 2).
+secret from the environment. A .pt2 holding one is refused unread. A few cases also run as
+the user does (subprocesses: exit 2).
 Sweep storage (optuna.db) is covered in tests/test_sweep_storage.py.
 """
 
@@ -213,18 +214,21 @@ def test_a_target_naming_code_is_refused_wherever_it_would_be_built(run, tmp_pat
 
 @pytest.mark.parametrize("case", range(6))
 def test_crafted_config_in_a_pt2_runs_nothing(run, tmp_path, case):
+    """A .pt2 is never loaded (torch.export.load is not weights-only): ckpt= and weights= refuse
+    it in one line before reading it, whatever its config holds."""
     rng = random.Random(SEED * 7 + case)
     marker = tmp_path / "MARKER"
     saved = load_checkpoint(run / "best.pt")["config"]
     config, label = crafted(saved, rng, marker)
-    config["model"] = saved["model"]  # a .pt2 keeps data/loss only
+    config["model"] = saved["model"]
     if "model" in label:
         config["data"]["augment"] = [payloads(marker)[case % len(payloads(marker))]]
-    model = torch.nn.Linear(1, 1)
-    path = export_pt2(model, torch.zeros(2, 1), config, tmp_path / "model.pt2")
+    path = export_pt2(torch.nn.Linear(1, 1), torch.zeros(2, 1), config, tmp_path / "model.pt2")
     assert path is not None
-    message = refused(load_for_inference, inference_cfg(path), marker=marker)
-    assert "refused" in message, (label, message)
+    weights = OmegaConf.create({"ckpt": None, "weights": str(path), "device": "cpu", "model": saved["model"]})
+    for cfg in (inference_cfg(path), weights):
+        message = refused(load_for_inference, cfg, marker=marker)
+        assert f"{path}: a .pt2 program is not loaded here" in message, (label, message)
 
 
 def test_the_node_about_to_be_built_is_checked(tmp_path):

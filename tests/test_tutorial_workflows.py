@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import zipfile
 from pathlib import Path
 
@@ -17,13 +18,14 @@ import torch.nn.functional as F  # noqa: N812 - the tutorial's spelling
 import yaml
 from conftest import compose, run_script
 from helpers import raises_user_error
+from omegaconf import OmegaConf
 from torch import nn, optim
 
 import evaluate as evaluate_script
 import predict as predict_script
 import train as train_script
 from engine.config import build
-from engine.errors import UserError
+from engine.metrics import load_for_inference
 
 # ------------------------------------------------------------------ the tutorials' models
 
@@ -324,12 +326,12 @@ def test_warm_start_from_initial_weights(tmp_path, kind):
             path,
         )
     elif kind == "export":
-        from engine.export import export
+        from engine.export import export_checkpoint
 
         cfg = compose("train", [])
-        from omegaconf import OmegaConf
-
-        path = export(model.state_dict(), OmegaConf.to_container(cfg, resolve=True), tmp_path / "export")
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        torch.save({"model_state_dict": model.state_dict(), "config": config}, tmp_path / "c.pt")
+        path = export_checkpoint(tmp_path / "c.pt", tmp_path / "export")
     else:
         other = CustomModel()
         path = tmp_path / "multi.pt"
@@ -515,59 +517,52 @@ def pt2_run(tmp_path_factory) -> Path:
     return root / "lin"
 
 
-@pytest.mark.slow
-def test_pt2_export_predicts_without_model_config(pt2_run, tmp_path, points):
-    shipped = tmp_path / "shipped" / "model.pt2"  # the file alone: no class, no config.yaml
-    shipped.parent.mkdir()
-    shipped.write_bytes((pt2_run / "export" / "model.pt2").read_bytes())
-    run_script("predict.py", f"ckpt={shipped}", f"input={points}", f"output={tmp_path / 'a.csv'}")
-    run_script("predict.py", f"ckpt={pt2_run / 'best.pt'}", f"input={points}", f"output={tmp_path / 'b.csv'}")
-    assert read_csv(tmp_path / "a.csv") == read_csv(tmp_path / "b.csv")
+def test_pt2_export_loads_with_torch_and_predicts_what_the_checkpoint_predicts(pt2_run):
+    """checkpoint.export_pt2=true writes a deployment artifact: plain torch.export.load (of a file
+    you trust) gives the checkpoint's predictions, the data config inside."""
+    extra = {"config.json": ""}
+    program = torch.export.load(pt2_run / "export" / "model.pt2", extra_files=extra)
+    assert set(json.loads(extra["config.json"])) >= {"data", "loss"}
+    cfg = OmegaConf.create({"ckpt": str(pt2_run / "best.pt"), "weights": None, "device": "cpu"})
+    x = torch.rand(5, 1)  # any batch size
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), load_for_inference(cfg).model(x))
 
 
 def _tampered(source: Path, out: Path, edit) -> Path:
     with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w") as zout:
         for info in zin.infolist():
-            data = edit(info.filename, zin.read(info))
-            if data is not None:
-                zout.writestr(info.filename, data)
-        extra = edit("EXTRA", b"")
-        if extra:
-            zout.writestr(*extra)
+            zout.writestr(info.filename, edit(info.filename, zin.read(info)))
     return out
 
 
-def test_pt2_that_could_run_code_is_refused(pt2_run, tmp_path):
-    """torch.export.load hands shape formulas to sympy (eval), unpickles `use_pickle`
-    records and loads AOTInductor libraries: such files are refused before it runs."""
-    from engine.checkpoint import load_pt2
-
-    source = pt2_run / "export" / "model.pt2"
+@pytest.mark.slow
+def test_pt2_is_refused_without_being_read(pt2_run, tmp_path, points):
+    """torch.export.load is not weights-only (it hands shape formulas to sympy, which calls eval,
+    unpickles records and loads AOTInductor libraries): evaluate.py and predict.py refuse a .pt2,
+    ckpt= or weights=, in one line, exit 2, never reading it; this one's formula would run code."""
     marker = tmp_path / "MARKER"
-    top = zipfile.ZipFile(source).namelist()[0].split("/")[0]
 
     def formula(name, data):
         if name.endswith("models/model.json"):
             code = f"__import__('os').system('touch {marker}') or Symbol("
             return data.replace(b'"expr_str": "Symbol(', f'"expr_str": "{code}'.encode())
-        return None if name == "EXTRA" else data
+        return data
 
-    def pickled(name, data):
-        if name.endswith("model_weights_config.json"):
-            return data.replace(b'"use_pickle": false', b'"use_pickle": true')
-        return None if name == "EXTRA" else data
-
-    def library(name, data):
-        return (f"{top}/data/aotinductor/model/model.so", b"\x7fELF") if name == "EXTRA" else data
-
-    for edit, needle in ((formula, "shape expression"), (pickled, "pickle"), (library, "aotinductor")):
-        bad = _tampered(source, tmp_path / f"{edit.__name__}.pt2", edit)
-        with pytest.raises(UserError, match="refused .pt2") as err:
-            load_pt2(bad)
-        assert needle in str(err.value)
-    assert not marker.exists()
-    model, config = load_pt2(source)  # the untouched file loads
-    assert set(config) >= {"data", "loss"}
+    bad = _tampered(pt2_run / "export" / "model.pt2", tmp_path / "model.pt2", formula)
+    with zipfile.ZipFile(bad) as archive:  # the payload is there: loading it would run it
+        assert any(f"touch {marker}".encode() in archive.read(name) for name in archive.namelist())
+    output = f"output={tmp_path / 'p.csv'}"
+    for script, args in (
+        ("predict.py", [f"ckpt={bad}", f"input={points}", output]),
+        ("evaluate.py", [f"ckpt={bad}"]),
+        ("predict.py", [f"weights={bad}", "model=linear_regression", "data=linear", f"input={points}", output]),
+    ):
+        line = error_line(run_script(script, *args, check=False))
+        assert f"{bad}: a .pt2 program is not loaded here" in line and "torch.export.load" in line, line
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    cfg = OmegaConf.create({"ckpt": str(pt2_run / "export" / "model.pt2"), "weights": None, "device": "cpu"})
+    raises_user_error(load_for_inference, cfg, needles=(f"its export folder ({pt2_run / 'export'})",))
 
 
 def test_a_model_torch_export_cannot_trace_keeps_the_safetensors(pt2_run, tmp_path, capsys):
