@@ -365,6 +365,12 @@ def load_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any
         raise UserError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise UserError(f"{path}: is not a file (expected a checkpoint .pt file)")
+    if path.suffix.lower() == ".pt2":  # never opened: torch.export.load is not weights-only
+        folder = f"its export folder ({path.parent})" if is_export(path.parent) else "an export folder"
+        raise UserError(
+            f"{path}: a .pt2 program is not loaded here: torch.export.load can run code from the file; evaluate"
+            f" or predict with {folder} or a checkpoint, and load a .pt2 you trust with torch.export.load"
+        )
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         verify(path)

@@ -265,12 +265,6 @@ def load_for_inference(cfg: DictConfig) -> Loaded:
     device = resolve_device(cfg.get("device", "auto"))
     ckpt = cfg.get("ckpt")  # or weights=; exactly one, and model/data with weights: cli.validate_inference
     source = Path(str(ckpt or cfg.weights))
-    if source.suffix.lower() == ".pt2":  # never opened: torch.export.load is not weights-only
-        folder = f"its export folder ({source.parent})" if is_export(source.parent) else "an export folder"
-        raise UserError(
-            f"{source}: a .pt2 program is not loaded here: torch.export.load can run code from the file; evaluate"
-            f" or predict with {folder} or a checkpoint, and load a .pt2 you trust with torch.export.load"
-        )
     data, state, data_state = None, None, None
     if ckpt:
         if is_export(source):

@@ -539,8 +539,8 @@ def _tampered(source: Path, out: Path, edit) -> Path:
 @pytest.mark.slow
 def test_pt2_is_refused_without_being_read(pt2_run, tmp_path, points):
     """torch.export.load is not weights-only (it hands shape formulas to sympy, which calls eval,
-    unpickles records and loads AOTInductor libraries): evaluate.py and predict.py refuse a .pt2,
-    ckpt= or weights=, in one line, exit 2, never reading it; this one's formula would run code."""
+    unpickles records and loads AOTInductor libraries): evaluate.py and predict.py (ckpt=, weights=)
+    and train.py (weights=, resume=) refuse a .pt2 in one line, exit 2, never reading it; this one's formula would run code."""
     marker = tmp_path / "MARKER"
 
     def formula(name, data):
@@ -557,6 +557,8 @@ def test_pt2_is_refused_without_being_read(pt2_run, tmp_path, points):
         ("predict.py", [f"ckpt={bad}", f"input={points}", output]),
         ("evaluate.py", [f"ckpt={bad}"]),
         ("predict.py", [f"weights={bad}", "model=linear_regression", "data=linear", f"input={points}", output]),
+        ("train.py", [f"weights={bad}", "experiment=linear_regression", f"checkpoint.root={tmp_path}"]),
+        ("train.py", [f"resume={bad}", "experiment=linear_regression", f"checkpoint.root={tmp_path}"]),
     ):
         line = error_line(run_script(script, *args, check=False))
         assert f"{bad}: a .pt2 program is not loaded here" in line and "torch.export.load" in line, line
