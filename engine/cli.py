@@ -32,7 +32,6 @@ COMPOSE_ERRORS = (HydraException, oe.OmegaConfBaseException, ValueError, TypeErr
 
 def validate_train(cfg: DictConfig) -> None:
     """Everything train.py needs to know is right, before it opens the run folder."""
-    config.check_required_sections(cfg)
     config.drop_other_optimizers_keys(cfg)  # optimizer=adamw on an experiment tuned for SGD
     config.check_config(cfg, "train")
     config.check_limits(cfg, required=("data.batch_size", "optimizer.lr"))

@@ -9,9 +9,9 @@ import functools
 import importlib.util
 import inspect
 import math
-import os
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,14 +20,15 @@ import torch
 from hydra._internal.utils import _locate
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf import errors as oe
 
 from engine.errors import UserError, first_line
 from engine.runtime import PRECISIONS, max_workers
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT / "configs"
 TARGET_SECTIONS = ("data", "model", "loss", "optimizer", "scheduler")
 REQUIRED_SECTIONS = ("trainer", "checkpoint", "data", "model", "loss", "optimizer")
 # Values of the right type that would still overflow torch's C integers or the machine.
@@ -37,7 +38,7 @@ MAX_LR = 10**6
 TRANSFORMS = "torchvision.transforms.v2."
 
 
-# ------------------------------------------------------------------------------ the schema
+# ------------------------------------------------------------- each key: its type and range
 class Choice(enum.StrEnum):
     """A key with fixed values (OmegaConf 2.3 has no Literal); its members' names are their values."""
 
@@ -55,97 +56,11 @@ ResumeMode = Choice("ResumeMode", ("exact", "weights"))
 Split = Choice("Split", ("train", "val", "test"))
 
 
-def _schema(name: str, hints: dict[str, Any], base: type = object, **defaults: Any) -> type:
-    """A dataclass made from its annotations: `checkpoint.async` is a Python keyword, which no
-    class body or make_dataclass can declare (and no generated __init__/__repr__ can spell)."""
-    return dataclass(init=False, repr=False, eq=False)(type(name, (base,), {"__annotations__": hints, **defaults}))
-
-
-# Values and their documentation are in configs/*.yaml: these say which keys exist, of what type.
-TrainerConfig = _schema(
-    "TrainerConfig",
-    {
-        "epochs": int,
-        "device": str,
-        "precision": Precision,
-        "channels_last": bool,
-        "compile": bool,
-        "deterministic": bool,
-        "max_time": float | None,
-        "log_every_n_steps": int,
-        "print_every_s": float,
-        "global_batch_size": int | None,
-        "grad_clip_norm": float | None,
-        "accumulate_grad_batches": int,
-        "model_summary": bool,
-        "ema_decay": float | None,
-        "fast_dev_run": bool,  # limits: batches (int) or a fraction (float); OmegaConf has no union
-        "limit_train_batches": Any,
-        "limit_val_batches": Any,
-        "overfit_batches": Any,
-    },
-)
-EarlyStoppingConfig = _schema("EarlyStoppingConfig", {"patience": int | None, "monitor": Monitor, "min_delta": float})
-CheckpointConfig = _schema(
-    "CheckpointConfig",
-    {
-        "root": str,
-        "every_n_epochs": int,
-        "every_n_steps": int | None,
-        "keep_last": int,
-        "monitor": Monitor,
-        "mode": Mode,
-        "async": bool,
-        "export": bool,
-        "export_pt2": bool,
-    },
-)
-# k-fold cross-validation (configs/cv, with -m): which fold of how many is this run's val split.
-CVConfig = _schema("CVConfig", {"folds": int | None, "fold": int | None}, folds=None, fold=None)
-_FREE = (*TARGET_SECTIONS, "logger")  # `_target_` sections and trackers: any value, None
-TrainConfig = _schema(
-    "TrainConfig",
-    {
-        "name": str,
-        "run_name": str | None,
-        "resume": str | None,
-        "weights": str | None,
-        "strict": bool | None,
-        "weights_key": str | None,
-        "resume_mode": ResumeMode,
-        "seed": int,
-        "debug": bool,
-        "trainer": TrainerConfig,
-        "early_stopping": EarlyStoppingConfig,
-        "checkpoint": CheckpointConfig,
-        "cv": CVConfig,
-        **dict.fromkeys(_FREE, Any),
-    },
-    **dict.fromkeys(_FREE),
-)
-InferenceConfig = _schema(
-    "InferenceConfig",
-    {"ckpt": str | None, "weights": str | None, "strict": bool, "weights_key": str | None, "device": str}
-    | {"seed": int, "debug": bool, **dict.fromkeys(("data", "model", "loss"), Any)},
-    **dict.fromkeys(("data", "model", "loss")),
-)
-EvaluateConfig = _schema(
-    "EvaluateConfig", {"split": Split, "batch_size": int | None, "output": str | None}, InferenceConfig
-)
-PredictConfig = _schema(
-    "PredictConfig", {"input": str, "output": str, "batch_size": int, "invert": bool}, InferenceConfig
-)
-SCHEMAS = {"train": TrainConfig, "evaluate": EvaluateConfig, "predict": PredictConfig}
-for _script, _schema_class in SCHEMAS.items():
-    ConfigStore.instance().store(name=f"{_script}_schema", node=_schema_class)
-
-
-# --------------------------------------------------------------- ranges: each key, once
 class Range(NamedTuple):
-    """`low <= value <= high` (`<` where open). `high` None: at most MAX_COUNT for an integer,
-    unbounded for a number; a str: the key whose value bounds it. Null or absent values pass."""
+    """A key of type `hint` in `low <= value <= high` (`<` where open). `high` None: at most
+    MAX_COUNT for an integer, unbounded for a number; a str: the key whose value bounds it."""
 
-    kind: type
+    hint: Any
     low: float
     high: float | str | None = None
     open_low: bool = False
@@ -153,108 +68,186 @@ class Range(NamedTuple):
     note: str = ""
 
 
-RANGES = {
-    "seed": Range(int, 0, 2**32 - 1),  # NumPy's seeds
-    "batch_size": Range(int, 1, MAX_BATCH),  # evaluate.py, predict.py
-    "trainer.epochs": Range(int, 1),
-    "trainer.max_time": Range(float, 0, open_low=True, note=" (seconds) or null"),
-    "trainer.log_every_n_steps": Range(int, 1),
-    "trainer.print_every_s": Range(float, 0, note=" (seconds)"),
-    "trainer.global_batch_size": Range(int, 1, MAX_BATCH),
-    "trainer.grad_clip_norm": Range(float, 0, open_low=True, note=" or null (off)"),
-    "trainer.accumulate_grad_batches": Range(int, 1),
-    "trainer.ema_decay": Range(float, 0, 1, True, True, " (e.g. 0.999), or null"),
-    "early_stopping.patience": Range(int, 1),
-    "early_stopping.min_delta": Range(float, 0),
-    "checkpoint.every_n_epochs": Range(int, 1),
-    "checkpoint.every_n_steps": Range(int, 1),
-    "checkpoint.keep_last": Range(int, 1),
-    "cv.folds": Range(int, 2),
-    "cv.fold": Range(int, 0, "cv.folds", open_high=True),
-    "data.batch_size": Range(int, 1, MAX_BATCH),
-    "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this machine)"),
-    "data.num_classes": Range(int, 1, 1_000_000),
-    "optimizer.lr": Range(float, 0, MAX_LR, open_low=True),
-    "optimizer.momentum": Range(float, 0, MAX_LR),
-    "optimizer.weight_decay": Range(float, 0, MAX_LR),
-    "optimizer.eps": Range(float, 0, open_low=True, note=", e.g. 1e-8"),
-    "scheduler.step_size": Range(int, 1),
-    "scheduler.T_max": Range(int, 1),
-    "scheduler.gamma": Range(float, 0),
-    "scheduler.eta_min": Range(float, 0),
-    "scheduler.warmup_epochs": Range(int, 0),
-    "scheduler.min_lr": Range(float, 0, "optimizer.lr"),
-    # shares of the data set: 0 < train < 1, 0 <= the others < 1
-    "data.train_fraction": Range(float, 0, 1, True, True, " (a fraction)"),
-    "data.val_fraction": Range(float, 0, 1, False, True, " (a fraction)"),
-    "data.test_fraction": Range(float, 0, 1, False, True, " (a fraction)"),
-}
+class Check(NamedTuple):
+    """A key of type `hint` whose values must pass `fits`: else `key=value: expected <expected>`."""
+
+    hint: Any
+    fits: Callable[[Any], bool]
+    expected: str
 
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_range(cfg: DictConfig, key: str, value: Any, rule: Range) -> None:
+def _batches(value: Any) -> bool:
+    return is_number(value) and (
+        isinstance(value, int) and 1 <= value <= MAX_COUNT or isinstance(value, float) and 0 < value <= 1
+    )
+
+
+def _betas(value: Any) -> bool:
+    return isinstance(value, (list, ListConfig)) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value)
+
+
+# A limit is a number of batches (int) or a fraction (float): typed Any (OmegaConf has no union).
+BATCHES = Check(Any, _batches, f"batches (an integer from 1 to {MAX_COUNT}), a fraction in (0, 1], or null")
+
+# Which keys exist, of what type and range (a section: a table of its own). Null or absent values
+# pass the ranges. Values and their documentation are in configs/*.yaml.
+TRAIN_KEYS = {
+    "name": str,
+    "run_name": str | None,
+    "resume": str | None,
+    "weights": str | None,
+    "strict": bool | None,
+    "weights_key": str | None,
+    "resume_mode": ResumeMode,
+    "seed": Range(int, 0, 2**32 - 1),  # NumPy's seeds
+    "debug": bool,
+    "trainer": {
+        "epochs": Range(int, 1),
+        "device": str,
+        "precision": Precision,
+        "channels_last": bool,
+        "compile": bool,
+        "deterministic": bool,
+        "max_time": Range(float | None, 0, open_low=True, note=" (seconds) or null"),
+        "log_every_n_steps": Range(int, 1),
+        "print_every_s": Range(float, 0, note=" (seconds)"),
+        "global_batch_size": Range(int | None, 1, MAX_BATCH),
+        "grad_clip_norm": Range(float | None, 0, open_low=True, note=" or null (off)"),
+        "accumulate_grad_batches": Range(int, 1),
+        "model_summary": bool,
+        "ema_decay": Range(float | None, 0, 1, True, True, " (e.g. 0.999), or null"),
+        "fast_dev_run": bool,
+        "limit_train_batches": BATCHES,
+        "limit_val_batches": BATCHES,
+        "overfit_batches": BATCHES,
+    },
+    "early_stopping": {"patience": Range(int | None, 1), "monitor": Monitor, "min_delta": Range(float, 0)},
+    "checkpoint": {
+        "root": str,
+        "every_n_epochs": Range(int, 1),
+        "every_n_steps": Range(int | None, 1),
+        "keep_last": Range(int, 1),
+        "monitor": Monitor,
+        "mode": Mode,
+        "async": bool,
+        "export": bool,
+        "export_pt2": bool,
+    },
+    # k-fold cross-validation (configs/cv, with -m): which fold of how many is this run's val split.
+    "cv": {"folds": Range(int | None, 2), "fold": Range(int | None, 0, "cv.folds", open_high=True)},
+    **dict.fromkeys((*TARGET_SECTIONS, "logger"), Any),  # `_target_` sections and trackers: free
+}
+INFERENCE_KEYS = {
+    "ckpt": str | None,
+    "weights": str | None,
+    "strict": bool,
+    "weights_key": str | None,
+    "device": str,
+    "seed": TRAIN_KEYS["seed"],
+    "debug": bool,
+    **dict.fromkeys(("data", "model", "loss"), Any),
+}
+EVALUATE_KEYS = INFERENCE_KEYS | {"split": Split, "batch_size": Range(int | None, 1, MAX_BATCH), "output": str | None}
+PREDICT_KEYS = INFERENCE_KEYS | {"input": str, "output": str, "batch_size": Range(int, 1, MAX_BATCH), "invert": bool}
+# Keys of the free `_target_` sections that the engine relies on (their types: the constructors').
+FREE_KEYS = {
+    "data.batch_size": Range(int, 1, MAX_BATCH),
+    "data.num_workers": Range(int, 0, max_workers(), note=" (4 per CPU core of this machine)"),
+    "data.num_classes": Range(int, 1, 1_000_000),
+    # shares of the data set: 0 < train < 1, 0 <= the others < 1
+    "data.train_fraction": Range(float, 0, 1, True, True, " (a fraction)"),
+    "data.val_fraction": Range(float, 0, 1, False, True, " (a fraction)"),
+    "data.test_fraction": Range(float, 0, 1, False, True, " (a fraction)"),
+    "optimizer.lr": Range(float, 0, MAX_LR, open_low=True),
+    "optimizer.momentum": Range(float, 0, MAX_LR),
+    "optimizer.weight_decay": Range(float, 0, MAX_LR),
+    "optimizer.eps": Range(float, 0, open_low=True, note=", e.g. 1e-8"),
+    "optimizer.betas": Check(Any, _betas, "two numbers >= 0 and < 1, e.g. [0.9,0.999]"),
+    "scheduler.step_size": Range(int, 1),
+    "scheduler.T_max": Range(int, 1),
+    "scheduler.gamma": Range(float, 0),
+    "scheduler.eta_min": Range(float, 0),
+    "scheduler.warmup_epochs": Range(int, 0),
+    "scheduler.min_lr": Range(float, 0, "optimizer.lr"),
+    "scheduler.interval": Check(Any, lambda v: v in ("epoch", "step"), "epoch or step"),  # train.py's own key
+}
+
+
+def _schema(name: str, keys: dict[str, Any], prefix: str = "") -> type:
+    """The dataclass of a table (a key that may be null defaults to null: cv=null, no section);
+    each key's Range or Check into RULES. Made from annotations: `checkpoint.async` is a Python
+    keyword, which no class body or make_dataclass can declare."""
+    hints = {}
+    for key, rule in keys.items():
+        if isinstance(rule, dict):
+            rule = _schema(key.title().replace("_", "") + "Config", rule, f"{prefix}{key}.")
+        elif isinstance(rule, (Range, Check)):
+            RULES[prefix + key] = rule
+        hints[key] = getattr(rule, "hint", rule)
+    defaults = {key: None for key, hint in hints.items() if hint is Any or type(None) in typing.get_args(hint)}
+    return dataclass(init=False, repr=False, eq=False)(type(name, (), {"__annotations__": hints, **defaults}))
+
+
+RULES: dict[str, Range | Check] = {}  # each key's, by dotted name: the schemas' (below), FREE_KEYS
+TrainConfig = _schema("TrainConfig", TRAIN_KEYS)
+PredictConfig = _schema("PredictConfig", PREDICT_KEYS)
+SCHEMAS = {"train": TrainConfig, "evaluate": _schema("EvaluateConfig", EVALUATE_KEYS), "predict": PredictConfig}
+for _script, _schema_class in SCHEMAS.items():
+    ConfigStore.instance().store(name=f"{_script}_schema", node=_schema_class)
+RULES |= FREE_KEYS
+
+
+def check_rule(cfg: DictConfig, key: str, value: Any, rule: Range | Check) -> None:
+    """`key=value: expected ...` unless `value` passes `rule` (bounds by another key: in `cfg`)."""
+    if isinstance(rule, Check):
+        if not rule.fits(value):
+            raise UserError(f"{key}={value!r}: expected {rule.expected}")
+        return
+    integer = int in (rule.hint, *typing.get_args(rule.hint))
     high = OmegaConf.select(cfg, rule.high) if isinstance(rule.high, str) else rule.high
-    high = MAX_COUNT if high is None and rule.kind is int else high
-    kind_ok = is_number(value) and (isinstance(value, int) or rule.kind is float and math.isfinite(value))
+    high = MAX_COUNT if high is None and integer else high
+    kind_ok = is_number(value) and (isinstance(value, int) or not integer and math.isfinite(value))
     above = kind_ok and (value > rule.low if rule.open_low else value >= rule.low)
     if above and (high is None or (value < high if rule.open_high else value <= high)):
         return
-    text = f"{'an integer' if rule.kind is int else 'a number'} {'>' if rule.open_low else '>='} {rule.low}"
-    if high is not None and (above or rule.kind is float):  # an integer's bound: once it is passed
+    text = f"{'an integer' if integer else 'a number'} {'>' if rule.open_low else '>='} {rule.low}"
+    if high is not None and (above or not integer):  # an integer's bound: once it is passed
         shown = f"{rule.high} ({high})" if isinstance(rule.high, str) else high
         text += f" and {'<' if rule.open_high else '<='} {shown}"
     raise UserError(f"{key}={value!r}: expected {text}{rule.note}")
 
 
 def check_limits(cfg: DictConfig, required: tuple[str, ...] = ()) -> None:
-    """Every value of `cfg` against its range (null or absent passes unless `required`), the
-    values that must agree, and that `data` and `model` name the right kind of object."""
+    """Every value of `cfg` against its rule (null or absent passes unless `required`), and the
+    values that must agree."""
     get = functools.partial(OmegaConf.select, cfg, default=None)
     if get("cv.fold") is not None and get("cv.folds") is None:
         raise UserError(f"cv.fold={get('cv.fold')!r}: needs cv.folds (pick a split with cv=5fold, or set cv.folds=K)")
-    for key, rule in RANGES.items():
+    for key, rule in RULES.items():
         if get(key) is not None or key in required:
-            check_range(cfg, key, get(key), rule)
+            check_rule(cfg, key, get(key), rule)
     held_out = {key: get(f"data.{key}") for key in ("val_fraction", "test_fraction") if get(f"data.{key}") is not None}
     if get("data.train_fraction") is None and sum(held_out.values()) >= 1:
         raise UserError(
             f"data: {' + '.join(held_out)} = {sum(held_out.values()):g} leaves no training data; expected a sum < 1"
         )
-    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.overfit_batches"):
-        value = get(key)
-        batches = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT
-        if value is not None and not batches and not (isinstance(value, float) and 0 < value <= 1):
-            raise UserError(
-                f"{key}={value!r}: expected batches (an integer from 1 to {MAX_COUNT}), a fraction in (0, 1], or null"
-            )
-    betas = get("optimizer.betas")
-    betas = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
-    if betas is not None and not (
-        isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
-    ):
-        raise UserError(f"optimizer.betas={betas!r}: expected two numbers >= 0 and < 1, e.g. [0.9,0.999]")
     if get("optimizer.nesterov") is True and not (get("optimizer.momentum") or 0) > 0:
         raise UserError("optimizer.nesterov=true needs optimizer.momentum > 0")
-    if str(interval := get("scheduler.interval") or "epoch") not in ("epoch", "step"):
-        raise UserError(f"scheduler.interval={interval!r}: expected epoch or step")
-    if cfg.get("weights_key") is not None and not cfg.get("weights"):
-        raise UserError(f"weights_key={cfg.weights_key}: only used with weights=PATH (a file with several models)")
-    for key in ("data", "model"):
-        if isinstance(cfg.get(key), DictConfig):
-            check_target_section(cfg[key], key)
+    if get("weights_key") is not None and not get("weights"):
+        raise UserError(f"weights_key={get('weights_key')}: only used with weights=PATH (a file with several models)")
 
 
 def check_monitor(cfg: DictConfig, task: str) -> None:
     """checkpoint.monitor (and early_stopping.monitor, when on): a metric this task logs."""
-    stopping = cfg.get("early_stopping") or {}
-    monitors = {"checkpoint.monitor": cfg.checkpoint.monitor}
-    if stopping.get("patience") is not None:
-        monitors["early_stopping.monitor"] = stopping.get("monitor")
-    for key, monitor in monitors.items():
-        if monitor is not None and str(monitor) not in METRICS[task]:
+    keys = ["checkpoint.monitor"]
+    if OmegaConf.select(cfg, "early_stopping.patience") is not None:
+        keys.append("early_stopping.monitor")
+    for key in keys:
+        if (monitor := OmegaConf.select(cfg, key)) is not None and str(monitor) not in METRICS[task]:
             raise UserError(f"{key}={str(monitor)!r}: a {task} run logs {list(METRICS[task])}")
 
 
@@ -264,22 +257,18 @@ def config_groups() -> list[str]:
 
 
 def group_options(group: str) -> list[str]:
-    folder = CONFIG_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def check_required_sections(cfg: DictConfig) -> None:
-    """`~optimizer`, `loss=null`, ...: a section train.py cannot run without."""
-    for key in REQUIRED_SECTIONS:
-        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
-            options = group_options(key)
-            how = f"pick one with {key}=NAME ({', '.join(options)})" if options else "do not delete it"
-            raise UserError(f"{key}: a required section is missing or null; {how}")
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
 def check_config(cfg: DictConfig, script: str) -> None:
-    """Every `${...}` resolves, no `???` is left; keys and types against the script's schema
-    (merged as plain containers: a typed node would bring its extra keys); `_target_` sections."""
+    """train.py's required sections are there (`~optimizer`, `loss=null`: not); every `${...}`
+    resolves, no `???` is left; keys and types against the script's schema (merged as plain
+    containers: a typed node would bring its extra keys); `_target_` sections."""
+    for key in REQUIRED_SECTIONS if script == "train" else ():
+        if OmegaConf.select(cfg, key, default=None) is None:
+            options = group_options(key)
+            how = f"pick one with {key}=NAME ({', '.join(options)})" if options else "do not delete it"
+            raise UserError(f"{key}: a required section is missing or null; {how}")
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         OmegaConf.merge(OmegaConf.structured(SCHEMAS[script]), resolved)
@@ -332,17 +321,29 @@ PLAIN_TYPES = {
 }
 
 
+UNIONS = (typing.Union, types.UnionType)  # `X | Y`, Optional[X]
+
+
 def describe(hint: Any) -> str:
     """A type hint in words ('an integer', 'min or max'); '' for what no config value can be."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
+    if typing.get_origin(hint) in UNIONS:
         return " or ".join(d for d in map(describe, typing.get_args(hint)) if d)
     if inspect.isclass(hint) and issubclass(hint, enum.Enum):
         *others, last = [str(member.value) for member in hint]
         return f"{', '.join(others)} or {last}" if others else last
     if is_dataclass(hint):
         return f"a section with keys {', '.join(f.name for f in fields(hint))}"
-    return (PLAIN_TYPES.get(hint) or PLAIN_TYPES.get(origin) or (None, ""))[1]
+    return (PLAIN_TYPES.get(hint) or PLAIN_TYPES.get(typing.get_origin(hint)) or (None, ""))[1]
+
+
+def _refuses(hint: Any, value: Any) -> bool:
+    """A plain config value that surely does not fit a type hint (one not understood: fits)."""
+    if typing.get_origin(hint) in UNIONS:
+        return all(_refuses(member, value) for member in typing.get_args(hint))
+    if plain := PLAIN_TYPES.get(hint) or PLAIN_TYPES.get(typing.get_origin(hint)):
+        return not isinstance(value, plain[0]) or isinstance(value, bool) and hint is not bool
+    # a tensor, an optimizer, ...: never a plain config value
+    return inspect.isclass(hint) and hint not in (Any, object) and value is not None
 
 
 # ------------------------------------------------------------------- `_target_` sections
@@ -398,7 +399,7 @@ def check_target_section(section: Any, key: str) -> None:
         if name not in params:  # e.g. experiment=digits_cnn (tuned for SGD: momentum) with optimizer=adamw
             hint = f"; set for another optimizer? drop it with ~{key}.{name}" if key == "optimizer" else ""
             raise UserError(f"{key}.{name}: unknown key for {target}; valid keys: {', '.join(params)}{hint}")
-        if params[name] is not None and _matches(value, params[name]) is False:
+        if _refuses(params[name], value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise UserError(f"{key}.{name}={shown}: expected {describe(params[name])}")
 
@@ -406,11 +407,7 @@ def check_target_section(section: Any, key: str) -> None:
 def _parameters(obj: Any) -> tuple[dict[str, Any], bool]:
     """Keyword parameters and type hints (None: no hint), following `**kwargs` into the bases'
     __init__; True if still open-ended."""
-    functions = (
-        [c.__init__ for c in obj.__mro__ if c is not object and "__init__" in vars(c)]
-        if inspect.isclass(obj)
-        else [obj]
-    )
+    functions = [c.__init__ for c in obj.__mro__[:-1] if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
     params: dict[str, Any] = {}
     for function in functions:
         try:
@@ -429,21 +426,6 @@ def _parameters(obj: Any) -> tuple[dict[str, Any], bool]:
     return params, True
 
 
-def _matches(value: Any, hint: Any) -> bool | None:
-    """Does a plain config value fit a type hint? None when the hint is not understood."""
-    origin = typing.get_origin(hint)
-    if hint is typing.Any or hint is object:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        results = [_matches(value, arg) for arg in typing.get_args(hint)]
-        return True if True in results else None if None in results else False
-    if plain := PLAIN_TYPES.get(hint) or PLAIN_TYPES.get(origin):
-        return isinstance(value, plain[0]) and (hint is bool or not isinstance(value, bool))
-    if inspect.isclass(hint):  # a tensor, an optimizer, ...: never a plain config value
-        return False if value is not None else None
-    return None
-
-
 def build(section: Any, key: str, source: Path | str | None = None) -> Any:
     """hydra.utils.instantiate, errors (also of a `_partial_` when called) as one line naming
     key and target. With `source` (the file it was read from) the section is checked as a file's
@@ -451,19 +433,20 @@ def build(section: Any, key: str, source: Path | str | None = None) -> Any:
     if source is not None:
         section = check_loaded_targets(section, source, key)
     target = section.get("_target_") if hasattr(section, "get") else None
-    built = _reported(instantiate, key, target, source, section)
+    where = f"{source}: " if source else ""
+    failed = f"{where}could not build {key} from {key}._target_={target}"
+    built = _reported(instantiate, failed, section)
     if isinstance(built, functools.partial):
-        return functools.partial(_reported, built, key, target, source)
+        return functools.partial(_reported, built, failed)
     if key == "model" and not isinstance(built, torch.nn.Module) or key == "loss" and not callable(built):
         kind = "a torch.nn.Module" if key == "model" else "something callable (a loss module)"
-        where = f"{source}: " if source else ""
         raise UserError(f"{where}{key}._target_={target}: built a {type(built).__name__}; expected {kind}")
     return built
 
 
-def _reported(function: Any, key: str, target: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+def _reported(function: Any, failed: str, *args: Any, **kwargs: Any) -> Any:
     """function(*args, **kwargs); what it raises as the UserError behind it (Hydra wraps it), or
-    one naming key, target and the cause."""
+    as `failed (the cause)`."""
     try:
         return function(*args, **kwargs)
     except Exception as err:
@@ -473,10 +456,7 @@ def _reported(function: Any, key: str, target: Any, source: Any, *args: Any, **k
         if isinstance(cause, UserError):
             raise cause from None
         first = f": {first_line(cause, 150)}" if str(cause).strip() else ""
-        where = f"{source}: " if source else ""
-        raise UserError(
-            f"{where}could not build {key} from {key}._target_={target} ({type(cause).__name__}{first})"
-        ) from err
+        raise UserError(f"{failed} ({type(cause).__name__}{first})") from err
 
 
 def drop_other_optimizers_keys(cfg: DictConfig) -> None:
@@ -484,19 +464,15 @@ def drop_other_optimizers_keys(cfg: DictConfig) -> None:
     optimizer does not take but another torch.optim optimizer does, set by a preset rather than on
     the command line, is dropped with a note. Typed keys and unknown keys stay (and are refused)."""
     section = cfg.get("optimizer")
-    target = section.get("_target_") if isinstance(section, DictConfig) else None
     try:
+        target = section._target_
         params, open_ended = _parameters(locate(str(target)))
     except Exception:  # no or a bad _target_: check_config says so
         return
-    if open_ended:
-        return
-    typed = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
-    if typed is None and HydraConfig.initialized():
-        typed = HydraConfig.get().overrides.task
-    typed = {str(o).split("=")[0].lstrip("+~") for o in typed or []}
+    typed = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    typed = {str(override).split("=")[0].lstrip("+~") for override in typed}
     foreign = [key for key in section if key in _OPTIMIZER_KEYS - params.keys() and f"optimizer.{key}" not in typed]
-    if foreign:
+    if foreign and not open_ended:
         with open_dict(section):
             for key in foreign:
                 del section[key]
@@ -517,41 +493,50 @@ _OPTIMIZER_KEYS = {
 # torch.nn and torchvision.transforms.v2 classes, and classes of the project's own modules (the
 # user's code anywhere in it) but not of the engine, the scripts, the tests or installed packages.
 LIBRARY_TARGETS = ("torch.nn.", TRANSFORMS)
-PROJECT = Path(__file__).resolve().parents[1]
 NOT_USER_CODE = ("engine", "train", "evaluate", "predict", "tests", "hydra_plugins", "benchmarks")
 ALLOWED_TARGETS = (
     "classes of your project's own modules (not engine, the scripts or tests), torch.nn or "
     "torchvision.transforms.v2; for an installed package's model, subclass or wrap it in a module of your project"
 )
-# `_convert_` values a file may use; `_partial_` is refused (objects to build, not factories).
-FILE_CONVERT_MODES = ("none", "partial", "object", "all")
+# Hydra's other special keys: the plain form each must have in a file's config.
+FILE_SPECIAL_KEYS = {
+    "_partial_": (lambda v: v is False, "a file's config builds objects, not partial functions"),
+    "_convert_": (lambda v: v in ("none", "partial", "object", "all"), "expected one of none, partial, object, all"),
+    "_recursive_": (lambda v: isinstance(v, bool), "expected true or false"),
+    "_args_": (lambda v: isinstance(v, list), "expected a list"),
+}
+
+
+def _nodes(value: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(where, node) for `value` and everything in it, each container before what it holds."""
+    yield where, value
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _nodes(child, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, child in enumerate(value):
+            yield from _nodes(child, f"{where}[{index}]")
 
 
 def plain_problem(value: Any, where: str = "") -> str | None:
     """What keeps `value` (read from a file) from being plain data, or None: text keys, plain
     leaves, no `${` (oc.create, oc.env would run). The value is never quoted (the file's)."""
-    if isinstance(value, dict):
-        for key, child in value.items():
-            if not isinstance(key, str):
-                return f"{where or 'top level'}: key {str(key)[:40]!r} is not text"
-            if "${" in key:
-                return f"{where or 'top level'}: a key holds an interpolation (${{...}})"
-            if problem := plain_problem(child, f"{where}.{key}" if where else key):
-                return problem
-    elif isinstance(value, (list, tuple)):
-        for index, child in enumerate(value):
-            if problem := plain_problem(child, f"{where}[{index}]"):
-                return problem
-    elif isinstance(value, str) and "${" in value:
-        return f"{where}: holds an interpolation (${{...}})"
-    elif not (value is None or isinstance(value, (str, int, float, bool))):
-        return f"{where}: a {type(value).__name__} is not a config value"
+    for path, node in _nodes(value, where):
+        keys = list(node) if isinstance(node, dict) else []
+        if bad := [key for key in keys if not isinstance(key, str)]:
+            return f"{path or 'top level'}: key {str(bad[0])[:40]!r} is not text"
+        if any("${" in key for key in keys):
+            return f"{path or 'top level'}: a key holds an interpolation (${{...}})"
+        if isinstance(node, str) and "${" in node:
+            return f"{path}: holds an interpolation (${{...}})"
+        if not (node is None or isinstance(node, (str, int, float, bool, dict, list, tuple))):
+            return f"{path}: a {type(node).__name__} is not a config value"
     return None
 
 
 def check_loaded_targets(config: Any, source: Path | str, where: str = "config") -> Any:
     """A file's config is plain data, its `_target_`s name only data modules, models and torch.nn
-    modules, and of Hydra's other special keys it uses `_args_`, `_convert_`, `_recursive_`.
+    modules, and Hydra's other special keys have their plain forms (`_partial_` none).
     Returns the plain containers that were checked (what may be built)."""
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)
@@ -560,30 +545,18 @@ def check_loaded_targets(config: Any, source: Path | str, where: str = "config")
             f"{source}: refused {problem}: a file's config must be plain data "
             "(interpolations are resolved only in configs/ and on the command line)"
         )
-    _check_special_keys(config, source, where)
+    for path, node in _nodes(config, where):
+        if not isinstance(node, dict):
+            continue
+        if "_target_" in node and not _safe_target(target := node["_target_"]):
+            shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
+            raise UserError(
+                f"{source}: refused {path}._target_={shown}: a file's config may only name {ALLOWED_TARGETS}"
+            )
+        for key, (plain, expected) in FILE_SPECIAL_KEYS.items():
+            if key in node and not plain(node[key]):
+                raise UserError(f"{source}: refused {path}.{key}: {expected}")
     return config
-
-
-def _check_special_keys(config: Any, source: Path | str, where: str) -> None:
-    if isinstance(config, list):
-        for index, value in enumerate(config):
-            _check_special_keys(value, source, f"{where}[{index}]")
-    if not isinstance(config, dict):
-        return
-    target = config.get("_target_")
-    if "_target_" in config and not _safe_target(target):
-        shown = repr(target)[:80] if isinstance(target, str) else type(target).__name__
-        raise UserError(f"{source}: refused {where}._target_={shown}: a file's config may only name {ALLOWED_TARGETS}")
-    if config.get("_partial_", False) is not False:
-        raise UserError(f"{source}: refused {where}._partial_: a file's config builds objects, not partial functions")
-    if "_convert_" in config and config["_convert_"] not in FILE_CONVERT_MODES:
-        raise UserError(f"{source}: refused {where}._convert_: expected one of {', '.join(FILE_CONVERT_MODES)}")
-    if "_recursive_" in config and not isinstance(config["_recursive_"], bool):
-        raise UserError(f"{source}: refused {where}._recursive_: expected true or false")
-    if "_args_" in config and not isinstance(config["_args_"], list):
-        raise UserError(f"{source}: refused {where}._args_: expected a list")
-    for key, value in config.items():
-        _check_special_keys(value, source, f"{where}.{key}")
 
 
 def project_module(name: str) -> bool:
@@ -593,13 +566,11 @@ def project_module(name: str) -> bool:
         return False
     try:
         spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
+        where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations))
+        path = Path(where).resolve().relative_to(PROJECT)
+    except Exception:  # not found, not a file, outside the project: not the user's code
         return False
-    where = spec and (spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or []), None))
-    if not where:
-        return False
-    path = Path(where).resolve()
-    return path.is_relative_to(PROJECT) and not {".venv", "site-packages"} & set(path.relative_to(PROJECT).parts)
+    return not {".venv", "site-packages"} & set(path.parts)
 
 
 def _safe_target(target: Any) -> bool:
@@ -620,15 +591,14 @@ def _safe_target(target: Any) -> bool:
 
 
 def saved_sections(saved: Any, source: Path | str, need: tuple[str, ...] = ("data", "model")) -> DictConfig:
-    """The data/model/loss/seed sections of a file's config, checked (evaluate, predict, export)."""
-    if not isinstance(saved, dict) or any(key not in saved for key in need):
+    """The data/model/loss/seed/cv sections of a file's config, checked (evaluate, predict, export)."""
+    sections = [saved.get(key) for key in need] if isinstance(saved, dict) else [None]
+    if not all(isinstance(section, dict) and isinstance(section.get("_target_"), str) for section in sections):
         raise UserError(
-            f"{source}: no usable saved config ({'/'.join(need)}); evaluate it with weights={source} model=... data=..."
+            f"{source}: no usable saved config ({'/'.join(need)}, each naming what to build in _target_); "
+            f"evaluate it with weights={source} model=... data=..."
         )
     kept = {key: saved.get(key) for key in ("data", "model", "loss", "seed", "cv")}
-    for key in need:
-        if not isinstance(kept[key], dict) or not isinstance(kept[key].get("_target_"), str):
-            raise UserError(f"{source}: saved config: {key} has no _target_ naming what to build")
     check_loaded_targets(kept, source)
     try:
         config = OmegaConf.create(kept)
@@ -653,11 +623,10 @@ PATH_KEYS = ("checkpoint.root", "resume", "weights", "ckpt", "input", "output", 
 
 
 def from_start_dir(path: str) -> str:
-    """`path` relative to the start folder under hydra.job.chdir=true (to_absolute_path)."""
-    if not HydraConfig.initialized() or os.path.isabs(path):  # not under @hydra.main: tests compose configs
-        return path
-    start = HydraConfig.get().runtime.cwd
-    return path if Path(start).resolve() == Path.cwd().resolve() else os.path.join(start, path)
+    """`path` relative to the start folder under hydra.job.chdir=true; as given without chdir."""
+    if HydraConfig.initialized() and Path(HydraConfig.get().runtime.cwd).resolve() != Path.cwd().resolve():
+        return to_absolute_path(path)
+    return path
 
 
 def paths_from_start_dir(cfg: DictConfig) -> None:

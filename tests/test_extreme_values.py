@@ -74,14 +74,14 @@ def test_config_values_out_of_range_are_one_line(overrides, capsys):
 def test_abstract_data_module_as_model_or_data():
     from omegaconf import OmegaConf, open_dict
 
-    from engine.config import check_limits
+    from engine.config import check_target_section
 
     for key in ("data", "model"):
         cfg = compose("train", [])
         with open_dict(cfg):
             cfg[key] = OmegaConf.create({"_target_": "data.base.DataModule", "batch_size": 8})
         with pytest.raises(UserError) as info:
-            check_limits(cfg)
+            check_target_section(cfg[key], key)
         assert_one_line(info.value, f"{key}._target_=data.base.DataModule")
 
 
