@@ -540,7 +540,8 @@ def _tampered(source: Path, out: Path, edit) -> Path:
 def test_pt2_is_refused_without_being_read(pt2_run, tmp_path, points):
     """torch.export.load is not weights-only (it hands shape formulas to sympy, which calls eval,
     unpickles records and loads AOTInductor libraries): evaluate.py and predict.py (ckpt=, weights=)
-    and train.py (weights=, resume=) refuse a .pt2 in one line, exit 2, never reading it; this one's formula would run code."""
+    and train.py (weights=, resume=) refuse a .pt2 in one line, exit 2, never reading it; this
+    one's formula would run code."""
     marker = tmp_path / "MARKER"
 
     def formula(name, data):
