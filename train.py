@@ -17,7 +17,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import engine.sweeps  # noqa: F401 - registers ${sweep_folder:}, train.yaml's hydra.sweep.dir resolver
 from data.augment import augmented_train_split, check_augment
 from engine import distributed as ddp
 from engine.batches import Batches
@@ -29,7 +28,7 @@ from engine.loggers import open_loggers
 from engine.metrics import evaluate, finish_run, plot_losses
 from engine.run_dir import accept_run, open_run
 from engine.runtime import autocast, seed_everything, set_deterministic
-from engine.sweeps import PRUNED
+from engine.sweeps import PRUNED  # importing it registers ${sweep_folder:}, train.yaml's hydra.sweep.dir
 from engine.training import (
     EMA,
     EarlyStopping,

@@ -32,9 +32,8 @@ FOLDER_TAG = "run_folder"  # MLflow tag: finds a run whose process died before a
 
 class TensorBoardLogger:
     """Event files in <run>/tensorboard/ (x axis: global step), made at the first send. A resumed
-    writer hides the steps from `start` on (`purge_step`; default: after the checkpoint's `step`):
-    the first step of its checkpoint's hand-over, which the resume sends again whether or not it
-    ran before the process ended."""
+    writer purges the steps from `start` on (default: after `step`), the first of its checkpoint's
+    hand-over, which the resume sends again whether or not it ran before the process ended."""
 
     def __init__(
         self, run_dir: Path, config: dict, history: list[dict], step: int, flush_secs: int, start: int | None = None
@@ -124,15 +123,13 @@ class MLflowLogger:
                 self.client.search_experiments(max_results=1)
             epoch = history[-1]["epoch"] if history else 0
             run = self._open_run(run_id, epoch, experiment, run_name, str(run_dir.resolve()))
-            self.run_id, params = run.info.run_id, run.data.params
-            if run.info.status != "RUNNING":
-                self.client.update_run(self.run_id, status="RUNNING")
+            self.run_id, params, self.logged = run.info.run_id, run.data.params, self._logged(run)
+            self.client.update_run(self.run_id, status="RUNNING")
             # Params cannot change within a run: a resume keeps them and names those changed.
             flat = {k: str(v)[:PARAM_LENGTH] for k, v in _flatten(config).items()}
             changed = [k for k, v in flat.items() if params.get(k, v) != v]
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items() if k not in params])
-            self._log_rows(history, have=self._steps(run))
-            self.epoch = epoch  # the epochs up to here are logged: a resend of them is skipped
+            self._log(history)
         except Exception as err:  # noqa: BLE001 - a store or server MLflow cannot use
             expected = "an MLflow SQLite file (sqlite:///PATH/mlflow.db) or a reachable server (http://HOST:PORT)"
             raise UserError(f"logger.mlflow.tracking_uri={tracking_uri}: {_reason(err)}; expected {expected}") from None
@@ -141,7 +138,8 @@ class MLflowLogger:
             more = " ..." if len(changed) > 6 else ""
             print(f"mlflow: params keep their first values; changed on resume: {', '.join(changed[:6])}{more}")
 
-    def _steps(self, run: Any) -> dict[str, set[int]]:
+    def _logged(self, run: Any) -> dict[str, set[int]]:
+        """Metric key -> the epochs `run` holds a value at."""
         return {key: {m.step for m in self.client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
 
     def _open_run(self, run_id: str | None, epoch: int, experiment: str, run_name: str, folder: str) -> Any:
@@ -155,7 +153,7 @@ class MLflowLogger:
                 run = None
             if run is None or run.info.lifecycle_stage == "deleted":
                 why = "is not in this store (or deleted)"
-            elif any(step > epoch for steps in self._steps(run).values() for step in steps):
+            elif any(step > epoch for steps in self._logged(run).values() for step in steps):
                 why = f"holds epochs after this checkpoint's epoch {epoch}"
             else:
                 return run
@@ -174,30 +172,31 @@ class MLflowLogger:
                 return run
         return self.client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: folder})
 
-    def _log_rows(self, rows: list[dict], have: dict[str, set[int]] | None = None) -> None:
-        """Each row's values at its epoch, but those `have` (key -> epochs) already holds."""
+    def _log(self, rows: list[dict]) -> None:
+        """Each row's values at its epoch but those the run holds (a resend, a resumed run's history)."""
         from mlflow.entities import Metric
 
-        now, have = int(time.time() * 1000), have or {}
+        now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, int(row["epoch"]))
             for row in rows
             for key, value in row.items()
-            if key not in ("epoch", "step") and row["epoch"] not in have.get(key, ())
+            if key not in ("epoch", "step") and row["epoch"] not in self.logged.get(key, ())
         ]
         self.client.log_batch(self.run_id, metrics=metrics)
+        for metric in metrics:
+            self.logged.setdefault(metric.key, set()).add(metric.step)
 
     def send(self, entries: list[dict]) -> None:
-        """The epoch rows among `entries` (not the step losses) after those logged at start."""
-        self._guarded(lambda: self._log_rows([e for e in entries if e.get("epoch", 0) > self.epoch]))
+        """The epoch rows among `entries` (not the step losses)."""
+        self._guarded(lambda: self._log([entry for entry in entries if "epoch" in entry]))
 
     def finish(self, run_dir: Path, history: list[dict], metrics: dict, again: bool) -> None:
-        """Test metrics (once), best.pt and export/ as artifacts (again: they are replaced)."""
+        """Test metrics at the last epoch, best.pt and export/ as artifacts (again: they are replaced)."""
 
         def finish() -> None:
-            logged = self.client.get_run(self.run_id).data.metrics
-            tests = {k: v for k, v in metrics.items() if k.startswith("test_") and k not in logged}
-            self._log_rows([{"epoch": history[-1]["epoch"] if history else 0, **tests}])
+            tests = {k: v for k, v in metrics.items() if k.startswith("test_")}
+            self._log([{"epoch": history[-1]["epoch"] if history else 0, **tests}])
             best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
             if self.artifacts and best.is_file():
                 self.client.log_artifact(self.run_id, str(best.resolve()))
@@ -232,14 +231,10 @@ def _reason(err: BaseException) -> str:
     return first_line(found, 120) if found else first_line(err, 120).split(". ")[0]
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.removesuffix("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 class Loggers:
@@ -284,19 +279,16 @@ class Loggers:
 
     def state_dict(self) -> dict[str, Any]:
         """The `loggers` key: tracker run ids (a resumed run's stay while their tracker is not
-        chosen); with TensorBoard, what this checkpoint's hand-over sends (`pending`, called
-        before hand_over): the first step it touches and the step losses from there on (those
-        of `handed` at that step included), so that a resume purges from there and sends them
-        again (the epoch rows are in the history)."""
+        chosen); with TensorBoard, what this checkpoint's hand-over will send (called before
+        hand_over): its first step and the step losses from there on (`handed`'s at that step
+        included), which a resume purges and sends again (the epoch rows are in the history)."""
         mlflow = [t.run_id for t in self.trackers if isinstance(t, MLflowLogger)]
         state: dict[str, Any] = {**self.carried, **({"mlflow_run_id": mlflow[0]} if mlflow else {})}
         if self.steps:
             start = self.pending[0]["step"] if self.pending else self.progress.global_step + 1
-            losses = [[e["step"], e["train_loss_step"]] for e in self.handed + self.pending if "train_loss_step" in e]
-            state["tensorboard_step"] = start
-            state["tensorboard_losses"] = torch.tensor(
-                [pair for pair in losses if pair[0] >= start], dtype=torch.float64
-            ).reshape(-1, 2)
+            resent = [e for e in self.handed + self.pending if "train_loss_step" in e and e["step"] >= start]
+            losses = torch.tensor([[e["step"], e["train_loss_step"]] for e in resent], dtype=torch.float64)
+            state.update(tensorboard_step=start, tensorboard_losses=losses.reshape(-1, 2))
         return state
 
 
@@ -308,7 +300,10 @@ def _close_all(trackers: list[Any], status: str) -> None:
 def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress: Any) -> Loggers:
     """The chosen trackers, continuing `resumed`'s run (rank 0: one that cannot start stops every
     rank), then metrics.csv rewritten from the history; only metrics.csv under fast_dev_run."""
-    saved = (resumed or {}).get("loggers") or {} if _same_run(cfg, run_dir) else {}
+    # a branch into another folder or resume_mode=weights starts new tracker runs
+    resume, exact = str(cfg.resume), str(cfg.get("resume_mode", "exact")) == "exact"
+    same_run = exact and (resume == "auto" or Path(resume).resolve().parent == run_dir.resolve())
+    saved = (resumed or {}).get("loggers") or {} if same_run else {}
     carried = {key: value for key, value in saved.items() if key.endswith("_id")}
     chosen = {} if cfg.trainer.fast_dev_run else check_logger_config(cfg.get("logger"))
     opened: list[Any] = []
@@ -342,24 +337,18 @@ def open_loggers(cfg: DictConfig, run_dir: Path, resumed: dict | None, progress:
     return Loggers(run_dir / "metrics.csv", opened, carried, progress, resend if opened else [])
 
 
-def _same_run(cfg: DictConfig, run_dir: Path) -> bool:
-    """A branch into another folder or resume_mode=weights starts new tracker runs."""
-    if str(cfg.get("resume_mode", "exact")) != "exact" or cfg.resume is None:
-        return False
-    return str(cfg.resume) == "auto" or Path(str(cfg.resume)).resolve().parent == run_dir.resolve()
-
-
 def check_logger_config(section: Any) -> dict[str, dict]:
     """`logger`: a mapping of tracker name to its settings, names and keys from KNOWN."""
-    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
-    if not isinstance(section or {}, dict):
+    section = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section or {}
+    if not isinstance(section, dict):
         raise UserError(f"logger={section!r}: expected a mapping; choose trackers with logger=[csv,tensorboard,mlflow]")
-    chosen = {name: settings or {} for name, settings in (section or {}).items()}
+    chosen = {name: settings or {} for name, settings in section.items()}
     for name, settings in chosen.items():
         if name not in KNOWN:
             raise UserError(f"logger.{name}: unknown tracker; expected csv, tensorboard or mlflow")
-        keys = settings if isinstance(settings, dict) else ["(expected a mapping)"]
-        extra = [k for k in keys if k not in KNOWN[name]]
+        extra = (
+            [k for k in settings if k not in KNOWN[name]] if isinstance(settings, dict) else ["(expected a mapping)"]
+        )
         if extra:
             raise UserError(f"logger.{name}.{extra[0]}: unknown key; valid keys: {', '.join(KNOWN[name]) or 'none'}")
     flush = chosen.get("tensorboard", {}).get("flush_secs", 30)

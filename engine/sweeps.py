@@ -1,10 +1,8 @@
 """Multirun (-m) sweeps: the summary callback (hydra.callbacks in train.yaml) and what the Optuna
 sweeper shares with it. A sweep's folder (hydra.sweep.dir; default <checkpoint.root>/<run_name or
-name>/multirun/<its overrides that change results>) holds its jobs' run folders, optuna.db and
-summary. Each job leaves a record in <sweep dir>/.sweep_jobs/: "running", then "ok" or "failed"
-(still "running" once the sweep is over: interrupted). After each job and at the end, this
-sweep's records (a re-run of the same command is the same sweep) become summary.csv/.md/.png, and
-with cv=KFOLD summary_cv.csv and a mean ± std table atop summary.md."""
+name>/multirun/<its overrides that change results>) holds its jobs' run folders, optuna.db, the
+summary and .sweep_jobs/: a record per job, "running" then its status (still "running" once the
+sweep is over: interrupted). A re-run of the same command is the same sweep."""
 
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from engine.run_dir import job_name, run_dir_of, write_atomic
 
 RECORDS = ".sweep_jobs"
 PRUNED = "pruned"  # a job's status (and key of its returned dict) when Optuna pruned its trial: not a failure
+CV_FOLD = "cv.fold="
 # Overrides (and their subkeys) that change no result: a re-run with them continues the same
 # sweep and study (resume=auto, more trials, another launcher or tracker).
 SAME_SWEEP = (
@@ -40,37 +40,31 @@ SAME_SWEEP = (
 )  # fmt: skip
 
 
-def result_overrides(overrides: list[str]) -> list[str]:
+def result_overrides(overrides: Sequence[str], ignored: tuple[str, ...] = SAME_SWEEP) -> list[str]:
     """The overrides that change results, sorted: what names a sweep and its Optuna study."""
 
-    def same(override: str) -> bool:
+    def kept(override: str) -> bool:
         key = override.split("=")[0].lstrip("+~")
-        return any(key == k or key.startswith(k + ".") for k in SAME_SWEEP)
+        return not any(key == k or key.startswith(k + ".") for k in ignored)
 
-    return sorted(o for o in overrides if not same(o))
-
-
-def sweep_id(overrides: list[str]) -> str:
-    return hashlib.sha1("\n".join(result_overrides(overrides)).encode()).hexdigest()[:12]
+    return sorted(filter(kept, overrides))
 
 
-def sweep_folder(name: str, run_name: str | None, overrides: list[str]) -> str:
+def sweep_folder(name: str, run_name: str | None, overrides: Sequence[str]) -> str:
     """<run_name or name>/multirun/<the overrides that change results, or 'default'>: the
-    default sweep folder under checkpoint.root (train.yaml's ${sweep_folder:...}), the same for
+    default sweep folder under checkpoint.root (train.yaml's hydra.sweep.dir), the same for
     the same command re-run (resume=auto, more trials). Long or unsafe names get a hash."""
-    named = ("run_name", "checkpoint.root")  # the folder's start already
-    kept = [o for o in result_overrides(overrides) if o.split("=")[0].lstrip("+~") not in named]
+    kept = result_overrides(overrides, (*SAME_SWEEP, "run_name", "checkpoint.root"))  # the folder's start
     text = ",".join(kept) or "default"
     safe = re.sub(r"[^\w.,=+-]", "_", text)
     if safe != text or len(safe) > 100:
-        safe = f"{safe[:80]}-{sweep_id(kept)[:8]}"
+        digest = hashlib.sha1("\n".join(kept).encode()).hexdigest()
+        safe = f"{safe[:80]}-{digest[:8]}"
     return f"{run_name or name}/multirun/{safe}"
 
 
 # train.yaml's hydra.sweep.dir: ${checkpoint.root}/${sweep_folder:${name},${run_name},${hydra.overrides.task}}
-OmegaConf.register_new_resolver(
-    "sweep_folder", lambda name, run_name, overrides: sweep_folder(name, run_name, list(overrides)), replace=True
-)
+OmegaConf.register_new_resolver("sweep_folder", sweep_folder, replace=True)
 
 
 def quoted(text: str) -> str:
@@ -100,18 +94,16 @@ def pin_sweep_dir(config: DictConfig) -> str:
     return sweep_dir
 
 
-def job_error(ret: JobReturn) -> str | None:
-    """Why a job failed (a user error it handed back, or a bug Hydra caught); None if ok."""
+def job_status(ret: JobReturn) -> tuple[str, str]:
+    """A job's status ("ok", PRUNED or "failed") and why it failed: a user error the job handed
+    back (train.py returns {JOB_FAILED: message}), or a bug Hydra caught."""
     result = ret._return_value
     if ret.status != JobStatus.COMPLETED:
-        return f"{type(result).__name__}: {one_line(result)}"
-    return str(result[JOB_FAILED]) if isinstance(result, dict) and JOB_FAILED in result else None
-
-
-def job_pruned(ret: JobReturn) -> bool:
-    """Did the job stop early on its Optuna trial's pruner (train.py returns {PRUNED: True})?"""
-    result = ret._return_value
-    return ret.status == JobStatus.COMPLETED and isinstance(result, dict) and result.get(PRUNED) is True
+        return "failed", f"{type(result).__name__}: {one_line(result)}"
+    result = result if isinstance(result, dict) else {}
+    if JOB_FAILED in result:
+        return "failed", str(result[JOB_FAILED])
+    return (PRUNED if result.get(PRUNED) is True else "ok"), ""
 
 
 def job_run_dir(job_cfg: DictConfig, hydra_cfg: DictConfig) -> Path:
@@ -137,15 +129,16 @@ def best_of(run_dir: Path, monitor: str, mode: str) -> tuple[float | None, int |
 
 
 class SweepSummary(Callback):
-    """Records each job of a multirun and writes the sweep's summary."""
+    """Records each job of a multirun; after each job and at the end, this sweep's records become
+    summary.csv/.md/.png, and with cv=KFOLD summary_cv.csv and a mean ± std table atop summary.md."""
 
     def __init__(self, plot: bool = True) -> None:
-        self.plot, self.sweep_dir, self.sweep = plot, None, ""
+        self.plot, self.sweep_dir, self.sweep = plot, None, []
         self.monitor, self.mode, self.folds = "val_loss", "min", None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(pin_sweep_dir(config)).absolute()  # jobs may chdir into theirs
-        self.sweep = sweep_id(list(config.hydra.overrides.task))
+        self.sweep = result_overrides(list(config.hydra.overrides.task))
         self.monitor, self.mode = str(config.checkpoint.monitor), str(config.checkpoint.mode)
         self.folds = OmegaConf.select(config, "cv.folds")
         self.basic = str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
@@ -165,8 +158,8 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.sweep_dir is not None:
-            error, status = job_error(job_return), PRUNED if job_pruned(job_return) else "ok"
-            self._record(config, {"status": status} if error is None else {"status": "failed", "error": error})
+            status, error = job_status(job_return)
+            self._record(config, {"status": status, "error": error})
             self.write()
 
     def _record(self, config: DictConfig, update: dict) -> None:
@@ -203,15 +196,17 @@ class SweepSummary(Callback):
         rows = self.rows(final) if self.sweep_dir is not None else []
         if not rows:
             return rows
-        key, sign = f"best_{self.monitor}", 1 if self.mode == "min" else -1
-        ranked = sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * sign))
+        key = f"best_{self.monitor}"
+        ranked = _ranked(rows, key, self.mode)
         columns = list(dict.fromkeys(k for row in ranked for k in row))
         write_csv(self.sweep_dir / "summary.csv", [{c: row.get(c) for c in columns} for row in rows])
         cv = cv_rows(rows, key, self.mode, self.folds)
         if cv:
             write_csv(self.sweep_dir / "summary_cv.csv", cv)
-        markdown = _cv_markdown(cv, key) + _markdown(ranked, columns, key, self.mode)
-        write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(markdown))
+        head = [c for c in columns if c not in ("job", "error")] + ["error"]
+        body = [[str(rank), *(_cell(row.get(c)) for c in head)] for rank, row in enumerate(ranked, 1)]
+        markdown = f"# Sweep summary: sorted by {key} ({self.mode})\n\n" + _table(["rank", *head], body)
+        write_atomic(self.sweep_dir / "summary.md", lambda out: out.write(_cv_markdown(cv, key) + markdown))
         if self.plot:
             _plot(ranked, key, self.sweep_dir / "summary.png")
         if final:
@@ -220,9 +215,6 @@ class SweepSummary(Callback):
             verdict = (f", {pruned} pruned" if pruned else "") + (f"; not ok: {bad}" if bad else ", all ok")
             print(f"sweep summary: {self.sweep_dir}/summary.md ({len(rows)} jobs{verdict})", flush=True)
         return rows
-
-
-CV_FOLD = "cv.fold="
 
 
 def cv_rows(rows: list[dict], key: str, mode: str, folds: int | None = None) -> list[dict]:
@@ -243,33 +235,36 @@ def cv_rows(rows: list[dict], key: str, mode: str, folds: int | None = None) -> 
             row[f"{metric}_mean"] = statistics.fmean(values) if values else None
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
         out.append(row)
+    return _ranked(out, f"{key}_mean", mode)
+
+
+def _ranked(rows: list[dict], key: str, mode: str) -> list[dict]:
+    """Best `key` first (ascending for min), rows without a value last."""
     sign = 1 if mode == "min" else -1
-    return sorted(out, key=lambda r: (r[f"{key}_mean"] is None, (r[f"{key}_mean"] or 0.0) * sign))
+    return sorted(rows, key=lambda r: (r[key] is None, (r[key] or 0.0) * sign))
 
 
 def _cv_markdown(rows: list[dict], key: str) -> str:
     if not rows:
         return ""
-    metrics = [c[: -len("_mean")] for c in rows[0] if c.endswith("_mean")]
-    table = [["rank", "overrides", "folds done", *(f"{m} (mean ± std)" for m in metrics)], ["---"] * (len(metrics) + 3)]
-    for rank, row in enumerate(rows, 1):
-        cells = [f"{_cell(row[f'{m}_mean'])} ± {_cell(row[f'{m}_std'])}" for m in metrics]
-        table.append([str(rank), _cell(row["overrides"]), f"{row['folds_done']} of {row['folds']}", *cells])
-    lines = "".join(f"| {' | '.join(r)} |\n" for r in table)
-    return f"# Cross-validation: mean ± sample std over the completed folds, sorted by {key}\n\n{lines}\n"
+    metrics = [c.removesuffix("_mean") for c in rows[0] if c.endswith("_mean")]
+    head = ["rank", "overrides", "folds done", *(f"{m} (mean ± std)" for m in metrics)]
+    body = [
+        [str(rank), _cell(row["overrides"]), f"{row['folds_done']} of {row['folds']}"]
+        + [f"{_cell(row[f'{m}_mean'])} ± {_cell(row[f'{m}_std'])}" for m in metrics]
+        for rank, row in enumerate(rows, 1)
+    ]
+    return f"# Cross-validation: mean ± sample std over the completed folds, sorted by {key}\n\n{_table(head, body)}\n"
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    return "".join(f"| {' | '.join(row)} |\n" for row in [head, ["---"] * len(head), *body])
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value).replace("|", "\\|")
-
-
-def _markdown(rows: list[dict], columns: list[str], key: str, mode: str) -> str:
-    head = [c for c in columns if c not in ("job", "error")] + ["error"]
-    table = [["rank", *head], ["---"] * (len(head) + 1)]
-    table += [[str(rank), *(_cell(row.get(c)) for c in head)] for rank, row in enumerate(rows, 1)]
-    return f"# Sweep summary: sorted by {key} ({mode})\n\n" + "".join(f"| {' | '.join(r)} |\n" for r in table)
 
 
 def _plot(rows: list[dict], key: str, path: Path) -> None:

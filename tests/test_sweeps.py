@@ -12,7 +12,7 @@ import pytest
 from conftest import compose, run_script
 from omegaconf import OmegaConf
 
-from engine.sweeps import SweepSummary, best_of, cv_rows, sweep_folder, sweep_id
+from engine.sweeps import SweepSummary, best_of, cv_rows, result_overrides, sweep_folder
 from tests.faults import fault_env
 
 FAST = ("trainer.model_summary=false", "checkpoint.export=false", "checkpoint.every_n_epochs=1")
@@ -30,9 +30,9 @@ def _sweep(root: Path, name: str = "linear_regression") -> Path:
 
 
 def test_sweep_id_ignores_resume_and_device():
-    a = sweep_id(["optimizer.lr=0.1,0.01", "trainer.epochs=2"])
-    assert a == sweep_id(["trainer.epochs=2", "optimizer.lr=0.1,0.01", "resume=auto", "trainer.device=cpu"])
-    assert a != sweep_id(["optimizer.lr=0.1,0.02", "trainer.epochs=2"])
+    a = result_overrides(["optimizer.lr=0.1,0.01", "trainer.epochs=2"])
+    assert a == result_overrides(["trainer.epochs=2", "optimizer.lr=0.1,0.01", "resume=auto", "trainer.device=cpu"])
+    assert a != result_overrides(["optimizer.lr=0.1,0.02", "trainer.epochs=2"])
 
 
 def test_best_of_respects_mode(tmp_path):

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import EXIT_BAD_INPUT, UserError, first_line, one_line
 from engine.run_dir import lock_file, unlock_file
-from engine.sweeps import best_of, job_error, job_pruned, job_run_dir, quoted, result_overrides
+from engine.sweeps import PRUNED, best_of, job_run_dir, job_status, quoted, result_overrides
 
 CV_FOLD = "cv.fold"  # in params: one job per fold for each trial, not a search dimension
 PRUNED_AT = "pruned_at_epoch"  # a trial's user attr: its job decided to prune it (a resumed job obeys it)
@@ -215,7 +215,7 @@ class OptunaSweeper(Sweeper):
             per_trial = len(folds[0]) if folds else 1
             for i, (number, _) in enumerate(batch):
                 mine = rets[i * per_trial : (i + 1) * per_trial]
-                if not folds and job_pruned(mine[0]):
+                if not folds and job_status(mine[0])[0] == PRUNED:
                     study.tell(number, state=TrialState.PRUNED)  # its value: the last one reported
                     continue
                 values = [self._objective(r) for r in mine]
@@ -237,7 +237,7 @@ class OptunaSweeper(Sweeper):
     def _objective(self, ret: JobReturn) -> float | None:
         """Best monitored value of the job's run (what best.pt was kept for); None: failed.
         trainer.fast_dev_run writes no run: the value of its one epoch, as the job returned it."""
-        if job_error(ret) is not None:
+        if job_status(ret)[0] == "failed":
             return None
         cfg = ret.cfg
         monitor = str(cfg.checkpoint.monitor)
