@@ -225,7 +225,8 @@ def test_crafted_config_in_a_pt2_runs_nothing(run, tmp_path, case):
         config["data"]["augment"] = [payloads(marker)[case % len(payloads(marker))]]
     path = export_pt2(torch.nn.Linear(1, 1), torch.zeros(2, 1), config, tmp_path / "model.pt2")
     assert path is not None
-    weights = OmegaConf.create({"ckpt": None, "weights": str(path), "device": "cpu", "model": saved["model"]})
+    weights = {"ckpt": None, "weights": str(path), "device": "cpu", "model": saved["model"], "data": saved["data"]}
+    weights = OmegaConf.create(weights)  # weights= comes with model= and data= (cli.validate_inference)
     for cfg in (inference_cfg(path), weights):
         message = refused(load_for_inference, cfg, marker=marker)
         assert f"{path}: a .pt2 program is not loaded here" in message, (label, message)
