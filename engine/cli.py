@@ -5,8 +5,10 @@ before any work starts."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -240,3 +242,19 @@ def _unknown_key(cause: oe.OmegaConfBaseException, overrides: list[str], groups:
     if not isinstance(node, DictConfig):
         return f"{offending}: unknown key {key!r}"
     return config.unknown_key(offending, key, [str(k) for k in node if not str(k).startswith("_") and k != "hydra"])
+
+
+def exit_without_teardown() -> NoReturn:
+    """End a script whose work is done. Python's teardown would then free torch's ~3,600 modules
+    one by one (about 1 s on 2 cores, as long as a short run's training; make bench, item 9).
+    What teardown does that matters runs first: threads joined (a checkpoint write, a tracker's),
+    atexit handlers (DataLoader workers, logging), output flushed. Both are private CPython
+    functions, so where one is missing this is the normal exit."""
+    join_threads, run_atexit = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if join_threads is None or run_atexit is None:
+        sys.exit(0)
+    join_threads()
+    run_atexit()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
