@@ -189,7 +189,9 @@ def _schema(name: str, keys: dict[str, Any], prefix: str = "") -> type:
             RULES[prefix + key] = rule
         hints[key] = getattr(rule, "hint", rule)
     defaults = {key: None for key, hint in hints.items() if hint is Any or type(None) in typing.get_args(hint)}
-    return dataclass(init=False, repr=False, eq=False)(type(name, (), {"__annotations__": hints, **defaults}))
+    schema = dataclass(init=False, repr=False, eq=False)(type(name, (), {"__annotations__": hints, **defaults}))
+    globals()[name] = schema  # a module attribute: pickled by name (a submitit job unpickles the config)
+    return schema
 
 
 RULES: dict[str, Range | Check] = {}  # each key's, by dotted name: the schemas' (below), FREE_KEYS

@@ -166,3 +166,23 @@ def test_help_lists_groups_and_options():
         "every_n_epochs",
     ):
         assert word in out, word
+
+
+def test_every_schema_class_pickles_by_name():
+    """A submitit sweep job unpickles the config with its schema: each dataclass, nested ones
+    included, must be found by name in engine.config (a class pickled by value loses its
+    defaults: the job then fails composing `trainer.epochs`)."""
+    import dataclasses
+    import pickle
+
+    from engine.config import SCHEMAS
+
+    seen, todo = [], list(SCHEMAS.values())
+    while todo:
+        schema = todo.pop()
+        seen.append(schema)
+        hints = typing.get_type_hints(schema)
+        todo += [hints[f.name] for f in dataclasses.fields(schema) if dataclasses.is_dataclass(hints[f.name])]
+    assert len(seen) >= 7  # train, evaluate, predict; trainer, early_stopping, checkpoint, cv
+    for schema in seen:
+        assert pickle.loads(pickle.dumps(schema)) is schema, schema
