@@ -29,7 +29,7 @@ def _sweep(root: Path, name: str = "linear_regression") -> Path:
     return sweep
 
 
-def test_sweep_id_ignores_resume_and_device():
+def test_result_overrides_ignore_resume_and_device():
     a = result_overrides(["optimizer.lr=0.1,0.01", "trainer.epochs=2"])
     assert a == result_overrides(["trainer.epochs=2", "optimizer.lr=0.1,0.01", "resume=auto", "trainer.device=cpu"])
     assert a != result_overrides(["optimizer.lr=0.1,0.02", "trainer.epochs=2"])
